@@ -1,0 +1,1 @@
+"""The dialog_api worker: stateless HTTP front of one shard database."""

@@ -1,0 +1,84 @@
+"""create_app(settings): the worker for one shard."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+from aiohttp import web
+
+from dialog_api import handlers, membership
+from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
+from dialog_api.group_commit import GroupCommit
+from dialog_api.metrics import WorkerMetrics
+from dialog_api.settings import WorkerSettings
+from dialog_api.storage import ShardStore, migrate
+from dialogs import wire
+from dialogs.aio import background
+from dialogs.http import make_middleware
+from dialogs.watch import MetadataWatcher
+
+log = logging.getLogger(__name__)
+
+
+async def _shard_pool(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    applied = await migrate(settings.shard_dsn)
+    if applied:
+        log.info("applied shard migrations: %s", ", ".join(applied))
+    async with asyncpg.create_pool(
+        settings.shard_dsn,
+        min_size=settings.pool_min,
+        max_size=settings.pool_max,
+        command_timeout=settings.query_timeout,
+    ) as pool:
+        app[STORE] = ShardStore(pool)
+        app[METRICS].watch(
+            lambda: app[MAP_VIEW].map_version,
+            lambda: pool.get_size() - pool.get_idle_size(),
+            pool.get_idle_size,
+        )
+        yield
+
+
+async def _map_watcher(app: web.Application) -> AsyncIterator[None]:
+    settings, view = app[SETTINGS], app[MAP_VIEW]
+    view.watcher = MetadataWatcher(settings.metadata_dsn, [wire.MAP_CHANNEL], view.load, settings.poll_interval)
+    async with background(view.watcher.run()):
+        if not await view.watcher.wait_loaded(timeout=10):
+            log.warning("no shard map loaded yet; answering 503 until the metadata database is reachable")
+        yield
+
+
+async def _registration(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    worker_id = settings.worker_id or f"{settings.shard_id}-{uuid.uuid4().hex[:8]}"
+    async with asyncpg.create_pool(settings.metadata_dsn, min_size=0, max_size=1) as pool:
+        beat = membership.heartbeat_forever(
+            pool, worker_id, settings.shard_id, settings.url, app[MAP_VIEW], settings.heartbeat_interval
+        )
+        async with background(beat):
+            yield
+        await membership.deregister(pool, worker_id)
+
+
+async def _group_commit(app: web.Application) -> AsyncIterator[None]:
+    settings, metrics = app[SETTINGS], app[METRICS]
+    committer = GroupCommit(app[STORE], settings.batch_max, settings.flushers, metrics.observe_commit)
+    app[GROUP_COMMIT] = committer
+    async with background(committer.run()):
+        yield
+
+
+def create_app(settings: WorkerSettings) -> web.Application:
+    metrics = WorkerMetrics(settings.shard_id)
+    app = web.Application(middlewares=[make_middleware(metrics.http)], client_max_size=1024**2)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[MAP_VIEW] = membership.MapView(settings.shard_id)
+    # Order matters: teardown runs in reverse, so registration goes first and the pool last.
+    app.cleanup_ctx.extend([_shard_pool, _map_watcher, _group_commit, _registration])
+    handlers.setup_routes(app)
+    return app

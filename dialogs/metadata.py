@@ -1,0 +1,112 @@
+"""SQL on the metadata database that both the proxy and the workers need.
+
+Shard registry, shard-map versions (compare-and-swap) and worker registrations. The
+proxy's own tables (users) live in ``proxy/storage.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import asyncpg
+
+from dialogs.shard_map import ShardMap
+
+METADATA_MIGRATIONS = "dialogs.migrations.metadata"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    worker_id: str
+    shard_id: str
+    url: str
+    map_version: int
+    age_seconds: float
+
+
+async def active_map(con: asyncpg.Connection) -> ShardMap | None:
+    row = await con.fetchrow(
+        "SELECT map_version, shards, vnodes_base FROM shard_maps ORDER BY map_version DESC LIMIT 1"
+    )
+    if row is None:
+        return None
+    return ShardMap.from_json(
+        {"map_version": row["map_version"], "vnodes_base": row["vnodes_base"], "shards": json.loads(row["shards"])}
+    )
+
+
+async def insert_shard_map(con: asyncpg.Connection, new: ShardMap, reason: str = "") -> bool:
+    """Write ``new`` if the active version is still ``new.map_version - 1``; False if another won.
+
+    The primary key settles two writers racing for the same version; the WHERE clause
+    refuses a version that does not follow the latest.
+    """
+    status = await con.execute(
+        """
+        INSERT INTO shard_maps (map_version, shards, vnodes_base, reason)
+        SELECT $1::bigint, $2::jsonb, $3::integer, $4::text
+        WHERE coalesce((SELECT max(map_version) FROM shard_maps), 0) = $1::bigint - 1
+        ON CONFLICT (map_version) DO NOTHING
+        """,
+        new.map_version,
+        json.dumps(new.to_json()["shards"]),
+        new.vnodes_base,
+        reason,
+    )
+    return status == "INSERT 0 1"
+
+
+async def register_shard(con: asyncpg.Connection, shard_id: str, dsn: str) -> None:
+    await con.execute(
+        "INSERT INTO shards (shard_id, dsn) VALUES ($1, $2) ON CONFLICT (shard_id) DO UPDATE SET dsn = EXCLUDED.dsn",
+        shard_id,
+        dsn,
+    )
+
+
+async def shard_dsns(con: asyncpg.Connection) -> dict[str, str]:
+    return {row["shard_id"]: row["dsn"] for row in await con.fetch("SELECT shard_id, dsn FROM shards")}
+
+
+async def bootstrap(con: asyncpg.Connection, shards: dict[str, str]) -> ShardMap:
+    """Register ``shards`` (id -> DSN) and, on an empty cluster, write map version 1 over them.
+
+    Idempotent: on a cluster that already has a map, DSNs are refreshed and the map is kept.
+    """
+    async with con.transaction():
+        for shard_id, dsn in shards.items():
+            await register_shard(con, shard_id, dsn)
+        current = await active_map(con)
+        if current is not None:
+            return current
+        first = ShardMap(1, dict.fromkeys(sorted(shards), 1))
+        if not await insert_shard_map(con, first, reason="bootstrap"):
+            raise RuntimeError("another process bootstrapped the shard map at the same time")
+        return first
+
+
+async def upsert_worker(con: asyncpg.Connection, worker_id: str, shard_id: str, url: str, map_version: int) -> None:
+    await con.execute(
+        """
+        INSERT INTO workers (worker_id, shard_id, url, map_version) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (worker_id) DO UPDATE
+        SET url = EXCLUDED.url, map_version = EXCLUDED.map_version, heartbeat_at = now()
+        """,
+        worker_id,
+        shard_id,
+        url,
+        map_version,
+    )
+
+
+async def delete_worker(con: asyncpg.Connection, worker_id: str) -> None:
+    await con.execute("DELETE FROM workers WHERE worker_id = $1", worker_id)
+
+
+async def workers(con: asyncpg.Connection) -> list[WorkerInfo]:
+    rows = await con.fetch(
+        "SELECT worker_id, shard_id, url, map_version,"
+        " extract(epoch FROM now() - heartbeat_at)::float8 AS age FROM workers ORDER BY shard_id, worker_id"
+    )
+    return [WorkerInfo(r["worker_id"], r["shard_id"], r["url"], r["map_version"], r["age"]) for r in rows]

@@ -1,0 +1,50 @@
+"""Versioned SQL migrations, applied idempotently and safely from several processes at once.
+
+A migration is a file ``NNNN_name.sql`` in a package folder. Each is applied once, in a
+transaction, and recorded in ``schema_migrations``. An advisory lock serialises processes
+starting together (several workers of one shard, several proxies).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+
+import asyncpg
+
+_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_LOCK_KEY = 0x6469616C6F6773  # "dialogs"
+
+
+def migrations(package: str) -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) for every migration in ``package``, in order."""
+    found = []
+    for entry in importlib.resources.files(package).iterdir():
+        match = _FILE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [version for version, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migrations share a version in {package}: {versions}")
+    return found
+
+
+async def apply(con: asyncpg.Connection, package: str) -> list[str]:
+    """Apply what is missing; return the names applied now."""
+    applied_now = []
+    async with con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+        await con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row["version"] for row in await con.fetch("SELECT version FROM schema_migrations")}
+        for version, name, sql in migrations(package):
+            if version in done:
+                continue
+            await con.execute(sql)
+            await con.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+            applied_now.append(name)
+    return applied_now

@@ -1,0 +1,293 @@
+"""`dialogs up`: run the whole local cluster in the foreground, stop it all on Ctrl-C.
+
+Start order: PostgreSQL servers (metadata, then shards), metadata migrations and the
+bootstrap shard map, one worker per shard, the proxy. Stop order is the reverse. A
+worker or proxy that dies is restarted with backoff; a second `dialogs up` on the same
+data folder is refused by an exclusive lock instead of fighting over the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import asyncpg
+from rich.console import Console
+
+from dialogs import metadata, pgmigrate
+from dialogs.cluster import DATABASE, ClusterLayout
+from dialogs.embedded import LocalPostgres, die_with_parent
+
+LOCK_FILE = "up.lock"
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+class StartFailed(Exception):
+    pass
+
+
+def acquire_lock(data_dir: Path) -> IO[str]:
+    """Hold this open for the cluster's lifetime; the OS drops the lock if we die."""
+    handle = open(data_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise AlreadyRunning(f"a cluster is already running from {data_dir} (pid {owner})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+@dataclass
+class Child:
+    """A worker or proxy process of the cluster."""
+
+    name: str
+    env: dict[str, str]
+    command: str
+    log_file: Path
+    health_url: str
+    process: subprocess.Popen[bytes] | None = None
+    failures: int = 0
+    restart_at: float = 0.0
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_file, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dialogs", self.command],
+            env={**os.environ, **self.env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops us in order
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise StartFailed(f"{self.name} exited at start; last lines of {self.log_file}:\n{_tail(self.log_file)}")
+            try:
+                with urllib.request.urlopen(self.health_url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise StartFailed(f"{self.name} did not become healthy in {timeout}s; see {self.log_file}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+async def _prepare_databases(layout: ClusterLayout) -> None:
+    servers = [layout.meta_port] + [shard.pg_port for shard in layout.shards]
+    for port in servers:
+        con = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+        try:
+            if not await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
+                await con.execute(f"CREATE DATABASE {DATABASE}")
+        finally:
+            await con.close()
+    con = await asyncpg.connect(layout.metadata_dsn)
+    try:
+        await pgmigrate.apply(con, metadata.METADATA_MIGRATIONS)
+        await metadata.bootstrap(con, {shard.shard_id: layout.shard_dsn(shard) for shard in layout.shards})
+    finally:
+        await con.close()
+
+
+class Supervisor:
+    def __init__(self, layout: ClusterLayout, console: Console) -> None:
+        self.layout = layout
+        self.console = console
+        self.servers: dict[str, LocalPostgres] = {}
+        self.children: list[Child] = []
+        self._stopping = False
+
+    def _server(self, name: str, port: int) -> LocalPostgres:
+        return LocalPostgres(self.layout.pg_dir(name), port, log_file=self.layout.log_file(f"pg-{name}"))
+
+    def _children(self) -> list[Child]:
+        layout = self.layout
+        common = {"DIALOGS_METADATA_DSN": layout.metadata_dsn, "PYTHONUNBUFFERED": "1"}
+        children = [
+            Child(
+                name=f"worker {shard.shard_id}",
+                command="worker",
+                env={
+                    **common,
+                    "DIALOGS_SHARD_ID": shard.shard_id,
+                    "DIALOGS_SHARD_DSN": layout.shard_dsn(shard),
+                    "DIALOGS_PORT": str(shard.worker_port),
+                    "DIALOGS_WORKER_ID": f"{shard.shard_id}-local",
+                },
+                log_file=layout.log_file(f"worker-{shard.shard_id}"),
+                health_url=f"http://127.0.0.1:{shard.worker_port}/health",
+            )
+            for shard in layout.shards
+        ]
+        children.append(
+            Child(
+                name="proxy",
+                command="proxy",
+                env={
+                    **common,
+                    "DIALOGS_PORT": str(layout.proxy_port),
+                    "DIALOGS_JWT_SECRET": layout.jwt_secret,
+                    "DIALOGS_ADMIN_TOKEN": layout.admin_token,
+                },
+                log_file=layout.log_file("proxy"),
+                health_url=f"{layout.proxy_url}/health",
+            )
+        )
+        return children
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            self._start()
+            self._banner()
+            self._watch()
+            return 0
+        except StartFailed as exc:
+            self.console.print(f"[red]start failed:[/red] {exc}")
+            return 1
+        finally:
+            self._stop()
+
+    def _start(self) -> None:
+        layout = self.layout
+        with self.console.status("starting PostgreSQL servers"):
+            self.servers["meta"] = self._server("meta", layout.meta_port)
+            for shard in layout.shards:
+                self.servers[shard.shard_id] = self._server(shard.shard_id, shard.pg_port)
+            for server in self.servers.values():
+                server.start()
+        with self.console.status("applying migrations"):
+            asyncio.run(_prepare_databases(layout))
+        self.children = self._children()
+        for child in self.children:
+            if self._stopping:
+                raise StartFailed("interrupted")
+            with self.console.status(f"starting {child.name}"):
+                child.start()
+                child.wait_healthy()
+
+    def _watch(self) -> None:
+        while not self._stopping:
+            now = time.monotonic()
+            for child in self.children:
+                if child.alive or self._stopping:
+                    continue
+                if child.restart_at == 0.0:
+                    child.failures += 1
+                    delay = min(2 ** (child.failures - 1), 30)
+                    child.restart_at = now + delay
+                    self.console.print(
+                        f"[yellow]{child.name} exited ({child.process.returncode if child.process else '?'});"
+                        f" restarting in {delay}s[/yellow]"
+                    )
+                elif now >= child.restart_at:
+                    child.stop()
+                    child.start()
+                    child.restart_at = 0.0
+            time.sleep(0.2)
+
+    def _stop(self) -> None:
+        self.console.print("stopping…")
+        for child in reversed(self.children):
+            child.stop()
+        for server in reversed(list(self.servers.values())):
+            server.stop()
+        self.console.print("stopped; data kept in " + str(self.layout.data_dir))
+
+    def _banner(self) -> None:
+        layout = self.layout
+        url = layout.proxy_url
+        lines = [
+            f"[bold green]Dialogs is up.[/bold green] Data: {layout.data_dir}",
+            f"  proxy          {url}   (OpenAPI: {url}/openapi.json, metrics: {url}/metrics)",
+            f"  metadata       {layout.metadata_dsn}",
+        ]
+        for shard in layout.shards:
+            lines.append(
+                f"  {shard.shard_id:<14} {layout.shard_dsn(shard)}   worker http://127.0.0.1:{shard.worker_port}"
+            )
+        lines.append(f"  logs           {layout.data_dir / 'logs'}")
+        lines.append(f"  admin token    in {layout.data_dir / 'cluster.json'}")
+        self.console.print("\n".join(lines), highlight=False, soft_wrap=True)
+        self.console.print("\nTry it (copy and paste):", highlight=False)
+        self.console.print(walkthrough(url), highlight=False, markup=False, soft_wrap=True)
+        self.console.print("\nCtrl-C stops everything; `make up` again keeps the data.", highlight=False)
+
+
+def walkthrough(url: str) -> str:
+    extract = "sed -E 's/.*\"{field}\": ?\"([^\"]+)\".*/\\1/'"
+    register = (
+        "curl -s {url}/user/register -H 'Content-Type: application/json'"
+        " -d '{{\"first_name\":\"{name}\",\"second_name\":\"Test\",\"password\":\"password-{name}\"}}'"
+    )
+    login = (
+        "curl -s {url}/login -H 'Content-Type: application/json'"
+        " -d \"{{\\\"id\\\":\\\"${var}\\\",\\\"password\\\":\\\"password-{name}\\\"}}\""
+    )
+    return "\n".join(
+        [
+            f"A=$({register.format(url=url, name='Anna')} | {extract.format(field='user_id')})",
+            f"B=$({register.format(url=url, name='Boris')} | {extract.format(field='user_id')})",
+            f"TA=$({login.format(url=url, var='A', name='Anna')} | {extract.format(field='token')})",
+            f"TB=$({login.format(url=url, var='B', name='Boris')} | {extract.format(field='token')})",
+            f"curl -s {url}/dialog/$B/send -H \"Authorization: Bearer $TA\" -H 'Content-Type: application/json'"
+            " -d '{\"text\":\"Hi Boris\"}'",
+            f"curl -s {url}/dialog/$A/send -H \"Authorization: Bearer $TB\" -H 'Content-Type: application/json'"
+            " -d '{\"text\":\"Hi Anna\"}'",
+            f"curl -s {url}/dialog/$B/list -H \"Authorization: Bearer $TA\"",
+            f"curl -s {url}/dialog/$A/list -H \"Authorization: Bearer $TB\"",
+        ]
+    )

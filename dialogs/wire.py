@@ -1,0 +1,34 @@
+"""What travels between the proxy and the workers: paths, headers, message JSON."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from typing import Any
+
+REQUEST_ID_HEADER = "X-Request-ID"
+MAP_VERSION_HEADER = "X-Map-Version"
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+
+INTERNAL_MESSAGES_PATH = "/internal/v1/messages"
+
+# Notification channels in the metadata database.
+MAP_CHANNEL = "dialogs_map"
+WORKERS_CHANNEL = "dialogs_workers"
+
+
+def message_json(
+    message_id: int,
+    from_user: uuid.UUID,
+    to_user: uuid.UUID,
+    text: str,
+    created_at: datetime.datetime,
+) -> dict[str, Any]:
+    """One message as clients see it. Ids are strings: they exceed JavaScript's 2**53."""
+    return {
+        "id": str(message_id),
+        "from": str(from_user),
+        "to": str(to_user),
+        "text": text,
+        "created_at": created_at.isoformat(),
+    }

@@ -1,0 +1,94 @@
+"""create_app(settings): the routing proxy."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from dialogs import metadata, pgmigrate, wire
+from dialogs.aio import background
+from dialogs.http import make_middleware
+from dialogs.watch import MetadataWatcher
+from proxy import handlers
+from proxy.appkeys import (
+    FORWARDER,
+    KNOWN_USERS,
+    METRICS,
+    PASSWORDS,
+    SETTINGS,
+    TOKENS,
+    TOPOLOGY,
+    USERS,
+    WATCHER,
+)
+from proxy.auth import Passwords, TokenAuthority
+from proxy.forwarder import Forwarder
+from proxy.metrics import ProxyMetrics
+from proxy.settings import ProxySettings
+from proxy.storage import UserStore
+from proxy.topology import Topology
+from proxy.users import KnownUsers
+
+log = logging.getLogger(__name__)
+
+
+async def _migrations(app: web.Application) -> AsyncIterator[None]:
+    # Proxies start while the metadata database may be down: they then route as soon as
+    # it comes back, and another proxy or `dialogs migrate` applies the migrations.
+    try:
+        con = await asyncpg.connect(app[SETTINGS].metadata_dsn, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        log.warning("metadata database unreachable at start, not migrating: %s", exc)
+    else:
+        try:
+            applied = await pgmigrate.apply(con, metadata.METADATA_MIGRATIONS)
+            if applied:
+                log.info("applied metadata migrations: %s", ", ".join(applied))
+        finally:
+            await con.close()
+    yield
+
+
+async def _metadata_pool(app: web.Application) -> AsyncIterator[None]:
+    async with asyncpg.create_pool(app[SETTINGS].metadata_dsn, min_size=0, max_size=10, timeout=5) as pool:
+        app[USERS] = UserStore(pool)
+        app[KNOWN_USERS] = KnownUsers(app[USERS])
+        yield
+
+
+async def _topology(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    topology = Topology(settings.worker_ttl)
+    watcher = MetadataWatcher(
+        settings.metadata_dsn, [wire.MAP_CHANNEL, wire.WORKERS_CHANNEL], topology.load, settings.poll_interval
+    )
+    app[TOPOLOGY], app[WATCHER] = topology, watcher
+    app[METRICS].watch(lambda: topology.map_version, lambda: float(watcher.connected))
+    async with background(watcher.run()):
+        if not await watcher.wait_loaded(timeout=10):
+            log.warning("no shard map loaded yet; dialog requests answer 503 until one is")
+        yield
+
+
+async def _forwarder(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        app[FORWARDER] = Forwarder(session, app[TOPOLOGY], app[WATCHER], app[METRICS], settings.forward_timeout)
+        yield
+
+
+def create_app(settings: ProxySettings) -> web.Application:
+    metrics = ProxyMetrics()
+    app = web.Application(middlewares=[make_middleware(metrics.http)], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[TOKENS] = TokenAuthority(settings.jwt_secret, settings.jwt_ttl)
+    app[PASSWORDS] = Passwords(settings.password_time_cost, settings.password_memory_kib)
+    app.cleanup_ctx.extend([_migrations, _metadata_pool, _topology, _forwarder])
+    handlers.setup_routes(app)
+    return app

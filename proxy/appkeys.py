@@ -1,0 +1,24 @@
+"""Typed keys for the proxy app's state."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from dialogs.watch import MetadataWatcher
+from proxy.auth import Passwords, TokenAuthority
+from proxy.forwarder import Forwarder
+from proxy.metrics import ProxyMetrics
+from proxy.settings import ProxySettings
+from proxy.storage import UserStore
+from proxy.topology import Topology
+from proxy.users import KnownUsers
+
+SETTINGS = web.AppKey("settings", ProxySettings)
+METRICS = web.AppKey("metrics", ProxyMetrics)
+TOKENS = web.AppKey("tokens", TokenAuthority)
+PASSWORDS = web.AppKey("passwords", Passwords)
+USERS = web.AppKey("users", UserStore)
+KNOWN_USERS = web.AppKey("known_users", KnownUsers)
+TOPOLOGY = web.AppKey("topology", Topology)
+WATCHER = web.AppKey("watcher", MetadataWatcher)
+FORWARDER = web.AppKey("forwarder", Forwarder)

@@ -1,0 +1,125 @@
+"""Forward a dialog request to a live worker of the shard that owns it.
+
+Retries only what is known not to have been applied: a refused connection (try the
+shard's next worker) and a stale-map refusal (reload the map, route again). A worker
+that stops answering mid-request may or may not have stored a send, so that becomes a
+503 and the client retries with its Idempotency-Key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from dialogs import errors, wire
+from dialogs.watch import MetadataWatcher
+from proxy.metrics import ProxyMetrics
+from proxy.topology import Topology
+
+MAX_ROUTING_ATTEMPTS = 4
+
+
+class Forwarder:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        topology: Topology,
+        watcher: MetadataWatcher,
+        metrics: ProxyMetrics,
+        timeout: float,
+    ) -> None:
+        self._session = session
+        self._topology = topology
+        self._watcher = watcher
+        self._metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def call(
+        self,
+        method: str,
+        dialog_key: int,
+        request_id: str,
+        *,
+        payload: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> bytes:
+        """The worker's 200 body; any worker error is re-raised as the project's own."""
+        operation = "send" if method == "POST" else "list"
+        for _ in range(MAX_ROUTING_ATTEMPTS):
+            shard_map = self._topology.map
+            if shard_map is None:
+                raise errors.MetadataUnavailable("no shard map loaded yet")
+            shard_id = shard_map.owner(dialog_key)
+            headers = {wire.MAP_VERSION_HEADER: str(shard_map.map_version), wire.REQUEST_ID_HEADER: request_id}
+            try:
+                return await self._on_shard(shard_id, operation, method, headers, payload, params)
+            except errors.StaleMap as stale:
+                self._metrics.stale_map_retries.inc()
+                if stale.map_version > self._topology.map_version:
+                    await self._watcher.refresh()
+                    continue
+                await self._watcher.refresh()
+        raise errors.ShardUnavailable("the shard map is changing; retry shortly")
+
+    async def _on_shard(
+        self,
+        shard_id: str,
+        operation: str,
+        method: str,
+        headers: dict[str, str],
+        payload: dict[str, Any] | None,
+        params: dict[str, str] | None,
+    ) -> bytes:
+        candidates = self._topology.candidates(shard_id)
+        if not candidates:
+            self._metrics.forward_errors.labels(shard_id, "no_worker").inc()
+            raise errors.ShardUnavailable()
+        last_error: errors.DialogsError = errors.ShardUnavailable()
+        for url in candidates:
+            started = time.perf_counter()
+            try:
+                async with self._session.request(
+                    method,
+                    url + wire.INTERNAL_MESSAGES_PATH,
+                    json=payload,
+                    params=params,
+                    headers=headers,
+                    timeout=self._timeout,
+                ) as response:
+                    body = await response.read()
+            except aiohttp.ClientConnectorError:
+                # Never reached the worker: nothing was applied, the next one may take it.
+                self._topology.mark_down(url)
+                self._metrics.forward_errors.labels(shard_id, "connect").inc()
+                continue
+            except (aiohttp.ClientError, TimeoutError):
+                self._topology.mark_down(url)
+                self._metrics.forward_errors.labels(shard_id, "broken").inc()
+                raise errors.ShardUnavailable() from None
+            self._metrics.forward_seconds.labels(shard_id, operation).observe(time.perf_counter() - started)
+            self._topology.mark_up(url)
+            if response.status == 200:
+                return body
+            error = _worker_error(response.status, body)
+            if isinstance(error, errors.ShardUnavailable):
+                # This worker cannot reach its database; another worker of the shard might.
+                self._metrics.forward_errors.labels(shard_id, "unavailable").inc()
+                last_error = error
+                continue
+            if not isinstance(error, errors.StaleMap):
+                self._metrics.forward_errors.labels(shard_id, str(response.status)).inc()
+            raise error
+        raise last_error
+
+
+def _worker_error(status: int, body: bytes) -> errors.DialogsError:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return errors.ShardUnavailable() if status >= 500 else errors.DialogsError()
+    return errors.from_json(status, data)

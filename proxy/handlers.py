@@ -1,0 +1,114 @@
+"""The public API: parse, call, respond. Authentication comes before any other check."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dialogs import errors, wire
+from dialogs.http import json_response, read_json, request_id_of
+from dialogs.keys import dialog_key
+from proxy import openapi, validation
+from proxy.appkeys import FORWARDER, KNOWN_USERS, METRICS, PASSWORDS, SETTINGS, TOKENS, TOPOLOGY, USERS, WATCHER
+from proxy.storage import user_json
+
+
+async def register(request: web.Request) -> web.Response:
+    new_user = validation.registration(await read_json(request))
+    password_hash = await request.app[PASSWORDS].hash(new_user.password)
+    user_id = await request.app[USERS].create(new_user, password_hash)
+    request.app[KNOWN_USERS].add(user_id)
+    return json_response({"user_id": str(user_id)})
+
+
+async def login(request: web.Request) -> web.Response:
+    user_id, password = validation.login(await read_json(request))
+    password_hash = await request.app[USERS].password_hash(user_id)
+    if password_hash is None:
+        raise errors.NotFound("user not found")
+    if not await request.app[PASSWORDS].verify(password_hash, password):
+        raise errors.InvalidInput("wrong password")
+    return json_response({"token": request.app[TOKENS].issue(user_id)})
+
+
+async def get_user(request: web.Request) -> web.Response:
+    user_id = validation.user_id(request.match_info["id"], "id")
+    row = await request.app[USERS].get(user_id)
+    if row is None:
+        raise errors.NotFound("user not found")
+    return json_response(user_json(row))
+
+
+async def search_users(request: web.Request) -> web.Response:
+    first_name, last_name, limit = validation.search(request.query)
+    rows = await request.app[USERS].search(first_name, last_name, limit)
+    return json_response([user_json(row) for row in rows])
+
+
+async def send_message(request: web.Request) -> web.Response:
+    sender = request.app[TOKENS].user_of(request)
+    recipient = validation.user_id(request.match_info["user_id"])
+    key = validation.idempotency_key(request.headers.get(wire.IDEMPOTENCY_KEY_HEADER))
+    text = validation.send_text(await read_json(request), request.app[SETTINGS].max_text_length)
+    await request.app[KNOWN_USERS].ensure(recipient)
+    payload = {
+        "dialog_key": dialog_key(sender, recipient),
+        "from": str(sender),
+        "to": str(recipient),
+        "text": text,
+        "idempotency_key": key,
+    }
+    body = await request.app[FORWARDER].call("POST", payload["dialog_key"], request_id_of(request), payload=payload)
+    stored = json.loads(body)
+    headers = {"Idempotent-Replayed": "true"} if stored["duplicate"] else None
+    return json_response({"id": stored["id"], "created_at": stored["created_at"]}, headers=headers)
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    viewer = request.app[TOKENS].user_of(request)
+    other = validation.user_id(request.match_info["user_id"])
+    limit = validation.list_limit(request.query.get("limit"))
+    before = validation.list_before(request.query.get("before"))
+    key = dialog_key(viewer, other)
+    params = {"dialog_key": str(key), "user_a": str(viewer), "user_b": str(other), "limit": str(limit)}
+    if before is not None:
+        params["before"] = str(before)
+    body = await request.app[FORWARDER].call("GET", key, request_id_of(request), params=params)
+    # The worker already speaks the public message format: pass the bytes through.
+    return web.Response(body=body, content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    topology = request.app[TOPOLOGY]
+    shard_map = topology.map
+    body = {
+        "status": "ok" if shard_map is not None else "starting",
+        "map_version": topology.map_version,
+        "metadata": "up" if request.app[WATCHER].connected else "down",
+        "shards": {s: {"workers": topology.worker_count(s)} for s in (shard_map.shard_ids if shard_map else [])},
+    }
+    return json_response(body, status=200 if shard_map is not None else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return json_response(openapi.document())
+
+
+def setup_routes(app: web.Application) -> None:
+    router = app.router
+    router.add_post("/user/register", register)
+    router.add_post("/login", login)
+    router.add_get("/user/get/{id}", get_user)
+    router.add_get("/user/search", search_users)
+    router.add_post("/dialog/{user_id}/send", send_message)
+    router.add_get("/dialog/{user_id}/list", list_messages)
+    router.add_get("/openapi.json", openapi_document)
+    router.add_get("/health", health)
+    router.add_get("/metrics", metrics)

@@ -1,0 +1,73 @@
+"""The proxy's read-only view of the cluster: the active shard map and the live workers.
+
+Built by ``load`` from the metadata database (driven by ``dialogs.watch``); when that
+database is down the last view stays in force, so routing goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from dialogs import metadata
+from dialogs.shard_map import ShardMap
+
+# After a connection to a worker fails, skip it for this long (it may be restarting).
+WORKER_BACKOFF_SECONDS = 2.0
+
+
+@dataclass
+class _ShardWorkers:
+    urls: list[str]
+    turn: itertools.count = field(default_factory=itertools.count)
+
+
+class Topology:
+    def __init__(self, worker_ttl: float) -> None:
+        self.map: ShardMap | None = None
+        self._worker_ttl = worker_ttl
+        self._workers: dict[str, _ShardWorkers] = {}
+        self._down_until: dict[str, float] = {}
+
+    async def load(self, con: asyncpg.Connection) -> None:
+        fresh = await metadata.active_map(con)
+        if fresh is not None and (self.map is None or fresh.map_version > self.map.map_version):
+            self.map = fresh
+        live: dict[str, list[str]] = {}
+        for worker in await metadata.workers(con):
+            if worker.age_seconds <= self._worker_ttl:
+                live.setdefault(worker.shard_id, []).append(worker.url)
+        self._workers = {
+            shard_id: self._workers[shard_id]
+            if shard_id in self._workers and self._workers[shard_id].urls == urls
+            else _ShardWorkers(urls)
+            for shard_id, urls in live.items()
+        }
+
+    @property
+    def map_version(self) -> int:
+        return self.map.map_version if self.map is not None else 0
+
+    def candidates(self, shard_id: str) -> list[str]:
+        """The shard's workers to try, in order: round-robin, recently failed ones last."""
+        workers = self._workers.get(shard_id)
+        if workers is None or not workers.urls:
+            return []
+        start = next(workers.turn) % len(workers.urls)
+        ordered = workers.urls[start:] + workers.urls[:start]
+        now = time.monotonic()
+        healthy = [url for url in ordered if self._down_until.get(url, 0) <= now]
+        return healthy + [url for url in ordered if url not in healthy]
+
+    def mark_down(self, url: str) -> None:
+        self._down_until[url] = time.monotonic() + WORKER_BACKOFF_SECONDS
+
+    def mark_up(self, url: str) -> None:
+        self._down_until.pop(url, None)
+
+    def worker_count(self, shard_id: str) -> int:
+        workers = self._workers.get(shard_id)
+        return len(workers.urls) if workers else 0

@@ -1,0 +1,44 @@
+"""Which user ids exist, cached so that a send costs no metadata query in the common case."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import uuid
+
+from dialogs import errors
+from proxy.storage import UserStore
+
+log = logging.getLogger(__name__)
+
+
+class KnownUsers:
+    """An LRU set of user ids known to exist (users are never deleted, so it cannot go stale).
+
+    When the metadata database is down, an unknown recipient is let through rather than
+    failing the send: routing must not depend on that database (see docs/architecture.md).
+    """
+
+    def __init__(self, store: UserStore, capacity: int = 100_000) -> None:
+        self._store = store
+        self._capacity = capacity
+        self._known: collections.OrderedDict[uuid.UUID, None] = collections.OrderedDict()
+
+    def add(self, user_id: uuid.UUID) -> None:
+        self._known[user_id] = None
+        self._known.move_to_end(user_id)
+        if len(self._known) > self._capacity:
+            self._known.popitem(last=False)
+
+    async def ensure(self, user_id: uuid.UUID) -> None:
+        if user_id in self._known:
+            self._known.move_to_end(user_id)
+            return
+        try:
+            exists = await self._store.exists(user_id)
+        except errors.MetadataUnavailable:
+            log.warning("metadata database down: cannot check that user %s exists, sending anyway", user_id)
+            return
+        if not exists:
+            raise errors.NotFound("user not found")
+        self.add(user_id)

@@ -1,0 +1,88 @@
+"""Fixtures: PostgreSQL servers start once per session; every test gets fresh databases."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import asyncpg
+import pytest
+
+from dialogs.embedded import LocalPostgres, free_port
+from tests.support import Cluster
+
+# Durability is not under test here; speed is. (The bench/ runs keep fsync on.)
+TEST_PG_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "300"}
+SERVER_NAMES = ("meta", "shard-1", "shard-2")
+
+
+@pytest.fixture(scope="session")
+def pg_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalPostgres]]:
+    """The metadata server and two shard servers, for the whole session."""
+    base = tmp_path_factory.mktemp("pg")
+    servers = {
+        name: LocalPostgres(base / name, free_port(), settings=TEST_PG_SETTINGS) for name in SERVER_NAMES
+    }
+    try:
+        for server in servers.values():
+            server.start()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.fixture
+def running_servers(pg_servers: dict[str, LocalPostgres]) -> dict[str, LocalPostgres]:
+    """The session servers, restarted if an earlier test stopped one."""
+    for server in pg_servers.values():
+        if not server.running:
+            server.start()
+    return pg_servers
+
+
+@pytest.fixture
+async def databases(running_servers: dict[str, LocalPostgres]) -> AsyncIterator[dict[str, str]]:
+    """A fresh database on each server: name -> DSN. Dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    for server in running_servers.values():
+        con = await asyncpg.connect(server.dsn())
+        try:
+            await con.execute(f"CREATE DATABASE {name}")
+        finally:
+            await con.close()
+    yield {server_name: server.dsn(name) for server_name, server in running_servers.items()}
+    for server in running_servers.values():
+        if not server.running:
+            server.start()
+        con = await asyncpg.connect(server.dsn())
+        try:
+            await con.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        finally:
+            await con.close()
+
+
+@pytest.fixture
+async def bare_cluster(databases: dict[str, str]) -> AsyncIterator[Cluster]:
+    """Bootstrapped metadata over two shards; no processes started yet."""
+    async with aiohttp.ClientSession() as session:
+        cluster = Cluster(
+            metadata_dsn=databases["meta"],
+            shard_dsns={"shard-1": databases["shard-1"], "shard-2": databases["shard-2"]},
+            session=session,
+        )
+        await cluster.bootstrap()
+        try:
+            yield cluster
+        finally:
+            await cluster.stop()
+
+
+@pytest.fixture
+async def cluster(bare_cluster: Cluster) -> Cluster:
+    """One worker per shard and one proxy, routable."""
+    for shard_id in bare_cluster.shard_dsns:
+        await bare_cluster.start_worker(shard_id)
+    await bare_cluster.start_proxy()
+    return bare_cluster

@@ -1,0 +1,241 @@
+"""Test helpers: an in-process cluster over real PostgreSQL, and an API client that checks
+every response against the service's OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+from openapi_core import OpenAPI
+from openapi_core.testing import MockRequest, MockResponse
+
+from dialog_api.app import create_app as create_worker
+from dialog_api.settings import WorkerSettings
+from dialogs import metadata, pgmigrate
+from dialogs.embedded import free_port
+from dialogs.keys import dialog_key
+from dialogs.settings import load
+from proxy.app import create_app as create_proxy
+from proxy.openapi import document
+from proxy.settings import ProxySettings
+
+JWT_SECRET = "test-secret-" + "x" * 40
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+PROXY_ENV = {
+    "DIALOGS_JWT_SECRET": JWT_SECRET,
+    "DIALOGS_ADMIN_TOKEN": ADMIN_TOKEN,
+    # Argon2 at its cheapest: the suite registers hundreds of users.
+    "DIALOGS_PASSWORD_TIME_COST": "1",
+    "DIALOGS_PASSWORD_MEMORY_KIB": "1024",
+    "DIALOGS_POLL_INTERVAL": "0.2",
+    "DIALOGS_WORKER_TTL": "3",
+    "DIALOGS_FORWARD_TIMEOUT": "3",
+}
+WORKER_ENV = {
+    "DIALOGS_HEARTBEAT_INTERVAL": "0.2",
+    "DIALOGS_POLL_INTERVAL": "0.2",
+    "DIALOGS_POOL_MIN": "1",
+    "DIALOGS_POOL_MAX": "8",
+    "DIALOGS_QUERY_TIMEOUT": "3",
+}
+
+_OPENAPI = OpenAPI.from_dict(document())
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Api:
+    """Talks to a proxy over HTTP; validates each response against the OpenAPI document."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self.session = session
+        self.base_url = base_url
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        body: Any = None,
+        raw: bytes | None = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        validate: bool = True,
+    ) -> Reply:
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        if data is not None:
+            headers.setdefault("Content-Type", "application/json")
+        async with self.session.request(
+            method, self.base_url + path, data=data, params=params, headers=headers
+        ) as response:
+            reply = Reply(response.status, dict(response.headers), await response.read())
+        assert "X-Request-ID" in reply.headers, f"{method} {path} answered without X-Request-ID"
+        if validate:
+            self.validate(method, path, params, headers, data, reply)
+        return reply
+
+    def validate(
+        self, method: str, path: str, params: dict[str, str] | None, headers: dict[str, str],
+        data: bytes | None, reply: Reply,
+    ) -> None:
+        request = MockRequest(self.base_url, method.lower(), path, args=params or {}, headers=headers, data=data)
+        content_type = reply.headers.get("Content-Type", "").split(";")[0]
+        response = MockResponse(reply.body, status_code=reply.status, headers=reply.headers, content_type=content_type)
+        _OPENAPI.validate_response(request, response)
+
+    async def register(self, first_name: str = "Anna", second_name: str = "Test", password: str = "password-1") -> str:
+        reply = await self.request(
+            "POST", "/user/register",
+            body={"first_name": first_name, "second_name": second_name, "password": password,
+                  "birthdate": "1990-05-17", "city": "Moscow", "biography": "reads"},
+        )
+        assert reply.status == 200, reply.body
+        return reply.json["user_id"]
+
+    async def login(self, user_id: str, password: str = "password-1") -> str:
+        reply = await self.request("POST", "/login", body={"id": user_id, "password": password})
+        assert reply.status == 200, reply.body
+        return reply.json["token"]
+
+    async def user(self, first_name: str = "Anna") -> tuple[str, str]:
+        """A new user and its token."""
+        user_id = await self.register(first_name)
+        return user_id, await self.login(user_id)
+
+    async def send(self, token: str, to: str, text: str, key: str | None = None) -> Reply:
+        headers = {"Idempotency-Key": key} if key else None
+        return await self.request("POST", f"/dialog/{to}/send", token=token, body={"text": text}, headers=headers)
+
+    async def list(self, token: str, other: str, limit: int | None = None, before: str | None = None) -> Reply:
+        params = {}
+        if limit is not None:
+            params["limit"] = str(limit)
+        if before is not None:
+            params["before"] = before
+        return await self.request("GET", f"/dialog/{other}/list", token=token, params=params or None)
+
+    async def whole_dialog(self, token: str, other: str, page: int = 1000) -> list[dict[str, Any]]:
+        """Every message of a dialog, newest first, walking the pages with ``before``."""
+        messages: list[dict[str, Any]] = []
+        before = None
+        while True:
+            reply = await self.list(token, other, limit=page, before=before)
+            assert reply.status == 200, reply.body
+            batch = reply.json
+            messages.extend(batch)
+            if len(batch) < page:
+                return messages
+            before = batch[-1]["id"]
+
+
+async def start_site(app: web.Application, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@dataclass
+class Cluster:
+    """Proxies and workers as aiohttp apps in this process, over real PostgreSQL databases."""
+
+    metadata_dsn: str
+    shard_dsns: dict[str, str]
+    session: aiohttp.ClientSession
+    workers: dict[str, web.AppRunner] = field(default_factory=dict)
+    proxies: list[web.AppRunner] = field(default_factory=list)
+    proxy_urls: list[str] = field(default_factory=list)
+
+    @property
+    def api(self) -> Api:
+        return Api(self.session, self.proxy_urls[0])
+
+    def api_for(self, index: int) -> Api:
+        return Api(self.session, self.proxy_urls[index])
+
+    async def bootstrap(self) -> None:
+        con = await asyncpg.connect(self.metadata_dsn)
+        try:
+            await pgmigrate.apply(con, metadata.METADATA_MIGRATIONS)
+            await metadata.bootstrap(con, self.shard_dsns)
+        finally:
+            await con.close()
+
+    async def start_worker(self, shard_id: str, **env: str) -> web.AppRunner:
+        port = free_port()
+        settings = load(WorkerSettings, {
+            **WORKER_ENV,
+            "DIALOGS_SHARD_ID": shard_id,
+            "DIALOGS_SHARD_DSN": self.shard_dsns[shard_id],
+            "DIALOGS_METADATA_DSN": self.metadata_dsn,
+            "DIALOGS_PORT": str(port),
+            **env,
+        })
+        runner = await start_site(create_worker(settings), port)
+        self.workers[f"{shard_id}@{port}"] = runner
+        return runner
+
+    async def start_proxy(self, **env: str) -> web.AppRunner:
+        port = free_port()
+        settings = load(ProxySettings, {
+            **PROXY_ENV, "DIALOGS_METADATA_DSN": self.metadata_dsn, "DIALOGS_PORT": str(port), **env,
+        })
+        runner = await start_site(create_proxy(settings), port)
+        self.proxies.append(runner)
+        self.proxy_urls.append(f"http://127.0.0.1:{port}")
+        await self.wait_routable(len(self.proxies) - 1)
+        return runner
+
+    async def wait_routable(self, index: int, timeout: float = 10.0) -> None:
+        """Until the proxy has a map and a live worker for every shard in it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            async with self.session.get(self.proxy_urls[index] + "/health") as response:
+                health = await response.json()
+            if response.status == 200 and all(s["workers"] > 0 for s in health["shards"].values()):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"proxy {index} did not become routable: {health}")
+
+    async def stop(self) -> None:
+        for runner in self.proxies + list(self.workers.values()):
+            await runner.cleanup()
+        self.proxies.clear()
+        self.workers.clear()
+
+    async def shard_of(self, user_a: str, user_b: str) -> str:
+        con = await asyncpg.connect(self.metadata_dsn)
+        try:
+            shard_map = await metadata.active_map(con)
+        finally:
+            await con.close()
+        assert shard_map is not None
+        return shard_map.owner(dialog_key(uuid.UUID(user_a), uuid.UUID(user_b)))
+
+    async def shard_fetch(self, shard_id: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        con = await asyncpg.connect(self.shard_dsns[shard_id])
+        try:
+            return await con.fetch(sql, *args)
+        finally:
+            await con.close()
