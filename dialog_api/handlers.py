@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from aiohttp import web
+from asyncpg import Record
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
@@ -76,9 +77,12 @@ async def list_messages(request: web.Request) -> web.Response:
         raise errors.InvalidInput("limit must be from 1 to 1000")
     await request.app[MAP_VIEW].check_route(dialog_key, version)
     rows = await request.app[STORE].list_messages(dialog_key, user_a, user_b, before, limit)
-    return json_response(
-        [wire.message_json(r["id"], r["from_user"], r["to_user"], r["text"], r["created_at"]) for r in rows]
-    )
+    return json_response([_message(row) for row in rows])
+
+
+def _message(row: Record) -> dict[str, object]:
+    sender, recipient = (row["user_lo"], row["user_hi"]) if row["from_lo"] else (row["user_hi"], row["user_lo"])
+    return wire.message_json(row["id"], sender, recipient, row["text"], row["created_at"])
 
 
 async def health(request: web.Request) -> web.Response:

@@ -34,6 +34,19 @@ class NewMessage:
     text: str
     idempotency_key: str | None
 
+    @property
+    def pair(self) -> tuple[uuid.UUID, uuid.UUID]:
+        return ordered(self.from_user, self.to_user)
+
+    @property
+    def from_lo(self) -> bool:
+        return self.from_user == self.pair[0]
+
+    @property
+    def identity(self) -> tuple[int, uuid.UUID, uuid.UUID, bool, str | None]:
+        """What makes two sends the same send: dialog, sender and Idempotency-Key."""
+        return (self.dialog_key, *self.pair, self.from_lo, self.idempotency_key)
+
 
 @dataclass(frozen=True, slots=True)
 class Stored:
@@ -52,39 +65,44 @@ async def translated() -> AsyncIterator[None]:
 
 _INSERT = """
 WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[], $5::text[])
-        WITH ORDINALITY AS t(dialog_key, from_user, to_user, text, idempotency_key, ord)
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::boolean[], $5::text[], $6::text[])
+        WITH ORDINALITY AS t(dialog_key, user_lo, user_hi, from_lo, text, idempotency_key, ord)
 ), numbered AS MATERIALIZED (
-    SELECT ord, dialog_key, from_user, to_user, text, idempotency_key,
-           next_message_id(dialog_key) AS id, clock_timestamp() AS created_at
+    SELECT ord, dialog_key, user_lo, user_hi, from_lo, text, idempotency_key,
+           next_message_id(dialog_key, user_lo, user_hi) AS id, clock_timestamp() AS created_at
     FROM input ORDER BY ord
 ), inserted AS (
-    INSERT INTO messages (dialog_key, id, from_user, to_user, text, created_at, idempotency_key)
-    SELECT dialog_key, id, from_user, to_user, text, created_at, idempotency_key FROM numbered
-    ON CONFLICT (dialog_key, from_user, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING dialog_key, id
+    INSERT INTO messages (dialog_key, user_lo, user_hi, id, from_lo, text, created_at, idempotency_key)
+    SELECT dialog_key, user_lo, user_hi, id, from_lo, text, created_at, idempotency_key FROM numbered
+    ON CONFLICT (dialog_key, user_lo, user_hi, from_lo, idempotency_key) WHERE idempotency_key IS NOT NULL
+    DO NOTHING
+    RETURNING dialog_key, user_lo, user_hi, id
 )
 SELECT n.ord, n.id, n.created_at, i.id IS NOT NULL AS inserted
-FROM numbered n LEFT JOIN inserted i USING (dialog_key, id)
+FROM numbered n LEFT JOIN inserted i USING (dialog_key, user_lo, user_hi, id)
 ORDER BY n.ord
 """
 
 _EXISTING = """
-SELECT m.dialog_key, m.from_user, m.idempotency_key, m.id, m.created_at, m.text, m.to_user
+SELECT m.dialog_key, m.user_lo, m.user_hi, m.from_lo, m.idempotency_key, m.id, m.created_at, m.text
 FROM messages m
-JOIN unnest($1::bigint[], $2::uuid[], $3::text[]) AS k(dialog_key, from_user, idempotency_key)
-  USING (dialog_key, from_user, idempotency_key)
+JOIN unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::boolean[], $5::text[])
+    AS k(dialog_key, user_lo, user_hi, from_lo, idempotency_key)
+  USING (dialog_key, user_lo, user_hi, from_lo, idempotency_key)
 """
 
 _LIST = """
-SELECT id, from_user, to_user, text, created_at
+SELECT id, user_lo, user_hi, from_lo, text, created_at
 FROM messages
-WHERE dialog_key = $1
-  AND ((from_user = $2 AND to_user = $3) OR (from_user = $3 AND to_user = $2))
-  AND id < $4
+WHERE dialog_key = $1 AND user_lo = $2 AND user_hi = $3 AND id < $4
 ORDER BY id DESC
 LIMIT $5
 """
+
+
+def ordered(user_a: uuid.UUID, user_b: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
+    """The pair as stored: (user_lo, user_hi). UUIDs order the same in Python and PostgreSQL."""
+    return (user_a, user_b) if user_a <= user_b else (user_b, user_a)
 
 
 class ShardStore:
@@ -101,8 +119,9 @@ class ShardStore:
             rows = await con.fetch(
                 _INSERT,
                 [m.dialog_key for m in batch],
-                [m.from_user for m in batch],
-                [m.to_user for m in batch],
+                [m.pair[0] for m in batch],
+                [m.pair[1] for m in batch],
+                [m.from_lo for m in batch],
                 [m.text for m in batch],
                 [m.idempotency_key for m in batch],
             )
@@ -121,20 +140,16 @@ class ShardStore:
         repeated: list[int],
         results: list[Stored | errors.DialogsError],
     ) -> None:
-        keys = [batch[i] for i in repeated]
+        identities = [batch[i].identity for i in repeated]
+        columns = list(zip(*identities, strict=True))
         existing = {
-            (row["dialog_key"], row["from_user"], row["idempotency_key"]): row
-            for row in await con.fetch(
-                _EXISTING,
-                [m.dialog_key for m in keys],
-                [m.from_user for m in keys],
-                [m.idempotency_key for m in keys],
-            )
+            (row["dialog_key"], row["user_lo"], row["user_hi"], row["from_lo"], row["idempotency_key"]): row
+            for row in await con.fetch(_EXISTING, *columns)
         }
         for index in repeated:
             message = batch[index]
-            row = existing[(message.dialog_key, message.from_user, message.idempotency_key)]
-            if row["text"] != message.text or row["to_user"] != message.to_user:
+            row = existing[message.identity]
+            if row["text"] != message.text:
                 results[index] = errors.IdempotencyKeyReused()
             else:
                 results[index] = Stored(row["id"], row["created_at"], duplicate=True)
@@ -143,7 +158,7 @@ class ShardStore:
         self, dialog_key: int, user_a: uuid.UUID, user_b: uuid.UUID, before: int, limit: int
     ) -> list[asyncpg.Record]:
         async with translated(), self.pool.acquire() as con:
-            return await con.fetch(_LIST, dialog_key, user_a, user_b, before, limit)
+            return await con.fetch(_LIST, dialog_key, *ordered(user_a, user_b), before, limit)
 
     async def ping(self) -> None:
         async with translated(), self.pool.acquire() as con:

@@ -1,0 +1,54 @@
+"""Settings: typed, from an explicit environment, failing at start-up with a sentence."""
+
+from __future__ import annotations
+
+import pytest
+
+from dialog_api.settings import WorkerSettings
+from dialogs.settings import SettingsError, load
+from proxy.settings import ProxySettings
+
+PROXY = {"DIALOGS_METADATA_DSN": "postgresql://u@h/db", "DIALOGS_JWT_SECRET": "s" * 32}
+WORKER = {
+    "DIALOGS_SHARD_ID": "shard-1",
+    "DIALOGS_SHARD_DSN": "postgresql://u@h/shard",
+    "DIALOGS_METADATA_DSN": "postgresql://u@h/meta",
+}
+
+
+def test_defaults_and_overrides() -> None:
+    """Unset variables take documented defaults; set ones are converted to their types."""
+    settings = load(ProxySettings, {**PROXY, "DIALOGS_PORT": "9090"})
+    assert settings.port == 9090 and settings.max_text_length == 4096 and settings.host == "127.0.0.1"
+    worker = load(WorkerSettings, {**WORKER, "DIALOGS_PORT": "8100"})
+    assert worker.url == "http://127.0.0.1:8100"
+
+
+def test_settings_are_frozen() -> None:
+    """Nothing changes settings after start-up."""
+    settings = load(ProxySettings, PROXY)
+    with pytest.raises(Exception):
+        settings.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DIALOGS_JWT_SECRET": "s" * 32}, "DIALOGS_METADATA_DSN"),
+        ({**PROXY, "DIALOGS_PORT": "http"}, "DIALOGS_PORT must be a TCP port"),
+        ({**PROXY, "DIALOGS_PORT": "70000"}, "DIALOGS_PORT must be a TCP port"),
+        ({**PROXY, "DIALOGS_JWT_SECRET": "short"}, "at least 32 characters"),
+        ({**PROXY, "DIALOGS_METADATA_DSN": "mysql://x"}, "postgresql://"),
+        ({**PROXY, "DIALOGS_FORWARD_TIMEOUT": "-1"}, "positive number"),
+    ],
+)
+def test_bad_proxy_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    """A missing or malformed variable is one SettingsError that says which and why."""
+    with pytest.raises(SettingsError, match=message):
+        load(ProxySettings, env)
+
+
+def test_bad_shard_id_is_refused() -> None:
+    """Shard ids are checked like the admin API checks them."""
+    with pytest.raises(SettingsError, match="shard_id"):
+        load(WorkerSettings, {**WORKER, "DIALOGS_SHARD_ID": "Shard One"})
