@@ -45,7 +45,7 @@ def up(data_dir: Path, port: int, shards: int) -> None:
     from dialogs.cluster import ClusterLayout
     from dialogs.supervisor import AlreadyRunning, Supervisor, acquire_lock
 
-    console = Console()
+    console = Console(soft_wrap=True)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -69,7 +69,7 @@ def status(data_dir: Path) -> None:
     """Show the active shard map, each shard's share of keys and rows, and the workers."""
     from dialogs.cluster import ClusterLayout
 
-    console = Console()
+    console = Console(soft_wrap=True)
     layout = ClusterLayout.load(data_dir.resolve())
     if layout is None:
         console.print(f"[red]no cluster in {data_dir.resolve()}[/red]: run `dialogs up` first")

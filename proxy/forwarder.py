@@ -1,9 +1,10 @@
 """Forward a dialog request to a live worker of the shard that owns it.
 
 Retries only what is known not to have been applied: a refused connection (try the
-shard's next worker) and a stale-map refusal (reload the map, route again). A worker
-that stops answering mid-request may or may not have stored a send, so that becomes a
-503 and the client retries with its Idempotency-Key.
+shard's next worker) and a stale-map refusal (reload the map, route again). Reads are
+also retried on a connection that broke mid-request. A worker that stops answering in the
+middle of a send may or may not have stored it, so that becomes a 503 and the client
+retries with its Idempotency-Key.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class Forwarder:
             except (aiohttp.ClientError, TimeoutError):
                 self._topology.mark_down(url)
                 self._metrics.forward_errors.labels(shard_id, "broken").inc()
+                if method == "GET":
+                    continue  # a read can always be tried again elsewhere
                 raise errors.ShardUnavailable() from None
             self._metrics.forward_seconds.labels(shard_id, operation).observe(time.perf_counter() - started)
             self._topology.mark_up(url)

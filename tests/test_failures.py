@@ -1,0 +1,151 @@
+"""When parts fail: only the dialogs that need the failed part see 503s, and recovery needs no restart."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+
+from dialogs import metadata
+from dialogs.embedded import LocalPostgres, free_port
+from proxy.appkeys import TOPOLOGY
+from tests.support import Api, Cluster
+
+
+async def _peers_by_shard(cluster: Cluster, hub: str, count: int = 12) -> dict[str, list[str]]:
+    peers: dict[str, list[str]] = {}
+    for i in range(count):
+        peer = await cluster.api.register(f"Peer{i}")
+        peers.setdefault(await cluster.shard_of(hub, peer), []).append(peer)
+    assert set(peers) == {"shard-1", "shard-2"}
+    return peers
+
+
+async def _eventually_ok(api: Api, token: str, peer: str, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        reply = await api.send(token, peer, "after recovery")
+        if reply.status == 200 or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert reply.status == 200, reply.body
+
+
+async def test_stopped_shard_fails_only_its_dialogs_and_recovers(
+    cluster: Cluster, running_servers: dict[str, LocalPostgres]
+) -> None:
+    """Shard-2's server stops: its dialogs 503 with Retry-After, shard-1's work; it comes back on its own."""
+    api = cluster.api
+    hub, token = await api.user("Hub")
+    peers = await _peers_by_shard(cluster, hub)
+    on_1, on_2 = peers["shard-1"][0], peers["shard-2"][0]
+    assert (await api.send(token, on_2, "before")).status == 200
+
+    running_servers["shard-2"].stop()
+    try:
+        for reply in (await api.send(token, on_2, "during"), await api.list(token, on_2)):
+            assert reply.status == 503, reply.body
+            assert reply.headers["Retry-After"] == "1"
+            assert reply.json["code"] == 50302
+        assert (await api.send(token, on_1, "other shard")).status == 200
+        assert [m["text"] for m in (await api.list(token, on_1)).json] == ["other shard"]
+    finally:
+        running_servers["shard-2"].start()
+
+    await _eventually_ok(api, token, on_2)
+    assert [m["text"] for m in (await api.list(token, on_2)).json] == ["after recovery", "before"]
+
+
+async def test_crashed_workers_registration_is_skipped(cluster: Cluster) -> None:
+    """A worker that died without deregistering (fresh row, closed port) costs no client an error."""
+    api = cluster.api
+    hub, token = await api.user("Hub")
+    peers = await _peers_by_shard(cluster, hub)
+    con = await asyncpg.connect(cluster.metadata_dsn)
+    try:
+        for shard_id in ("shard-1", "shard-2"):
+            await metadata.upsert_worker(con, f"{shard_id}-dead", shard_id, f"http://127.0.0.1:{free_port()}", 1)
+    finally:
+        await con.close()
+    await asyncio.sleep(0.5)  # the proxy's next poll sees the dead registrations
+    for shard_peers in peers.values():
+        for peer in shard_peers:
+            assert (await api.send(token, peer, "still fine")).status == 200
+
+
+async def test_shard_without_workers_is_503(bare_cluster: Cluster) -> None:
+    """No live worker for a shard: its dialogs 503, the other shard's work."""
+    await bare_cluster.start_worker("shard-1")
+    await bare_cluster.start_worker("shard-2")
+    await bare_cluster.start_proxy()
+    api = bare_cluster.api
+    hub, token = await api.user("Hub")
+    peers = await _peers_by_shard(bare_cluster, hub)
+    shard_2_worker = next(name for name in bare_cluster.workers if name.startswith("shard-2@"))
+    await bare_cluster.workers.pop(shard_2_worker).cleanup()
+    await asyncio.sleep(0.5)
+    reply = await api.send(token, peers["shard-2"][0], "nobody home")
+    assert reply.status == 503 and reply.headers["Retry-After"] == "1"
+    assert (await api.send(token, peers["shard-1"][0], "fine")).status == 200
+
+
+async def test_second_worker_takes_over(cluster: Cluster) -> None:
+    """With two workers on a shard, stopping one loses nothing: the proxy uses the other."""
+    api = cluster.api
+    hub, token = await api.user("Hub")
+    peers = await _peers_by_shard(cluster, hub)
+    await cluster.start_worker("shard-1")
+    topology = cluster.proxies[0].app[TOPOLOGY]
+    for _ in range(100):
+        if topology.worker_count("shard-1") == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert topology.worker_count("shard-1") == 2
+    first = next(name for name in cluster.workers if name.startswith("shard-1@"))
+    await cluster.workers.pop(first).cleanup()
+    for peer in peers["shard-1"]:
+        assert (await api.send(token, peer, "via the second worker")).status == 200
+
+
+async def test_proxy_keeps_routing_while_metadata_is_down(
+    cluster: Cluster, running_servers: dict[str, LocalPostgres]
+) -> None:
+    """Metadata down: sends and lists go on with the last map; login is 503 until it is back."""
+    api = cluster.api
+    anna, anna_token = await api.user("Anna")
+    peers = [await api.register(f"Peer{i}") for i in range(6)]
+
+    running_servers["meta"].stop()
+    try:
+        await asyncio.sleep(0.5)  # watchers notice
+        for peer in peers:
+            assert (await api.send(anna_token, peer, "metadata is down")).status == 200
+            assert (await api.list(anna_token, peer)).json[0]["text"] == "metadata is down"
+        login = await api.request("POST", "/login", body={"id": anna, "password": "password-1"})
+        assert login.status == 503 and login.json["code"] == 50303 and login.headers["Retry-After"] == "1"
+        health = (await api.request("GET", "/health")).json
+        assert health["metadata"] == "down" and health["map_version"] == 1
+    finally:
+        running_servers["meta"].start()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while (login := await api.request("POST", "/login", body={"id": anna, "password": "password-1"})).status != 200:
+        assert loop.time() < deadline, login.body
+        await asyncio.sleep(0.2)
+
+
+async def test_unknown_recipient_is_let_through_while_metadata_is_down(
+    cluster: Cluster, running_servers: dict[str, LocalPostgres]
+) -> None:
+    """A recipient the proxy has not seen cannot be checked without metadata: the send goes through."""
+    api = cluster.api
+    anna, token = await api.user("Anna")
+    stranger = str(uuid.uuid4())
+    running_servers["meta"].stop()
+    try:
+        assert (await api.send(token, stranger, "hello?")).status == 200
+    finally:
+        running_servers["meta"].start()

@@ -1,0 +1,162 @@
+"""`dialogs up` as a user runs it: a subprocess, used over HTTP, stopped with Ctrl-C, started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from dialogs.embedded import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+class Runner:
+    """Starts `dialogs` commands; stops whatever is still running at teardown, also on failure."""
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.env = {**os.environ, "DIALOGS_DATA_DIR": str(data_dir), "DIALOGS_PROXY_PORT": str(port)}
+        self.processes: list[subprocess.Popen[str]] = []
+
+    def up(self) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dialogs", "up"], env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dialogs", *args], env=self.env, capture_output=True, text=True, timeout=60
+        )
+
+    def wait_healthy(self, process: subprocess.Popen[str], timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                if self.call("GET", "/health")[0] == 200:
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the local cluster did not become healthy")
+
+    def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def stop(self, process: subprocess.Popen[str], timeout: float = 60) -> str:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=timeout)
+        return output
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes whose command line names the data folder: servers, workers, proxy."""
+        found = []
+        for proc in psutil.process_iter(["cmdline", "environ"]):
+            try:
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                environ = proc.info["environ"] or {}
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if str(self.data_dir) in cmdline or environ.get("DIALOGS_DATA_DIR") == str(self.data_dir):
+                found.append(proc)
+        return found
+
+    def cleanup(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for proc in self.leftovers():
+            proc.kill()
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[Runner]:
+    runner = Runner(tmp_path / "cluster", free_port())
+    try:
+        yield runner
+    finally:
+        runner.cleanup()
+
+
+def test_up_use_stop_and_start_again(runner: Runner) -> None:
+    """The README's flow on a real local cluster; data, tokens and ports survive a restart."""
+    first = runner.up()
+    runner.wait_healthy(first)
+
+    status, anna = runner.call("POST", "/user/register", {"first_name": "Anna", "second_name": "L", "password": "password-a"})
+    assert status == 200
+    _, boris = runner.call("POST", "/user/register", {"first_name": "Boris", "second_name": "L", "password": "password-b"})
+    _, login = runner.call("POST", "/login", {"id": anna["user_id"], "password": "password-a"})
+    token = login["token"]
+    assert runner.call("POST", f"/dialog/{boris['user_id']}/send", {"text": "persist me"}, token)[0] == 200
+
+    second = runner.run("up")
+    assert second.returncode == 1
+    assert "already running" in second.stdout
+
+    report = runner.run("status")
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "active map version 1" in report.stdout
+    assert "shard-1" in report.stdout and "shard-2" in report.stdout
+
+    output = runner.stop(first)
+    assert first.returncode == 0, output
+    assert "Dialogs is up" in output and "curl -s" in output
+    time.sleep(0.5)
+    assert runner.leftovers() == []
+
+    again = runner.up()
+    runner.wait_healthy(again)
+    status, messages = runner.call("GET", f"/dialog/{boris['user_id']}/list", token=token)
+    assert status == 200
+    assert [m["text"] for m in messages] == ["persist me"]
+    runner.stop(again)
+    assert again.returncode == 0
+
+
+def test_status_without_a_cluster(runner: Runner) -> None:
+    """`dialogs status` on an empty data folder says what to do."""
+    report = runner.run("status")
+    assert report.returncode == 1
+    assert "run `dialogs up` first" in report.stdout
+
+
+def test_process_refuses_bad_configuration(runner: Runner) -> None:
+    """A proxy started with a bad setting exits 2 with a sentence, not a traceback."""
+    env = {**runner.env, "DIALOGS_METADATA_DSN": "postgresql://x@127.0.0.1:1/db", "DIALOGS_JWT_SECRET": "short"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dialogs", "proxy"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "configuration error" in result.stderr and "DIALOGS_JWT_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr

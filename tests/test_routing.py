@@ -1,0 +1,119 @@
+"""Shard-map versions between proxy and worker: refusal of stale routing, and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aiohttp
+import asyncpg
+
+from dialogs import metadata
+from dialogs.keys import dialog_key
+from dialogs.shard_map import ShardMap
+from proxy.appkeys import METRICS, TOPOLOGY
+from tests.support import Cluster
+
+
+async def _publish_next_map(cluster: Cluster) -> ShardMap:
+    """Write the next map version with the same shards (a version bump that moves nothing)."""
+    con = await asyncpg.connect(cluster.metadata_dsn)
+    try:
+        current = await metadata.active_map(con)
+        assert current is not None
+        bumped = current.next(current.weights)
+        assert await metadata.insert_shard_map(con, bumped, reason="test")
+        return bumped
+    finally:
+        await con.close()
+
+
+async def _wait_worker_version(session: aiohttp.ClientSession, url: str, version: int) -> None:
+    for _ in range(100):
+        async with session.get(url + "/health") as response:
+            if (await response.json())["map_version"] == version:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"worker {url} never loaded map version {version}")
+
+
+def _worker_url(cluster: Cluster, shard_id: str) -> str:
+    name = next(name for name in cluster.workers if name.startswith(f"{shard_id}@"))
+    return "http://127.0.0.1:" + name.split("@")[1]
+
+
+def _owned_by(shard_map: ShardMap, shard_id: str) -> tuple[str, str, int]:
+    while True:
+        a, b = uuid.uuid4(), uuid.uuid4()
+        key = dialog_key(a, b)
+        if shard_map.owner(key) == shard_id:
+            return str(a), str(b), key
+
+
+async def test_worker_refuses_an_older_map_version(cluster: Cluster) -> None:
+    """Routed with version 1 after version 2 is active: 409 stale_map carrying the worker's version."""
+    bumped = await _publish_next_map(cluster)
+    url = _worker_url(cluster, "shard-1")
+    await _wait_worker_version(cluster.session, url, bumped.map_version)
+    a, b, key = _owned_by(bumped, "shard-1")
+    body = {"dialog_key": key, "from": a, "to": b, "text": "stale", "idempotency_key": None}
+    async with cluster.session.post(url + "/internal/v1/messages", json=body, headers={"X-Map-Version": "1"}) as r:
+        assert r.status == 409
+        error = await r.json()
+    assert error["code"] == 40902 and error["map_version"] == bumped.map_version
+    rows = await cluster.shard_fetch("shard-1", "SELECT count(*) FROM messages")
+    assert rows[0][0] == 0
+
+
+async def test_worker_refuses_a_dialog_it_does_not_own(cluster: Cluster) -> None:
+    """A request for another shard's dialog, routed with the current map, is refused and not stored."""
+    url = _worker_url(cluster, "shard-1")
+    shard_map = cluster.proxies[0].app[TOPOLOGY].map
+    assert shard_map is not None
+    a, b, key = _owned_by(shard_map, "shard-2")
+    body = {"dialog_key": key, "from": a, "to": b, "text": "misrouted", "idempotency_key": None}
+    headers = {"X-Map-Version": str(shard_map.map_version)}
+    async with cluster.session.post(url + "/internal/v1/messages", json=body, headers=headers) as r:
+        assert r.status == 409 and "not on this shard" in (await r.json())["message"]
+    async with cluster.session.post(url + "/internal/v1/messages", json=body) as r:
+        assert r.status == 400 and "X-Map-Version" in (await r.json())["message"]
+
+
+async def test_proxy_with_an_old_map_reloads_and_retries(cluster: Cluster) -> None:
+    """A proxy that missed a map change is refused by the worker, reloads, retries: the client sees 200."""
+    api = cluster.api
+    anna, token = await api.user("Anna")
+    boris = await api.register("Boris")
+    topology = cluster.proxies[0].app[TOPOLOGY]
+    old_map = topology.map
+    bumped = await _publish_next_map(cluster)
+    for shard_id in ("shard-1", "shard-2"):
+        await _wait_worker_version(cluster.session, _worker_url(cluster, shard_id), bumped.map_version)
+    topology.map = old_map  # as if this proxy had not heard of version 2 yet
+
+    reply = await api.send(token, boris, "routed with version 1")
+    assert reply.status == 200
+    assert topology.map_version == bumped.map_version
+    retries = cluster.proxies[0].app[METRICS].stale_map_retries._value.get()
+    assert retries == 1
+    assert [m["text"] for m in (await api.list(token, boris)).json] == ["routed with version 1"]
+
+
+async def test_shard_map_writes_are_compare_and_swap(bare_cluster: Cluster) -> None:
+    """Two writers of version 2: exactly one wins; a version that skips one is refused."""
+    con_a = await asyncpg.connect(bare_cluster.metadata_dsn)
+    con_b = await asyncpg.connect(bare_cluster.metadata_dsn)
+    try:
+        current = await metadata.active_map(con_a)
+        assert current is not None and current.map_version == 1
+        wins = await asyncio.gather(
+            metadata.insert_shard_map(con_a, current.with_weight("shard-1", 2)),
+            metadata.insert_shard_map(con_b, current.with_weight("shard-2", 3)),
+        )
+        assert sorted(wins) == [False, True]
+        skipping = ShardMap(5, current.weights)
+        assert not await metadata.insert_shard_map(con_a, skipping)
+        assert (await metadata.active_map(con_a)).map_version == 2  # type: ignore[union-attr]
+    finally:
+        await con_a.close()
+        await con_b.close()
