@@ -12,7 +12,7 @@ import asyncpg
 
 from dialogs import errors, pgmigrate
 
-SHARD_MIGRATIONS = "dialog_api.migrations"
+SHARD_MIGRATIONS = "dialogs.migrations.shard"
 
 # The server-side errors that mean "this shard cannot serve now", as opposed to a bug.
 _UNAVAILABLE = (
@@ -63,25 +63,7 @@ async def translated() -> AsyncIterator[None]:
         raise errors.ShardUnavailable() from exc
 
 
-_INSERT = """
-WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::boolean[], $5::text[], $6::text[])
-        WITH ORDINALITY AS t(dialog_key, user_lo, user_hi, from_lo, text, idempotency_key, ord)
-), numbered AS MATERIALIZED (
-    SELECT ord, dialog_key, user_lo, user_hi, from_lo, text, idempotency_key,
-           next_message_id(dialog_key, user_lo, user_hi) AS id, clock_timestamp() AS created_at
-    FROM input ORDER BY ord
-), inserted AS (
-    INSERT INTO messages (dialog_key, user_lo, user_hi, id, from_lo, text, created_at, idempotency_key)
-    SELECT dialog_key, user_lo, user_hi, id, from_lo, text, created_at, idempotency_key FROM numbered
-    ON CONFLICT (dialog_key, user_lo, user_hi, from_lo, idempotency_key) WHERE idempotency_key IS NOT NULL
-    DO NOTHING
-    RETURNING dialog_key, user_lo, user_hi, id
-)
-SELECT n.ord, n.id, n.created_at, i.id IS NOT NULL AS inserted
-FROM numbered n LEFT JOIN inserted i USING (dialog_key, user_lo, user_hi, id)
-ORDER BY n.ord
-"""
+_STORE = "SELECT ord, id, created_at, status FROM store_messages($1, $2, $3, $4, $5, $6)"
 
 _EXISTING = """
 SELECT m.dialog_key, m.user_lo, m.user_hi, m.from_lo, m.idempotency_key, m.id, m.created_at, m.text
@@ -99,6 +81,24 @@ ORDER BY id DESC
 LIMIT $5
 """
 
+# The list query behind the ownership check, in one round trip: the first column says
+# whether this shard serves the range; the message columns are NULL for an empty page.
+_LIST_SERVED = f"""
+WITH own AS (SELECT range_state($1) AS state)
+SELECT own.state, page.*
+FROM own LEFT JOIN LATERAL ({_LIST}) AS page ON own.state IN ('owned', 'migrating', 'frozen')
+"""
+
+_READABLE = {"owned", "migrating", "frozen"}
+
+
+_STATUS = {
+    "inserted": lambda row: Stored(row["id"], row["created_at"], duplicate=False),
+    "duplicate": lambda row: None,  # filled in by _resolve_repeats
+    "frozen": lambda row: errors.RangeMoving(),
+    "not_served": lambda row: errors.RangeNotServed(),
+}
+
 
 def ordered(user_a: uuid.UUID, user_b: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
     """The pair as stored: (user_lo, user_hi). UUIDs order the same in Python and PostgreSQL."""
@@ -113,11 +113,12 @@ class ShardStore:
         """Store a batch in one transaction (one commit, one WAL flush for all of them).
 
         Each result is the stored message, or the error for that send alone (a reused
-        Idempotency-Key); the others in the batch are unaffected.
+        Idempotency-Key, a range that is frozen or not served here); the others in the
+        batch are unaffected.
         """
-        async with translated(), self.pool.acquire() as con, con.transaction():
+        async with translated(), self.pool.acquire() as con:
             rows = await con.fetch(
-                _INSERT,
+                _STORE,
                 [m.dialog_key for m in batch],
                 [m.pair[0] for m in batch],
                 [m.pair[1] for m in batch],
@@ -125,10 +126,8 @@ class ShardStore:
                 [m.text for m in batch],
                 [m.idempotency_key for m in batch],
             )
-            results: list[Stored | errors.DialogsError] = [
-                Stored(row["id"], row["created_at"], duplicate=False) for row in rows
-            ]
-            repeated = [index for index, row in enumerate(rows) if not row["inserted"]]
+            results = [_STATUS[row["status"]](row) for row in rows]
+            repeated = [index for index, row in enumerate(rows) if row["status"] == "duplicate"]
             if repeated:
                 await self._resolve_repeats(con, batch, repeated, results)
         return results
@@ -138,7 +137,7 @@ class ShardStore:
         con: asyncpg.Connection,
         batch: Sequence[NewMessage],
         repeated: list[int],
-        results: list[Stored | errors.DialogsError],
+        results: list[Stored | errors.DialogsError | None],
     ) -> None:
         identities = [batch[i].identity for i in repeated]
         columns = list(zip(*identities, strict=True))
@@ -158,7 +157,10 @@ class ShardStore:
         self, dialog_key: int, user_a: uuid.UUID, user_b: uuid.UUID, before: int, limit: int
     ) -> list[asyncpg.Record]:
         async with translated(), self.pool.acquire() as con:
-            return await con.fetch(_LIST, dialog_key, *ordered(user_a, user_b), before, limit)
+            rows = await con.fetch(_LIST_SERVED, dialog_key, *ordered(user_a, user_b), before, limit)
+        if rows[0]["state"] not in _READABLE:
+            raise errors.RangeNotServed()
+        return [row for row in rows if row["id"] is not None]
 
     async def ping(self) -> None:
         async with translated(), self.pool.acquire() as con:

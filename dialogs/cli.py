@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dialogs import metadata, pgmigrate
+from dialogs.bootstrap import bootstrap
 from dialogs.settings import SettingsError
 
 DEFAULT_DATA_DIR = ".dialogs"
@@ -124,7 +125,7 @@ async def _status(metadata_dsn: str):  # type: ignore[no-untyped-def]
 @click.option("--shard", "shards", multiple=True, metavar="ID=DSN",
               help="Register a shard; on an empty cluster the first map is made of these.")
 def migrate(metadata_dsn: str, shards: tuple[str, ...]) -> None:
-    """Apply metadata migrations and, on an empty cluster, bootstrap the first shard map."""
+    """Apply metadata migrations; with --shard, also shard migrations and (on an empty cluster) the first map."""
     parsed = {}
     for entry in shards:
         shard_id, sep, dsn = entry.partition("=")
@@ -133,13 +134,14 @@ def migrate(metadata_dsn: str, shards: tuple[str, ...]) -> None:
         parsed[shard_id] = dsn
 
     async def run() -> None:
+        if parsed:
+            shard_map = await bootstrap(metadata_dsn, parsed)
+            click.echo(f"active shard map version {shard_map.map_version}: {', '.join(shard_map.shard_ids)}")
+            return
         con = await asyncpg.connect(metadata_dsn)
         try:
             applied = await pgmigrate.apply(con, metadata.METADATA_MIGRATIONS)
             click.echo(f"metadata migrations applied: {', '.join(applied) or 'none (up to date)'}")
-            if parsed:
-                shard_map = await metadata.bootstrap(con, parsed)
-                click.echo(f"active shard map version {shard_map.map_version}: {', '.join(shard_map.shard_ids)}")
         finally:
             await con.close()
 

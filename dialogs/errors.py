@@ -7,7 +7,9 @@
     ├── Forbidden                   403  authenticated, but not allowed (admin API)
     ├── NotFound                    404  unknown user, shard, migration or route
     ├── Conflict                    409  the request clashes with current state
-    │   └── StaleMap                409  (proxy <-> worker) routed with an older shard map
+    │   ├── StaleMap                409  (proxy <-> worker) routed with an older shard map
+    │   ├── RangeMoving             409  (proxy <-> worker) the dialog's range is in cutover
+    │   └── RangeNotServed          409  (proxy <-> worker) this shard does not serve the range
     ├── BodyTooLarge                413  request body over the limit
     ├── IdempotencyKeyReused        422  same Idempotency-Key, different message
     └── Unavailable                 503  try again later (carries Retry-After)
@@ -79,6 +81,18 @@ class StaleMap(Conflict):
     def __init__(self, map_version: int, message: str | None = None) -> None:
         super().__init__(message, map_version=map_version)
         self.map_version = map_version
+
+
+class RangeMoving(Conflict):
+    """The range is frozen for a cutover: writes wait (the proxy buffers them) and retry."""
+
+    code, default_message = 40903, "this dialog is moving to another shard; retry shortly"
+
+
+class RangeNotServed(Conflict):
+    """The shard database does not serve the range (it moved away, or is still arriving)."""
+
+    code, default_message = 40904, "this shard does not serve this dialog"
 
 
 class BodyTooLarge(DialogsError):

@@ -24,7 +24,7 @@ from typing import IO
 import asyncpg
 from rich.console import Console
 
-from dialogs import metadata, pgmigrate
+from dialogs.bootstrap import bootstrap
 from dialogs.cluster import DATABASE, ClusterLayout
 from dialogs.embedded import LocalPostgres, die_with_parent
 
@@ -130,12 +130,7 @@ async def _prepare_databases(layout: ClusterLayout) -> None:
                 await con.execute(f"CREATE DATABASE {DATABASE}")
         finally:
             await con.close()
-    con = await asyncpg.connect(layout.metadata_dsn)
-    try:
-        await pgmigrate.apply(con, metadata.METADATA_MIGRATIONS)
-        await metadata.bootstrap(con, {shard.shard_id: layout.shard_dsn(shard) for shard in layout.shards})
-    finally:
-        await con.close()
+    await bootstrap(layout.metadata_dsn, {shard.shard_id: layout.shard_dsn(shard) for shard in layout.shards})
 
 
 class Supervisor:

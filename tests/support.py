@@ -17,7 +17,8 @@ from openapi_core.testing import MockRequest, MockResponse
 
 from dialog_api.app import create_app as create_worker
 from dialog_api.settings import WorkerSettings
-from dialogs import metadata, pgmigrate
+from dialogs import metadata
+from dialogs.bootstrap import bootstrap
 from dialogs.embedded import free_port
 from dialogs.keys import dialog_key
 from dialogs.settings import load
@@ -174,12 +175,7 @@ class Cluster:
         return Api(self.session, self.proxy_urls[index])
 
     async def bootstrap(self) -> None:
-        con = await asyncpg.connect(self.metadata_dsn)
-        try:
-            await pgmigrate.apply(con, metadata.METADATA_MIGRATIONS)
-            await metadata.bootstrap(con, self.shard_dsns)
-        finally:
-            await con.close()
+        await bootstrap(self.metadata_dsn, self.shard_dsns)
 
     async def start_worker(self, shard_id: str, **env: str) -> web.AppRunner:
         port = free_port()

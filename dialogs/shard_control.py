@@ -1,0 +1,256 @@
+"""The control plane's SQL on shard databases: range ownership, copying, verification.
+
+The worker's own SQL is in ``dialog_api/storage.py``; this module is what the migration
+runner (``proxy/migration/``) and the bootstrap do to shards from outside. Every
+function takes a connection to one shard database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from dialogs import pgmigrate
+
+SHARD_MIGRATIONS = "dialogs.migrations.shard"
+
+# The advisory lock key every write takes shared inside its transaction (see
+# store_messages in dialogs/migrations/shard/0002_fencing.sql).
+FENCE_LOCK = 7236281096744167283
+
+COLUMNS = ("dialog_key", "user_lo", "user_hi", "id", "from_lo", "text", "created_at", "idempotency_key")
+_SELECT_COLUMNS = ", ".join(COLUMNS)
+_KEY = "(dialog_key, user_lo, user_hi, id)"
+
+Cursor = tuple[int, object, object, int] | None  # the last copied primary key, or None
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    lo: int
+    hi: int
+
+
+async def migrate(con: asyncpg.Connection) -> list[str]:
+    return await pgmigrate.apply(con, SHARD_MIGRATIONS)
+
+
+# --- ownership -------------------------------------------------------------------------
+
+
+async def range_rows(con: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await con.fetch("SELECT lo, hi, state FROM shard_ranges ORDER BY lo")
+
+
+async def claim_if_empty(con: asyncpg.Connection, spans: Sequence[Span]) -> bool:
+    """A fresh shard of the first map owns its ranges. False if it already had ranges."""
+    async with con.transaction():
+        await con.execute("LOCK TABLE shard_ranges IN EXCLUSIVE MODE")
+        if await con.fetchval("SELECT EXISTS (SELECT 1 FROM shard_ranges)"):
+            return False
+        await _put(con, spans, "owned")
+        return True
+
+
+async def _put(con: asyncpg.Connection, spans: Sequence[Span], state: str) -> None:
+    await con.execute(
+        """
+        INSERT INTO shard_ranges (lo, hi, state)
+        SELECT lo, hi, $3 FROM unnest($1::bigint[], $2::bigint[]) AS t(lo, hi)
+        ON CONFLICT (lo) DO UPDATE SET hi = EXCLUDED.hi, state = EXCLUDED.state
+        """,
+        [s.lo for s in spans],
+        [s.hi for s in spans],
+        state,
+    )
+
+
+async def _drop(con: asyncpg.Connection, spans: Sequence[Span]) -> None:
+    await con.execute("DELETE FROM shard_ranges WHERE lo = ANY($1::bigint[])", [s.lo for s in spans])
+
+
+async def fenced(con: asyncpg.Connection, owned: Sequence[Span], states: dict[str, Sequence[Span]]) -> None:
+    """Rewrite ranges behind the exclusive fence: in-flight writes finish first, later ones see the change.
+
+    ``owned`` replaces whatever covered the same keys (used to split a source's ranges so
+    that moving pieces get rows of their own); ``states`` sets the given spans' state.
+    """
+    async with con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock($1)", FENCE_LOCK)
+        if owned:
+            covered = [s for spans in states.values() for s in spans] + list(owned)
+            await con.execute(
+                """
+                DELETE FROM shard_ranges r USING unnest($1::bigint[], $2::bigint[]) AS t(lo, hi)
+                WHERE r.lo <= t.hi AND r.hi >= t.lo
+                """,
+                [s.lo for s in covered],
+                [s.hi for s in covered],
+            )
+            await _put(con, owned, "owned")
+        for state, spans in states.items():
+            if state == "absent":
+                await _drop(con, spans)
+            else:
+                await _put(con, spans, state)
+
+
+async def set_states(con: asyncpg.Connection, states: dict[str, Sequence[Span]]) -> None:
+    await fenced(con, [], states)
+
+
+# --- copying ---------------------------------------------------------------------------
+
+
+def _after(cursor: Cursor, first: int) -> tuple[str, list[object]]:
+    if cursor is None:
+        return "TRUE", []
+    return f"{_KEY} > (${first}::bigint, ${first + 1}::uuid, ${first + 2}::uuid, ${first + 3}::bigint)", list(cursor)
+
+
+async def batch_end(con: asyncpg.Connection, span: Span, cursor: Cursor, batch: int) -> Cursor:
+    """The key of the ``batch``-th row after ``cursor`` in ``span``, or None if fewer remain."""
+    condition, args = _after(cursor, 4)
+    row = await con.fetchrow(
+        f"SELECT {_KEY.strip('()')} FROM messages WHERE dialog_key BETWEEN $1 AND $2 AND {condition}"
+        f" ORDER BY {_KEY.strip('()')} OFFSET $3 LIMIT 1",
+        span.lo, span.hi, batch - 1, *args,
+    )
+    return None if row is None else (row[0], row[1], row[2], row[3])
+
+
+async def last_key(con: asyncpg.Connection, span: Span) -> Cursor:
+    row = await con.fetchrow(
+        f"SELECT {_KEY.strip('()')} FROM messages WHERE dialog_key BETWEEN $1 AND $2"
+        f" ORDER BY {_KEY.strip('()')} DESC LIMIT 1",
+        span.lo, span.hi,
+    )
+    return None if row is None else (row[0], row[1], row[2], row[3])
+
+
+async def delete_after(con: asyncpg.Connection, span: Span, cursor: Cursor) -> int:
+    """Remove what a crashed copy left past its last checkpoint (the target side of a resume)."""
+    condition, args = _after(cursor, 3)
+    status = await con.execute(
+        f"DELETE FROM messages WHERE dialog_key BETWEEN $1 AND $2 AND {condition}", span.lo, span.hi, *args
+    )
+    return int(status.split()[-1])
+
+
+async def copy_span(
+    source: asyncpg.Connection, target: asyncpg.Connection, span: Span, after: Cursor, until: Cursor
+) -> int:
+    """COPY the rows of ``span`` in (after, until] from source to target, binary, in one target transaction.
+
+    The bytes stream from one server to the other without being decoded here, so the rate
+    is close to PostgreSQL's own COPY. Returns the number of rows copied.
+    """
+    lower, args = _after(after, 3)
+    upper = "TRUE"
+    if until is not None:
+        index = 3 + len(args)
+        upper = f"{_KEY} <= (${index}::bigint, ${index + 1}::uuid, ${index + 2}::uuid, ${index + 3}::bigint)"
+        args += list(until)
+    query = (
+        f"SELECT {_SELECT_COLUMNS} FROM messages WHERE dialog_key BETWEEN $1 AND $2 AND {lower} AND {upper}"
+        f" ORDER BY {_KEY.strip('()')}"
+    )
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
+
+    async def produce() -> None:
+        try:
+            await source.copy_from_query(query, span.lo, span.hi, *args, output=queue.put, format="binary")
+        finally:
+            await queue.put(None)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    producer = asyncio.ensure_future(produce())
+    try:
+        async with target.transaction():
+            status = await target.copy_to_table("messages", source=chunks(), columns=COLUMNS, format="binary")
+            await producer  # a failed read must roll the target back, not commit half a batch
+    finally:
+        if not producer.done():
+            producer.cancel()
+    return int(status.split()[-1])
+
+
+async def read_delta(con: asyncpg.Connection, after_seq: int, limit: int) -> list[asyncpg.Record]:
+    """Rows written to migrating ranges since ``after_seq``, with their log sequence."""
+    return await con.fetch(
+        f"""
+        SELECT d.seq, {", ".join("m." + c for c in COLUMNS)}
+        FROM migration_delta d
+        JOIN messages m USING (dialog_key, user_lo, user_hi, id)
+        WHERE d.seq > $1 ORDER BY d.seq LIMIT $2
+        """,
+        after_seq,
+        limit,
+    )
+
+
+async def delta_backlog(con: asyncpg.Connection, after_seq: int) -> int:
+    return await con.fetchval("SELECT count(*) FROM migration_delta WHERE seq > $1", after_seq)
+
+
+async def insert_rows(con: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
+    """Idempotent insert (a row the initial copy already brought is skipped)."""
+    if not rows:
+        return
+    columns = [[row[c] for row in rows] for c in COLUMNS]
+    await con.execute(
+        f"""
+        INSERT INTO messages ({_SELECT_COLUMNS})
+        SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[], $5::boolean[], $6::text[],
+                             $7::timestamptz[], $8::text[])
+        ON CONFLICT DO NOTHING
+        """,
+        *columns,
+    )
+
+
+async def clear_delta(con: asyncpg.Connection) -> None:
+    await con.execute("DELETE FROM migration_delta")
+
+
+# --- verification and cleanup ----------------------------------------------------------
+
+_DIGEST = """
+SELECT r.lo, count(m.id) AS rows,
+       coalesce(sum(hashtextextended(concat_ws('|', m.dialog_key, m.user_lo, m.user_hi, m.id, m.from_lo, m.text,
+                (extract(epoch FROM m.created_at) * 1000000)::bigint, m.idempotency_key), 0)::numeric), 0)
+           AS checksum
+FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)
+LEFT JOIN messages m ON m.dialog_key BETWEEN r.lo AND r.hi
+GROUP BY r.lo
+"""
+
+
+async def digests(con: asyncpg.Connection, spans: Sequence[Span]) -> dict[int, tuple[int, int]]:
+    """Per span: (row count, sum of row hashes). Equal on both sides means equal rows."""
+    rows = await con.fetch(_DIGEST, [s.lo for s in spans], [s.hi for s in spans])
+    return {row["lo"]: (row["rows"], int(row["checksum"])) for row in rows}
+
+
+async def count_rows(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
+    return await con.fetchval(
+        "SELECT count(*) FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
+        " JOIN messages m ON m.dialog_key BETWEEN r.lo AND r.hi",
+        [s.lo for s in spans],
+        [s.hi for s in spans],
+    )
+
+
+async def delete_span_batch(con: asyncpg.Connection, span: Span, batch: int) -> int:
+    status = await con.execute(
+        "DELETE FROM messages WHERE ctid IN"
+        " (SELECT ctid FROM messages WHERE dialog_key BETWEEN $1 AND $2 LIMIT $3)",
+        span.lo, span.hi, batch,
+    )
+    return int(status.split()[-1])
