@@ -15,7 +15,7 @@ from dialog_api.group_commit import GroupCommit
 from dialog_api.metrics import WorkerMetrics
 from dialog_api.settings import WorkerSettings
 from dialog_api.storage import ShardStore, migrate
-from dialogs import wire
+from dialogs import heartbeat, metadata, wire
 from dialogs.aio import background
 from dialogs.http import make_middleware
 from dialogs.watch import MetadataWatcher
@@ -55,13 +55,18 @@ async def _map_watcher(app: web.Application) -> AsyncIterator[None]:
 async def _registration(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     worker_id = settings.worker_id or f"{settings.shard_id}-{uuid.uuid4().hex[:8]}"
+    view, who = app[MAP_VIEW], f"worker {worker_id} of {settings.shard_id} at {settings.url}"
+
+    async def beat(con: asyncpg.Connection) -> None:
+        await metadata.upsert_worker(con, worker_id, settings.shard_id, settings.url, view.map_version)
+
+    async def leave(con: asyncpg.Connection) -> None:
+        await metadata.delete_worker(con, worker_id)
+
     async with asyncpg.create_pool(settings.metadata_dsn, min_size=0, max_size=1) as pool:
-        beat = membership.heartbeat_forever(
-            pool, worker_id, settings.shard_id, settings.url, app[MAP_VIEW], settings.heartbeat_interval
-        )
-        async with background(beat):
+        async with background(heartbeat.heartbeat_forever(pool, beat, settings.heartbeat_interval, who)):
             yield
-        await membership.deregister(pool, worker_id)
+        await heartbeat.leave(pool, leave, who)
 
 
 async def _group_commit(app: web.Application) -> AsyncIterator[None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import asyncpg
@@ -45,28 +44,3 @@ class MapView:
                 raise errors.StaleMap(current.map_version, "dialog is not on this shard")
             # The proxy has a newer map than this worker could load: let it retry later.
             raise errors.ShardUnavailable("worker cannot confirm the newer shard map yet")
-
-
-async def heartbeat_forever(
-    pool: asyncpg.Pool, worker_id: str, shard_id: str, url: str, view: MapView, interval: float
-) -> None:
-    """Keep this worker's registration fresh; proxies route only to recent heartbeats."""
-    registered = False
-    while True:
-        try:
-            async with pool.acquire(timeout=interval) as con:
-                await metadata.upsert_worker(con, worker_id, shard_id, url, view.map_version)
-            if not registered:
-                log.info("registered worker %s for shard %s at %s", worker_id, shard_id, url)
-                registered = True
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("heartbeat failed: %s", exc)
-        await asyncio.sleep(interval)
-
-
-async def deregister(pool: asyncpg.Pool, worker_id: str) -> None:
-    try:
-        async with pool.acquire(timeout=1.0) as con:
-            await metadata.delete_worker(con, worker_id)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.warning("could not deregister worker %s: %s", worker_id, exc)

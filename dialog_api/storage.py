@@ -10,9 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from dialogs import errors, pgmigrate
-
-SHARD_MIGRATIONS = "dialogs.migrations.shard"
+from dialogs import errors, shard_control
 
 # The server-side errors that mean "this shard cannot serve now", as opposed to a bug.
 _UNAVAILABLE = (
@@ -170,6 +168,6 @@ class ShardStore:
 async def migrate(dsn: str) -> list[str]:
     con = await asyncpg.connect(dsn)
     try:
-        return await pgmigrate.apply(con, SHARD_MIGRATIONS)
+        return await shard_control.migrate(con)
     finally:
         await con.close()

@@ -104,6 +104,51 @@ async def delete_worker(con: asyncpg.Connection, worker_id: str) -> None:
     await con.execute("DELETE FROM workers WHERE worker_id = $1", worker_id)
 
 
+async def upsert_proxy(con: asyncpg.Connection, proxy_id: str, url: str, map_version: int) -> None:
+    await con.execute(
+        """
+        INSERT INTO proxies (proxy_id, url, map_version) VALUES ($1, $2, $3)
+        ON CONFLICT (proxy_id) DO UPDATE SET url = EXCLUDED.url, map_version = EXCLUDED.map_version,
+                                             heartbeat_at = now()
+        """,
+        proxy_id,
+        url,
+        map_version,
+    )
+
+
+async def delete_proxy(con: asyncpg.Connection, proxy_id: str) -> None:
+    await con.execute("DELETE FROM proxies WHERE proxy_id = $1", proxy_id)
+
+
+async def laggards(con: asyncpg.Connection, map_version: int, ttl_seconds: float) -> list[str]:
+    """Live proxies and workers (heartbeat within ``ttl_seconds``) still on an older map."""
+    rows = await con.fetch(
+        """
+        SELECT 'proxy ' || proxy_id AS name FROM proxies
+        WHERE map_version < $1 AND heartbeat_at > now() - make_interval(secs => $2)
+        UNION ALL
+        SELECT 'worker ' || worker_id FROM workers
+        WHERE map_version < $1 AND heartbeat_at > now() - make_interval(secs => $2)
+        ORDER BY 1
+        """,
+        map_version,
+        ttl_seconds,
+    )
+    return [row["name"] for row in rows]
+
+
+async def shard_map_version(con: asyncpg.Connection, map_version: int) -> ShardMap | None:
+    row = await con.fetchrow(
+        "SELECT map_version, shards, vnodes_base FROM shard_maps WHERE map_version = $1", map_version
+    )
+    if row is None:
+        return None
+    return ShardMap.from_json(
+        {"map_version": row["map_version"], "vnodes_base": row["vnodes_base"], "shards": json.loads(row["shards"])}
+    )
+
+
 async def workers(con: asyncpg.Connection) -> list[WorkerInfo]:
     rows = await con.fetch(
         "SELECT worker_id, shard_id, url, map_version,"

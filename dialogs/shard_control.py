@@ -23,6 +23,7 @@ FENCE_LOCK = 7236281096744167283
 
 COLUMNS = ("dialog_key", "user_lo", "user_hi", "id", "from_lo", "text", "created_at", "idempotency_key")
 _SELECT_COLUMNS = ", ".join(COLUMNS)
+_M_COLUMNS = ", ".join("m." + c for c in COLUMNS)
 _KEY = "(dialog_key, user_lo, user_hi, id)"
 
 Cursor = tuple[int, object, object, int] | None  # the last copied primary key, or None
@@ -140,14 +141,21 @@ async def delete_after(con: asyncpg.Connection, span: Span, cursor: Cursor) -> i
     return int(status.split()[-1])
 
 
-async def copy_span(
-    source: asyncpg.Connection, target: asyncpg.Connection, span: Span, after: Cursor, until: Cursor
+async def copy_rows(
+    source: asyncpg.Connection,
+    target: asyncpg.Connection,
+    spans: Sequence[Span],
+    after: Cursor = None,
+    until: Cursor = None,
 ) -> int:
-    """COPY the rows of ``span`` in (after, until] from source to target, binary, in one target transaction.
+    """COPY the rows of ``spans`` (with a cursor window (after, until] for a single span) to the target.
 
-    The bytes stream from one server to the other without being decoded here, so the rate
-    is close to PostgreSQL's own COPY. Returns the number of rows copied.
+    Binary COPY out of the source streams straight into COPY into the target, without
+    decoding here, so the rate is close to PostgreSQL's own COPY; the target side is one
+    transaction, so a failed read never commits half a batch. Returns rows copied.
     """
+    if (after is not None or until is not None) and len(spans) != 1:
+        raise ValueError("a cursor window needs exactly one span")
     lower, args = _after(after, 3)
     upper = "TRUE"
     if until is not None:
@@ -155,14 +163,16 @@ async def copy_span(
         upper = f"{_KEY} <= (${index}::bigint, ${index + 1}::uuid, ${index + 2}::uuid, ${index + 3}::bigint)"
         args += list(until)
     query = (
-        f"SELECT {_SELECT_COLUMNS} FROM messages WHERE dialog_key BETWEEN $1 AND $2 AND {lower} AND {upper}"
-        f" ORDER BY {_KEY.strip('()')}"
+        f"SELECT {_M_COLUMNS} FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
+        f" JOIN messages m ON m.dialog_key BETWEEN r.lo AND r.hi WHERE {lower} AND {upper}"
     )
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
 
     async def produce() -> None:
         try:
-            await source.copy_from_query(query, span.lo, span.hi, *args, output=queue.put, format="binary")
+            await source.copy_from_query(
+                query, [s.lo for s in spans], [s.hi for s in spans], *args, output=queue.put, format="binary"
+            )
         finally:
             await queue.put(None)
 
@@ -181,11 +191,34 @@ async def copy_span(
     return int(status.split()[-1])
 
 
+async def span_counts(con: asyncpg.Connection, spans: Sequence[Span]) -> dict[int, int]:
+    rows = await con.fetch(
+        "SELECT r.lo, count(m.id) AS n FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
+        " LEFT JOIN messages m ON m.dialog_key BETWEEN r.lo AND r.hi GROUP BY r.lo",
+        [s.lo for s in spans],
+        [s.hi for s in spans],
+    )
+    return {row["lo"]: row["n"] for row in rows}
+
+
+async def delete_spans(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
+    """Delete every row in ``spans`` (a target's leftovers; small by construction)."""
+    if not spans:
+        return 0
+    status = await con.execute(
+        "DELETE FROM messages m USING unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
+        " WHERE m.dialog_key BETWEEN r.lo AND r.hi",
+        [s.lo for s in spans],
+        [s.hi for s in spans],
+    )
+    return int(status.split()[-1])
+
+
 async def read_delta(con: asyncpg.Connection, after_seq: int, limit: int) -> list[asyncpg.Record]:
     """Rows written to migrating ranges since ``after_seq``, with their log sequence."""
     return await con.fetch(
         f"""
-        SELECT d.seq, {", ".join("m." + c for c in COLUMNS)}
+        SELECT d.seq, {_M_COLUMNS}
         FROM migration_delta d
         JOIN messages m USING (dialog_key, user_lo, user_hi, id)
         WHERE d.seq > $1 ORDER BY d.seq LIMIT $2
@@ -236,15 +269,6 @@ async def digests(con: asyncpg.Connection, spans: Sequence[Span]) -> dict[int, t
     """Per span: (row count, sum of row hashes). Equal on both sides means equal rows."""
     rows = await con.fetch(_DIGEST, [s.lo for s in spans], [s.hi for s in spans])
     return {row["lo"]: (row["rows"], int(row["checksum"])) for row in rows}
-
-
-async def count_rows(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
-    return await con.fetchval(
-        "SELECT count(*) FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
-        " JOIN messages m ON m.dialog_key BETWEEN r.lo AND r.hi",
-        [s.lo for s in spans],
-        [s.hi for s in spans],
-    )
 
 
 async def delete_span_batch(con: asyncpg.Connection, span: Span, batch: int) -> int:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
 from aiohttp import web
 
-from dialogs import metadata, pgmigrate, wire
+from dialogs import heartbeat, metadata, pgmigrate, wire
 from dialogs.aio import background
 from dialogs.http import make_middleware
 from dialogs.watch import MetadataWatcher
@@ -28,6 +29,8 @@ from proxy.appkeys import (
 from proxy.auth import Passwords, TokenAuthority
 from proxy.forwarder import Forwarder
 from proxy.metrics import ProxyMetrics
+from proxy.migration.driver import MigrationDriver
+from proxy.migration.runner import Observer, RunnerSettings
 from proxy.settings import ProxySettings
 from proxy.storage import UserStore
 from proxy.topology import Topology
@@ -78,7 +81,42 @@ async def _forwarder(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector) as session:
-        app[FORWARDER] = Forwarder(session, app[TOPOLOGY], app[WATCHER], app[METRICS], settings.forward_timeout)
+        app[FORWARDER] = Forwarder(
+            session, app[TOPOLOGY], app[WATCHER], app[METRICS],
+            settings.forward_timeout, settings.cutover_wait, settings.max_buffered,
+        )
+        yield
+
+
+async def _registration(app: web.Application) -> AsyncIterator[None]:
+    """Register this proxy with the map version it routes by (cleanup waits for it)."""
+    settings, topology = app[SETTINGS], app[TOPOLOGY]
+    proxy_id = settings.proxy_id or f"proxy-{uuid.uuid4().hex[:8]}"
+    url, who = f"http://{settings.host}:{settings.port}", f"proxy {proxy_id}"
+
+    async def beat(con: asyncpg.Connection) -> None:
+        await metadata.upsert_proxy(con, proxy_id, url, topology.map_version)
+
+    async def leave(con: asyncpg.Connection) -> None:
+        await metadata.delete_proxy(con, proxy_id)
+
+    async with asyncpg.create_pool(settings.metadata_dsn, min_size=0, max_size=1) as pool:
+        async with background(heartbeat.heartbeat_forever(pool, beat, settings.heartbeat_interval, who)):
+            yield
+        await heartbeat.leave(pool, leave, who)
+
+
+async def _migration_driver(app: web.Application) -> AsyncIterator[None]:
+    settings, metrics = app[SETTINGS], app[METRICS]
+    if not settings.migration_driver:
+        yield
+        return
+    observer = Observer(metrics.observe_phase, metrics.observe_rows, metrics.observe_cutover)
+    runner_settings = RunnerSettings(
+        cutover_deadline=settings.cutover_deadline, liveness_ttl=settings.worker_ttl, observer=observer
+    )
+    driver = MigrationDriver(settings.metadata_dsn, runner_settings, poll_interval=min(settings.poll_interval, 1.0))
+    async with background(driver.run()):
         yield
 
 
@@ -89,6 +127,6 @@ def create_app(settings: ProxySettings) -> web.Application:
     app[METRICS] = metrics
     app[TOKENS] = TokenAuthority(settings.jwt_secret, settings.jwt_ttl)
     app[PASSWORDS] = Passwords(settings.password_time_cost, settings.password_memory_kib)
-    app.cleanup_ctx.extend([_migrations, _metadata_pool, _topology, _forwarder])
+    app.cleanup_ctx.extend([_migrations, _metadata_pool, _topology, _forwarder, _registration, _migration_driver])
     handlers.setup_routes(app)
     return app

@@ -1,8 +1,9 @@
 """Forward a dialog request to a live worker of the shard that owns it.
 
 Retries only what is known not to have been applied: a refused connection (try the
-shard's next worker) and a stale-map refusal (reload the map, route again). Reads are
-also retried on a connection that broke mid-request. A worker that stops answering in the
+shard's next worker), a stale-map refusal (reload the map, route again) and a refusal by
+a range in cutover (buffer, then retry on the new owner). Reads are also retried on a
+connection that broke mid-request. A worker that stops answering in the
 middle of a send may or may not have stored it, so that becomes a 503 and the client
 retries with its Idempotency-Key.
 """
@@ -21,6 +22,8 @@ from proxy.metrics import ProxyMetrics
 from proxy.topology import Topology
 
 MAX_ROUTING_ATTEMPTS = 4
+# While buffered, retry this often even without a new map (an aborted cutover changes none).
+BUFFER_RETRY_SECONDS = 0.025
 
 
 class Forwarder:
@@ -31,12 +34,17 @@ class Forwarder:
         watcher: MetadataWatcher,
         metrics: ProxyMetrics,
         timeout: float,
+        cutover_wait: float,
+        max_buffered: int,
     ) -> None:
         self._session = session
         self._topology = topology
         self._watcher = watcher
         self._metrics = metrics
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._cutover_wait = cutover_wait
+        self._max_buffered = max_buffered
+        self._buffered = 0
 
     async def call(
         self,
@@ -47,23 +55,57 @@ class Forwarder:
         payload: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
     ) -> bytes:
-        """The worker's 200 body; any worker error is re-raised as the project's own."""
+        """The worker's 200 body; any worker error is re-raised as the project's own.
+
+        A request whose range is being cut over is buffered: held here and retried when
+        the next shard map arrives (or every few milliseconds), for at most
+        ``cutover_wait`` seconds. The client sees a slower answer, not an error.
+        """
         operation = "send" if method == "POST" else "list"
-        for _ in range(MAX_ROUTING_ATTEMPTS):
-            shard_map = self._topology.map
-            if shard_map is None:
-                raise errors.MetadataUnavailable("no shard map loaded yet")
-            shard_id = shard_map.owner(dialog_key)
-            headers = {wire.MAP_VERSION_HEADER: str(shard_map.map_version), wire.REQUEST_ID_HEADER: request_id}
-            try:
-                return await self._on_shard(shard_id, operation, method, headers, payload, params)
-            except errors.StaleMap as stale:
-                self._metrics.stale_map_retries.inc()
-                if stale.map_version > self._topology.map_version:
-                    await self._watcher.refresh()
-                    continue
-                await self._watcher.refresh()
-        raise errors.ShardUnavailable("the shard map is changing; retry shortly")
+        reloads = 0
+        buffered_since: float | None = None
+        try:
+            while True:
+                shard_map = self._topology.map
+                if shard_map is None:
+                    raise errors.MetadataUnavailable("no shard map loaded yet")
+                shard_id = shard_map.owner(dialog_key)
+                headers = {wire.MAP_VERSION_HEADER: str(shard_map.map_version), wire.REQUEST_ID_HEADER: request_id}
+                try:
+                    return await self._on_shard(shard_id, operation, method, headers, payload, params)
+                except errors.StaleMap as stale:
+                    self._metrics.stale_map_retries.inc()
+                    if stale.map_version > self._topology.map_version and reloads < MAX_ROUTING_ATTEMPTS:
+                        reloads += 1
+                        await self._watcher.refresh()
+                        continue
+                except errors.RangeNotServed:
+                    # Either the map moved on and this proxy has not loaded it yet, or the
+                    # range is between its old and new owner for a few milliseconds.
+                    self._metrics.stale_map_retries.inc()
+                    await self._watcher.refresh(timeout=0.5)
+                    if self._topology.map_version > shard_map.map_version:
+                        continue
+                except errors.RangeMoving:
+                    pass
+                now = time.monotonic()
+                if buffered_since is None:
+                    if self._buffered >= self._max_buffered:
+                        self._metrics.buffer_overflows.inc()
+                        raise errors.ShardUnavailable("too many requests are waiting for a resharding cutover")
+                    buffered_since = now
+                    self._buffered += 1
+                    self._metrics.buffered.inc()
+                remaining = buffered_since + self._cutover_wait - now
+                if remaining <= 0:
+                    self._metrics.buffer_overflows.inc()
+                    raise errors.ShardUnavailable("this dialog is being moved between shards; retry shortly")
+                await self._topology.wait_for_change(min(BUFFER_RETRY_SECONDS, remaining))
+        finally:
+            if buffered_since is not None:
+                self._buffered -= 1
+                self._metrics.buffered.dec()
+                self._metrics.buffer_wait_seconds.observe(time.monotonic() - buffered_since)
 
     async def _on_shard(
         self,

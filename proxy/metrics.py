@@ -38,6 +38,63 @@ class ProxyMetrics:
             "dialogs_proxy_metadata_up", "1 while the metadata database is reachable", registry=self.registry
         )
 
+        self.buffered = Gauge(
+            "dialogs_proxy_buffered_requests",
+            "Requests waiting for a range in cutover (held here, then retried on the new owner)",
+            registry=self.registry,
+        )
+        self.buffer_wait_seconds = Histogram(
+            "dialogs_proxy_buffer_wait_seconds",
+            "How long a buffered request waited for its range's cutover (the write pause clients see)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
+        self.buffer_overflows = Counter(
+            "dialogs_proxy_buffer_overflows",
+            "Requests answered 503 because the buffer was full or the cutover took too long",
+            registry=self.registry,
+        )
+        self.migration_phase = Gauge(
+            "dialogs_migration_phase",
+            "1 for the phase of the migration this proxy is running, 0 for the others",
+            ["phase"],
+            registry=self.registry,
+        )
+        for phase in ("prepare", "copy", "catchup", "cutover", "cleanup", "aborting", "done", "aborted"):
+            self.migration_phase.labels(phase).set(0)
+        self.migration_rows_copied = Gauge(
+            "dialogs_migration_rows_copied", "Rows copied by the migration this proxy runs", registry=self.registry
+        )
+        self.migration_rows_remaining = Gauge(
+            "dialogs_migration_rows_remaining",
+            "Rows the migration this proxy runs has yet to copy (initial pass)",
+            registry=self.registry,
+        )
+        self.cutover_seconds = Histogram(
+            "dialogs_migration_cutover_seconds",
+            "Freeze-to-flip duration of cutovers run by this proxy",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
+        self.cutover_failures = Counter(
+            "dialogs_migration_cutover_failures",
+            "Cutovers that gave the ranges back to their old owner (deadline or error)",
+            registry=self.registry,
+        )
+
+    def observe_phase(self, phase: str) -> None:
+        for name in ("prepare", "copy", "catchup", "cutover", "cleanup", "aborting", "done", "aborted"):
+            self.migration_phase.labels(name).set(1 if name == phase else 0)
+
+    def observe_rows(self, copied: int, remaining: int) -> None:
+        self.migration_rows_copied.set(copied)
+        self.migration_rows_remaining.set(remaining)
+
+    def observe_cutover(self, seconds: float, ok: bool) -> None:
+        self.cutover_seconds.observe(seconds)
+        if not ok:
+            self.cutover_failures.inc()
+
     def watch(self, map_version: Callable[[], float], metadata_up: Callable[[], float]) -> None:
         self.map_version.set_function(map_version)
         self.metadata_up.set_function(metadata_up)

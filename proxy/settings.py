@@ -31,6 +31,15 @@ class ProxySettings:
     # A worker whose last heartbeat is older than this gets no traffic.
     worker_ttl: float = environ.var(10.0, converter=positive_float("DIALOGS_WORKER_TTL"))
     poll_interval: float = environ.var(2.0, converter=positive_float("DIALOGS_POLL_INTERVAL"))
+    # Requests to a range in cutover wait (buffered here) at most this long; a cutover
+    # gives up after 5 s and returns the range to its old owner, so 6 s covers it.
+    cutover_wait: float = environ.var(6.0, converter=positive_float("DIALOGS_CUTOVER_WAIT"))
+    max_buffered: int = environ.var(10000, converter=positive_int("DIALOGS_MAX_BUFFERED"))
+    # Whether this proxy runs migrations (any proxy may; one at a time holds the lease).
+    migration_driver: bool = environ.bool_var(True, name="DIALOGS_MIGRATION_DRIVER")
+    cutover_deadline: float = environ.var(5.0, converter=positive_float("DIALOGS_CUTOVER_DEADLINE"))
+    heartbeat_interval: float = environ.var(1.0, converter=positive_float("DIALOGS_HEARTBEAT_INTERVAL"))
+    proxy_id: str = environ.var("")
     # Argon2id cost. The defaults are argon2-cffi's (RFC 9106 low-memory profile).
     password_time_cost: int = environ.var(3, converter=positive_int("DIALOGS_PASSWORD_TIME_COST"))
     password_memory_kib: int = environ.var(65536, converter=positive_int("DIALOGS_PASSWORD_MEMORY_KIB"))

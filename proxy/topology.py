@@ -6,6 +6,7 @@ database is down the last view stays in force, so routing goes on.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -31,11 +32,14 @@ class Topology:
         self._worker_ttl = worker_ttl
         self._workers: dict[str, _ShardWorkers] = {}
         self._down_until: dict[str, float] = {}
+        self._changed = asyncio.Event()
 
     async def load(self, con: asyncpg.Connection) -> None:
         fresh = await metadata.active_map(con)
         if fresh is not None and (self.map is None or fresh.map_version > self.map.map_version):
             self.map = fresh
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
         live: dict[str, list[str]] = {}
         for worker in await metadata.workers(con):
             if worker.age_seconds <= self._worker_ttl:
@@ -46,6 +50,14 @@ class Topology:
             else _ShardWorkers(urls)
             for shard_id, urls in live.items()
         }
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return when the next map version is loaded, or after ``timeout`` seconds."""
+        changed = self._changed
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            pass
 
     @property
     def map_version(self) -> int:

@@ -1,0 +1,41 @@
+"""Registration in the metadata database: a heartbeat loop, and leaving on shutdown.
+
+Workers register so proxies can route to them; proxies register so a migration's
+cleanup can wait until every live process has acknowledged the new shard map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+Statement = Callable[[asyncpg.Connection], Awaitable[None]]
+_FAILURES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+async def heartbeat_forever(pool: asyncpg.Pool, beat: Statement, interval: float, who: str) -> None:
+    """Run ``beat`` every ``interval`` seconds until cancelled; failures are logged and retried."""
+    registered = False
+    while True:
+        try:
+            async with pool.acquire(timeout=interval) as con:
+                await beat(con)
+            if not registered:
+                log.info("registered %s", who)
+                registered = True
+        except _FAILURES as exc:
+            log.warning("heartbeat of %s failed: %s", who, exc)
+        await asyncio.sleep(interval)
+
+
+async def leave(pool: asyncpg.Pool, statement: Statement, who: str) -> None:
+    try:
+        async with pool.acquire(timeout=1.0) as con:
+            await statement(con)
+    except _FAILURES as exc:
+        log.warning("could not deregister %s: %s", who, exc)

@@ -1,0 +1,399 @@
+"""The migration runner: drives the active migration through its phases, resumable anywhere.
+
+One runner at a time holds the lease: a session advisory lock on its own metadata
+connection, which PostgreSQL releases the moment that connection dies (also on kill -9),
+so another proxy's driver or a restarted `dialogs run-migration` picks the work up.
+Every phase is safe to run again from its start; docs/resharding.md argues each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from dialogs import errors, metadata, shard_control
+from dialogs.shard_control import Span
+from proxy.migration import store
+from proxy.migration.plan import Move, owned_after_split
+from proxy.migration.store import ABORTABLE_PHASES, Migration, RangeState
+
+log = logging.getLogger(__name__)
+
+MIGRATION_LEASE = 0x6469616C6F67  # one lease for the whole cluster: one migration at a time
+CUTOVER_BACKLOG = 2000  # catch up until fewer delta rows than this remain, then cut over
+MAX_CUTOVER_ATTEMPTS = 5
+DELTA_BATCH = 5000
+
+_SHARD_FAILURES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class _Interrupted(Exception):
+    """The operator asked to abort: leave the phase, the loop will enter 'aborting'."""
+
+
+class _VerificationFailed(Exception):
+    pass
+
+
+@dataclass
+class Observer:
+    """Where the runner reports progress (the proxy's metrics); no-ops by default."""
+
+    phase: Callable[[str], None] = lambda phase: None
+    rows: Callable[[int, int], None] = lambda copied, remaining: None
+    cutover: Callable[[float, bool], None] = lambda seconds, ok: None
+
+
+@dataclass
+class RunnerSettings:
+    cutover_deadline: float = 5.0
+    liveness_ttl: float = 10.0
+    poll_interval: float = 0.5
+    observer: Observer = field(default_factory=Observer)
+
+
+async def run_active(metadata_dsn: str, settings: RunnerSettings | None = None) -> Migration | None:
+    """Run the active migration to its end if this process gets the lease.
+
+    None when there is nothing to do or another runner holds the lease.
+    """
+    settings = settings or RunnerSettings()
+    lease = await asyncpg.connect(metadata_dsn)
+    try:
+        if not await lease.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LEASE):
+            return None
+        migration = await store.active(lease)
+        if migration is None:
+            return None
+        log.info("running migration %s (%s %s) from phase %s",
+                 migration.migration_id, migration.kind, migration.shard_id, migration.phase)
+        return await _Run(lease, migration, settings).run()
+    finally:
+        await lease.close()
+
+
+class _Run:
+    def __init__(self, meta: asyncpg.Connection, migration: Migration, settings: RunnerSettings) -> None:
+        self.meta = meta
+        self.migration = migration
+        self.settings = settings
+        self.observer = settings.observer
+        self.ranges: list[RangeState] = []
+        self.pools: dict[str, asyncpg.Pool] = {}
+
+    @property
+    def moves(self) -> list[Move]:
+        return [r.move for r in self.ranges]
+
+    def leaving(self, shard_id: str) -> list[Span]:
+        return [m.span for m in self.moves if m.source == shard_id]
+
+    def arriving(self, shard_id: str) -> list[Span]:
+        return [m.span for m in self.moves if m.target == shard_id]
+
+    @property
+    def sources(self) -> list[str]:
+        return sorted({m.source for m in self.moves})
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted({m.target for m in self.moves})
+
+    async def run(self) -> Migration:
+        self.ranges = await store.ranges(self.meta, self.migration.migration_id)
+        dsns = await metadata.shard_dsns(self.meta)
+        try:
+            for shard_id in sorted(set(self.sources) | set(self.targets)):
+                self.pools[shard_id] = await asyncpg.create_pool(dsns[shard_id], min_size=1, max_size=4)
+            return await self._phases()
+        finally:
+            for pool in self.pools.values():
+                await pool.close()
+
+    async def _phases(self) -> Migration:
+        steps = {
+            "prepare": self._prepare,
+            "copy": self._copy,
+            "catchup": self._catchup,
+            "cutover": self._cutover,
+            "cleanup": self._cleanup,
+            "aborting": self._abort,
+        }
+        while True:
+            migration = await self._reload()
+            self.observer.phase(migration.phase)
+            if migration.phase in ("done", "aborted"):
+                log.info("migration %s %s", migration.migration_id, migration.phase)
+                return migration
+            if migration.abort_requested and migration.phase in ABORTABLE_PHASES:
+                await store.set_phase(self.meta, migration.migration_id, "aborting", "aborted by the operator")
+                continue
+            try:
+                await steps[migration.phase](migration)
+            except _Interrupted:
+                continue
+
+    async def _reload(self) -> Migration:
+        migration = await store.get(self.meta, self.migration.migration_id)
+        assert migration is not None
+        self.migration = migration
+        return migration
+
+    async def _check_abort(self) -> Migration:
+        migration = await self._reload()
+        if migration.abort_requested and migration.phase in ABORTABLE_PHASES:
+            raise _Interrupted()
+        return migration
+
+    # --- prepare: sources log writes to moving ranges, targets expect them ---------------
+
+    async def _prepare(self, migration: Migration) -> None:
+        active = await metadata.active_map(self.meta)
+        old = await metadata.shard_map_version(self.meta, migration.from_version)
+        if active is None or old is None or active.map_version != migration.from_version:
+            await store.set_phase(self.meta, migration.migration_id, "aborting",
+                                  "the shard map changed before the migration started")
+            return
+        for shard_id in self.targets:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.migrate(con)
+                await shard_control.set_states(con, {"incoming": self.arriving(shard_id)})
+        estimates: dict[int, int] = {}
+        for shard_id in self.sources:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.clear_delta(con)
+                kept = owned_after_split(old.ring, shard_id, self.moves)
+                await shard_control.fenced(con, kept, {"migrating": self.leaving(shard_id)})
+                estimates.update(await shard_control.span_counts(con, self.leaving(shard_id)))
+        await store.set_estimates(self.meta, migration.migration_id, estimates)
+        self.ranges = await store.ranges(self.meta, migration.migration_id)
+        await store.set_phase(self.meta, migration.migration_id, "copy")
+
+    # --- copy: the initial pass, checkpointed per batch -----------------------------------
+
+    async def _copy(self, migration: Migration) -> None:
+        pending = [r for r in self.ranges if not r.copied]
+        pairs: dict[tuple[str, str], list[RangeState]] = {}
+        for state in pending:
+            pairs.setdefault((state.move.source, state.move.target), []).append(state)
+        for (source, target), states in pairs.items():
+            async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
+                await self._forget_uncheckpointed(tgt, states)
+                await self._copy_pair(src, tgt, states)
+        self.ranges = await store.ranges(self.meta, migration.migration_id)
+        await store.set_phase(self.meta, migration.migration_id, "catchup")
+
+    async def _forget_uncheckpointed(self, tgt: asyncpg.Connection, states: list[RangeState]) -> None:
+        """A crash may have committed a batch on the target without its checkpoint: drop those rows.
+
+        Only the initial pass writes here before catch-up starts, so every target row past
+        a range's checkpoint came from such a batch and is copied again below.
+        """
+        await shard_control.delete_spans(tgt, [s.move.span for s in states if s.cursor is None])
+        for state in (s for s in states if s.cursor is not None):
+            await shard_control.delete_after(tgt, state.move.span, state.cursor)
+
+    async def _copy_pair(self, src: asyncpg.Connection, tgt: asyncpg.Connection, states: list[RangeState]) -> None:
+        chunk: list[RangeState] = []
+        estimate = 0
+        for state in states:
+            batch_size = self.migration.batch_size
+            if state.rows_estimate > batch_size or state.cursor is not None:
+                await self._flush(src, tgt, chunk)
+                chunk, estimate = [], 0
+                await self._copy_large(src, tgt, state)
+                continue
+            chunk.append(state)
+            estimate += state.rows_estimate
+            if estimate >= batch_size:
+                await self._flush(src, tgt, chunk)
+                chunk, estimate = [], 0
+        await self._flush(src, tgt, chunk)
+
+    async def _flush(self, src: asyncpg.Connection, tgt: asyncpg.Connection, chunk: list[RangeState]) -> None:
+        if not chunk:
+            return
+        started = time.monotonic()
+        rows = await shard_control.copy_rows(src, tgt, [s.move.span for s in chunk])
+        await store.checkpoint(self.meta, self.migration.migration_id, [s.move.lo for s in chunk], None, True, rows)
+        await self._after_batch(rows, started)
+
+    async def _copy_large(self, src: asyncpg.Connection, tgt: asyncpg.Connection, state: RangeState) -> None:
+        cursor = state.cursor
+        while True:
+            migration = await self._check_abort()
+            started = time.monotonic()
+            end = await shard_control.batch_end(src, state.move.span, cursor, migration.batch_size)
+            rows = await shard_control.copy_rows(src, tgt, [state.move.span], after=cursor, until=end)
+            finished = end is None
+            await store.checkpoint(self.meta, migration.migration_id, [state.move.lo], end, finished, rows)
+            await self._after_batch(rows, started)
+            if finished:
+                return
+            cursor = end
+
+    async def _after_batch(self, rows: int, started: float) -> None:
+        migration = await self._check_abort()
+        self.observer.rows(migration.rows_copied, max(migration.rows_total - migration.rows_copied, 0))
+        if migration.rows_per_second > 0 and rows:
+            budget = rows / migration.rows_per_second
+            await asyncio.sleep(max(0.0, budget - (time.monotonic() - started)))
+
+    # --- catch-up: copy what was written meanwhile until little is left -------------------
+
+    async def _catchup(self, migration: Migration) -> None:
+        seq = dict(migration.delta_seq)
+        while True:
+            migration = await self._check_abort()
+            backlog = 0
+            for shard_id in self.sources:
+                async with self.pools[shard_id].acquire() as con:
+                    backlog += await shard_control.delta_backlog(con, seq.get(shard_id, 0))
+            missing = await self._targets_without_workers()
+            if backlog <= CUTOVER_BACKLOG and not missing:
+                await store.set_phase(self.meta, migration.migration_id, "cutover")
+                return
+            if backlog <= CUTOVER_BACKLOG:
+                log.info("catch-up done; waiting for a live worker on %s before the cutover", ", ".join(missing))
+                await asyncio.sleep(self.settings.poll_interval)
+            copied = await self._copy_delta(seq, DELTA_BATCH)
+            await store.save_delta(self.meta, migration.migration_id, seq, copied)
+
+    async def _targets_without_workers(self) -> list[str]:
+        live = {w.shard_id for w in await metadata.workers(self.meta) if w.age_seconds <= self.settings.liveness_ttl}
+        return [t for t in self.targets if t not in live]
+
+    async def _copy_delta(self, seq: dict[str, int], limit: int) -> int:
+        """One round of delta copying from every source; advances ``seq``. Returns rows copied."""
+        copied = 0
+        for source in self.sources:
+            moves = [m for m in self.moves if m.source == source]
+            starts = [m.lo for m in moves]
+            async with self.pools[source].acquire() as src:
+                rows = await shard_control.read_delta(src, seq.get(source, 0), limit)
+            if not rows:
+                continue
+            by_target: dict[str, list[asyncpg.Record]] = {}
+            for row in rows:
+                move = moves[bisect.bisect_right(starts, row["dialog_key"]) - 1]
+                by_target.setdefault(move.target, []).append(row)
+            for target, target_rows in by_target.items():
+                async with self.pools[target].acquire() as tgt:
+                    await shard_control.insert_rows(tgt, target_rows)
+            seq[source] = rows[-1]["seq"]
+            copied += len(rows)
+        return copied
+
+    # --- cutover: freeze, final delta, verify, flip; bounded by the deadline --------------
+
+    async def _cutover(self, migration: Migration) -> None:
+        started = time.monotonic()
+        seq = dict(migration.delta_seq)
+        try:
+            async with asyncio.timeout(self.settings.cutover_deadline):
+                await self._freeze()
+                while await self._copy_delta(seq, DELTA_BATCH):
+                    pass
+                await self._verify()
+                await self._hand_over()
+        except (TimeoutError, _VerificationFailed, *_SHARD_FAILURES) as exc:
+            reason = "cutover deadline passed" if isinstance(exc, TimeoutError) else f"cutover failed: {exc}"
+            await self._cutover_failed(migration, reason, fatal=isinstance(exc, _VerificationFailed))
+            self.observer.cutover(time.monotonic() - started, False)
+            return
+        pause = time.monotonic() - started
+        try:
+            await store.flip(self.meta, migration, pause * 1000)
+        except (errors.Conflict, *_SHARD_FAILURES) as exc:
+            if (await self._reload()).phase != "cleanup":
+                await self._cutover_failed(migration, f"could not activate the new map: {exc}", fatal=True)
+                return
+        self.observer.cutover(time.monotonic() - started, True)
+        log.info("migration %s cut over in %.1f ms", migration.migration_id, pause * 1000)
+
+    async def _freeze(self) -> None:
+        """Sources stop taking writes in moving ranges; in-flight ones commit first (the fence)."""
+        for shard_id in self.targets:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.set_states(con, {"incoming": self.arriving(shard_id)})
+        for shard_id in self.sources:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.set_states(con, {"frozen": self.leaving(shard_id)})
+
+    async def _verify(self) -> None:
+        """Counts and checksums of every moving range, source against target."""
+        pairs: dict[tuple[str, str], list[Span]] = {}
+        for move in self.moves:
+            pairs.setdefault((move.source, move.target), []).append(move.span)
+        for (source, target), spans in pairs.items():
+            async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
+                theirs, ours = await asyncio.gather(shard_control.digests(src, spans), shard_control.digests(tgt, spans))
+            bad = [lo for lo in theirs if theirs[lo] != ours.get(lo)]
+            if bad:
+                raise _VerificationFailed(
+                    f"{len(bad)} range(s) from {source} to {target} differ, first at {bad[0]}:"
+                    f" source {theirs[bad[0]]}, target {ours.get(bad[0])}"
+                )
+
+    async def _hand_over(self) -> None:
+        """Sources stop serving the moved ranges, then targets start: never both, never a gap in data."""
+        for shard_id in self.sources:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.set_states(con, {"absent": self.leaving(shard_id)})
+        for shard_id in self.targets:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.set_states(con, {"owned": self.arriving(shard_id)})
+
+    async def _cutover_failed(self, migration: Migration, reason: str, fatal: bool) -> None:
+        """Give the ranges back to their sources (writable again) and go back to catch-up, or abort."""
+        log.warning("migration %s: %s", migration.migration_id, reason)
+        for shard_id in self.targets:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.set_states(con, {"incoming": self.arriving(shard_id)})
+        for shard_id in self.sources:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.set_states(con, {"migrating": self.leaving(shard_id)})
+        attempts = await store.cutover_failed(self.meta, migration.migration_id, reason)
+        if fatal or attempts >= MAX_CUTOVER_ATTEMPTS:
+            await store.set_phase(self.meta, migration.migration_id, "aborting", reason)
+
+    # --- cleanup: after every live process knows the new map, drop moved rows -------------
+
+    async def _cleanup(self, migration: Migration) -> None:
+        await self._hand_over()  # idempotent; makes sure the flip's states hold after any crash
+        version = migration.target_map.map_version
+        while laggards := await metadata.laggards(self.meta, version, self.settings.liveness_ttl):
+            log.info("waiting for %s to acknowledge map version %s", ", ".join(laggards), version)
+            await asyncio.sleep(self.settings.poll_interval)
+        for shard_id in self.sources:
+            async with self.pools[shard_id].acquire() as con:
+                for span in self.leaving(shard_id):
+                    while await shard_control.delete_span_batch(con, span, migration.batch_size):
+                        pass
+                await shard_control.clear_delta(con)
+        if migration.kind == "remove":
+            await store.retire_shard(self.meta, migration.shard_id)
+        await store.set_phase(self.meta, migration.migration_id, "done")
+
+    # --- abort: before the flip, the old owners keep everything ---------------------------
+
+    async def _abort(self, migration: Migration) -> None:
+        for shard_id in self.targets:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.migrate(con)  # an abort may come before prepare reached it
+        for shard_id in self.sources:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.set_states(con, {"owned": self.leaving(shard_id)})
+                await shard_control.clear_delta(con)
+        for shard_id in self.targets:
+            async with self.pools[shard_id].acquire() as con:
+                await shard_control.set_states(con, {"absent": self.arriving(shard_id)})
+                await shard_control.delete_spans(con, self.arriving(shard_id))
+        await store.set_phase(self.meta, migration.migration_id, "aborted")
+

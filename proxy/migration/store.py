@@ -1,0 +1,265 @@
+"""Migrations in the metadata database: create, read, checkpoint, finish. SQL only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from dialogs import errors, metadata
+from dialogs.shard_control import Cursor
+from dialogs.shard_map import ShardMap
+from proxy.migration.plan import Move, moves
+
+ACTIVE_PHASES = ("prepare", "copy", "catchup", "cutover", "cleanup", "aborting")
+ABORTABLE_PHASES = ("prepare", "copy", "catchup", "cutover")
+
+
+@dataclass(frozen=True)
+class Migration:
+    migration_id: int
+    kind: str
+    shard_id: str
+    from_version: int
+    target_map: ShardMap
+    phase: str
+    abort_requested: bool
+    rows_per_second: int
+    batch_size: int
+    rows_total: int
+    rows_copied: int
+    delta_copied: int
+    delta_seq: dict[str, int]
+    cutover_attempts: int
+    last_pause_ms: float | None
+    error: str | None
+    elapsed_seconds: float
+
+    def to_json(self, ranges_total: int = 0, ranges_copied: int = 0) -> dict[str, Any]:
+        return {
+            "migration_id": self.migration_id,
+            "kind": self.kind,
+            "shard_id": self.shard_id,
+            "from_version": self.from_version,
+            "to_version": self.target_map.map_version,
+            "phase": self.phase,
+            "abort_requested": self.abort_requested,
+            "rows_per_second": self.rows_per_second,
+            "batch_size": self.batch_size,
+            "rows_total": self.rows_total,
+            "rows_copied": self.rows_copied,
+            "rows_remaining": max(self.rows_total - self.rows_copied, 0),
+            "delta_copied": self.delta_copied,
+            "ranges_total": ranges_total,
+            "ranges_copied": ranges_copied,
+            "cutover_attempts": self.cutover_attempts,
+            "last_pause_ms": self.last_pause_ms,
+            "error": self.error,
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+        }
+
+
+@dataclass
+class RangeState:
+    move: Move
+    rows_estimate: int
+    cursor: Cursor
+    copied: bool
+
+
+_COLUMNS = """migration_id, kind, shard_id, from_version, target_map, phase, abort_requested, rows_per_second,
+    batch_size, rows_total, rows_copied, delta_copied, delta_seq, cutover_attempts, last_pause_ms, error,
+    extract(epoch FROM coalesce(finished_at, now()) - created_at)::float8 AS elapsed"""
+
+
+def _migration(row: asyncpg.Record) -> Migration:
+    return Migration(
+        migration_id=row["migration_id"],
+        kind=row["kind"],
+        shard_id=row["shard_id"],
+        from_version=row["from_version"],
+        target_map=ShardMap.from_json(json.loads(row["target_map"])),
+        phase=row["phase"],
+        abort_requested=row["abort_requested"],
+        rows_per_second=row["rows_per_second"],
+        batch_size=row["batch_size"],
+        rows_total=row["rows_total"],
+        rows_copied=row["rows_copied"],
+        delta_copied=row["delta_copied"],
+        delta_seq={k: int(v) for k, v in json.loads(row["delta_seq"]).items()},
+        cutover_attempts=row["cutover_attempts"],
+        last_pause_ms=row["last_pause_ms"],
+        error=row["error"],
+        elapsed_seconds=row["elapsed"],
+    )
+
+
+async def create(
+    con: asyncpg.Connection, kind: str, shard_id: str, target: ShardMap, current: ShardMap,
+    rows_per_second: int, batch_size: int,
+) -> Migration:
+    """Record a migration from ``current`` to ``target`` with its planned moves; 409 if one is active."""
+    plan = moves(current.ring, target.ring)
+    try:
+        async with con.transaction():
+            migration_id = await con.fetchval(
+                "INSERT INTO migrations (kind, shard_id, from_version, target_map, rows_per_second, batch_size)"
+                " VALUES ($1, $2, $3, $4::jsonb, $5, $6) RETURNING migration_id",
+                kind, shard_id, current.map_version, json.dumps(target.to_json()), rows_per_second, batch_size,
+            )
+            await con.execute(
+                "INSERT INTO migration_ranges (migration_id, lo, hi, source, target)"
+                " SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[])",
+                migration_id, [m.lo for m in plan], [m.hi for m in plan],
+                [m.source for m in plan], [m.target for m in plan],
+            )
+    except asyncpg.UniqueViolationError:
+        running = await active(con)
+        raise errors.Conflict(
+            f"migration {running.migration_id if running else '?'} is still running; one at a time"
+        ) from None
+    migration = await get(con, migration_id)
+    assert migration is not None
+    return migration
+
+
+async def get(con: asyncpg.Connection, migration_id: int) -> Migration | None:
+    row = await con.fetchrow(f"SELECT {_COLUMNS} FROM migrations WHERE migration_id = $1", migration_id)
+    return _migration(row) if row else None
+
+
+async def active(con: asyncpg.Connection) -> Migration | None:
+    row = await con.fetchrow(
+        f"SELECT {_COLUMNS} FROM migrations WHERE phase <> ALL($1::text[]) ORDER BY migration_id DESC LIMIT 1",
+        ["done", "aborted"],
+    )
+    return _migration(row) if row else None
+
+
+async def recent(con: asyncpg.Connection, limit: int = 20) -> list[Migration]:
+    rows = await con.fetch(f"SELECT {_COLUMNS} FROM migrations ORDER BY migration_id DESC LIMIT $1", limit)
+    return [_migration(row) for row in rows]
+
+
+async def range_counts(con: asyncpg.Connection, migration_id: int) -> tuple[int, int]:
+    row = await con.fetchrow(
+        "SELECT count(*) AS total, count(*) FILTER (WHERE copied) AS copied FROM migration_ranges"
+        " WHERE migration_id = $1",
+        migration_id,
+    )
+    return row["total"], row["copied"]
+
+
+async def ranges(con: asyncpg.Connection, migration_id: int) -> list[RangeState]:
+    rows = await con.fetch(
+        "SELECT * FROM migration_ranges WHERE migration_id = $1 ORDER BY lo", migration_id
+    )
+    return [
+        RangeState(
+            Move(r["lo"], r["hi"], r["source"], r["target"]),
+            r["rows_estimate"],
+            None if r["cursor_key"] is None else (r["cursor_key"], r["cursor_lo"], r["cursor_hi"], r["cursor_id"]),
+            r["copied"],
+        )
+        for r in rows
+    ]
+
+
+async def set_estimates(con: asyncpg.Connection, migration_id: int, estimates: dict[int, int]) -> None:
+    async with con.transaction():
+        await con.execute(
+            "UPDATE migration_ranges r SET rows_estimate = e.n"
+            " FROM unnest($2::bigint[], $3::bigint[]) AS e(lo, n) WHERE r.migration_id = $1 AND r.lo = e.lo",
+            migration_id, list(estimates), list(estimates.values()),
+        )
+        await con.execute(
+            "UPDATE migrations SET rows_total = $2, updated_at = now() WHERE migration_id = $1",
+            migration_id, sum(estimates.values()),
+        )
+
+
+async def checkpoint(
+    con: asyncpg.Connection, migration_id: int, los: list[int], cursor: Cursor, copied: bool, rows: int
+) -> None:
+    """Record a committed copy batch: the ranges it finished (or the cursor of the one it advanced)."""
+    key = cursor or (None, None, None, None)
+    async with con.transaction():
+        await con.execute(
+            "UPDATE migration_ranges SET copied = $3, cursor_key = $4, cursor_lo = $5, cursor_hi = $6,"
+            " cursor_id = $7 WHERE migration_id = $1 AND lo = ANY($2::bigint[])",
+            migration_id, los, copied, *key,
+        )
+        await con.execute(
+            "UPDATE migrations SET rows_copied = rows_copied + $2, updated_at = now() WHERE migration_id = $1",
+            migration_id, rows,
+        )
+
+
+async def save_delta(con: asyncpg.Connection, migration_id: int, delta_seq: dict[str, int], rows: int) -> None:
+    await con.execute(
+        "UPDATE migrations SET delta_seq = $2::jsonb, delta_copied = delta_copied + $3, updated_at = now()"
+        " WHERE migration_id = $1",
+        migration_id, json.dumps(delta_seq), rows,
+    )
+
+
+async def set_phase(con: asyncpg.Connection, migration_id: int, phase: str, error: str | None = None) -> None:
+    await con.execute(
+        "UPDATE migrations SET phase = $2, error = coalesce($3, error), updated_at = now(),"
+        " finished_at = CASE WHEN $2 IN ('done', 'aborted') THEN now() END WHERE migration_id = $1",
+        migration_id, phase, error,
+    )
+
+
+async def cutover_failed(con: asyncpg.Connection, migration_id: int, reason: str) -> int:
+    return await con.fetchval(
+        "UPDATE migrations SET cutover_attempts = cutover_attempts + 1, phase = 'catchup', error = $2,"
+        " updated_at = now() WHERE migration_id = $1 RETURNING cutover_attempts",
+        migration_id, reason,
+    )
+
+
+async def flip(con: asyncpg.Connection, migration: Migration, pause_ms: float) -> None:
+    """The point of no return: activate the target map (CAS) and enter cleanup, atomically."""
+    async with con.transaction():
+        if not await metadata.insert_shard_map(con, migration.target_map, reason=f"migration {migration.migration_id}"):
+            raise errors.Conflict("the shard map changed under the migration")
+        await con.execute(
+            "UPDATE migrations SET phase = 'cleanup', last_pause_ms = $2, error = NULL, updated_at = now()"
+            " WHERE migration_id = $1",
+            migration.migration_id, pause_ms,
+        )
+
+
+async def request_abort(con: asyncpg.Connection, migration_id: int) -> Migration:
+    migration = await get(con, migration_id)
+    if migration is None:
+        raise errors.NotFound(f"no migration {migration_id}")
+    if migration.phase not in ABORTABLE_PHASES:
+        raise errors.Conflict(f"migration {migration_id} is in phase {migration.phase} and can no longer be aborted")
+    await con.execute(
+        "UPDATE migrations SET abort_requested = true, updated_at = now() WHERE migration_id = $1", migration_id
+    )
+    updated = await get(con, migration_id)
+    assert updated is not None
+    return updated
+
+
+async def set_throttle(
+    con: asyncpg.Connection, migration_id: int, rows_per_second: int | None, batch_size: int | None
+) -> Migration:
+    await con.execute(
+        "UPDATE migrations SET rows_per_second = coalesce($2, rows_per_second),"
+        " batch_size = coalesce($3, batch_size), updated_at = now() WHERE migration_id = $1",
+        migration_id, rows_per_second, batch_size,
+    )
+    migration = await get(con, migration_id)
+    if migration is None:
+        raise errors.NotFound(f"no migration {migration_id}")
+    return migration
+
+
+async def retire_shard(con: asyncpg.Connection, shard_id: str) -> None:
+    await con.execute("UPDATE shards SET retired_at = now() WHERE shard_id = $1", shard_id)
