@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from dialogs import errors, wire
 from dialogs.http import json_response, read_json, request_id_of
 from dialogs.keys import dialog_key
-from proxy import openapi, validation
+from proxy import admin, openapi, validation
 from proxy.appkeys import FORWARDER, KNOWN_USERS, METRICS, PASSWORDS, SETTINGS, TOKENS, TOPOLOGY, USERS, WATCHER
 from proxy.storage import user_json
 
@@ -102,6 +102,7 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 def setup_routes(app: web.Application) -> None:
+    admin.setup_routes(app)
     router = app.router
     router.add_post("/user/register", register)
     router.add_post("/login", login)

@@ -14,12 +14,13 @@ from tests.support import Cluster
 
 # Durability is not under test here; speed is. (The bench/ runs keep fsync on.)
 TEST_PG_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "300"}
-SERVER_NAMES = ("meta", "shard-1", "shard-2")
+# shard-3 is a spare server: resharding tests add it to the cluster.
+SERVER_NAMES = ("meta", "shard-1", "shard-2", "shard-3")
 
 
 @pytest.fixture(scope="session")
 def pg_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalPostgres]]:
-    """The metadata server and two shard servers, for the whole session."""
+    """The metadata server, two shard servers and a spare, for the whole session."""
     base = tmp_path_factory.mktemp("pg")
     servers = {
         name: LocalPostgres(base / name, free_port(), settings=TEST_PG_SETTINGS) for name in SERVER_NAMES
@@ -75,6 +76,7 @@ async def bare_cluster(databases: dict[str, str]) -> AsyncIterator[Cluster]:
             metadata_dsn=databases["meta"],
             shard_dsns={"shard-1": databases["shard-1"], "shard-2": databases["shard-2"]},
             session=session,
+            spare_dsns={"shard-3": databases["shard-3"]},
         )
         await cluster.bootstrap()
         try:

@@ -38,6 +38,7 @@ PROXY_ENV = {
     "DIALOGS_POLL_INTERVAL": "0.2",
     "DIALOGS_WORKER_TTL": "3",
     "DIALOGS_FORWARD_TIMEOUT": "3",
+    "DIALOGS_HEARTBEAT_INTERVAL": "0.2",
 }
 WORKER_ENV = {
     "DIALOGS_HEARTBEAT_INTERVAL": "0.2",
@@ -163,6 +164,7 @@ class Cluster:
     metadata_dsn: str
     shard_dsns: dict[str, str]
     session: aiohttp.ClientSession
+    spare_dsns: dict[str, str] = field(default_factory=dict)
     workers: dict[str, web.AppRunner] = field(default_factory=dict)
     proxies: list[web.AppRunner] = field(default_factory=list)
     proxy_urls: list[str] = field(default_factory=list)
@@ -177,12 +179,15 @@ class Cluster:
     async def bootstrap(self) -> None:
         await bootstrap(self.metadata_dsn, self.shard_dsns)
 
+    def dsn(self, shard_id: str) -> str:
+        return self.shard_dsns.get(shard_id) or self.spare_dsns[shard_id]
+
     async def start_worker(self, shard_id: str, **env: str) -> web.AppRunner:
         port = free_port()
         settings = load(WorkerSettings, {
             **WORKER_ENV,
             "DIALOGS_SHARD_ID": shard_id,
-            "DIALOGS_SHARD_DSN": self.shard_dsns[shard_id],
+            "DIALOGS_SHARD_DSN": self.dsn(shard_id),
             "DIALOGS_METADATA_DSN": self.metadata_dsn,
             "DIALOGS_PORT": str(port),
             **env,
@@ -201,6 +206,24 @@ class Cluster:
         self.proxy_urls.append(f"http://127.0.0.1:{port}")
         await self.wait_routable(len(self.proxies) - 1)
         return runner
+
+    async def admin(self, method: str, path: str, body: Any = None, index: int = 0) -> Reply:
+        return await self.api_for(index).request(
+            method, path, body=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+
+    async def wait_migration(self, migration_id: int, phases: tuple[str, ...] = ("done", "aborted"),
+                             timeout: float = 60.0) -> dict[str, Any]:
+        """Poll the admin API until the migration reaches one of ``phases``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            reply = await self.admin("GET", f"/admin/migrations/{migration_id}")
+            assert reply.status == 200, reply.body
+            if reply.json["phase"] in phases:
+                return reply.json
+            assert loop.time() < deadline, f"migration stuck: {reply.json}"
+            await asyncio.sleep(0.05)
 
     async def wait_routable(self, index: int, timeout: float = 10.0) -> None:
         """Until the proxy has a map and a live worker for every shard in it."""
@@ -230,7 +253,7 @@ class Cluster:
         return shard_map.owner(dialog_key(uuid.UUID(user_a), uuid.UUID(user_b)))
 
     async def shard_fetch(self, shard_id: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-        con = await asyncpg.connect(self.shard_dsns[shard_id])
+        con = await asyncpg.connect(self.dsn(shard_id))
         try:
             return await con.fetch(sql, *args)
         finally:

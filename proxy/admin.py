@@ -1,0 +1,256 @@
+"""The admin API: shards, the shard map, migrations. Authenticated with the admin token."""
+
+from __future__ import annotations
+
+import hmac
+import re
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from dialogs import errors, metadata, shard_map
+from dialogs.http import json_response, read_json
+from proxy.appkeys import SETTINGS, TOKENS, USERS
+from proxy.migration import store
+from proxy.storage import translated
+
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+MAX_ROWS_PER_SECOND = 10_000_000
+
+
+def redact(dsn: str) -> str:
+    return _PASSWORD.sub(r"\1***@", dsn)
+
+
+def _require_admin(request: web.Request) -> None:
+    expected = request.app[SETTINGS].admin_token
+    if not expected:
+        raise errors.Forbidden("the admin API is disabled (DIALOGS_ADMIN_TOKEN is not set)")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise errors.Unauthorized("missing admin token")
+    if hmac.compare_digest(token.encode(), expected.encode()):
+        return
+    try:
+        request.app[TOKENS].verify(token)
+    except errors.Unauthorized:
+        raise errors.Unauthorized("invalid admin token") from None
+    raise errors.Forbidden("a user token cannot use the admin API")
+
+
+def _int(data: dict[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
+    value = data.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise errors.InvalidInput(f"{name} must be an integer from {low} to {high}")
+    return value
+
+
+def _throttle(data: dict[str, Any], defaults: bool = True) -> tuple[int | None, int | None]:
+    return (
+        _int(data, "rows_per_second", 0 if defaults else None, 0, MAX_ROWS_PER_SECOND),
+        _int(data, "batch_size", 5000 if defaults else None, 100, 100_000),
+    )
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise errors.InvalidInput("request body must be a JSON object")
+    return body
+
+
+def _pool(request: web.Request) -> asyncpg.Pool:
+    return request.app[USERS].pool
+
+
+async def _active_map(con: asyncpg.Connection) -> shard_map.ShardMap:
+    current = await metadata.active_map(con)
+    if current is None:
+        raise errors.Unavailable("the cluster has no shard map yet")
+    return current
+
+
+async def _migration_json(con: asyncpg.Connection, migration: store.Migration) -> dict[str, Any]:
+    total, copied = await store.range_counts(con, migration.migration_id)
+    return migration.to_json(total, copied)
+
+
+async def _start(
+    request: web.Request, con: asyncpg.Connection, kind: str, shard_id: str,
+    target: shard_map.ShardMap, current: shard_map.ShardMap, throttle: tuple[int | None, int | None],
+) -> web.Response:
+    rows_per_second, batch_size = throttle
+    migration = await store.create(con, kind, shard_id, target, current, rows_per_second or 0, batch_size or 5000)
+    return json_response(await _migration_json(con, migration), status=202)
+
+
+async def _refuse_if_busy(con: asyncpg.Connection) -> None:
+    running = await store.active(con)
+    if running is not None:
+        raise errors.Conflict(f"migration {running.migration_id} is still running; one at a time")
+
+
+async def list_shards(request: web.Request) -> web.Response:
+    _require_admin(request)
+    async with translated(), _pool(request).acquire() as con:
+        current = await _active_map(con)
+        registry = await con.fetch("SELECT shard_id, dsn, retired_at FROM shards ORDER BY shard_id")
+        live = await metadata.workers(con)
+    shares = current.ring.shares()
+    ttl = request.app[SETTINGS].worker_ttl
+    return json_response([
+        {
+            "shard_id": row["shard_id"],
+            "dsn": redact(row["dsn"]),
+            "in_map": row["shard_id"] in current.weights,
+            "weight": current.weights.get(row["shard_id"]),
+            "share": round(shares.get(row["shard_id"], 0.0), 6),
+            "retired": row["retired_at"] is not None,
+            "workers": [w.url for w in live if w.shard_id == row["shard_id"] and w.age_seconds <= ttl],
+        }
+        for row in registry
+    ])
+
+
+async def add_shard(request: web.Request) -> web.Response:
+    _require_admin(request)
+    data = await _body(request)
+    shard_id, dsn = data.get("shard_id"), data.get("dsn")
+    if not isinstance(shard_id, str):
+        raise errors.InvalidInput("shard_id must be a string")
+    try:
+        shard_map.validate_shard_id(shard_id)
+    except ValueError as exc:
+        raise errors.InvalidInput(str(exc)) from None
+    if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
+        raise errors.InvalidInput("dsn must be a postgresql:// URL")
+    weight = _int(data, "weight", 1, 1, shard_map.MAX_WEIGHT)
+    throttle = _throttle(data)
+    async with translated(), _pool(request).acquire() as con:
+        current = await _active_map(con)
+        if shard_id in current.weights:
+            raise errors.Conflict(f"shard {shard_id} is already in the shard map")
+        await _refuse_if_busy(con)
+        await _check_reachable(dsn)
+        await metadata.register_shard(con, shard_id, dsn)
+        await con.execute("UPDATE shards SET retired_at = NULL WHERE shard_id = $1", shard_id)
+        target = current.with_shard(shard_id, weight or 1)
+        return await _start(request, con, "add", shard_id, target, current, throttle)
+
+
+async def _check_reachable(dsn: str) -> None:
+    try:
+        con = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        raise errors.InvalidInput(f"cannot connect to {redact(dsn)}: {exc}") from None
+    await con.close()
+
+
+async def remove_shard(request: web.Request) -> web.Response:
+    _require_admin(request)
+    shard_id = request.match_info["shard_id"]
+    throttle = _throttle(dict(_query_ints(request)))
+    async with translated(), _pool(request).acquire() as con:
+        current = await _active_map(con)
+        if shard_id not in current.weights:
+            raise errors.NotFound(f"shard {shard_id} is not in the shard map")
+        if len(current.weights) == 1:
+            raise errors.Conflict("cannot remove the last shard")
+        await _refuse_if_busy(con)
+        return await _start(request, con, "remove", shard_id, current.without_shard(shard_id), current, throttle)
+
+
+def _query_ints(request: web.Request) -> dict[str, int]:
+    values = {}
+    for name in ("rows_per_second", "batch_size"):
+        if name in request.query:
+            try:
+                values[name] = int(request.query[name])
+            except ValueError:
+                raise errors.InvalidInput(f"{name} must be an integer") from None
+    return values
+
+
+async def set_weight(request: web.Request) -> web.Response:
+    _require_admin(request)
+    shard_id = request.match_info["shard_id"]
+    data = await _body(request)
+    weight = _int(data, "weight", None, 1, shard_map.MAX_WEIGHT)
+    if weight is None:
+        raise errors.InvalidInput(f"weight must be an integer from 1 to {shard_map.MAX_WEIGHT}")
+    throttle = _throttle(data)
+    async with translated(), _pool(request).acquire() as con:
+        current = await _active_map(con)
+        if shard_id not in current.weights:
+            raise errors.NotFound(f"shard {shard_id} is not in the shard map")
+        if current.weights[shard_id] == weight:
+            raise errors.Conflict(f"shard {shard_id} already has weight {weight}")
+        await _refuse_if_busy(con)
+        return await _start(request, con, "weight", shard_id, current.with_weight(shard_id, weight), current, throttle)
+
+
+async def get_map(request: web.Request) -> web.Response:
+    _require_admin(request)
+    async with translated(), _pool(request).acquire() as con:
+        current = await _active_map(con)
+    shares = current.ring.shares()
+    body = current.to_json()
+    for entry in body["shards"]:
+        entry["share"] = round(shares[entry["shard_id"]], 6)
+    return json_response(body)
+
+
+async def list_migrations(request: web.Request) -> web.Response:
+    _require_admin(request)
+    async with translated(), _pool(request).acquire() as con:
+        return json_response([await _migration_json(con, m) for m in await store.recent(con)])
+
+
+def _migration_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["migration_id"])
+    except ValueError:
+        raise errors.InvalidInput("migration_id must be an integer") from None
+
+
+async def get_migration(request: web.Request) -> web.Response:
+    _require_admin(request)
+    async with translated(), _pool(request).acquire() as con:
+        migration = await store.get(con, _migration_id(request))
+        if migration is None:
+            raise errors.NotFound(f"no migration {request.match_info['migration_id']}")
+        return json_response(await _migration_json(con, migration))
+
+
+async def abort_migration(request: web.Request) -> web.Response:
+    _require_admin(request)
+    async with translated(), _pool(request).acquire() as con:
+        migration = await store.request_abort(con, _migration_id(request))
+        return json_response(await _migration_json(con, migration), status=202)
+
+
+async def throttle_migration(request: web.Request) -> web.Response:
+    _require_admin(request)
+    rows_per_second, batch_size = _throttle(await _body(request), defaults=False)
+    async with translated(), _pool(request).acquire() as con:
+        migration = await store.set_throttle(con, _migration_id(request), rows_per_second, batch_size)
+        return json_response(await _migration_json(con, migration))
+
+
+def setup_routes(app: web.Application) -> None:
+    router = app.router
+    router.add_get("/admin/shards", list_shards)
+    router.add_post("/admin/shards", add_shard)
+    router.add_delete("/admin/shards/{shard_id}", remove_shard)
+    router.add_put("/admin/shards/{shard_id}/weight", set_weight)
+    router.add_get("/admin/map", get_map)
+    router.add_get("/admin/migrations", list_migrations)
+    router.add_get("/admin/migrations/{migration_id}", get_migration)
+    router.add_patch("/admin/migrations/{migration_id}", throttle_migration)
+    router.add_post("/admin/migrations/{migration_id}/abort", abort_migration)
