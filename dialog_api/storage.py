@@ -81,8 +81,12 @@ LIMIT $5
 
 # The list query behind the ownership check, in one round trip: the first column says
 # whether this shard serves the range; the message columns are NULL for an empty page.
+# (range_state() inlined: as plain SQL it is planned once with the prepared statement.)
 _LIST_SERVED = f"""
-WITH own AS (SELECT range_state($1) AS state)
+WITH own AS (
+    SELECT (SELECT r.state FROM (SELECT hi, state FROM shard_ranges WHERE lo <= $1 ORDER BY lo DESC LIMIT 1) AS r
+            WHERE r.hi >= $1) AS state
+)
 SELECT own.state, page.*
 FROM own LEFT JOIN LATERAL ({_LIST}) AS page ON own.state IN ('owned', 'migrating', 'frozen')
 """

@@ -99,8 +99,22 @@ async def fenced(con: asyncpg.Connection, owned: Sequence[Span], states: dict[st
                 await _put(con, spans, state)
 
 
-async def set_states(con: asyncpg.Connection, states: dict[str, Sequence[Span]]) -> None:
-    await fenced(con, [], states)
+async def set_state(con: asyncpg.Connection, spans: Sequence[Span], state: str) -> None:
+    """Give ``spans`` a state ('absent' to stop serving them) behind the fence, in one round trip."""
+    await con.execute(
+        "SELECT set_range_states($1::bigint[], $2::bigint[], $3)", [s.lo for s in spans], [s.hi for s in spans], state
+    )
+
+
+async def delta_keys(con: asyncpg.Connection, after_seq: int) -> list[int]:
+    """The dialog keys written to migrating ranges since ``after_seq``."""
+    return [row[0] for row in await con.fetch(
+        "SELECT DISTINCT dialog_key FROM migration_delta WHERE seq > $1", after_seq
+    )]
+
+
+async def delta_head(con: asyncpg.Connection) -> int:
+    return await con.fetchval("SELECT coalesce(max(seq), 0) FROM migration_delta")
 
 
 # --- copying ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 
@@ -22,15 +23,33 @@ class TokenAuthority:
     from ``sub``, or from ``user_id`` when ``sub`` is absent, and ``exp`` is required.
     """
 
-    def __init__(self, secret: str, ttl_seconds: int) -> None:
+    def __init__(self, secret: str, ttl_seconds: int, cache_size: int = 100_000) -> None:
         self._secret = secret
         self._ttl = ttl_seconds
+        # Verified tokens and their expiry: a client sends the same token many times, and
+        # a cache hit skips the HMAC and two JSON decodes (~0.15 ms of the proxy's time).
+        self._verified: collections.OrderedDict[str, tuple[uuid.UUID, float]] = collections.OrderedDict()
+        self._cache_size = cache_size
 
     def issue(self, user_id: uuid.UUID) -> str:
         now = int(time.time())
         return jwt.encode({"sub": str(user_id), "iat": now, "exp": now + self._ttl}, self._secret, algorithm="HS256")
 
     def verify(self, token: str) -> uuid.UUID:
+        cached = self._verified.get(token)
+        if cached is not None:
+            user_id, expires = cached
+            if time.time() <= expires + _LEEWAY_SECONDS:
+                return user_id
+            del self._verified[token]
+            raise errors.TokenExpired()
+        user_id, expires = self._decode(token)
+        self._verified[token] = (user_id, expires)
+        if len(self._verified) > self._cache_size:
+            self._verified.popitem(last=False)
+        return user_id
+
+    def _decode(self, token: str) -> tuple[uuid.UUID, float]:
         try:
             claims = jwt.decode(
                 token,
@@ -45,8 +64,8 @@ class TokenAuthority:
             raise errors.Unauthorized("invalid bearer token") from None
         subject = claims.get("sub", claims.get("user_id"))
         try:
-            return uuid.UUID(str(subject))
-        except ValueError:
+            return uuid.UUID(str(subject)), float(claims["exp"])
+        except (ValueError, TypeError):
             raise errors.Unauthorized("token does not name a user") from None
 
     def user_of(self, request: web.Request) -> uuid.UUID:

