@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -192,3 +193,255 @@ def worker() -> None:
         return create_app(settings), settings.host, settings.port
 
     _serve(build)
+
+
+# --- operating shards and migrations (through the proxy's admin API) ---------------------
+
+
+def _admin_options(command):  # type: ignore[no-untyped-def]
+    command = click.option("--token", envvar="DIALOGS_ADMIN_TOKEN", help="Admin token [env DIALOGS_ADMIN_TOKEN].")(command)
+    command = click.option("--url", envvar="DIALOGS_ADMIN_URL", help="A proxy's URL [env DIALOGS_ADMIN_URL].")(command)
+    return _data_dir_option()(command)
+
+
+def _client(data_dir: Path, url: str | None, token: str | None):  # type: ignore[no-untyped-def]
+    """The admin API of --url/--token, or else of the local cluster in --data-dir."""
+    from dialogs.admin_client import AdminClient
+    from dialogs.cluster import ClusterLayout
+
+    if url and token:
+        return AdminClient(url, token)
+    layout = ClusterLayout.load(data_dir.resolve())
+    if layout is None:
+        raise click.ClickException(f"no local cluster in {data_dir.resolve()}: pass --url and --token")
+    return AdminClient(url or layout.proxy_url, token or layout.admin_token)
+
+
+def _throttle_options(command):  # type: ignore[no-untyped-def]
+    command = click.option("--batch-size", type=click.IntRange(100, 100_000), default=5000, show_default=True,
+                           help="Rows per copy batch.")(command)
+    command = click.option("--rows-per-second", type=click.IntRange(0), default=0, show_default=True,
+                           help="Copy throttle; 0 copies as fast as the servers allow.")(command)
+    return click.option("--no-wait", is_flag=True, help="Return once the migration has started.")(command)
+
+
+def _run_admin(action):  # type: ignore[no-untyped-def]
+    from dialogs.admin_client import AdminError
+
+    try:
+        return action()
+    except AdminError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _start_and_follow(client, method: str, path: str, body, no_wait: bool):  # type: ignore[no-untyped-def]
+    from dialogs.progress import describe, follow
+
+    console = Console(soft_wrap=True)
+    migration = _run_admin(lambda: client.call(method, path, body))
+    console.print("started " + describe(migration), highlight=False)
+    if no_wait:
+        return migration
+    return _run_admin(lambda: follow(client, migration["migration_id"], console))
+
+
+@main.group()
+def shard() -> None:
+    """Add, remove and reweight shards; each starts an online migration."""
+
+
+@shard.command("add")
+@click.argument("shard_id", required=False)
+@click.option("--dsn", help="An existing shard database. Without it, the local cluster starts a new one.")
+@click.option("--weight", type=click.IntRange(1, 100), default=1, show_default=True)
+@_throttle_options
+@_admin_options
+def shard_add(shard_id: str | None, dsn: str | None, weight: int, no_wait: bool, rows_per_second: int,
+              batch_size: int, data_dir: Path, url: str | None, token: str | None) -> None:
+    """Add a shard and move its share of dialogs onto it while traffic flows."""
+    client = _client(data_dir, url, token)
+    if dsn is None:
+        shard_id, dsn = _start_local_shard(data_dir, shard_id)
+    elif shard_id is None:
+        raise click.UsageError("--dsn needs a SHARD_ID")
+    body = {"shard_id": shard_id, "dsn": dsn, "weight": weight, "rows_per_second": rows_per_second,
+            "batch_size": batch_size}
+    migration = _start_and_follow(client, "POST", "/admin/shards", body, no_wait)
+    if migration["phase"] == "aborted":
+        sys.exit(1)
+
+
+def _start_local_shard(data_dir: Path, shard_id: str | None) -> tuple[str, str]:
+    """Have the running `dialogs up` start a server and a worker for a new shard."""
+    import signal
+    import time
+    import urllib.request
+
+    from dialogs.cluster import ClusterLayout
+    from dialogs.supervisor import running_pid
+
+    data_dir = data_dir.resolve()
+    layout = ClusterLayout.load(data_dir)
+    pid = running_pid(data_dir)
+    if layout is None or pid is None:
+        raise click.ClickException(f"no running local cluster in {data_dir}: start `dialogs up`, or pass --dsn")
+    try:
+        new = layout.add_shard(shard_id)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    layout.save()
+    os.kill(pid, signal.SIGHUP)
+    click.echo(f"starting {new.shard_id} (PostgreSQL on 127.0.0.1:{new.pg_port}, worker on :{new.worker_port})…")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{new.worker_port}/health", timeout=1) as response:
+                if response.status == 200:
+                    return new.shard_id, layout.shard_dsn(new)
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise click.ClickException(f"the worker of {new.shard_id} did not start; see {layout.log_file('worker-' + new.shard_id)}")
+
+
+@shard.command("remove")
+@click.argument("shard_id")
+@_throttle_options
+@_admin_options
+def shard_remove(shard_id: str, no_wait: bool, rows_per_second: int, batch_size: int, data_dir: Path,
+                 url: str | None, token: str | None) -> None:
+    """Drain a shard onto the others, then retire it (the local cluster stops its server)."""
+    import signal
+
+    from dialogs.cluster import ClusterLayout
+    from dialogs.supervisor import running_pid
+
+    client = _client(data_dir, url, token)
+    path = f"/admin/shards/{shard_id}?rows_per_second={rows_per_second}&batch_size={batch_size}"
+    migration = _start_and_follow(client, "DELETE", path, None, no_wait)
+    layout = ClusterLayout.load(data_dir.resolve())
+    local = layout.shard(shard_id) if layout else None
+    if migration["phase"] == "done" and layout is not None and local is not None:
+        local.retired = True
+        layout.save()
+        pid = running_pid(data_dir.resolve())
+        if pid is not None:
+            os.kill(pid, signal.SIGHUP)
+    if migration["phase"] == "aborted":
+        sys.exit(1)
+
+
+@shard.command("weight")
+@click.argument("shard_id")
+@click.argument("weight", type=click.IntRange(1, 100))
+@_throttle_options
+@_admin_options
+def shard_weight(shard_id: str, weight: int, no_wait: bool, rows_per_second: int, batch_size: int,
+                 data_dir: Path, url: str | None, token: str | None) -> None:
+    """Change a shard's share of dialogs (its weight relative to the others)."""
+    client = _client(data_dir, url, token)
+    body = {"weight": weight, "rows_per_second": rows_per_second, "batch_size": batch_size}
+    migration = _start_and_follow(client, "PUT", f"/admin/shards/{shard_id}/weight", body, no_wait)
+    if migration["phase"] == "aborted":
+        sys.exit(1)
+
+
+@shard.command("list")
+@_admin_options
+def shard_list(data_dir: Path, url: str | None, token: str | None) -> None:
+    """Registered shards: in the map or not, weight, share of keys, live workers."""
+    shards = _run_admin(lambda: _client(data_dir, url, token).call("GET", "/admin/shards"))
+    table = Table("shard", "in map", "weight", "share of keys", "workers", "dsn")
+    for entry in shards:
+        state = "retired" if entry["retired"] else ("yes" if entry["in_map"] else "no")
+        table.add_row(entry["shard_id"], state, str(entry["weight"] or "-"), f"{entry['share']:.1%}",
+                      ", ".join(entry["workers"]) or "none", entry["dsn"])
+    Console(soft_wrap=True).print(table)
+
+
+@main.command("map")
+@_admin_options
+def show_map(data_dir: Path, url: str | None, token: str | None) -> None:
+    """The active shard map with each shard's share of keys."""
+    shard_map = _run_admin(lambda: _client(data_dir, url, token).call("GET", "/admin/map"))
+    console = Console(soft_wrap=True)
+    console.print(f"map version {shard_map['map_version']} ({shard_map['vnodes_base']} virtual nodes per weight unit)")
+    table = Table("shard", "weight", "share of keys")
+    for entry in shard_map["shards"]:
+        table.add_row(entry["shard_id"], str(entry["weight"]), f"{entry['share']:.1%}")
+    console.print(table)
+
+
+@main.group()
+def migration() -> None:
+    """Show, follow, throttle and abort migrations."""
+
+
+@migration.command("list")
+@_admin_options
+def migration_list(data_dir: Path, url: str | None, token: str | None) -> None:
+    """Recent migrations, newest first."""
+    from dialogs.progress import describe
+
+    for entry in _run_admin(lambda: _client(data_dir, url, token).call("GET", "/admin/migrations")):
+        click.echo(describe(entry) + (f" ({entry['error']})" if entry.get("error") else ""))
+
+
+@migration.command("show")
+@click.argument("migration_id", type=int)
+@_admin_options
+def migration_show(migration_id: int, data_dir: Path, url: str | None, token: str | None) -> None:
+    """One migration's progress, as JSON."""
+    click.echo(json.dumps(_run_admin(lambda: _client(data_dir, url, token).migration(migration_id)), indent=2))
+
+
+@migration.command("follow")
+@click.argument("migration_id", type=int)
+@_admin_options
+def migration_follow(migration_id: int, data_dir: Path, url: str | None, token: str | None) -> None:
+    """A live progress bar until the migration ends."""
+    from dialogs.progress import follow
+
+    client = _client(data_dir, url, token)
+    _run_admin(lambda: follow(client, migration_id, Console(soft_wrap=True)))
+
+
+@migration.command("abort")
+@click.argument("migration_id", type=int)
+@_admin_options
+def migration_abort(migration_id: int, data_dir: Path, url: str | None, token: str | None) -> None:
+    """Abort before the flip: the old owners keep every range, the targets are emptied."""
+    from dialogs.progress import describe, follow
+
+    client = _client(data_dir, url, token)
+    _run_admin(lambda: client.call("POST", f"/admin/migrations/{migration_id}/abort"))
+    result = _run_admin(lambda: follow(client, migration_id, Console(soft_wrap=True)))
+    click.echo(describe(result))
+
+
+@migration.command("throttle")
+@click.argument("migration_id", type=int)
+@click.option("--rows-per-second", type=click.IntRange(0))
+@click.option("--batch-size", type=click.IntRange(100, 100_000))
+@_admin_options
+def migration_throttle(migration_id: int, rows_per_second: int | None, batch_size: int | None, data_dir: Path,
+                       url: str | None, token: str | None) -> None:
+    """Change a running migration's copy rate or batch size."""
+    body = {k: v for k, v in (("rows_per_second", rows_per_second), ("batch_size", batch_size)) if v is not None}
+    result = _run_admin(lambda: _client(data_dir, url, token).call("PATCH", f"/admin/migrations/{migration_id}", body))
+    click.echo(f"rows_per_second={result['rows_per_second']} batch_size={result['batch_size']}")
+
+
+@main.command("run-migration")
+@click.option("--metadata-dsn", envvar="DIALOGS_METADATA_DSN", required=True, help="[env DIALOGS_METADATA_DSN]")
+def run_migration(metadata_dsn: str) -> None:
+    """Run the active migration in this process until it ends (proxies do this on their own;
+    this is for running it elsewhere, or with DIALOGS_MIGRATION_DRIVER=false on the proxies)."""
+    from proxy.migration.runner import run_active
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    result = asyncio.run(run_active(metadata_dsn))
+    if result is None:
+        click.echo("nothing to run: no active migration, or another runner holds the lease")
+        sys.exit(1)
+    click.echo(f"migration {result.migration_id} ended in phase {result.phase}")

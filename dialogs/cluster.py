@@ -23,6 +23,8 @@ class ShardLayout:
     shard_id: str
     pg_port: int
     worker_port: int
+    # Removed from the cluster by a finished migration: its server and worker stay stopped.
+    retired: bool = False
 
 
 @dataclass
@@ -69,6 +71,24 @@ class ClusterLayout:
         data["data_dir"] = data_dir
         data["shards"] = [ShardLayout(**shard) for shard in data["shards"]]
         return cls(**data)
+
+    @property
+    def active_shards(self) -> list[ShardLayout]:
+        return [shard for shard in self.shards if not shard.retired]
+
+    def shard(self, shard_id: str) -> ShardLayout | None:
+        return next((shard for shard in self.shards if shard.shard_id == shard_id), None)
+
+    def add_shard(self, shard_id: str | None = None) -> ShardLayout:
+        """A new shard with fresh ports (``shard-N`` after the highest N when no name is given)."""
+        if shard_id is None:
+            numbers = [int(s.shard_id.split("-")[1]) for s in self.shards if s.shard_id.split("-")[-1].isdigit()]
+            shard_id = f"shard-{max(numbers, default=0) + 1}"
+        if self.shard(shard_id) is not None:
+            raise ValueError(f"the local cluster already has a shard named {shard_id}")
+        shard = ShardLayout(shard_id, free_port(), free_port())
+        self.shards.append(shard)
+        return shard
 
     @classmethod
     def create(cls, data_dir: Path, proxy_port: int, shard_count: int) -> ClusterLayout:

@@ -25,7 +25,7 @@ import asyncpg
 from rich.console import Console
 
 from dialogs.bootstrap import bootstrap
-from dialogs.cluster import DATABASE, ClusterLayout
+from dialogs.cluster import DATABASE, ClusterLayout, ShardLayout
 from dialogs.embedded import LocalPostgres, die_with_parent
 
 LOCK_FILE = "up.lock"
@@ -37,6 +37,22 @@ class AlreadyRunning(Exception):
 
 class StartFailed(Exception):
     pass
+
+
+def running_pid(data_dir: Path) -> int | None:
+    """The pid of the `dialogs up` that holds ``data_dir``, or None when none does."""
+    path = data_dir / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
 
 
 def acquire_lock(data_dir: Path) -> IO[str]:
@@ -121,16 +137,19 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+async def _create_database(port: int) -> None:
+    con = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+    try:
+        if not await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
+            await con.execute(f"CREATE DATABASE {DATABASE}")
+    finally:
+        await con.close()
+
+
 async def _prepare_databases(layout: ClusterLayout) -> None:
-    servers = [layout.meta_port] + [shard.pg_port for shard in layout.shards]
-    for port in servers:
-        con = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
-        try:
-            if not await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
-                await con.execute(f"CREATE DATABASE {DATABASE}")
-        finally:
-            await con.close()
-    await bootstrap(layout.metadata_dsn, {shard.shard_id: layout.shard_dsn(shard) for shard in layout.shards})
+    for port in [layout.meta_port] + [shard.pg_port for shard in layout.active_shards]:
+        await _create_database(port)
+    await bootstrap(layout.metadata_dsn, {s.shard_id: layout.shard_dsn(s) for s in layout.active_shards})
 
 
 class Supervisor:
@@ -140,29 +159,32 @@ class Supervisor:
         self.servers: dict[str, LocalPostgres] = {}
         self.children: list[Child] = []
         self._stopping = False
+        self._reload = False
 
     def _server(self, name: str, port: int) -> LocalPostgres:
         return LocalPostgres(self.layout.pg_dir(name), port, log_file=self.layout.log_file(f"pg-{name}"))
 
+    def _worker(self, shard: ShardLayout) -> Child:
+        layout = self.layout
+        return Child(
+            name=f"worker {shard.shard_id}",
+            command="worker",
+            env={
+                "DIALOGS_METADATA_DSN": layout.metadata_dsn,
+                "PYTHONUNBUFFERED": "1",
+                "DIALOGS_SHARD_ID": shard.shard_id,
+                "DIALOGS_SHARD_DSN": layout.shard_dsn(shard),
+                "DIALOGS_PORT": str(shard.worker_port),
+                "DIALOGS_WORKER_ID": f"{shard.shard_id}-local",
+            },
+            log_file=layout.log_file(f"worker-{shard.shard_id}"),
+            health_url=f"http://127.0.0.1:{shard.worker_port}/health",
+        )
+
     def _children(self) -> list[Child]:
         layout = self.layout
         common = {"DIALOGS_METADATA_DSN": layout.metadata_dsn, "PYTHONUNBUFFERED": "1"}
-        children = [
-            Child(
-                name=f"worker {shard.shard_id}",
-                command="worker",
-                env={
-                    **common,
-                    "DIALOGS_SHARD_ID": shard.shard_id,
-                    "DIALOGS_SHARD_DSN": layout.shard_dsn(shard),
-                    "DIALOGS_PORT": str(shard.worker_port),
-                    "DIALOGS_WORKER_ID": f"{shard.shard_id}-local",
-                },
-                log_file=layout.log_file(f"worker-{shard.shard_id}"),
-                health_url=f"http://127.0.0.1:{shard.worker_port}/health",
-            )
-            for shard in layout.shards
-        ]
+        children = [self._worker(shard) for shard in layout.active_shards]
         children.append(
             Child(
                 name="proxy",
@@ -182,9 +204,13 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stopping = True
 
+    def _on_hangup(self, signum: int, frame: object) -> None:
+        self._reload = True
+
     def run(self) -> int:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             self._start()
             self._banner()
@@ -200,7 +226,7 @@ class Supervisor:
         layout = self.layout
         with self.console.status("starting PostgreSQL servers"):
             self.servers["meta"] = self._server("meta", layout.meta_port)
-            for shard in layout.shards:
+            for shard in layout.active_shards:
                 self.servers[shard.shard_id] = self._server(shard.shard_id, shard.pg_port)
             for server in self.servers.values():
                 server.start()
@@ -214,8 +240,44 @@ class Supervisor:
                 child.start()
                 child.wait_healthy()
 
+    def _apply_layout(self) -> None:
+        """`dialogs shard add/remove` changed cluster.json: start new shards, stop retired ones."""
+        self._reload = False
+        fresh = ClusterLayout.load(self.layout.data_dir)
+        if fresh is None:
+            return
+        self.layout = fresh
+        for shard in fresh.shards:
+            worker = next((c for c in self.children if c.name == f"worker {shard.shard_id}"), None)
+            if shard.retired:
+                if worker is not None:
+                    worker.stop()
+                    self.children.remove(worker)
+                if shard.shard_id in self.servers:
+                    self.servers.pop(shard.shard_id).stop()
+                    self.console.print(f"stopped retired shard {shard.shard_id} (its data stays in {fresh.pg_dir(shard.shard_id)})")
+            elif shard.shard_id not in self.servers:
+                try:
+                    server = self._server(shard.shard_id, shard.pg_port)
+                    server.start()
+                    self.servers[shard.shard_id] = server
+                    asyncio.run(_create_database(shard.pg_port))
+                    worker = self._worker(shard)
+                    self.children.insert(0, worker)
+                    worker.start()
+                    worker.wait_healthy()
+                except StartFailed as exc:
+                    self.console.print(f"[red]could not start shard {shard.shard_id}:[/red] {exc}")
+                    continue
+                self.console.print(
+                    f"started shard {shard.shard_id}: {fresh.shard_dsn(shard)}, worker http://127.0.0.1:{shard.worker_port}",
+                    highlight=False,
+                )
+
     def _watch(self) -> None:
         while not self._stopping:
+            if self._reload:
+                self._apply_layout()
             now = time.monotonic()
             for child in self.children:
                 if child.alive or self._stopping:
@@ -250,7 +312,7 @@ class Supervisor:
             f"  proxy          {url}   (OpenAPI: {url}/openapi.json, metrics: {url}/metrics)",
             f"  metadata       {layout.metadata_dsn}",
         ]
-        for shard in layout.shards:
+        for shard in layout.active_shards:
             lines.append(
                 f"  {shard.shard_id:<14} {layout.shard_dsn(shard)}   worker http://127.0.0.1:{shard.worker_port}"
             )

@@ -141,7 +141,12 @@ class _Run:
         dsns = await metadata.shard_dsns(self.meta)
         try:
             for shard_id in sorted(set(self.sources) | set(self.targets)):
-                self.pools[shard_id] = await asyncpg.create_pool(dsns[shard_id], min_size=1, max_size=4)
+                # lock_timeout bounds how long a statement of a runner that died while it
+                # waited can linger and still commit (a new runner's changes queue behind it).
+                self.pools[shard_id] = await asyncpg.create_pool(
+                    dsns[shard_id], min_size=1, max_size=4,
+                    server_settings={"lock_timeout": f"{int(self.settings.cutover_deadline * 1000)}ms"},
+                )
             return await self._phases()
         finally:
             for pool in self.pools.values():

@@ -1,0 +1,58 @@
+"""Follow a migration in the terminal: a live progress bar until it ends."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dialogs.admin_client import AdminClient
+
+FINISHED = ("done", "aborted")
+
+
+def describe(migration: dict[str, Any]) -> str:
+    return (
+        f"migration {migration['migration_id']}: {migration['kind']} {migration['shard_id']},"
+        f" map {migration['from_version']} -> {migration['to_version']}, phase {migration['phase']}"
+    )
+
+
+def follow(client: AdminClient, migration_id: int, console: Console, poll: float = 0.25) -> dict[str, Any]:
+    """Show phase, ranges and rows copied, rows remaining and elapsed time until the migration ends."""
+    migration = client.migration(migration_id)
+    columns = (
+        TextColumn("[bold]{task.fields[phase]:<9}"),
+        BarColumn(),
+        TextColumn("ranges {task.fields[ranges]}"),
+        TextColumn("rows {task.completed:,.0f}/{task.total:,.0f}"),
+        TextColumn("remaining {task.fields[remaining]:,}"),
+        TextColumn("catch-up {task.fields[delta]:,}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("migration", total=1, phase="", ranges="", remaining=0, delta=0)
+        while True:
+            progress.update(
+                task,
+                total=max(migration["rows_total"], 1),
+                completed=migration["rows_copied"],
+                phase=migration["phase"],
+                ranges=f"{migration['ranges_copied']}/{migration['ranges_total']}",
+                remaining=migration["rows_remaining"],
+                delta=migration["delta_copied"],
+            )
+            if migration["phase"] in FINISHED:
+                break
+            time.sleep(poll)
+            migration = client.migration(migration_id)
+    pause = migration.get("last_pause_ms")
+    summary = describe(migration)
+    if pause is not None:
+        summary += f"; write pause at cutover {pause:.0f} ms"
+    if migration.get("error"):
+        summary += f"; {migration['error']}"
+    console.print(summary, highlight=False)
+    return migration

@@ -1,0 +1,118 @@
+"""The admin API: authentication, and clear 4xx answers to invalid requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import ADMIN_TOKEN, Cluster
+
+
+def _error(reply, status: int, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    assert reply.status == status, reply.body
+    assert fragment in reply.json["message"], reply.json
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "fragment"),
+    [
+        ({}, 401, "missing admin token"),
+        ({"Authorization": "Bearer wrong-token-000000000"}, 401, "invalid admin token"),
+        ({"Authorization": "Basic " + ADMIN_TOKEN}, 401, "missing admin token"),
+    ],
+)
+async def test_admin_api_needs_the_admin_token(cluster: Cluster, headers: dict[str, str], status: int,
+                                               fragment: str) -> None:
+    """No token or a wrong one: 401 on every admin route."""
+    for method, path in [("GET", "/admin/shards"), ("GET", "/admin/map"), ("POST", "/admin/shards"),
+                         ("DELETE", "/admin/shards/shard-1"), ("GET", "/admin/migrations")]:
+        _error(await cluster.api.request(method, path, headers=headers), status, fragment)
+
+
+async def test_user_token_is_forbidden(cluster: Cluster) -> None:
+    """A valid user token is not an admin token: 403."""
+    _, token = await cluster.api.user("Eve")
+    _error(await cluster.api.request("GET", "/admin/shards", token=token), 403, "user token")
+
+
+async def test_admin_api_disabled_without_a_token(bare_cluster: Cluster) -> None:
+    """With DIALOGS_ADMIN_TOKEN unset the admin API answers 403 to everyone."""
+    for shard_id in ("shard-1", "shard-2"):
+        await bare_cluster.start_worker(shard_id)
+    await bare_cluster.start_proxy(DIALOGS_ADMIN_TOKEN="")
+    _error(await bare_cluster.admin("GET", "/admin/shards"), 403, "disabled")
+
+
+async def test_shards_and_map(cluster: Cluster) -> None:
+    """The registry and the map, with shares of keys that add up."""
+    shards = (await cluster.admin("GET", "/admin/shards")).json
+    assert [s["shard_id"] for s in shards] == ["shard-1", "shard-2"]
+    assert all(s["in_map"] and s["workers"] for s in shards)
+    shard_map = (await cluster.admin("GET", "/admin/map")).json
+    assert shard_map["map_version"] == 1
+    assert sum(s["share"] for s in shard_map["shards"]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"shard_id": "shard-1", "dsn": "postgresql://x@127.0.0.1:1/x"}, 409, "already in the shard map"),
+        ({"shard_id": "Bad Name", "dsn": "postgresql://x@127.0.0.1:1/x"}, 400, "shard_id must start"),
+        ({"shard_id": "shard-9"}, 400, "dsn must be a postgresql:// URL"),
+        ({"shard_id": "shard-9", "dsn": "mysql://x"}, 400, "dsn must be a postgresql:// URL"),
+        ({"shard_id": "shard-9", "dsn": "postgresql://nobody:secret@127.0.0.1:1/x"}, 400, "cannot connect"),
+        ({"shard_id": "shard-9", "dsn": "postgresql://x@127.0.0.1:1/x", "weight": 0}, 400, "weight"),
+        ({"shard_id": "shard-9", "dsn": "postgresql://x@127.0.0.1:1/x", "batch_size": 5}, 400, "batch_size"),
+        ({"shard_id": 7, "dsn": "postgresql://x@127.0.0.1:1/x"}, 400, "shard_id must be a string"),
+    ],
+)
+async def test_invalid_shard_additions(cluster: Cluster, body: dict[str, object], status: int, fragment: str) -> None:
+    """Duplicate names, bad names, bad or unreachable DSNs, bad weights: clear 4xx, nothing started."""
+    reply = await cluster.admin("POST", "/admin/shards", body)
+    _error(reply, status, fragment)
+    assert "secret" not in reply.json["message"]  # DSN passwords are masked in messages
+    assert (await cluster.admin("GET", "/admin/migrations")).json == []
+
+
+async def test_invalid_removals_and_weights(cluster: Cluster) -> None:
+    """Unknown shards are 404; an unchanged weight is 409; a bad weight 400."""
+    _error(await cluster.admin("DELETE", "/admin/shards/shard-9"), 404, "not in the shard map")
+    _error(await cluster.admin("PUT", "/admin/shards/shard-9/weight", {"weight": 2}), 404, "not in the shard map")
+    _error(await cluster.admin("PUT", "/admin/shards/shard-1/weight", {"weight": 1}), 409, "already has weight")
+    _error(await cluster.admin("PUT", "/admin/shards/shard-1/weight", {"weight": "2"}), 400, "weight")
+
+
+async def test_removing_the_last_shard_is_refused(cluster: Cluster) -> None:
+    """After shard-2 is drained away, shard-1 cannot be removed too."""
+    removed = await cluster.admin("DELETE", "/admin/shards/shard-2")
+    assert removed.status == 202
+    assert (await cluster.wait_migration(removed.json["migration_id"]))["phase"] == "done"
+    _error(await cluster.admin("DELETE", "/admin/shards/shard-1"), 409, "last shard")
+
+
+async def test_one_migration_at_a_time(bare_cluster: Cluster) -> None:
+    """While a migration runs, another is refused with 409 naming the running one."""
+    for shard_id in ("shard-1", "shard-2"):
+        await bare_cluster.start_worker(shard_id)
+    await bare_cluster.start_proxy(DIALOGS_MIGRATION_DRIVER="false")  # nobody runs it: it stays active
+    first = await bare_cluster.admin("PUT", "/admin/shards/shard-1/weight", {"weight": 2})
+    assert first.status == 202
+    second = await bare_cluster.admin("PUT", "/admin/shards/shard-2/weight", {"weight": 3})
+    _error(second, 409, f"migration {first.json['migration_id']} is still running")
+    _error(await bare_cluster.admin("DELETE", "/admin/shards/shard-2"), 409, "still running")
+
+
+async def test_migration_lookups_and_throttle(bare_cluster: Cluster) -> None:
+    """Unknown or malformed ids, throttle changes and their validation."""
+    for shard_id in ("shard-1", "shard-2"):
+        await bare_cluster.start_worker(shard_id)
+    await bare_cluster.start_proxy(DIALOGS_MIGRATION_DRIVER="false")
+    _error(await bare_cluster.admin("GET", "/admin/migrations/999"), 404, "no migration 999")
+    _error(await bare_cluster.admin("GET", "/admin/migrations/abc"), 400, "must be an integer")
+    _error(await bare_cluster.admin("POST", "/admin/migrations/999/abort"), 404, "no migration 999")
+    started = await bare_cluster.admin("PUT", "/admin/shards/shard-1/weight", {"weight": 2, "rows_per_second": 50})
+    migration_id = started.json["migration_id"]
+    assert started.json["rows_per_second"] == 50
+    changed = await bare_cluster.admin("PATCH", f"/admin/migrations/{migration_id}", {"rows_per_second": 0})
+    assert changed.status == 200 and changed.json["rows_per_second"] == 0
+    _error(await bare_cluster.admin("PATCH", f"/admin/migrations/{migration_id}", {"batch_size": 10}), 400,
+           "batch_size")
