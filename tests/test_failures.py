@@ -13,13 +13,15 @@ from proxy.appkeys import TOPOLOGY
 from tests.support import Api, Cluster
 
 
-async def _peers_by_shard(cluster: Cluster, hub: str, count: int = 12) -> dict[str, list[str]]:
-    peers: dict[str, list[str]] = {}
-    for i in range(count):
+async def _peers_by_shard(cluster: Cluster, hub: str, each: int = 4) -> dict[str, list[str]]:
+    """Register peers until the hub has ``each`` dialogs on both shards (keys are random)."""
+    peers: dict[str, list[str]] = {"shard-1": [], "shard-2": []}
+    for i in range(200):
+        if min(len(p) for p in peers.values()) >= each:
+            return peers
         peer = await cluster.api.register(f"Peer{i}")
-        peers.setdefault(await cluster.shard_of(hub, peer), []).append(peer)
-    assert set(peers) == {"shard-1", "shard-2"}
-    return peers
+        peers[await cluster.shard_of(hub, peer)].append(peer)
+    raise AssertionError(f"200 peers did not give {each} dialogs on each shard: {peers}")
 
 
 async def _eventually_ok(api: Api, token: str, peer: str, timeout: float = 15.0) -> None:
