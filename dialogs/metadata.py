@@ -36,25 +36,24 @@ async def active_map(con: asyncpg.Connection) -> ShardMap | None:
     )
 
 
-async def insert_shard_map(con: asyncpg.Connection, new: ShardMap, reason: str = "") -> bool:
-    """Write ``new`` if the active version is still ``new.map_version - 1``; False if another won.
+# Compare-and-swap write of a map version ($1 version, $2 shards, $3 vnodes_base, $4 reason):
+# the primary key settles two writers racing for one version; the WHERE clause refuses a
+# version that does not follow the latest. Also embedded by the migration flip.
+CAS_INSERT_MAP = """
+INSERT INTO shard_maps (map_version, shards, vnodes_base, reason)
+SELECT $1::bigint, $2::jsonb, $3::integer, $4::text
+WHERE coalesce((SELECT max(map_version) FROM shard_maps), 0) = $1::bigint - 1
+ON CONFLICT (map_version) DO NOTHING
+"""
 
-    The primary key settles two writers racing for the same version; the WHERE clause
-    refuses a version that does not follow the latest.
-    """
-    status = await con.execute(
-        """
-        INSERT INTO shard_maps (map_version, shards, vnodes_base, reason)
-        SELECT $1::bigint, $2::jsonb, $3::integer, $4::text
-        WHERE coalesce((SELECT max(map_version) FROM shard_maps), 0) = $1::bigint - 1
-        ON CONFLICT (map_version) DO NOTHING
-        """,
-        new.map_version,
-        json.dumps(new.to_json()["shards"]),
-        new.vnodes_base,
-        reason,
-    )
-    return status == "INSERT 0 1"
+
+def map_arguments(new: ShardMap, reason: str) -> tuple[int, str, int, str]:
+    return new.map_version, json.dumps(new.to_json()["shards"]), new.vnodes_base, reason
+
+
+async def insert_shard_map(con: asyncpg.Connection, new: ShardMap, reason: str = "") -> bool:
+    """Write ``new`` if the active version is still ``new.map_version - 1``; False if another won."""
+    return await con.execute(CAS_INSERT_MAP, *map_arguments(new, reason)) == "INSERT 0 1"
 
 
 async def register_shard(con: asyncpg.Connection, shard_id: str, dsn: str) -> None:

@@ -27,6 +27,17 @@ _M_COLUMNS = ", ".join("m." + c for c in COLUMNS)
 _KEY = "(dialog_key, user_lo, user_hi, id)"
 
 Cursor = tuple[int, object, object, int] | None  # the last copied primary key, or None
+# How far a source's delta log has been copied: (transaction id, sequence) of the last row.
+Watermark = tuple[int, int]
+START: Watermark = (0, 0)
+
+# Rows of transactions older than the reader's snapshot xmin: all finished, so none can
+# still commit behind a watermark that moves past them.
+_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
+
+def watermark_of(row: asyncpg.Record) -> Watermark:
+    return row["xid"], row["seq"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,15 +117,18 @@ async def set_state(con: asyncpg.Connection, spans: Sequence[Span], state: str) 
     )
 
 
-async def delta_keys(con: asyncpg.Connection, after_seq: int) -> list[int]:
-    """The dialog keys written to migrating ranges since ``after_seq``."""
+async def delta_keys(con: asyncpg.Connection, after: Watermark, until: Watermark | None = None) -> list[int]:
+    """The dialog keys of delta rows in (after, until] (or past ``after``), finished or not."""
+    until = until or (2**63 - 1, 2**63 - 1)
     return [row[0] for row in await con.fetch(
-        "SELECT DISTINCT dialog_key FROM migration_delta WHERE seq > $1", after_seq
+        "SELECT DISTINCT dialog_key FROM migration_delta WHERE (xid, seq) > ($1, $2) AND (xid, seq) <= ($3, $4)",
+        *after, *until,
     )]
 
 
-async def delta_head(con: asyncpg.Connection) -> int:
-    return await con.fetchval("SELECT coalesce(max(seq), 0) FROM migration_delta")
+async def delta_head(con: asyncpg.Connection) -> Watermark:
+    """A watermark behind which nothing can still be logged: every row not visible now is past it."""
+    return await con.fetchval(f"SELECT {_HORIZON}"), 0
 
 
 # --- copying ---------------------------------------------------------------------------
@@ -228,22 +242,23 @@ async def delete_spans(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
     return int(status.split()[-1])
 
 
-async def read_delta(con: asyncpg.Connection, after_seq: int, limit: int) -> list[asyncpg.Record]:
-    """Rows written to migrating ranges since ``after_seq``, with their log sequence."""
+async def read_delta(con: asyncpg.Connection, after: Watermark, limit: int) -> list[asyncpg.Record]:
+    """Up to ``limit`` finished delta rows past ``after``, in (xid, seq) order, with their messages."""
     return await con.fetch(
         f"""
-        SELECT d.seq, {_M_COLUMNS}
+        SELECT d.xid, d.seq, {_M_COLUMNS}
         FROM migration_delta d
         JOIN messages m USING (dialog_key, user_lo, user_hi, id)
-        WHERE d.seq > $1 ORDER BY d.seq LIMIT $2
+        WHERE (d.xid, d.seq) > ($1, $2) AND d.xid < {_HORIZON}
+        ORDER BY d.xid, d.seq LIMIT $3
         """,
-        after_seq,
+        *after,
         limit,
     )
 
 
-async def delta_backlog(con: asyncpg.Connection, after_seq: int) -> int:
-    return await con.fetchval("SELECT count(*) FROM migration_delta WHERE seq > $1", after_seq)
+async def delta_backlog(con: asyncpg.Connection, after: Watermark) -> int:
+    return await con.fetchval("SELECT count(*) FROM migration_delta WHERE (xid, seq) > ($1, $2)", *after)
 
 
 async def insert_rows(con: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
@@ -268,21 +283,39 @@ async def clear_delta(con: asyncpg.Connection) -> None:
 
 # --- verification and cleanup ----------------------------------------------------------
 
-_DIGEST = """
-SELECT r.lo, count(m.id) AS rows,
-       coalesce(sum(hashtextextended(concat_ws('|', m.dialog_key, m.user_lo, m.user_hi, m.id, m.from_lo, m.text,
-                (extract(epoch FROM m.created_at) * 1000000)::bigint, m.idempotency_key), 0)::numeric), 0)
-           AS checksum
-FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)
-LEFT JOIN messages m ON m.dialog_key BETWEEN r.lo AND r.hi
-GROUP BY r.lo
-"""
+Digests = dict[int, tuple[int, int]]
 
 
-async def digests(con: asyncpg.Connection, spans: Sequence[Span]) -> dict[int, tuple[int, int]]:
-    """Per span: (row count, sum of row hashes). Equal on both sides means equal rows."""
-    rows = await con.fetch(_DIGEST, [s.lo for s in spans], [s.hi for s in spans])
+def _digests(rows: Sequence[asyncpg.Record]) -> Digests:
     return {row["lo"]: (row["rows"], int(row["checksum"])) for row in rows}
+
+
+async def digests(con: asyncpg.Connection, spans: Sequence[Span]) -> Digests:
+    """Per span: (row count, sum of row hashes). Equal on both sides means equal rows."""
+    if not spans:
+        return {}
+    return _digests(await con.fetch(
+        "SELECT lo, rows, checksum FROM range_digests($1::bigint[], $2::bigint[])",
+        [s.lo for s in spans], [s.hi for s in spans],
+    ))
+
+
+async def freeze(con: asyncpg.Connection, spans: Sequence[Span], after: Watermark) -> list[asyncpg.Record]:
+    """Freeze ``spans`` (writes refused from now on) and return every delta row past ``after``."""
+    return await con.fetch(
+        "SELECT * FROM freeze_ranges($1::bigint[], $2::bigint[], $3, $4)",
+        [s.lo for s in spans], [s.hi for s in spans], *after,
+    )
+
+
+async def apply_and_digest(con: asyncpg.Connection, rows: Sequence[asyncpg.Record], spans: Sequence[Span]) -> Digests:
+    """Insert copied ``rows`` (idempotently) and digest ``spans``, in one round trip."""
+    columns = [[row[c] for row in rows] for c in COLUMNS]
+    return _digests(await con.fetch(
+        "SELECT lo, rows, checksum FROM apply_and_digest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[],"
+        " $5::boolean[], $6::text[], $7::timestamptz[], $8::text[], $9::bigint[], $10::bigint[])",
+        *columns, [s.lo for s in spans], [s.hi for s in spans],
+    ))
 
 
 async def delete_span_batch(con: asyncpg.Connection, span: Span, batch: int) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from dialogs import errors, metadata, shard_control
-from dialogs.shard_control import Span
+from dialogs.shard_control import Span, Watermark
 from proxy.migration import store
 from proxy.migration.plan import Move, owned_after_split
 from proxy.migration.store import ABORTABLE_PHASES, Migration, RangeState
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 MIGRATION_LEASE = 0x6469616C6F67  # one lease for the whole cluster: one migration at a time
 CUTOVER_BACKLOG = 200  # catch up until at most this many delta rows remain, then cut over
 MAX_STALLED_ROUNDS = 20  # ...or until the backlog has stopped shrinking for this many rounds
+MAX_VERIFY_ROUNDS = 6  # pre-verification rounds before the cutover...
+SETTLED_RANGES = 16  # ...stop once at most this many ranges are left for the cutover to re-check
 MAX_CUTOVER_ATTEMPTS = 5
 DELTA_BATCH = 5000
 
@@ -92,7 +94,7 @@ class _Run:
         self._targets_incoming = False
         # Pre-verification (in memory; a resumed run verifies everything): per source, the
         # delta head before its digests, and the ranges that differed.
-        self._verified_from: dict[str, int] | None = None
+        self._verified_from: dict[str, Watermark] | None = None
         self._suspects: set[int] = set()
 
     async def _set(self, state: str, shards: list[str], spans_of: Callable[[str], list[Span]]) -> None:
@@ -285,7 +287,7 @@ class _Run:
     # --- catch-up: copy what was written meanwhile until little is left -------------------
 
     async def _catchup(self, migration: Migration) -> None:
-        seq = dict(migration.delta_seq)
+        seq = dict(migration.delta_watermark)
         previous: int | None = None
         stalled = 0
         while True:
@@ -293,7 +295,7 @@ class _Run:
             backlog = 0
             for shard_id in self.sources:
                 async with self.pools[shard_id].acquire() as con:
-                    backlog += await shard_control.delta_backlog(con, seq.get(shard_id, 0))
+                    backlog += await shard_control.delta_backlog(con, seq.get(shard_id, shard_control.START))
             # Under a write rate the copy cannot outrun, the backlog stops shrinking: cut
             # over anyway (the final delta is then larger, the pause longer).
             stalled = stalled + 1 if previous is not None and backlog >= previous else 0
@@ -301,7 +303,7 @@ class _Run:
             if backlog <= CUTOVER_BACKLOG or stalled >= MAX_STALLED_ROUNDS:
                 missing = await self._targets_without_workers()
                 if not missing:
-                    await self._preverify()
+                    await self._preverify(seq)
                     await store.set_phase(self.meta, migration.migration_id, "cutover")
                     return
                 log.info("waiting for a live worker on %s before the cutover", ", ".join(missing))
@@ -309,35 +311,71 @@ class _Run:
             copied = await self._copy_delta(seq, DELTA_BATCH)
             await store.save_delta(self.meta, migration.migration_id, seq, copied)
 
-    async def _preverify(self) -> None:
-        """Compare every moving range while writes still flow, so the cutover re-checks only a few.
+    async def _preverify(self, seq: dict[str, Watermark]) -> None:
+        """Verify every moving range while writes still flow, so that the cutover re-checks few.
 
         Messages are never updated or deleted, and every write to a migrating range is
-        logged in the source's delta. So a range whose digests matched here, and that has
-        no delta entry past the head taken before its digests, still matches at cutover.
+        logged in its source's delta. So a range whose digests matched, with the delta head
+        taken before the digests, still matches as long as no delta entry past that head
+        falls in it. Rounds repeat (copying what is pending, re-digesting only ranges that
+        differed or were written to between the previous head and the new one) until few
+        ranges remain unverified; the cutover re-checks those and whatever is written after
+        the last head. By induction every other range matched as of the last head.
         """
-        verified_from: dict[str, int] = {}
-        suspects: set[int] = set()
+        heads = await self._delta_heads()
+        check: set[int] | None = None  # None: every range
+        for _ in range(MAX_VERIFY_ROUNDS):
+            suspects = await self._mismatched(check)
+            self._verified_from, self._suspects = heads, suspects
+            while await self._copy_delta(seq, DELTA_BATCH):
+                pass
+            await store.save_delta(self.meta, self.migration.migration_id, seq, 0)
+            newer = await self._delta_heads()
+            check = suspects | await self._touched(heads, newer)
+            if len(check) <= SETTLED_RANGES:
+                return
+            heads = newer
+
+    async def _delta_heads(self) -> dict[str, Watermark]:
+        heads = {}
+        for source in self.sources:
+            async with self.pools[source].acquire() as con:
+                heads[source] = await shard_control.delta_head(con)
+        return heads
+
+    async def _touched(self, since: dict[str, Watermark], until: dict[str, Watermark] | None = None) -> set[int]:
+        """Moves with a delta entry in (since, until] (or past ``since`` when ``until`` is None)."""
+        touched: set[int] = set()
+        for source, head in since.items():
+            async with self.pools[source].acquire() as con:
+                keys = await shard_control.delta_keys(con, head, None if until is None else until[source])
+            touched |= self._move_at(source, keys)
+        return touched
+
+    async def _mismatched(self, check: set[int] | None) -> set[int]:
+        """Digest the moves whose ``lo`` is in ``check`` (all when None) on both sides; return those that differ."""
+        bad: set[int] = set()
         for (source, target), spans in self._pairs().items():
+            spans = spans if check is None else [s for s in spans if s.lo in check]
+            if not spans:
+                continue
             async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
-                head = await shard_control.delta_head(src)
-                verified_from[source] = min(verified_from.get(source, head), head)
                 theirs, ours = await asyncio.gather(shard_control.digests(src, spans), shard_control.digests(tgt, spans))
-            suspects |= {lo for lo in theirs if theirs[lo] != ours.get(lo)}
-        self._verified_from, self._suspects = verified_from, suspects
+            bad |= {lo for lo in theirs if theirs[lo] != ours.get(lo)}
+        return bad
 
     async def _targets_without_workers(self) -> list[str]:
         live = {w.shard_id for w in await metadata.workers(self.meta) if w.age_seconds <= self.settings.liveness_ttl}
         return [t for t in self.targets if t not in live]
 
-    async def _copy_delta(self, seq: dict[str, int], limit: int) -> int:
-        """One round of delta copying from every source; advances ``seq``. Returns rows copied."""
+    async def _copy_delta(self, seq: dict[str, Watermark], limit: int) -> int:
+        """One round of delta copying from every source; advances the watermarks. Returns rows copied."""
         copied = 0
         for source in self.sources:
             moves = [m for m in self.moves if m.source == source]
             starts = [m.lo for m in moves]
             async with self.pools[source].acquire() as src:
-                rows = await shard_control.read_delta(src, seq.get(source, 0), limit)
+                rows = await shard_control.read_delta(src, seq.get(source, shard_control.START), limit)
             if not rows:
                 continue
             by_target: dict[str, list[asyncpg.Record]] = {}
@@ -347,7 +385,7 @@ class _Run:
             for target, target_rows in by_target.items():
                 async with self.pools[target].acquire() as tgt:
                     await shard_control.insert_rows(tgt, target_rows)
-            seq[source] = rows[-1]["seq"]
+            seq[source] = shard_control.watermark_of(rows[-1])
             copied += len(rows)
         return copied
 
@@ -355,16 +393,12 @@ class _Run:
 
     async def _cutover(self, migration: Migration) -> None:
         started = time.monotonic()
-        seq = dict(migration.delta_seq)
         try:
             async with asyncio.timeout(self.settings.cutover_deadline):
-                steps = [time.monotonic()]
-                await self._freeze()
+                steps = [started]
+                left = await self._freeze(migration.delta_watermark)
                 steps.append(time.monotonic())
-                while await self._copy_delta(seq, DELTA_BATCH):
-                    pass
-                steps.append(time.monotonic())
-                await self._verify()
+                await self._apply_and_verify(left)
                 steps.append(time.monotonic())
                 await self._hand_over()
                 steps.append(time.monotonic())
@@ -381,32 +415,47 @@ class _Run:
                 await self._cutover_failed(migration, f"could not activate the new map: {exc}", fatal=True)
                 return
         self.observer.cutover(time.monotonic() - started, True)
-        took = [f"{name} {(b - a) * 1000:.1f}" for name, a, b in zip(("freeze", "delta", "verify", "hand-over"), steps, steps[1:])]
+        took = [f"{name} {(b - a) * 1000:.1f}" for name, a, b in zip(("freeze", "verify", "hand-over"), steps, steps[1:])]
         log.info("migration %s cut over in %.1f ms (%s ms)", migration.migration_id, pause * 1000, ", ".join(took))
 
-    async def _freeze(self) -> None:
-        """Sources stop taking writes in moving ranges; in-flight ones commit first (the fence)."""
+    async def _freeze(self, watermarks: dict[str, Watermark]) -> dict[str, list[asyncpg.Record]]:
+        """Sources stop taking writes in moving ranges (in-flight ones commit first: the fence)
+        and hand back the rest of their delta log, all in one call each."""
         if not self._targets_incoming:
             await self._set("incoming", self.targets, self.arriving)
             self._targets_incoming = True
-        await self._set("frozen", self.sources, self.leaving)
 
-    async def _verify(self) -> None:
-        """Counts and checksums, source against target: every range, or since pre-verification
-        only those that differed then or were written to since."""
-        checks = self._pairs()
+        async def one(source: str) -> tuple[str, list[asyncpg.Record]]:
+            async with self.pools[source].acquire() as con:
+                return source, await shard_control.freeze(
+                    con, self.leaving(source), watermarks.get(source, shard_control.START)
+                )
+
+        return dict(await asyncio.gather(*(one(source) for source in self.sources)))
+
+    async def _apply_and_verify(self, left: dict[str, list[asyncpg.Record]]) -> None:
+        """Copy the last rows and compare counts and checksums, source against target, of every
+        range, or (after pre-verification) of those that differed then or were written since."""
+        work: dict[tuple[str, str], tuple[list[Span], list[asyncpg.Record]]] = {}
+        for (source, target), spans in self._pairs().items():
+            work[(source, target)] = (spans, [])
+        for source, rows in left.items():
+            moves = [m for m in self.moves if m.source == source]
+            starts = [m.lo for m in moves]
+            for row in rows:
+                move = moves[bisect.bisect_right(starts, row["dialog_key"]) - 1]
+                work[(source, move.target)][1].append(row)
         if self._verified_from is not None:
-            recheck = set(self._suspects)
-            for source, head in self._verified_from.items():
-                async with self.pools[source].acquire() as con:
-                    recheck |= self._move_at(source, await shard_control.delta_keys(con, head))
-            checks = {pair: [s for s in spans if s.lo in recheck] for pair, spans in checks.items()}
+            recheck = set(self._suspects) | await self._touched(self._verified_from)
+            work = {pair: ([s for s in spans if s.lo in recheck], rows) for pair, (spans, rows) in work.items()}
 
-        async def compare(source: str, target: str, spans: list[Span]) -> None:
-            if not spans:
+        async def compare(source: str, target: str, spans: list[Span], rows: list[asyncpg.Record]) -> None:
+            if not spans and not rows:
                 return
             async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
-                theirs, ours = await asyncio.gather(shard_control.digests(src, spans), shard_control.digests(tgt, spans))
+                theirs, ours = await asyncio.gather(
+                    shard_control.digests(src, spans), shard_control.apply_and_digest(tgt, rows, spans)
+                )
             bad = [lo for lo in theirs if theirs[lo] != ours.get(lo)]
             if bad:
                 raise _VerificationFailed(
@@ -414,7 +463,7 @@ class _Run:
                     f" source {theirs[bad[0]]}, target {ours.get(bad[0])}"
                 )
 
-        await asyncio.gather(*(compare(source, target, spans) for (source, target), spans in checks.items()))
+        await asyncio.gather(*(compare(s, t, spans, rows) for (s, t), (spans, rows) in work.items()))
 
     async def _hand_over(self) -> None:
         """Sources stop serving the moved ranges and targets start. No proxy routes to a

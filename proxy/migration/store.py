@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from dialogs import errors, metadata
-from dialogs.shard_control import Cursor
+from dialogs.shard_control import Cursor, Watermark
 from dialogs.shard_map import ShardMap
 from proxy.migration.plan import Move, moves
 
@@ -31,7 +31,7 @@ class Migration:
     rows_total: int
     rows_copied: int
     delta_copied: int
-    delta_seq: dict[str, int]
+    delta_watermark: dict[str, Watermark]
     cutover_attempts: int
     last_pause_ms: float | None
     error: str | None
@@ -70,7 +70,7 @@ class RangeState:
 
 
 _COLUMNS = """migration_id, kind, shard_id, from_version, target_map, phase, abort_requested, rows_per_second,
-    batch_size, rows_total, rows_copied, delta_copied, delta_seq, cutover_attempts, last_pause_ms, error,
+    batch_size, rows_total, rows_copied, delta_copied, delta_watermark, cutover_attempts, last_pause_ms, error,
     extract(epoch FROM coalesce(finished_at, now()) - created_at)::float8 AS elapsed"""
 
 
@@ -88,7 +88,7 @@ def _migration(row: asyncpg.Record) -> Migration:
         rows_total=row["rows_total"],
         rows_copied=row["rows_copied"],
         delta_copied=row["delta_copied"],
-        delta_seq={k: int(v) for k, v in json.loads(row["delta_seq"]).items()},
+        delta_watermark={k: (int(v[0]), int(v[1])) for k, v in json.loads(row["delta_watermark"]).items()},
         cutover_attempts=row["cutover_attempts"],
         last_pause_ms=row["last_pause_ms"],
         error=row["error"],
@@ -197,11 +197,11 @@ async def checkpoint(
         )
 
 
-async def save_delta(con: asyncpg.Connection, migration_id: int, delta_seq: dict[str, int], rows: int) -> None:
+async def save_delta(con: asyncpg.Connection, migration_id: int, watermarks: dict[str, Watermark], rows: int) -> None:
     await con.execute(
-        "UPDATE migrations SET delta_seq = $2::jsonb, delta_copied = delta_copied + $3, updated_at = now()"
+        "UPDATE migrations SET delta_watermark = $2::jsonb, delta_copied = delta_copied + $3, updated_at = now()"
         " WHERE migration_id = $1",
-        migration_id, json.dumps(delta_seq), rows,
+        migration_id, json.dumps({k: list(v) for k, v in watermarks.items()}), rows,
     )
 
 
@@ -222,15 +222,23 @@ async def cutover_failed(con: asyncpg.Connection, migration_id: int, reason: str
 
 
 async def flip(con: asyncpg.Connection, migration: Migration, pause_ms: float) -> None:
-    """The point of no return: activate the target map (CAS) and enter cleanup, atomically."""
-    async with con.transaction():
-        if not await metadata.insert_shard_map(con, migration.target_map, reason=f"migration {migration.migration_id}"):
-            raise errors.Conflict("the shard map changed under the migration")
-        await con.execute(
-            "UPDATE migrations SET phase = 'cleanup', last_pause_ms = $2, error = NULL, updated_at = now()"
-            " WHERE migration_id = $1",
-            migration.migration_id, pause_ms,
-        )
+    """The point of no return: activate the target map (compare-and-swap) and enter cleanup.
+
+    One statement, so one round trip while writes wait, and atomic: the phase moves only
+    if the map was written.
+    """
+    flipped = await con.fetchval(
+        f"""
+        WITH activated AS ({metadata.CAS_INSERT_MAP} RETURNING map_version)
+        UPDATE migrations SET phase = 'cleanup', last_pause_ms = $6, error = NULL, updated_at = now()
+        WHERE migration_id = $5 AND EXISTS (SELECT 1 FROM activated)
+        RETURNING migration_id
+        """,
+        *metadata.map_arguments(migration.target_map, f"migration {migration.migration_id}"),
+        migration.migration_id, pause_ms,
+    )
+    if flipped is None:
+        raise errors.Conflict("the shard map changed under the migration")
 
 
 async def request_abort(con: asyncpg.Connection, migration_id: int) -> Migration:

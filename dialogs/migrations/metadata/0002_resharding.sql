@@ -18,7 +18,7 @@ CREATE TABLE migrations (
     rows_total       bigint NOT NULL DEFAULT 0,
     rows_copied      bigint NOT NULL DEFAULT 0,
     delta_copied     bigint NOT NULL DEFAULT 0,
-    delta_seq        jsonb NOT NULL DEFAULT '{}',
+    delta_watermark  jsonb NOT NULL DEFAULT '{}',  -- per source: [xid, seq] copied up to
     cutover_attempts integer NOT NULL DEFAULT 0,
     last_pause_ms    double precision,
     error            text,

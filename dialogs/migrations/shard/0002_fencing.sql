@@ -11,14 +11,19 @@ CREATE TABLE shard_ranges (
     CHECK (lo <= hi)
 );
 
--- Keys of rows written to migrating ranges, in commit-ish order, for the catch-up copy.
+-- Keys of rows written to migrating ranges, for the catch-up copy. Readers take rows in
+-- (xid, seq) order and only from transactions older than their snapshot's xmin: those
+-- have all finished, so no row can later appear behind a reader's watermark (a plain
+-- sequence would let a transaction that logged first but committed last be skipped).
 CREATE TABLE migration_delta (
     seq        bigserial PRIMARY KEY,
+    xid        bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
     dialog_key bigint NOT NULL,
     user_lo    uuid NOT NULL,
     user_hi    uuid NOT NULL,
     id         bigint NOT NULL
 );
+CREATE INDEX migration_delta_order ON migration_delta (xid, seq);
 
 -- The state of the range holding p_key here, or NULL when this shard does not serve it.
 CREATE FUNCTION range_state(p_key bigint) RETURNS text LANGUAGE sql STABLE AS $$
