@@ -3,7 +3,8 @@
 1. send throughput through the proxies vs raw single-row INSERTs into one shard, same concurrency
 2. list latency the proxy and worker add over the same query run directly (p50)
 3. resharding copy rate vs PostgreSQL's own COPY between the same two servers
-4. the write pause at cutover, under load (client-side latency of sends in flight during it)
+4. the write pause at cutover, under load (client-side latency of sends in flight during it),
+   once with headroom (8 senders) and once with the machine saturated (32 senders)
 
 Results go to stdout and bench/results/latest.json. Servers run with fsync on.
 """
@@ -152,8 +153,9 @@ async def copy_rates(cluster: BenchCluster, client: Client) -> dict[str, Any]:
     }
 
 
-async def cutover_pause(client: Client, users: list[tuple[str, str]], concurrency: int) -> dict[str, Any]:
-    """Remove shard-3 while `concurrency` senders write; latency of sends in flight at the cutover."""
+async def cutover_pause(client: Client, users: list[tuple[str, str]], concurrency: int,
+                        method: str, path: str, body: Any = None) -> dict[str, Any]:
+    """Run a migration while `concurrency` senders write; latency of sends in flight at its cutover."""
     stop = asyncio.Event()
     samples: list[tuple[float, float, int]] = []
 
@@ -169,17 +171,20 @@ async def cutover_pause(client: Client, users: list[tuple[str, str]], concurrenc
     senders = [asyncio.ensure_future(send_forever(i)) for i in range(concurrency)]
     await asyncio.sleep(2)
     migration_started = time.monotonic()
-    status, migration = await client.admin("DELETE", "/admin/shards/shard-3")
+    status, migration = await client.admin(method, path, body)
     assert status == 202, migration
     seen = await client.follow(migration["migration_id"])
     await asyncio.sleep(1)
     stop.set()
     await asyncio.gather(*senders)
     result = seen["result"]
-    window = (seen["cutover"], seen.get("cleanup", seen["done"]) + 0.05)
+    if result["phase"] != "done":
+        raise RuntimeError(f"the migration did not finish: {result}")
+    window = (seen["cutover"], (seen["cleanup"] if "cleanup" in seen else seen["done"]) + 0.05)
     during = [end - start for start, end, _ in samples if start <= window[1] and end >= window[0]]
     before = [end - start for start, end, _ in samples if end < migration_started]
     return {
+        "migration": f"{result['kind']} {result['shard_id']}",
         "senders_in_flight": concurrency,
         "sends": len(samples),
         "failed": sum(1 for *_, s in samples if s != 200),
@@ -216,7 +221,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 copy = await copy_rates(cluster, client)
 
                 print("4/4 cutover pause under load…", flush=True)
-                pause = await cutover_pause(client, users, args.concurrency)
+                # Once with headroom, once with the machine saturated (see steady_p99_ms).
+                pauses = [
+                    await cutover_pause(client, users, args.pause_concurrency, "DELETE", "/admin/shards/shard-3"),
+                    await cutover_pause(client, users, args.concurrency, "POST", "/admin/shards",
+                                        {"shard_id": "shard-3", "dsn": cluster.dsn("shard-3")}),
+                ]
+                runner_log = cluster.cutover_log()
         finally:
             cluster.stop()
     return {
@@ -240,7 +251,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "target": ">= 0.5",
         },
         "cutover_pause": {
-            **{k: round(v, 1) if isinstance(v, float) else v for k, v in pause.items()},
+            "runs": [{k: round(v, 1) if isinstance(v, float) else v for k, v in pause.items()} for pause in pauses],
+            "runner_log": runner_log,
             "target": "p99 < 250 ms, max < 1000 ms, no failed sends",
         },
     }
@@ -250,6 +262,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000, help="messages preloaded per shard")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent senders / inserters")
+    parser.add_argument("--pause-concurrency", type=int, default=8,
+                        help="senders during the first measured cutover (the second uses --concurrency)")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput run")
     parser.add_argument("--requests", type=int, default=1000, help="sequential list requests per side")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latest.json")

@@ -86,6 +86,13 @@ class BenchCluster:
         child.start()
         self.workers[shard_id] = child
 
+    def cutover_log(self) -> list[str]:
+        """The runner's own account of each cutover (freeze, verify, hand-over times)."""
+        lines = []
+        for child in self.proxies:
+            lines += [line.split(" INFO ")[-1] for line in child.log_file.read_text().splitlines() if "cut over in" in line]
+        return lines
+
     def stop(self) -> None:
         for child in self.proxies + list(self.workers.values()):
             child.stop()
