@@ -81,8 +81,19 @@ def status(data_dir: Path) -> None:
     except (OSError, asyncpg.PostgresError) as exc:
         console.print(f"[red]metadata database unreachable[/red] ({exc}); is `dialogs up` running?")
         sys.exit(1)
-    shard_map, shards, workers, rows = report
+    shard_map, shards, workers, rows, running = report
     console.print(f"proxy {layout.proxy_url}   active map version [bold]{shard_map.map_version}[/bold]")
+    if running is not None:
+        from dialogs.progress import describe
+
+        progress = running.to_json()
+        console.print(
+            describe(progress) + f", rows copied {progress['rows_copied']:,} of {progress['rows_total']:,},"
+            f" {progress['elapsed_seconds']:.0f}s elapsed",
+            highlight=False,
+        )
+    else:
+        console.print("no migration running")
     table = Table("shard", "weight", "share of keys", "rows", "workers", "dsn")
     shares = shard_map.ring.shares()
     for shard_id in shard_map.shard_ids:
@@ -99,11 +110,14 @@ def status(data_dir: Path) -> None:
 
 
 async def _status(metadata_dsn: str):  # type: ignore[no-untyped-def]
+    from proxy.migration import store
+
     con = await asyncpg.connect(metadata_dsn, timeout=3)
     try:
         shard_map = await metadata.active_map(con)
         shards = await metadata.shard_dsns(con)
         workers = await metadata.workers(con)
+        running = await store.active(con)
     finally:
         await con.close()
     if shard_map is None:
@@ -118,7 +132,7 @@ async def _status(metadata_dsn: str):  # type: ignore[no-untyped-def]
                 await shard_con.close()
         except (OSError, TimeoutError, asyncpg.PostgresError, KeyError):
             rows[shard_id] = None
-    return shard_map, shards, workers, rows
+    return shard_map, shards, workers, rows, running
 
 
 @main.command()

@@ -109,7 +109,8 @@ def runner(tmp_path: Path) -> Iterator[Runner]:
 
 
 def test_up_use_stop_and_start_again(runner: Runner) -> None:
-    """The README's flow on a real local cluster; data, tokens and ports survive a restart."""
+    """The README's flow on a real local cluster, resharding with the CLI included; data, tokens
+    and ports survive a restart."""
     first = runner.up()
     runner.wait_healthy(first)
 
@@ -128,6 +129,20 @@ def test_up_use_stop_and_start_again(runner: Runner) -> None:
     assert report.returncode == 0, report.stdout + report.stderr
     assert "active map version 1" in report.stdout
     assert "shard-1" in report.stdout and "shard-2" in report.stdout
+    assert "no migration running" in report.stdout
+
+    added = runner.run("shard", "add")
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert "add shard-3, map 1 -> 2, phase done" in added.stdout
+    removed = runner.run("shard", "remove", "shard-1")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert "remove shard-1, map 2 -> 3, phase done" in removed.stdout
+    report = runner.run("status")
+    assert "active map version 3" in report.stdout and "shard-3" in report.stdout
+    listed = runner.run("migration", "list")
+    assert "phase done" in listed.stdout and listed.stdout.count("\n") == 2
+    status, messages = runner.call("GET", f"/dialog/{boris['user_id']}/list", token=token)
+    assert status == 200 and [m["text"] for m in messages] == ["persist me"]
 
     output = runner.stop(first)
     assert first.returncode == 0, output
