@@ -63,10 +63,8 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     async def leave(con: asyncpg.Connection) -> None:
         await metadata.delete_worker(con, worker_id)
 
-    async with asyncpg.create_pool(settings.metadata_dsn, min_size=0, max_size=1) as pool:
-        async with background(heartbeat.heartbeat_forever(pool, beat, settings.heartbeat_interval, who)):
-            yield
-        await heartbeat.leave(pool, leave, who)
+    async with heartbeat.registered(settings.metadata_dsn, beat, leave, settings.heartbeat_interval, who):
+        yield
 
 
 async def _group_commit(app: web.Application) -> AsyncIterator[None]:

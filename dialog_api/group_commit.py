@@ -73,7 +73,7 @@ class GroupCommit:
                 if not future.done():
                     future.set_exception(exc)
             return
-        except Exception as exc:
+        except Exception:
             log.exception("group commit failed")
             for _, future in batch:
                 if not future.done():

@@ -7,10 +7,13 @@ cleanup can wait until every live process has acknowledged the new shard map.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
+
+from dialogs.aio import background
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +42,12 @@ async def leave(pool: asyncpg.Pool, statement: Statement, who: str) -> None:
             await statement(con)
     except _FAILURES as exc:
         log.warning("could not deregister %s: %s", who, exc)
+
+
+@contextlib.asynccontextmanager
+async def registered(dsn: str, beat: Statement, leave_statement: Statement, interval: float, who: str) -> AsyncIterator[None]:
+    """Heartbeat with ``beat`` for the duration of the block (own small pool), then ``leave_statement``."""
+    async with asyncpg.create_pool(dsn, min_size=0, max_size=1) as pool:
+        async with background(heartbeat_forever(pool, beat, interval, who)):
+            yield
+        await leave(pool, leave_statement, who)

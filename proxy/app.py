@@ -100,10 +100,8 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     async def leave(con: asyncpg.Connection) -> None:
         await metadata.delete_proxy(con, proxy_id)
 
-    async with asyncpg.create_pool(settings.metadata_dsn, min_size=0, max_size=1) as pool:
-        async with background(heartbeat.heartbeat_forever(pool, beat, settings.heartbeat_interval, who)):
-            yield
-        await heartbeat.leave(pool, leave, who)
+    async with heartbeat.registered(settings.metadata_dsn, beat, leave, settings.heartbeat_interval, who):
+        yield
 
 
 async def _migration_driver(app: web.Application) -> AsyncIterator[None]:

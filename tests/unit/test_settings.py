@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from dialog_api.settings import WorkerSettings
@@ -27,7 +28,7 @@ def test_defaults_and_overrides() -> None:
 def test_settings_are_frozen() -> None:
     """Nothing changes settings after start-up."""
     settings = load(ProxySettings, PROXY)
-    with pytest.raises(Exception):
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
         settings.port = 1  # type: ignore[misc]
 
 
