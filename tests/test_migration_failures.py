@@ -246,3 +246,53 @@ async def test_proxy_with_an_old_map_cannot_write_a_moved_range(bare_cluster: Cl
         assert ShardMap.from_json((await metadata.active_map(con)).to_json()).owner(key) == "shard-3"  # type: ignore[union-attr]
     finally:
         await con.close()
+
+
+async def test_cutover_past_its_deadline_gives_the_ranges_back(bare_cluster: Cluster) -> None:
+    """A cutover that cannot finish within its deadline gives the ranges back to their old
+    owner (writable again), counts the attempt, and a later attempt completes; no client
+    sees an error."""
+    cluster = bare_cluster
+    for shard_id in ("shard-1", "shard-2", "shard-3"):
+        await cluster.start_worker(shard_id)
+    await cluster.start_proxy(DIALOGS_CUTOVER_DEADLINE="1")
+    await cluster.start_proxy(DIALOGS_MIGRATION_DRIVER="false")
+    traffic = Traffic([cluster.api_for(0), cluster.api_for(1)], await make_dialogs(cluster))
+    stop = asyncio.Event()
+    load = asyncio.ensure_future(traffic.run(stop))
+    blocker = await asyncpg.connect(cluster.spare_dsns["shard-3"])
+    monitor = await asyncpg.connect(cluster.spare_dsns["shard-3"])
+    try:
+        await asyncio.sleep(1.0)
+        started = await cluster.admin("POST", "/admin/shards", {
+            "shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"], "rows_per_second": 400, "batch_size": 100,
+        })
+        migration_id = started.json["migration_id"]
+
+        async def prepared() -> bool:
+            return (await _phase(cluster, migration_id))["phase"] != "prepare"
+
+        await _until(prepared)
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("SELECT 1 FROM shard_ranges WHERE state = 'incoming' FOR UPDATE")
+
+        async def handing_over() -> bool:
+            return await monitor.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%set_range_states%'"
+            ) > 0
+
+        await _until(handing_over)
+        await asyncio.sleep(1.5)  # past the 1 s deadline: the runner gives the ranges back
+        await transaction.rollback()
+        done = await cluster.wait_migration(migration_id)
+        assert done["phase"] == "done", done
+        assert done["cutover_attempts"] >= 1
+    finally:
+        await blocker.close()
+        await monitor.close()
+        stop.set()
+    await load
+    assert traffic.failures == [] and traffic.violations == []
+    total = await check_every_dialog(cluster, traffic.dialogs)
+    await check_placement(cluster, ["shard-1", "shard-2", "shard-3"], total)
