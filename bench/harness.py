@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import subprocess
 import time
@@ -90,7 +91,13 @@ class BenchCluster:
         """The runner's own account of each cutover (freeze, verify, hand-over times)."""
         lines = []
         for child in self.proxies:
-            lines += [line.split(" INFO ")[-1] for line in child.log_file.read_text().splitlines() if "cut over in" in line]
+            for line in child.log_file.read_text().splitlines():
+                try:
+                    message = json.loads(line).get("message", "")
+                except ValueError:
+                    continue
+                if "cut over in" in message:
+                    lines.append(message)
         return lines
 
     def stop(self) -> None:

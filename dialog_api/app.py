@@ -34,7 +34,7 @@ async def _shard_pool(app: web.Application) -> AsyncIterator[None]:
         max_size=settings.pool_max,
         command_timeout=settings.query_timeout,
     ) as pool:
-        app[STORE] = ShardStore(pool)
+        app[STORE] = ShardStore(pool, app[METRICS].observe_query)
         app[METRICS].watch(
             lambda: app[MAP_VIEW].map_version,
             lambda: pool.get_size() - pool.get_idle_size(),

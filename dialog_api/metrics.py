@@ -25,6 +25,13 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.query_seconds = Histogram(
+            "dialogs_worker_query_seconds",
+            "Shard database query latency by query",
+            ["query"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.map_version = Gauge(
             "dialogs_worker_map_version", "Shard-map version this worker routes by", registry=self.registry
         )
@@ -39,6 +46,9 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.info.labels(shard_id).set(1)
+
+    def observe_query(self, query: str, seconds: float) -> None:
+        self.query_seconds.labels(query).observe(seconds)
 
     def observe_commit(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,8 +109,9 @@ def ordered(user_a: uuid.UUID, user_b: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]
 
 
 class ShardStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, observe: Callable[[str, float], None] = lambda query, seconds: None) -> None:
         self.pool = pool
+        self._observe = observe
 
     async def insert_batch(self, batch: Sequence[NewMessage]) -> list[Stored | errors.DialogsError]:
         """Store a batch in one transaction (one commit, one WAL flush for all of them).
@@ -119,6 +121,7 @@ class ShardStore:
         batch are unaffected.
         """
         async with translated(), self.pool.acquire() as con:
+            started = time.perf_counter()
             rows = await con.fetch(
                 _STORE,
                 [m.dialog_key for m in batch],
@@ -128,6 +131,7 @@ class ShardStore:
                 [m.text for m in batch],
                 [m.idempotency_key for m in batch],
             )
+            self._observe("store", time.perf_counter() - started)
             results = [_STATUS[row["status"]](row) for row in rows]
             repeated = [index for index, row in enumerate(rows) if row["status"] == "duplicate"]
             if repeated:
@@ -159,7 +163,9 @@ class ShardStore:
         self, dialog_key: int, user_a: uuid.UUID, user_b: uuid.UUID, before: int, limit: int
     ) -> list[asyncpg.Record]:
         async with translated(), self.pool.acquire() as con:
+            started = time.perf_counter()
             rows = await con.fetch(_LIST_SERVED, dialog_key, *ordered(user_a, user_b), before, limit)
+            self._observe("list", time.perf_counter() - started)
         if rows[0]["state"] not in _READABLE:
             raise errors.RangeNotServed()
         return [row for row in rows if row["id"] is not None]

@@ -163,10 +163,12 @@ def migrate(metadata_dsn: str, shards: tuple[str, ...]) -> None:
     asyncio.run(run())
 
 
-def _serve(build) -> None:  # type: ignore[no-untyped-def]
+def _serve(build, service: str) -> None:  # type: ignore[no-untyped-def]
     from aiohttp import web
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from dialogs import logs
+
+    logs.configure(service, os.environ.get("DIALOGS_LOG_LEVEL", "INFO"))
     try:
         app, host, port = build()
     except SettingsError as exc:
@@ -192,7 +194,7 @@ def proxy() -> None:
         settings = load(ProxySettings)
         return create_app(settings), settings.host, settings.port
 
-    _serve(build)
+    _serve(build, "proxy")
 
 
 @main.command()
@@ -206,7 +208,7 @@ def worker() -> None:
         settings = load(WorkerSettings)
         return create_app(settings), settings.host, settings.port
 
-    _serve(build)
+    _serve(build, "worker")
 
 
 # --- operating shards and migrations (through the proxy's admin API) ---------------------
@@ -451,9 +453,10 @@ def migration_throttle(migration_id: int, rows_per_second: int | None, batch_siz
 def run_migration(metadata_dsn: str) -> None:
     """Run the active migration in this process until it ends (proxies do this on their own;
     this is for running it elsewhere, or with DIALOGS_MIGRATION_DRIVER=false on the proxies)."""
+    from dialogs import logs
     from proxy.migration.runner import run_active
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure("migration-runner", os.environ.get("DIALOGS_LOG_LEVEL", "INFO"))
     result = asyncio.run(run_active(metadata_dsn))
     if result is None:
         click.echo("nothing to run: no active migration, or another runner holds the lease")

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from dialogs import errors
+from dialogs import errors, logs
 from dialogs.wire import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def make_middleware(metrics: RequestMetrics) -> Callable[..., Awaitable[web.Stre
         if len(request_id) > 128 or not request_id.isprintable():
             request_id = uuid.uuid4().hex
         request[REQUEST_ID] = request_id
+        token = logs.REQUEST_ID.set(request_id)
         started = time.perf_counter()
         try:
             response = await handler(request)
@@ -85,12 +86,21 @@ def make_middleware(metrics: RequestMetrics) -> Callable[..., Awaitable[web.Stre
             mapped = _HTTP_ERRORS.get(exc.status) or errors.DialogsError(exc.reason)
             response = error_response(mapped, request_id, status=exc.status)
         except Exception:
-            log.exception("unhandled error", extra={"request_id": request_id})
+            log.exception("unhandled error")
             response = error_response(errors.DialogsError(), request_id)
+        finally:
+            logs.REQUEST_ID.reset(token)
         response.headers[REQUEST_ID_HEADER] = request_id
         route = _route_name(request)
+        elapsed = time.perf_counter() - started
         metrics.requests.labels(route, request.method, str(response.status)).inc()
-        metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
+        metrics.latency.labels(route, request.method).observe(elapsed)
+        if log.isEnabledFor(logging.DEBUG) or response.status >= 500:
+            log.log(
+                logging.ERROR if response.status >= 500 else logging.DEBUG,
+                "%s %s %s", request.method, route, response.status,
+                extra={"request_id": request_id, "status": response.status, "ms": round(elapsed * 1000, 3)},
+            )
         return response
 
     return middleware
