@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from dialog_api.group_commit import GroupCommit
 from dialog_api.metrics import WorkerMetrics
 from dialog_api.settings import WorkerSettings
 from dialog_api.storage import ShardStore, migrate
-from dialogs import heartbeat, metadata, wire
+from dialogs import errors, heartbeat, metadata, wire
 from dialogs.aio import background
 from dialogs.http import make_middleware
 from dialogs.watch import MetadataWatcher
@@ -67,6 +68,21 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _rows_gauge(app: web.Application) -> AsyncIterator[None]:
+    store, gauge = app[STORE], app[METRICS].rows_estimate
+
+    async def refresh_forever() -> None:
+        while True:
+            try:
+                gauge.set(await store.rows_estimate())
+            except errors.ShardUnavailable:
+                pass
+            await asyncio.sleep(15)
+
+    async with background(refresh_forever()):
+        yield
+
+
 async def _group_commit(app: web.Application) -> AsyncIterator[None]:
     settings, metrics = app[SETTINGS], app[METRICS]
     committer = GroupCommit(app[STORE], settings.batch_max, settings.flushers, metrics.observe_commit)
@@ -82,6 +98,6 @@ def create_app(settings: WorkerSettings) -> web.Application:
     app[METRICS] = metrics
     app[MAP_VIEW] = membership.MapView(settings.shard_id)
     # Order matters: teardown runs in reverse, so registration goes first and the pool last.
-    app.cleanup_ctx.extend([_shard_pool, _map_watcher, _group_commit, _registration])
+    app.cleanup_ctx.extend([_shard_pool, _rows_gauge, _map_watcher, _group_commit, _registration])
     handlers.setup_routes(app)
     return app

@@ -41,6 +41,11 @@ class WorkerMetrics:
             ["state"],
             registry=self.registry,
         )
+        self.rows_estimate = Gauge(
+            "dialogs_worker_rows_estimate",
+            "Messages on this worker's shard (PostgreSQL's estimate, refreshed every 15 s)",
+            registry=self.registry,
+        )
         self.info = Gauge(
             "dialogs_worker_info", "Constant 1, labelled with the shard this worker serves", ["shard_id"],
             registry=self.registry,

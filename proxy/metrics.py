@@ -5,8 +5,30 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from dialogs.shard_map import ShardMap
 
 from dialogs.http import LATENCY_BUCKETS, RequestMetrics
+
+
+class ShareCollector(Collector):
+    """dialogs_shard_share{shard_id}: each shard's share of keys in the map this proxy routes by."""
+
+    def __init__(self, current: Callable[[], ShardMap | None]) -> None:
+        self._current = current
+        self._cached: tuple[int, dict[str, float]] = (0, {})
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = GaugeMetricFamily("dialogs_shard_share", "Share of the key space per shard", labels=["shard_id"])
+        shard_map = self._current()
+        if shard_map is not None:
+            if self._cached[0] != shard_map.map_version:
+                self._cached = (shard_map.map_version, shard_map.ring.shares())
+            for shard_id, share in sorted(self._cached[1].items()):
+                family.add_metric([shard_id], share)
+        yield family
 
 
 class ProxyMetrics:
@@ -95,6 +117,9 @@ class ProxyMetrics:
         if not ok:
             self.cutover_failures.inc()
 
-    def watch(self, map_version: Callable[[], float], metadata_up: Callable[[], float]) -> None:
+    def watch(
+        self, map_version: Callable[[], float], metadata_up: Callable[[], float], current: Callable[[], ShardMap | None]
+    ) -> None:
         self.map_version.set_function(map_version)
         self.metadata_up.set_function(metadata_up)
+        self.registry.register(ShareCollector(current))
