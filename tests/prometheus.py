@@ -1,0 +1,82 @@
+"""A real Prometheus for tests: Debian's package, installed when missing, run on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from dialogs.embedded import free_port
+
+
+def ensure_installed() -> None:
+    """Install Debian's prometheus package (it brings promtool) if it is not there and we can."""
+    if shutil.which("prometheus") and shutil.which("promtool"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
+                   check=True, env=env, capture_output=True, timeout=600)
+    # The package starts a system service on :9090; these tests run their own.
+    subprocess.run(["pkill", "-x", "prometheus"], capture_output=True)
+
+
+class Prometheus:
+    def __init__(self, workdir: Path, rules: Path, proxies: list[str], workers: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(rules, workdir / "alerts.yml")
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["alerts.yml"],
+            "scrape_configs": [
+                {"job_name": "dialogs-proxy", "static_configs": [{"targets": proxies}]},
+                {"job_name": "dialogs-worker", "static_configs": [{"targets": workers}]},
+            ],
+        }
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["prometheus", f"--config.file={self.workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=open(self.workdir / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    async def query(self, session: aiohttp.ClientSession, expr: str) -> dict[str, Any]:
+        async with session.get(self.url + "/api/v1/query", params={"query": expr}) as response:
+            return await response.json()
+
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(self.url + "/-/ready") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+        raise AssertionError("prometheus did not become ready: " + (self.workdir / "prometheus.log").read_text()[-2000:])
