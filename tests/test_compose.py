@@ -1,0 +1,93 @@
+"""docker-compose.yaml validates, and everything it names is in the repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """The stack as docker-compose resolves it with .env.example (Debian's docker-compose)."""
+    if not shutil.which("docker-compose"):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"],
+                       check=True, env=env, capture_output=True, timeout=600)
+    result = subprocess.run(
+        ["docker-compose", "--env-file", ".env.example", "-f", "docker-compose.yaml", "config"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_missing_secrets_are_refused(compose: dict[str, Any], tmp_path: Path) -> None:
+    """Without the secrets the stack does not start with empty ones: config says what to set."""
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "DIALOGS_", "GRAFANA_"))}
+    result = subprocess.run(["docker-compose", "--env-file", str(empty), "-f", "docker-compose.yaml", "config", "-q"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode != 0 and "set it in .env" in result.stderr
+
+
+def test_services_and_start_order(compose: dict[str, Any]) -> None:
+    """Databases, migrations, two workers, two proxies behind one port, Prometheus, Grafana; healthy starts."""
+    services = compose["services"]
+    assert set(services) == {"meta", "shard-1", "shard-2", "migrate", "worker-1", "worker-2", "proxy-1", "proxy-2",
+                             "lb", "prometheus", "grafana"}
+    for name in ("meta", "shard-1", "shard-2", "worker-1", "worker-2", "proxy-1", "proxy-2"):
+        assert "healthcheck" in services[name], name
+    assert services["migrate"]["depends_on"]["meta"]["condition"] == "service_healthy"
+    for worker in ("worker-1", "worker-2"):
+        assert services[worker]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    for proxy in ("proxy-1", "proxy-2"):
+        assert services[proxy]["depends_on"]["worker-1"]["condition"] == "service_healthy"
+        env = services[proxy]["environment"]
+        assert env["DIALOGS_JWT_SECRET"] and env["DIALOGS_ADMIN_TOKEN"] and env["DIALOGS_HOST"] == "0.0.0.0"
+    assert [str(p["published"]) for p in services["lb"]["ports"]] == ["8080"]
+    shards = {services[w]["environment"]["DIALOGS_SHARD_ID"] for w in ("worker-1", "worker-2")}
+    assert shards == {"shard-1", "shard-2"}
+
+
+def test_everything_referenced_exists(compose: dict[str, Any]) -> None:
+    """Build contexts have their Dockerfile and its COPY sources; bind mounts point at repository files."""
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if build:
+            context = Path(build["context"])
+            dockerfile = context / build.get("dockerfile", "Dockerfile")
+            assert dockerfile.is_file(), name
+            for line in dockerfile.read_text().splitlines():
+                if line.startswith("COPY "):
+                    for source in line.split()[1:-1]:
+                        assert (context / source).exists(), f"{dockerfile}: {source}"
+        for volume in service.get("volumes", []):
+            if isinstance(volume, dict) and volume.get("type") == "bind":
+                assert Path(volume["source"]).exists(), f"{name}: {volume['source']}"
+                assert str(ROOT) in volume["source"], f"{name} mounts something outside the repository"
+
+
+def test_prometheus_scrapes_the_stack(compose: dict[str, Any]) -> None:
+    """Every scrape target in configs/prometheus is a service of the stack, on the port it listens on."""
+    config = yaml.safe_load((ROOT / "configs" / "prometheus" / "prometheus.yml").read_text())
+    services = compose["services"]
+    for job in config["scrape_configs"]:
+        for target in job["static_configs"][0]["targets"]:
+            host, port = target.split(":")
+            assert host in services, target
+            assert services[host]["environment"]["DIALOGS_PORT"] == port, target
+    nginx = (ROOT / "configs" / "nginx" / "nginx.conf").read_text()
+    assert set(re.findall(r"server (proxy-\d):8080", nginx)) == {"proxy-1", "proxy-2"}
