@@ -42,7 +42,9 @@ def main() -> None:
               show_default="$DIALOGS_PROXY_PORT or 8080", help="Proxy port (first start only; then kept).")
 @click.option("--shards", type=click.IntRange(1, 16), default=2, show_default=True,
               help="Shards to create on the first start.")
-def up(data_dir: Path, port: int, shards: int) -> None:
+@click.option("--with-prometheus", is_flag=True,
+              help="Also run Prometheus (the machine's, e.g. Debian's package) scraping every process.")
+def up(data_dir: Path, port: int, shards: int, with_prometheus: bool) -> None:
     """Run the local cluster in the foreground: metadata + shards on embedded PostgreSQL, workers, proxy."""
     from dialogs.cluster import ClusterLayout
     from dialogs.supervisor import AlreadyRunning, Supervisor, acquire_lock
@@ -60,7 +62,7 @@ def up(data_dir: Path, port: int, shards: int) -> None:
         if layout is None:
             layout = ClusterLayout.create(data_dir, port, shards)
             layout.save()
-        sys.exit(Supervisor(layout, console).run())
+        sys.exit(Supervisor(layout, console, with_prometheus).run())
     finally:
         lock.close()
 

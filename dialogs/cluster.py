@@ -35,6 +35,7 @@ class ClusterLayout:
     jwt_secret: str
     admin_token: str
     shards: list[ShardLayout] = field(default_factory=list)
+    prometheus_port: int | None = None
 
     @property
     def metadata_dsn(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,11 +23,12 @@ from pathlib import Path
 from typing import IO
 
 import asyncpg
+import yaml
 from rich.console import Console
 
 from dialogs.bootstrap import bootstrap
 from dialogs.cluster import DATABASE, ClusterLayout, ShardLayout
-from dialogs.embedded import LocalPostgres, die_with_parent
+from dialogs.embedded import LocalPostgres, die_with_parent, free_port
 
 LOCK_FILE = "up.lock"
 
@@ -74,13 +76,14 @@ def acquire_lock(data_dir: Path) -> IO[str]:
 
 @dataclass
 class Child:
-    """A worker or proxy process of the cluster."""
+    """A process of the cluster: a worker, a proxy, or Prometheus."""
 
     name: str
     env: dict[str, str]
     command: str
     log_file: Path
     health_url: str
+    argv: list[str] | None = None  # default: `python -m dialogs COMMAND`
     process: subprocess.Popen[bytes] | None = None
     failures: int = 0
     restart_at: float = 0.0
@@ -90,7 +93,7 @@ class Child:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_file, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dialogs", self.command],
+            self.argv or [sys.executable, "-m", "dialogs", self.command],
             env={**os.environ, **self.env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -152,10 +155,14 @@ async def _prepare_databases(layout: ClusterLayout) -> None:
     await bootstrap(layout.metadata_dsn, {s.shard_id: layout.shard_dsn(s) for s in layout.active_shards})
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
 class Supervisor:
-    def __init__(self, layout: ClusterLayout, console: Console) -> None:
+    def __init__(self, layout: ClusterLayout, console: Console, with_prometheus: bool = False) -> None:
         self.layout = layout
         self.console = console
+        self.with_prometheus = with_prometheus
         self.servers: dict[str, LocalPostgres] = {}
         self.children: list[Child] = []
         self._stopping = False
@@ -180,6 +187,46 @@ class Supervisor:
             log_file=layout.log_file(f"worker-{shard.shard_id}"),
             health_url=f"http://127.0.0.1:{shard.worker_port}/health",
         )
+
+    def _prometheus(self) -> Child | None:
+        """Prometheus from the machine (Debian's package), scraping this cluster, or None."""
+        binary = shutil.which("prometheus")
+        if binary is None:
+            self.console.print("[yellow]prometheus is not installed (apt-get install prometheus); starting without it[/yellow]")
+            return None
+        layout = self.layout
+        if layout.prometheus_port is None:
+            layout.prometheus_port = free_port()
+            layout.save()
+        self._write_prometheus_config()
+        workdir = layout.data_dir / "prometheus"
+        return Child(
+            name="prometheus",
+            command="prometheus",
+            env={},
+            log_file=layout.log_file("prometheus"),
+            health_url=f"http://127.0.0.1:{layout.prometheus_port}/-/ready",
+            argv=[binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+                  f"--web.listen-address=127.0.0.1:{layout.prometheus_port}"],
+        )
+
+    def _write_prometheus_config(self) -> None:
+        layout = self.layout
+        workdir = layout.data_dir / "prometheus"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config: dict[str, object] = {
+            "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+            "scrape_configs": [
+                {"job_name": "dialogs-proxy", "static_configs": [{"targets": [f"127.0.0.1:{layout.proxy_port}"]}]},
+                {"job_name": "dialogs-worker", "static_configs": [{"targets": [
+                    f"127.0.0.1:{shard.worker_port}" for shard in layout.active_shards]}]},
+            ],
+        }
+        rules = CONFIGS / "prometheus" / "alerts.yml"
+        if rules.exists():
+            shutil.copy(rules, workdir / "alerts.yml")
+            config["rule_files"] = ["alerts.yml"]
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
 
     def _children(self) -> list[Child]:
         layout = self.layout
@@ -233,6 +280,8 @@ class Supervisor:
         with self.console.status("applying migrations"):
             asyncio.run(_prepare_databases(layout))
         self.children = self._children()
+        if self.with_prometheus and (prometheus := self._prometheus()) is not None:
+            self.children.append(prometheus)
         for child in self.children:
             if self._stopping:
                 raise StartFailed("interrupted")
@@ -273,6 +322,10 @@ class Supervisor:
                     f"started shard {shard.shard_id}: {fresh.shard_dsn(shard)}, worker http://127.0.0.1:{shard.worker_port}",
                     highlight=False,
                 )
+        prometheus = next((c for c in self.children if c.name == "prometheus"), None)
+        if prometheus is not None and prometheus.process is not None:
+            self._write_prometheus_config()  # scrape the new workers, forget retired ones
+            prometheus.process.send_signal(signal.SIGHUP)
 
     def _watch(self) -> None:
         while not self._stopping:
@@ -316,6 +369,8 @@ class Supervisor:
             lines.append(
                 f"  {shard.shard_id:<14} {layout.shard_dsn(shard)}   worker http://127.0.0.1:{shard.worker_port}"
             )
+        if any(c.name == "prometheus" for c in self.children):
+            lines.append(f"  prometheus     http://127.0.0.1:{layout.prometheus_port}")
         lines.append(f"  logs           {layout.data_dir / 'logs'}")
         lines.append(f"  admin token    in {layout.data_dir / 'cluster.json'}")
         self.console.print("\n".join(lines), highlight=False, soft_wrap=True)

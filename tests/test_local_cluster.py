@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from dialogs.embedded import free_port
+from tests.prometheus import ensure_installed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -31,9 +32,9 @@ class Runner:
         self.env = {**os.environ, "DIALOGS_DATA_DIR": str(data_dir), "DIALOGS_PROXY_PORT": str(port)}
         self.processes: list[subprocess.Popen[str]] = []
 
-    def up(self) -> subprocess.Popen[str]:
+    def up(self, *args: str) -> subprocess.Popen[str]:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dialogs", "up"], env=self.env, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "dialogs", "up", *args], env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
         )
         self.processes.append(process)
@@ -175,3 +176,28 @@ def test_process_refuses_bad_configuration(runner: Runner) -> None:
     assert result.returncode == 2
     assert "configuration error" in result.stderr and "DIALOGS_JWT_SECRET" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_up_with_prometheus(runner: Runner) -> None:
+    """`dialogs up --with-prometheus` runs Prometheus scraping the proxy and every worker."""
+    ensure_installed()
+    process = runner.up("--with-prometheus")
+    runner.wait_healthy(process)
+    layout = json.loads((runner.data_dir / "cluster.json").read_text())
+    url = f"http://127.0.0.1:{layout['prometheus_port']}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/api/v1/targets", timeout=2) as response:
+                targets = json.loads(response.read())["data"]["activeTargets"]
+            healthy = sorted(t["labels"]["job"] for t in targets if t["health"] == "up")
+            if healthy == ["dialogs-proxy", "dialogs-worker", "dialogs-worker"]:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert time.monotonic() < deadline, "prometheus never scraped the whole cluster"
+        time.sleep(0.5)
+    output = runner.stop(process)
+    assert process.returncode == 0 and "prometheus     http://127.0.0.1:" in output
+    time.sleep(0.5)
+    assert runner.leftovers() == []
