@@ -308,13 +308,31 @@ async def freeze(con: asyncpg.Connection, spans: Sequence[Span], after: Watermar
     )
 
 
-async def apply_and_digest(con: asyncpg.Connection, rows: Sequence[asyncpg.Record], spans: Sequence[Span]) -> Digests:
-    """Insert copied ``rows`` (idempotently) and digest ``spans``, in one round trip."""
+# Digests keyed by ("range", lo) or ("dialog", dialog_key).
+MixedDigests = dict[tuple[str, int], tuple[int, int]]
+
+
+def _mixed(rows: Sequence[asyncpg.Record]) -> MixedDigests:
+    return {(row["kind"], row["key"]): (row["rows"], int(row["checksum"])) for row in rows}
+
+
+async def mixed_digests(con: asyncpg.Connection, spans: Sequence[Span], keys: Sequence[int]) -> MixedDigests:
+    """Digests of whole ``spans`` and of the single dialogs ``keys``, in one round trip."""
+    return _mixed(await con.fetch(
+        "SELECT kind, key, rows, checksum FROM digests($1::bigint[], $2::bigint[], $3::bigint[])",
+        [s.lo for s in spans], [s.hi for s in spans], list(keys),
+    ))
+
+
+async def apply_and_digest(
+    con: asyncpg.Connection, rows: Sequence[asyncpg.Record], spans: Sequence[Span], keys: Sequence[int]
+) -> MixedDigests:
+    """Insert copied ``rows`` (idempotently), then digest ``spans`` and dialogs ``keys``, in one round trip."""
     columns = [[row[c] for row in rows] for c in COLUMNS]
-    return _digests(await con.fetch(
-        "SELECT lo, rows, checksum FROM apply_and_digest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[],"
-        " $5::boolean[], $6::text[], $7::timestamptz[], $8::text[], $9::bigint[], $10::bigint[])",
-        *columns, [s.lo for s in spans], [s.hi for s in spans],
+    return _mixed(await con.fetch(
+        "SELECT kind, key, rows, checksum FROM apply_and_digest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[],"
+        " $5::boolean[], $6::text[], $7::timestamptz[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[])",
+        *columns, [s.lo for s in spans], [s.hi for s in spans], list(keys),
     ))
 
 

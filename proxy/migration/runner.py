@@ -89,6 +89,7 @@ class _Run:
         self.observer = settings.observer
         self.ranges: list[RangeState] = []
         self.pools: dict[str, asyncpg.Pool] = {}
+        self._lookup: dict[str, tuple[list[Move], list[int]]] = {}
         # Whether this run itself put the targets' ranges in 'incoming' (a resumed run
         # cannot know what a crashed cutover left, so it resets them).
         self._targets_incoming = False
@@ -116,9 +117,7 @@ class _Run:
 
     def _move_at(self, source: str, keys: list[int]) -> set[int]:
         """The ``lo`` of the moves out of ``source`` that hold ``keys``."""
-        moves = [m for m in self.moves if m.source == source]
-        starts = [m.lo for m in moves]
-        return {moves[bisect.bisect_right(starts, key) - 1].lo for key in keys}
+        return {self._move_of(source, key).lo for key in keys}
 
     @property
     def moves(self) -> list[Move]:
@@ -372,16 +371,13 @@ class _Run:
         """One round of delta copying from every source; advances the watermarks. Returns rows copied."""
         copied = 0
         for source in self.sources:
-            moves = [m for m in self.moves if m.source == source]
-            starts = [m.lo for m in moves]
             async with self.pools[source].acquire() as src:
                 rows = await shard_control.read_delta(src, seq.get(source, shard_control.START), limit)
             if not rows:
                 continue
             by_target: dict[str, list[asyncpg.Record]] = {}
             for row in rows:
-                move = moves[bisect.bisect_right(starts, row["dialog_key"]) - 1]
-                by_target.setdefault(move.target, []).append(row)
+                by_target.setdefault(self._move_of(source, row["dialog_key"]).target, []).append(row)
             for target, target_rows in by_target.items():
                 async with self.pools[target].acquire() as tgt:
                     await shard_control.insert_rows(tgt, target_rows)
@@ -434,36 +430,55 @@ class _Run:
         return dict(await asyncio.gather(*(one(source) for source in self.sources)))
 
     async def _apply_and_verify(self, left: dict[str, list[asyncpg.Record]]) -> None:
-        """Copy the last rows and compare counts and checksums, source against target, of every
-        range, or (after pre-verification) of those that differed then or were written since."""
-        work: dict[tuple[str, str], tuple[list[Span], list[asyncpg.Record]]] = {}
-        for (source, target), spans in self._pairs().items():
-            work[(source, target)] = (spans, [])
-        for source, rows in left.items():
-            moves = [m for m in self.moves if m.source == source]
-            starts = [m.lo for m in moves]
-            for row in rows:
-                move = moves[bisect.bisect_right(starts, row["dialog_key"]) - 1]
-                work[(source, move.target)][1].append(row)
-        if self._verified_from is not None:
-            recheck = set(self._suspects) | await self._touched(self._verified_from)
-            work = {pair: ([s for s in spans if s.lo in recheck], rows) for pair, (spans, rows) in work.items()}
+        """Copy the last rows and compare counts and checksums, source against target.
 
-        async def compare(source: str, target: str, spans: list[Span], rows: list[asyncpg.Record]) -> None:
-            if not spans and not rows:
+        Without pre-verification (a resumed run): every range, whole. After it: whole
+        ranges only for those that differed at the last round; for ranges that matched
+        then, only the dialogs written to since its head. Messages are append-only and
+        every row logged before the head was on both sides when they matched (a copy of
+        it arriving later changes nothing), so such a range can differ only in dialogs
+        logged after the head.
+        """
+        pairs = self._pairs()
+        rows_by_pair: dict[tuple[str, str], list[asyncpg.Record]] = {pair: [] for pair in pairs}
+        for source, rows in left.items():
+            for row in rows:
+                rows_by_pair[(source, self._move_of(source, row["dialog_key"]).target)].append(row)
+        keys_by_pair: dict[tuple[str, str], list[int]] = {pair: [] for pair in pairs}
+        if self._verified_from is not None:
+            for source, head in self._verified_from.items():
+                async with self.pools[source].acquire() as con:
+                    keys = await shard_control.delta_keys(con, head)
+                for key in keys:
+                    move = self._move_of(source, key)
+                    if move.lo not in self._suspects:
+                        keys_by_pair[(source, move.target)].append(key)
+            pairs = {pair: [s for s in spans if s.lo in self._suspects] for pair, spans in pairs.items()}
+
+        async def compare(source: str, target: str) -> None:
+            spans, rows, keys = pairs[(source, target)], rows_by_pair[(source, target)], keys_by_pair[(source, target)]
+            if not spans and not rows and not keys:
                 return
             async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
                 theirs, ours = await asyncio.gather(
-                    shard_control.digests(src, spans), shard_control.apply_and_digest(tgt, rows, spans)
+                    shard_control.mixed_digests(src, spans, keys), shard_control.apply_and_digest(tgt, rows, spans, keys)
                 )
-            bad = [lo for lo in theirs if theirs[lo] != ours.get(lo)]
+            bad = [key for key in theirs if theirs[key] != ours.get(key)]
             if bad:
                 raise _VerificationFailed(
-                    f"{len(bad)} range(s) from {source} to {target} differ, first at {bad[0]}:"
+                    f"{len(bad)} range(s) or dialog(s) from {source} to {target} differ, first {bad[0]}:"
                     f" source {theirs[bad[0]]}, target {ours.get(bad[0])}"
                 )
 
-        await asyncio.gather(*(compare(s, t, spans, rows) for (s, t), (spans, rows) in work.items()))
+        await asyncio.gather(*(compare(source, target) for source, target in pairs))
+
+    def _move_of(self, source: str, key: int) -> Move:
+        """The move out of ``source`` that holds ``key`` (a bisect over its sorted moves)."""
+        if source not in self._lookup:
+            moves = [m for m in self.moves if m.source == source]
+            self._lookup[source] = (moves, [m.lo for m in moves])
+        moves, starts = self._lookup[source]
+        return moves[bisect.bisect_right(starts, key) - 1]
 
     async def _hand_over(self) -> None:
         """Sources stop serving the moved ranges and targets start. No proxy routes to a
