@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import time
@@ -11,23 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 
 from dialogs.embedded import free_port
+from tests import packages
 
 
 def ensure_installed() -> None:
-    """Install Debian's prometheus package (it brings promtool) if it is not there and we can."""
+    """Debian's prometheus package (it brings promtool), installed if missing and we can."""
     if shutil.which("prometheus") and shutil.which("promtool"):
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=300)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
-                   check=True, env=env, capture_output=True, timeout=600)
-    # The package starts a system service on :9090; these tests run their own.
+    packages.ensure("prometheus", "prometheus", "promtool")
+    # The package may start a system service on :9090; these tests run their own.
     subprocess.run(["pkill", "-x", "prometheus"], capture_output=True)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,19 +11,15 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import packages
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     """The stack as docker-compose resolves it with .env.example (Debian's docker-compose)."""
-    if not shutil.which("docker-compose"):
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
-            pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"],
-                       check=True, env=env, capture_output=True, timeout=600)
+    packages.ensure("docker-compose", "docker-compose")
     result = subprocess.run(
         ["docker-compose", "--env-file", ".env.example", "-f", "docker-compose.yaml", "config"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
