@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test status clean
+.PHONY: up test status bench clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required" >&2; exit 1; }
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 status: $(STAMP)
 	$(BIN)/dialogs status
+
+# The brief's figures, measured against baselines of the same run (bench/README.md).
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
