@@ -53,10 +53,6 @@ async def migrate(con: asyncpg.Connection) -> list[str]:
 # --- ownership -------------------------------------------------------------------------
 
 
-async def range_rows(con: asyncpg.Connection) -> list[asyncpg.Record]:
-    return await con.fetch("SELECT lo, hi, state FROM shard_ranges ORDER BY lo")
-
-
 async def claim_if_empty(con: asyncpg.Connection, spans: Sequence[Span]) -> bool:
     """A fresh shard of the first map owns its ranges. False if it already had ranges."""
     async with con.transaction():
@@ -147,15 +143,6 @@ async def batch_end(con: asyncpg.Connection, span: Span, cursor: Cursor, batch: 
         f"SELECT {_KEY.strip('()')} FROM messages WHERE dialog_key BETWEEN $1 AND $2 AND {condition}"
         f" ORDER BY {_KEY.strip('()')} OFFSET $3 LIMIT 1",
         span.lo, span.hi, batch - 1, *args,
-    )
-    return None if row is None else (row[0], row[1], row[2], row[3])
-
-
-async def last_key(con: asyncpg.Connection, span: Span) -> Cursor:
-    row = await con.fetchrow(
-        f"SELECT {_KEY.strip('()')} FROM messages WHERE dialog_key BETWEEN $1 AND $2"
-        f" ORDER BY {_KEY.strip('()')} DESC LIMIT 1",
-        span.lo, span.hi,
     )
     return None if row is None else (row[0], row[1], row[2], row[3])
 

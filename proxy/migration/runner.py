@@ -326,9 +326,10 @@ class _Run:
         for _ in range(MAX_VERIFY_ROUNDS):
             suspects = await self._mismatched(check)
             self._verified_from, self._suspects = heads, suspects
-            while await self._copy_delta(seq, DELTA_BATCH):
-                pass
-            await store.save_delta(self.meta, self.migration.migration_id, seq, 0)
+            copied = 0
+            while batch := await self._copy_delta(seq, DELTA_BATCH):
+                copied += batch
+            await store.save_delta(self.meta, self.migration.migration_id, seq, copied)
             newer = await self._delta_heads()
             check = suspects | await self._touched(heads, newer)
             if len(check) <= SETTLED_RANGES:
