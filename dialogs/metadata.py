@@ -25,15 +25,18 @@ class WorkerInfo:
     age_seconds: float
 
 
-async def active_map(con: asyncpg.Connection) -> ShardMap | None:
-    row = await con.fetchrow(
-        "SELECT map_version, shards, vnodes_base FROM shard_maps ORDER BY map_version DESC LIMIT 1"
-    )
+def _shard_map(row: asyncpg.Record | None) -> ShardMap | None:
     if row is None:
         return None
     return ShardMap.from_json(
         {"map_version": row["map_version"], "vnodes_base": row["vnodes_base"], "shards": json.loads(row["shards"])}
     )
+
+
+async def active_map(con: asyncpg.Connection) -> ShardMap | None:
+    return _shard_map(await con.fetchrow(
+        "SELECT map_version, shards, vnodes_base FROM shard_maps ORDER BY map_version DESC LIMIT 1"
+    ))
 
 
 # Compare-and-swap write of a map version ($1 version, $2 shards, $3 vnodes_base, $4 reason):
@@ -138,14 +141,9 @@ async def laggards(con: asyncpg.Connection, map_version: int, ttl_seconds: float
 
 
 async def shard_map_version(con: asyncpg.Connection, map_version: int) -> ShardMap | None:
-    row = await con.fetchrow(
+    return _shard_map(await con.fetchrow(
         "SELECT map_version, shards, vnodes_base FROM shard_maps WHERE map_version = $1", map_version
-    )
-    if row is None:
-        return None
-    return ShardMap.from_json(
-        {"map_version": row["map_version"], "vnodes_base": row["vnodes_base"], "shards": json.loads(row["shards"])}
-    )
+    ))
 
 
 async def workers(con: asyncpg.Connection) -> list[WorkerInfo]:

@@ -59,32 +59,17 @@ async def claim_if_empty(con: asyncpg.Connection, spans: Sequence[Span]) -> bool
         await con.execute("LOCK TABLE shard_ranges IN EXCLUSIVE MODE")
         if await con.fetchval("SELECT EXISTS (SELECT 1 FROM shard_ranges)"):
             return False
-        await _put(con, spans, "owned")
+        await set_state(con, spans, "owned")
         return True
 
 
-async def _put(con: asyncpg.Connection, spans: Sequence[Span], state: str) -> None:
-    await con.execute(
-        """
-        INSERT INTO shard_ranges (lo, hi, state)
-        SELECT lo, hi, $3 FROM unnest($1::bigint[], $2::bigint[]) AS t(lo, hi)
-        ON CONFLICT (lo) DO UPDATE SET hi = EXCLUDED.hi, state = EXCLUDED.state
-        """,
-        [s.lo for s in spans],
-        [s.hi for s in spans],
-        state,
-    )
-
-
-async def _drop(con: asyncpg.Connection, spans: Sequence[Span]) -> None:
-    await con.execute("DELETE FROM shard_ranges WHERE lo = ANY($1::bigint[])", [s.lo for s in spans])
-
-
 async def fenced(con: asyncpg.Connection, owned: Sequence[Span], states: dict[str, Sequence[Span]]) -> None:
-    """Rewrite ranges behind the exclusive fence: in-flight writes finish first, later ones see the change.
+    """Rewrite ranges behind the exclusive fence, in one transaction: in-flight writes finish
+    first, later ones see the change.
 
     ``owned`` replaces whatever covered the same keys (used to split a source's ranges so
     that moving pieces get rows of their own); ``states`` sets the given spans' state.
+    set_range_states() takes the fence lock too; taking it again in one transaction is free.
     """
     async with con.transaction():
         await con.execute("SELECT pg_advisory_xact_lock($1)", FENCE_LOCK)
@@ -98,12 +83,9 @@ async def fenced(con: asyncpg.Connection, owned: Sequence[Span], states: dict[st
                 [s.lo for s in covered],
                 [s.hi for s in covered],
             )
-            await _put(con, owned, "owned")
+            await set_state(con, owned, "owned")
         for state, spans in states.items():
-            if state == "absent":
-                await _drop(con, spans)
-            else:
-                await _put(con, spans, state)
+            await set_state(con, spans, state)
 
 
 async def set_state(con: asyncpg.Connection, spans: Sequence[Span], state: str) -> None:
