@@ -64,6 +64,9 @@ class Forwarder:
         ``cutover_wait`` seconds. The client sees a slower answer, not an error.
         """
         operation = "send" if method == "POST" else "list"
+        # Encoded once: a buffered request may be retried every few milliseconds.
+        body = json.dumps(payload).encode() if payload is not None else None
+        path = wire.INTERNAL_MESSAGES_PATH + ("?" + urlencode(params) if params else "")
         reloads = 0
         buffered_since: float | None = None
         try:
@@ -73,8 +76,10 @@ class Forwarder:
                     raise errors.MetadataUnavailable("no shard map loaded yet")
                 shard_id = shard_map.owner(dialog_key)
                 headers = {wire.MAP_VERSION_HEADER: str(shard_map.map_version), wire.REQUEST_ID_HEADER: request_id}
+                if body is not None:
+                    headers["Content-Type"] = "application/json"
                 try:
-                    return await self._on_shard(shard_id, operation, method, headers, payload, params)
+                    return await self._on_shard(shard_id, operation, method, headers, path, body)
                 except errors.StaleMap as stale:
                     self._metrics.stale_map_retries.inc()
                     if stale.map_version > self._topology.map_version and reloads < MAX_ROUTING_ATTEMPTS:
@@ -115,13 +120,9 @@ class Forwarder:
         operation: str,
         method: str,
         headers: dict[str, str],
-        payload: dict[str, Any] | None,
-        params: dict[str, str] | None,
+        path: str,
+        body: bytes | None,
     ) -> bytes:
-        body = json.dumps(payload).encode() if payload is not None else None
-        query = "?" + urlencode(params) if params else ""
-        if body is not None:
-            headers = {**headers, "Content-Type": "application/json"}
         candidates = self._topology.candidates(shard_id)
         if not candidates:
             self._metrics.forward_errors.labels(shard_id, "no_worker").inc()
@@ -134,7 +135,7 @@ class Forwarder:
                 # JSON handling cost more than the rest of the proxy's work per request.
                 async with self._session.request(
                     method,
-                    URL(url + wire.INTERNAL_MESSAGES_PATH + query, encoded=True),
+                    URL(url + path, encoded=True),
                     data=body,
                     headers=headers,
                     timeout=self._timeout,
