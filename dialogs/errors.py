@@ -6,6 +6,7 @@
     │   └── TokenExpired            401  a valid token past its exp
     ├── Forbidden                   403  authenticated, but not allowed (admin API)
     ├── NotFound                    404  unknown user, shard, migration or route
+    ├── MethodNotAllowed            405  a known route, another method
     ├── Conflict                    409  the request clashes with current state
     │   ├── StaleMap                409  (proxy <-> worker) routed with an older shard map
     │   ├── RangeMoving             409  (proxy <-> worker) the dialog's range is in cutover
@@ -67,6 +68,10 @@ class Forbidden(DialogsError):
 
 class NotFound(DialogsError):
     status, code, default_message = 404, 40401, "not found"
+
+
+class MethodNotAllowed(DialogsError):
+    status, code, default_message = 405, 40501, "method not allowed"
 
 
 class Conflict(DialogsError):

@@ -26,7 +26,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.12
 
 _HTTP_ERRORS = {
     404: errors.NotFound("no such route"),
-    405: errors.DialogsError("method not allowed"),
+    405: errors.MethodNotAllowed(),
     413: errors.BodyTooLarge(),
 }
 

@@ -195,9 +195,10 @@ async def test_login_failures(cluster: Cluster, pair: tuple[str, str, str]) -> N
 
 
 async def test_unknown_route_and_user(cluster: Cluster) -> None:
-    """Unknown routes and unknown users are JSON 404s."""
+    """Unknown routes and unknown users are JSON 404s; a known route with another method is a 405."""
     reply = await cluster.api.request("GET", "/nowhere", validate=False)
     _assert_error(reply, 404, "no such route")
+    _assert_error(await cluster.api.request("DELETE", "/login", validate=False), 405, "method not allowed")
     _assert_error(await cluster.api.request("GET", f"/user/get/{uuid.uuid4()}"), 404, "user not found")
 
 
