@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import random
 import subprocess
@@ -15,10 +16,10 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from dialogs import metadata
 from dialogs.bootstrap import bootstrap
 from dialogs.embedded import LocalPostgres, free_port
 from dialogs.keys import dialog_key
-from dialogs.shard_map import ShardMap
 from dialogs.supervisor import Child
 
 JWT_SECRET = "bench-secret-" + "b" * 40
@@ -147,25 +148,20 @@ class Client:
 
 
 async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 20000) -> None:
-    """Synthetic messages written straight into the shards, each on the shard its ring names."""
+    """Synthetic messages written straight into the shards, each on the shard the active ring names."""
     con = await asyncpg.connect(cluster.dsn("meta"))
     try:
-        shard_map = ShardMap.from_json({
-            "map_version": 1,
-            "shards": [{"shard_id": "shard-1", "weight": 1}, {"shard_id": "shard-2", "weight": 1}],
-        })
+        shard_map = await metadata.active_map(con)
     finally:
         await con.close()
+    assert shard_map is not None
     rng = random.Random(5)
-    by_shard: dict[str, list[tuple[Any, ...]]] = {"shard-1": [], "shard-2": []}
+    by_shard: dict[str, list[tuple[Any, ...]]] = {shard_id: [] for shard_id in shard_map.shard_ids}
     pairs = []
     for _ in range(dialogs):
         a, b = sorted((uuid.UUID(int=rng.getrandbits(128)), uuid.UUID(int=rng.getrandbits(128))))
         pairs.append((dialog_key(a, b), a, b))
-    now = time.time()
-    import datetime
-
-    created = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    created = datetime.datetime.now(datetime.UTC)
     for index in range(rows_per_shard * 2):
         key, a, b = pairs[index % dialogs]
         shard = shard_map.owner(key)
