@@ -22,6 +22,7 @@ from dialogs.bootstrap import bootstrap
 from dialogs.embedded import free_port
 from dialogs.keys import dialog_key
 from dialogs.settings import load
+from dialogs.shard_map import ShardMap
 from proxy.app import create_app as create_proxy
 from proxy.openapi import document
 from proxy.settings import ProxySettings
@@ -243,14 +244,23 @@ class Cluster:
         self.proxies.clear()
         self.workers.clear()
 
-    async def shard_of(self, user_a: str, user_b: str) -> str:
+    async def active_map(self) -> ShardMap:
         con = await asyncpg.connect(self.metadata_dsn)
         try:
             shard_map = await metadata.active_map(con)
         finally:
             await con.close()
         assert shard_map is not None
-        return shard_map.owner(dialog_key(uuid.UUID(user_a), uuid.UUID(user_b)))
+        return shard_map
+
+    async def shard_of(self, user_a: str, user_b: str) -> str:
+        return (await self.active_map()).owner(dialog_key(uuid.UUID(user_a), uuid.UUID(user_b)))
+
+    async def start_three_shards(self, **proxy_env: str) -> None:
+        """Workers for shard-1, shard-2 and the spare shard-3 (not in the map yet), and a proxy."""
+        for shard_id in ("shard-1", "shard-2", "shard-3"):
+            await self.start_worker(shard_id)
+        await self.start_proxy(**proxy_env)
 
     async def shard_fetch(self, shard_id: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         con = await asyncpg.connect(self.dsn(shard_id))
