@@ -140,7 +140,7 @@ class Forwarder:
                     headers=headers,
                     timeout=self._timeout,
                 ) as response:
-                    body = await response.read()
+                    answer = await response.read()
             except aiohttp.ClientConnectorError:
                 # Never reached the worker: nothing was applied, the next one may take it.
                 self._topology.mark_down(url)
@@ -155,8 +155,8 @@ class Forwarder:
             self._metrics.forward_seconds.labels(shard_id, operation).observe(time.perf_counter() - started)
             self._topology.mark_up(url)
             if response.status == 200:
-                return body
-            error = _worker_error(response.status, body)
+                return answer
+            error = _worker_error(response.status, answer)
             if isinstance(error, errors.ShardUnavailable):
                 # This worker cannot reach its database; another worker of the shard might.
                 self._metrics.forward_errors.labels(shard_id, "unavailable").inc()

@@ -197,6 +197,15 @@ class Cluster:
         self.workers[f"{shard_id}@{port}"] = runner
         return runner
 
+    async def crash_worker(self, name: str) -> None:
+        """The worker stops answering (listener and connections closed) but stays registered,
+        its heartbeat going on: what a proxy sees of a hung or half-dead process."""
+        runner = self.workers[name]
+        for site in list(runner.sites):
+            await site.stop()
+        assert runner.server is not None
+        await runner.server.shutdown(0)
+
     async def start_proxy(self, **env: str) -> web.AppRunner:
         port = free_port()
         settings = load(ProxySettings, {

@@ -93,22 +93,51 @@ async def test_shard_without_workers_is_503(bare_cluster: Cluster) -> None:
     assert (await api.send(token, peers["shard-1"][0], "fine")).status == 200
 
 
-async def test_second_worker_takes_over(cluster: Cluster) -> None:
-    """With two workers on a shard, stopping one loses nothing: the proxy uses the other."""
-    api = cluster.api
-    hub, token = await api.user("Hub")
-    peers = await _peers_by_shard(cluster, hub)
+async def _second_shard_1_worker(cluster: Cluster) -> None:
     await cluster.start_worker("shard-1")
     topology = cluster.proxies[0].app[TOPOLOGY]
     for _ in range(100):
         if topology.worker_count("shard-1") == 2:
-            break
+            return
         await asyncio.sleep(0.05)
-    assert topology.worker_count("shard-1") == 2
+    raise AssertionError("the proxy never saw the second shard-1 worker")
+
+
+async def test_second_worker_takes_over(cluster: Cluster) -> None:
+    """With two workers on a shard, one that stops answering (still registered) loses nothing."""
+    api = cluster.api
+    hub, token = await api.user("Hub")
+    peers = await _peers_by_shard(cluster, hub)
+    await _second_shard_1_worker(cluster)
     first = next(name for name in cluster.workers if name.startswith("shard-1@"))
-    await cluster.workers.pop(first).cleanup()
+    await cluster.crash_worker(first)
     for peer in peers["shard-1"]:
         assert (await api.send(token, peer, "via the second worker")).status == 200
+    # The crashed worker is still registered and heartbeating: the proxy routed around it.
+    assert cluster.proxies[0].app[TOPOLOGY].worker_count("shard-1") == 2
+    for peer in peers["shard-1"]:
+        assert [m["text"] for m in (await api.list(token, peer)).json] == ["via the second worker"]
+
+
+async def test_two_workers_over_a_down_shard_database_answer_503(
+    cluster: Cluster, running_servers: dict[str, LocalPostgres]
+) -> None:
+    """Both workers of a shard answer 503 (database down): the client gets 503, never a 400."""
+    api = cluster.api
+    hub, token = await api.user("Hub")
+    peers = await _peers_by_shard(cluster, hub)
+    await _second_shard_1_worker(cluster)
+    peer = peers["shard-1"][0]
+    running_servers["shard-1"].stop()
+    try:
+        for _ in range(4):  # round-robin: each worker is tried first at least once
+            reply = await api.send(token, peer, "while the database is down", key=f"k-{uuid.uuid4()}")
+            assert reply.status == 503, reply.body
+            assert reply.json["code"] == 50302 and reply.headers["Retry-After"] == "1"
+    finally:
+        running_servers["shard-1"].start()
+    await _eventually_ok(api, token, peer)
+    assert [m["text"] for m in (await api.list(token, peer)).json] == ["after recovery"]
 
 
 async def test_proxy_keeps_routing_while_metadata_is_down(
