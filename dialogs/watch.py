@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
@@ -18,6 +19,8 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 Loader = Callable[[asyncpg.Connection], Awaitable[None]]
+
+_UNREACHABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 class MetadataWatcher:
@@ -40,6 +43,11 @@ class MetadataWatcher:
         self._finished = 0  # the last load that completed (by its begin number)
         self._progress = asyncio.Event()  # pulsed after every load or failure
         self.connected = False
+        self._connected_at = 0.0
+
+    def connected_for(self) -> float:
+        """Seconds since the current metadata connection was made (0 while down)."""
+        return time.monotonic() - self._connected_at if self.connected else 0.0
 
     async def run(self) -> None:
         """Keep a connection, load on notify and on every poll; runs until cancelled."""
@@ -50,6 +58,7 @@ class MetadataWatcher:
                 con = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
                 for channel in self._channels:
                     await con.add_listener(channel, self._notified)
+                self._connected_at = time.monotonic()
                 self.connected = True
                 backoff = 0.1
                 while True:
@@ -58,11 +67,12 @@ class MetadataWatcher:
                         await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
                     except TimeoutError:
                         pass
-            except asyncio.CancelledError:
-                raise
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                if self.connected:
-                    log.warning("metadata database unreachable, keeping the last view: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - a watcher that dies leaves a stale view for good
+                if isinstance(exc, _UNREACHABLE):
+                    if self.connected:
+                        log.warning("metadata database unreachable, keeping the last view: %s", exc)
+                else:
+                    log.exception("loading from the metadata database failed; keeping the last view, retrying")
                 self.connected = False
                 self._pulse()
                 await asyncio.sleep(backoff)

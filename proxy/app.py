@@ -67,7 +67,10 @@ async def _topology(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     topology = Topology(settings.worker_ttl)
     watcher = MetadataWatcher(
-        settings.metadata_dsn, [wire.MAP_CHANNEL, wire.WORKERS_CHANNEL], topology.load, settings.poll_interval
+        settings.metadata_dsn,
+        [wire.MAP_CHANNEL, wire.WORKERS_CHANNEL],
+        lambda con: topology.load(con, watcher.connected_for()),
+        settings.poll_interval,
     )
     app[TOPOLOGY], app[WATCHER] = topology, watcher
     app[METRICS].watch(lambda: topology.map_version, lambda: float(watcher.connected), lambda: topology.map)

@@ -26,6 +26,24 @@ class _ShardWorkers:
     turn: itertools.count = field(default_factory=itertools.count)
 
 
+def live_workers(
+    workers: list[metadata.WorkerInfo], ttl: float, connected_for: float, previously_live: set[str]
+) -> dict[str, list[str]]:
+    """Each shard's live worker URLs: a heartbeat younger than ``ttl``.
+
+    While the metadata database was down no heartbeat could land, so right after it comes
+    back every registration looks stale. A worker that was live before the outage stays
+    live until this process has been connected for ``ttl`` seconds, time enough for its
+    own next heartbeat; dropping it earlier would 503 every dialog of its shard.
+    """
+    live: dict[str, list[str]] = {}
+    in_grace = connected_for < ttl
+    for worker in workers:
+        if worker.age_seconds <= ttl or (in_grace and worker.url in previously_live):
+            live.setdefault(worker.shard_id, []).append(worker.url)
+    return live
+
+
 class Topology:
     def __init__(self, worker_ttl: float) -> None:
         self.map: ShardMap | None = None
@@ -34,16 +52,16 @@ class Topology:
         self._down_until: dict[str, float] = {}
         self._changed = asyncio.Event()
 
-    async def load(self, con: asyncpg.Connection) -> None:
+    async def load(self, con: asyncpg.Connection, connected_for: float = float("inf")) -> None:
+        """Read the active map and the workers; ``connected_for``: seconds since the
+        metadata connection was (re)established."""
         fresh = await metadata.active_map(con)
         if fresh is not None and (self.map is None or fresh.map_version > self.map.map_version):
             self.map = fresh
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
-        live: dict[str, list[str]] = {}
-        for worker in await metadata.workers(con):
-            if worker.age_seconds <= self._worker_ttl:
-                live.setdefault(worker.shard_id, []).append(worker.url)
+        previously_live = {url for workers in self._workers.values() for url in workers.urls}
+        live = live_workers(await metadata.workers(con), self._worker_ttl, connected_for, previously_live)
         self._workers = {
             shard_id: self._workers[shard_id]
             if shard_id in self._workers and self._workers[shard_id].urls == urls

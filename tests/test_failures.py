@@ -8,7 +8,9 @@ import uuid
 import asyncpg
 
 from dialogs import metadata
+from dialogs.aio import background
 from dialogs.embedded import LocalPostgres, free_port
+from dialogs.watch import MetadataWatcher
 from proxy.appkeys import TOPOLOGY
 from tests.support import Api, Cluster
 
@@ -180,3 +182,47 @@ async def test_unknown_recipient_is_let_through_while_metadata_is_down(
         assert (await api.send(token, stranger, "hello?")).status == 200
     finally:
         running_servers["meta"].start()
+
+
+async def test_metadata_coming_back_costs_no_request(
+    bare_cluster: Cluster, running_servers: dict[str, LocalPostgres]
+) -> None:
+    """Metadata down for longer than the worker TTL, then back: no send fails as it returns."""
+    cluster = bare_cluster
+    for shard_id in ("shard-1", "shard-2"):
+        # Heartbeats slow enough that the proxy reconnects and reloads before the next lands.
+        await cluster.start_worker(shard_id, DIALOGS_HEARTBEAT_INTERVAL="5")
+    await cluster.start_proxy(DIALOGS_WORKER_TTL="6")
+    api = cluster.api
+    hub, token = await api.user("Hub")
+    peers = await _peers_by_shard(cluster, hub, each=2)
+    targets = peers["shard-1"] + peers["shard-2"]
+    running_servers["meta"].stop()
+    try:
+        await asyncio.sleep(7)  # every heartbeat is older than the TTL now
+    finally:
+        running_servers["meta"].start()
+    loop = asyncio.get_running_loop()
+    deadline, failures, sent = loop.time() + 4, [], 0
+    while loop.time() < deadline:
+        replies = await asyncio.gather(*(api.send(token, peer, f"m{sent}") for peer in targets))
+        failures += [reply.body for reply in replies if reply.status != 200]
+        sent += 1
+    assert not failures, failures[:3]
+    assert sent > 10
+
+
+async def test_watcher_survives_an_unexpected_error(databases: dict[str, str]) -> None:
+    """A loader that raises something unforeseen is retried; the watcher reports itself down meanwhile."""
+    calls: list[bool] = []
+
+    async def load(con: asyncpg.Connection) -> None:
+        calls.append(watcher.connected)
+        if len(calls) == 1:
+            raise KeyError("a bug in the loader")
+
+    watcher = MetadataWatcher(databases["meta"], ["nothing"], load, poll_interval=0.05)
+    async with background(watcher.run()):
+        assert await watcher.wait_loaded(timeout=10)
+        assert watcher.connected
+    assert len(calls) >= 2
