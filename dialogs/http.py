@@ -118,3 +118,20 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise errors.InvalidInput("request body is not valid JSON") from None
+    except RecursionError:
+        raise errors.InvalidInput("request body is nested too deeply") from None
+
+
+def bearer_token(request: web.Request, missing: str = "missing bearer token") -> str:
+    """The token of an ``Authorization: Bearer …`` header, or Unauthorized.
+
+    A token is printable ASCII (RFC 6750's b64token); anything else, such as header bytes
+    that are not UTF-8, is refused here rather than failing later in a decoder.
+    """
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise errors.Unauthorized(missing)
+    if not (token.isascii() and token.isprintable()):
+        raise errors.Unauthorized("malformed bearer token")
+    return token

@@ -10,7 +10,8 @@ import asyncpg
 from aiohttp import web
 
 from dialogs import errors, metadata, shard_map
-from dialogs.http import json_response, read_json
+from dialogs.http import bearer_token, json_response, read_json
+from dialogs.keys import INT64_MAX
 from proxy.appkeys import SETTINGS, TOKENS, USERS
 from proxy.migration import store
 from proxy.storage import translated
@@ -27,10 +28,7 @@ def _require_admin(request: web.Request) -> None:
     expected = request.app[SETTINGS].admin_token
     if not expected:
         raise errors.Forbidden("the admin API is disabled (DIALOGS_ADMIN_TOKEN is not set)")
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise errors.Unauthorized("missing admin token")
+    token = bearer_token(request, missing="missing admin token")
     if hmac.compare_digest(token.encode(), expected.encode()):
         return
     try:
@@ -214,9 +212,12 @@ async def list_migrations(request: web.Request) -> web.Response:
 
 def _migration_id(request: web.Request) -> int:
     try:
-        return int(request.match_info["migration_id"])
+        migration_id = int(request.match_info["migration_id"])
     except ValueError:
-        raise errors.InvalidInput("migration_id must be an integer") from None
+        migration_id = 0
+    if not 1 <= migration_id <= INT64_MAX:
+        raise errors.InvalidInput(f"migration_id must be an integer from 1 to {INT64_MAX}")
+    return migration_id
 
 
 async def get_migration(request: web.Request) -> web.Response:

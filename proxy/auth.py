@@ -12,6 +12,7 @@ import jwt
 from aiohttp import web
 
 from dialogs import errors
+from dialogs.http import bearer_token
 
 _LEEWAY_SECONDS = 5
 
@@ -69,11 +70,7 @@ class TokenAuthority:
             raise errors.Unauthorized("token does not name a user") from None
 
     def user_of(self, request: web.Request) -> uuid.UUID:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise errors.Unauthorized("missing bearer token")
-        return self.verify(token.strip())
+        return self.verify(bearer_token(request))
 
 
 class Passwords:

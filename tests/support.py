@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 from aiohttp import web
+from yarl import URL
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 
@@ -149,6 +150,22 @@ class Api:
             if len(batch) < page:
                 return messages
             before = batch[-1]["id"]
+
+
+async def raw_http(base_url: str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send bytes no HTTP client library would (e.g. a header that is not UTF-8); the
+    status and body of the answer. ``head`` is the request line and headers, without the
+    blank line; Content-Length and Connection: close are added."""
+    url = URL(base_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(head + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
 
 
 async def start_site(app: web.Application, port: int) -> web.AppRunner:

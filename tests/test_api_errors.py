@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Callable
 
 import jwt
 import pytest
 
-from tests.support import JWT_SECRET, Cluster
+from tests.support import ADMIN_TOKEN, JWT_SECRET, Cluster, raw_http
 
 
 @pytest.fixture
@@ -98,6 +100,18 @@ def _token(claims: dict[str, object], secret: str = JWT_SECRET) -> str:
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+def _signed(claims: dict[str, object], secret: str = JWT_SECRET, expires_in: int | None = 60) -> Callable[[], str]:
+    """A header built when the test runs, so that ``exp`` is relative to then."""
+
+    def build() -> str:
+        full = dict(claims)
+        if expires_in is not None:
+            full["exp"] = int(time.time()) + expires_in
+        return "Bearer " + _token(full, secret)
+
+    return build
+
+
 @pytest.mark.parametrize(
     ("authorization", "fragment"),
     [
@@ -105,17 +119,18 @@ def _token(claims: dict[str, object], secret: str = JWT_SECRET) -> str:
         ("Basic dXNlcjpwYXNz", "missing bearer token"),
         ("Bearer ", "missing bearer token"),
         ("Bearer not.a.jwt", "invalid bearer token"),
-        ("Bearer " + _token({"sub": str(uuid.uuid4()), "exp": int(time.time()) + 60}, "another-secret" * 3),
-         "invalid bearer token"),
-        ("Bearer " + _token({"sub": str(uuid.uuid4()), "exp": int(time.time()) - 60}), "token expired"),
-        ("Bearer " + _token({"sub": str(uuid.uuid4())}), "invalid bearer token"),
-        ("Bearer " + _token({"sub": "admin", "exp": int(time.time()) + 60}), "does not name a user"),
+        (_signed({"sub": str(uuid.uuid4())}, "another-secret" * 3), "invalid bearer token"),
+        (_signed({"sub": str(uuid.uuid4())}, expires_in=-60), "token expired"),
+        (_signed({"sub": str(uuid.uuid4())}, expires_in=None), "invalid bearer token"),
+        (_signed({"sub": "admin"}), "does not name a user"),
     ],
 )
 async def test_bad_tokens_are_401_before_any_other_check(
-    cluster: Cluster, authorization: str | None, fragment: str
+    cluster: Cluster, authorization: str | Callable[[], str] | None, fragment: str
 ) -> None:
     """Missing, malformed, tampered, expired or exp-less tokens: 401, even with bad input too."""
+    if callable(authorization):
+        authorization = authorization()
     headers = {"Authorization": authorization} if authorization else None
     for method, path, raw in [
         ("POST", "/dialog/not-a-uuid/send", b"{broken"),
@@ -207,3 +222,37 @@ async def test_request_id_is_echoed(cluster: Cluster) -> None:
     reply = await cluster.api.request("GET", "/health", headers={"X-Request-ID": "trace-123"})
     assert reply.headers["X-Request-ID"] == "trace-123"
     assert len((await cluster.api.request("GET", "/health")).headers["X-Request-ID"]) == 32
+
+
+_DEEP = b"[" * 30_000 + b"]" * 30_000
+
+
+@pytest.mark.parametrize("path", ["/login", "/user/register", "/dialog/{boris}/send", "/admin/shards"])
+async def test_deeply_nested_json_is_400(cluster: Cluster, pair: tuple[str, str, str], path: str) -> None:
+    """JSON nested 30,000 levels deep (60 KB) is a 400, not a RecursionError."""
+    anna, token, boris = pair
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN if path.startswith('/admin') else token}"}
+    reply = await cluster.api.request("POST", path.format(boris=boris), raw=_DEEP, headers=headers)
+    _assert_error(reply, 400, "nested too deeply")
+
+
+@pytest.mark.parametrize("path", ["/dialog/{boris}/list", "/dialog/{boris}/send", "/admin/shards"])
+async def test_authorization_header_that_is_not_utf8_is_401(
+    cluster: Cluster, pair: tuple[str, str, str], path: str
+) -> None:
+    """Header bytes that are not UTF-8 in the token: 401 with a JSON body, on user and admin routes."""
+    anna, token, boris = pair
+    method = b"POST" if path.endswith("send") else b"GET"
+    head = b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer \xff\xfe%s" % (
+        method, path.format(boris=boris).encode(), token.encode()[:20]
+    )
+    status, body = await raw_http(cluster.proxy_urls[0], head, b'{"text": "hi"}')
+    assert status == 401, body
+    assert json.loads(body)["message"] == "malformed bearer token"
+
+
+@pytest.mark.parametrize("migration_id", ["9223372036854775808", "0", "-1", "1e3", "9" * 5000])
+async def test_migration_id_out_of_range_is_400(cluster: Cluster, migration_id: str) -> None:
+    """A migration id that is no int64 (or not positive) is a 400, never an overflow 500."""
+    reply = await cluster.admin("GET", f"/admin/migrations/{migration_id}")
+    _assert_error(reply, 400, "migration_id must be an integer")
