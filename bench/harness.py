@@ -24,6 +24,7 @@ from dialogs.supervisor import Child
 
 JWT_SECRET = "bench-secret-" + "b" * 40
 ADMIN_TOKEN = "bench-admin-token-0123456789"
+INTERNAL_SECRET = "bench-internal-secret-" + "i" * 32
 SERVERS = ("meta", "shard-1", "shard-2", "shard-3")
 
 
@@ -58,6 +59,7 @@ class BenchCluster:
                     "DIALOGS_METADATA_DSN": self.dsn("meta"),
                     "DIALOGS_PORT": str(port),
                     "DIALOGS_JWT_SECRET": JWT_SECRET,
+                    "DIALOGS_INTERNAL_SECRET": INTERNAL_SECRET,
                     "DIALOGS_ADMIN_TOKEN": ADMIN_TOKEN,
                     "DIALOGS_PASSWORD_TIME_COST": "1",
                     "DIALOGS_PASSWORD_MEMORY_KIB": "1024",
@@ -78,6 +80,7 @@ class BenchCluster:
             env={
                 "DIALOGS_METADATA_DSN": self.dsn("meta"),
                 "DIALOGS_SHARD_ID": shard_id,
+                "DIALOGS_INTERNAL_SECRET": INTERNAL_SECRET,
                 "DIALOGS_SHARD_DSN": self.dsn(shard_id),
                 "DIALOGS_PORT": str(port),
                 "DIALOGS_HEARTBEAT_INTERVAL": "0.5",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import uuid
 
 from aiohttp import web
@@ -11,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
 from dialog_api.storage import NewMessage
 from dialogs import errors, wire
-from dialogs.http import json_response, read_json
+from dialogs.http import bearer_token, json_response, read_json
 from dialogs.keys import INT64_MAX, INT64_MIN
 
 
@@ -34,6 +35,13 @@ def _uuid(value: object, name: str) -> uuid.UUID:
         raise errors.InvalidInput(f"{name} must be a UUID") from None
 
 
+def _require_proxy(request: web.Request) -> None:
+    """The internal API trusts its caller's ``from``: only proxies, holding the secret, may call."""
+    token = bearer_token(request, missing="the internal API needs the proxies' internal secret")
+    if not hmac.compare_digest(token.encode(), request.app[SETTINGS].internal_secret.encode()):
+        raise errors.Unauthorized("wrong internal secret")
+
+
 def _routed_version(request: web.Request) -> int:
     raw = request.headers.get(wire.MAP_VERSION_HEADER)
     if raw is None:
@@ -42,6 +50,7 @@ def _routed_version(request: web.Request) -> int:
 
 
 async def insert_message(request: web.Request) -> web.Response:
+    _require_proxy(request)
     version = _routed_version(request)
     body = await read_json(request)
     if not isinstance(body, dict):
@@ -66,6 +75,7 @@ async def insert_message(request: web.Request) -> web.Response:
 
 
 async def list_messages(request: web.Request) -> web.Response:
+    _require_proxy(request)
     version = _routed_version(request)
     query = request.query
     dialog_key = _int64(query.get("dialog_key"), "dialog_key")

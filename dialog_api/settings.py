@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import environ
 
-from dialogs.settings import dsn, port, positive_float, positive_int
+from dialogs.settings import dsn, internal_secret, port, positive_float, positive_int
 from dialogs.shard_map import validate_shard_id
 
 
@@ -13,6 +13,8 @@ class WorkerSettings:
     shard_id: str = environ.var(validator=lambda _, __, value: validate_shard_id(value))
     shard_dsn: str = environ.var(converter=dsn("DIALOGS_SHARD_DSN"))
     metadata_dsn: str = environ.var(converter=dsn("DIALOGS_METADATA_DSN"))
+    # Only callers that present it (the proxies) may use the internal API.
+    internal_secret: str = environ.var(validator=internal_secret)
     host: str = environ.var("127.0.0.1")
     port: int = environ.var(8081, converter=port("DIALOGS_PORT"))
     # What proxies use to reach this worker; defaults to http://HOST:PORT.

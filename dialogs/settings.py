@@ -71,6 +71,13 @@ def positive_float(name: str) -> Callable[[Any], float]:
     return _named(name, convert, "a positive number")
 
 
+def internal_secret(_: object, __: object, value: str) -> None:
+    if len(value) < 32:
+        raise ValueError(
+            "DIALOGS_INTERNAL_SECRET must be at least 32 characters (the same on every proxy and worker)"
+        )
+
+
 def dsn(name: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if not isinstance(value, str) or not value.startswith(("postgresql://", "postgres://")):

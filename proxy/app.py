@@ -86,7 +86,7 @@ async def _forwarder(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(connector=connector) as session:
         app[FORWARDER] = Forwarder(
             session, app[TOPOLOGY], app[WATCHER], app[METRICS],
-            settings.forward_timeout, settings.cutover_wait, settings.max_buffered,
+            settings.forward_timeout, settings.cutover_wait, settings.max_buffered, settings.internal_secret,
         )
         yield
 

@@ -38,8 +38,10 @@ class Forwarder:
         timeout: float,
         cutover_wait: float,
         max_buffered: int,
+        internal_secret: str,
     ) -> None:
         self._session = session
+        self._authorization = f"Bearer {internal_secret}"
         self._topology = topology
         self._watcher = watcher
         self._metrics = metrics
@@ -75,7 +77,11 @@ class Forwarder:
                 if shard_map is None:
                     raise errors.MetadataUnavailable("no shard map loaded yet")
                 shard_id = shard_map.owner(dialog_key)
-                headers = {wire.MAP_VERSION_HEADER: str(shard_map.map_version), wire.REQUEST_ID_HEADER: request_id}
+                headers = {
+                    "Authorization": self._authorization,
+                    wire.MAP_VERSION_HEADER: str(shard_map.map_version),
+                    wire.REQUEST_ID_HEADER: request_id,
+                }
                 if body is not None:
                     headers["Content-Type"] = "application/json"
                 try:

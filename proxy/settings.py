@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import environ
 
-from dialogs.settings import dsn, port, positive_float, positive_int
+from dialogs.settings import dsn, internal_secret, port, positive_float, positive_int
 
 
 def _secret(_: object, __: object, value: str) -> None:
@@ -21,6 +21,8 @@ def _admin_token(_: object, __: object, value: str) -> None:
 class ProxySettings:
     metadata_dsn: str = environ.var(converter=dsn("DIALOGS_METADATA_DSN"))
     jwt_secret: str = environ.var(validator=_secret)
+    # Proves to workers that a request comes from a proxy; the same on every proxy and worker.
+    internal_secret: str = environ.var(validator=internal_secret)
     host: str = environ.var("127.0.0.1")
     port: int = environ.var(8080, converter=port("DIALOGS_PORT"))
     admin_token: str = environ.var("", validator=_admin_token)

@@ -30,9 +30,11 @@ from proxy.settings import ProxySettings
 
 JWT_SECRET = "test-secret-" + "x" * 40
 ADMIN_TOKEN = "test-admin-token-0123456789"
+INTERNAL_SECRET = "test-internal-secret-" + "y" * 32
 
 PROXY_ENV = {
     "DIALOGS_JWT_SECRET": JWT_SECRET,
+    "DIALOGS_INTERNAL_SECRET": INTERNAL_SECRET,
     "DIALOGS_ADMIN_TOKEN": ADMIN_TOKEN,
     # Argon2 at its cheapest: the suite registers hundreds of users.
     "DIALOGS_PASSWORD_TIME_COST": "1",
@@ -43,6 +45,7 @@ PROXY_ENV = {
     "DIALOGS_HEARTBEAT_INTERVAL": "0.2",
 }
 WORKER_ENV = {
+    "DIALOGS_INTERNAL_SECRET": INTERNAL_SECRET,
     "DIALOGS_HEARTBEAT_INTERVAL": "0.2",
     "DIALOGS_POLL_INTERVAL": "0.2",
     "DIALOGS_POOL_MIN": "1",

@@ -52,6 +52,7 @@ def test_services_and_start_order(compose: dict[str, Any]) -> None:
         assert services[proxy]["depends_on"]["worker-1"]["condition"] == "service_healthy"
         env = services[proxy]["environment"]
         assert env["DIALOGS_JWT_SECRET"] and env["DIALOGS_ADMIN_TOKEN"] and env["DIALOGS_HOST"] == "0.0.0.0"
+        assert env["DIALOGS_INTERNAL_SECRET"] == services["worker-1"]["environment"]["DIALOGS_INTERNAL_SECRET"]
     assert [str(p["published"]) for p in services["lb"]["ports"]] == ["8080"]
     shards = {services[w]["environment"]["DIALOGS_SHARD_ID"] for w in ("worker-1", "worker-2")}
     assert shards == {"shard-1", "shard-2"}

@@ -7,12 +7,15 @@ import uuid
 
 import aiohttp
 import asyncpg
+import pytest
 
 from dialogs import metadata
 from dialogs.keys import dialog_key
 from dialogs.shard_map import ShardMap
 from proxy.appkeys import METRICS, TOPOLOGY
-from tests.support import Cluster
+from tests.support import INTERNAL_SECRET, Cluster
+
+_AS_PROXY = {"Authorization": f"Bearer {INTERNAL_SECRET}"}
 
 
 async def _publish_next_map(cluster: Cluster) -> ShardMap:
@@ -57,7 +60,7 @@ async def test_worker_refuses_an_older_map_version(cluster: Cluster) -> None:
     await _wait_worker_version(cluster.session, url, bumped.map_version)
     a, b, key = _owned_by(bumped, "shard-1")
     body = {"dialog_key": key, "from": a, "to": b, "text": "stale", "idempotency_key": None}
-    async with cluster.session.post(url + "/internal/v1/messages", json=body, headers={"X-Map-Version": "1"}) as r:
+    async with cluster.session.post(url + "/internal/v1/messages", json=body, headers={**_AS_PROXY, "X-Map-Version": "1"}) as r:
         assert r.status == 409
         error = await r.json()
     assert error["code"] == 40902 and error["map_version"] == bumped.map_version
@@ -72,11 +75,32 @@ async def test_worker_refuses_a_dialog_it_does_not_own(cluster: Cluster) -> None
     assert shard_map is not None
     a, b, key = _owned_by(shard_map, "shard-2")
     body = {"dialog_key": key, "from": a, "to": b, "text": "misrouted", "idempotency_key": None}
-    headers = {"X-Map-Version": str(shard_map.map_version)}
+    headers = {**_AS_PROXY, "X-Map-Version": str(shard_map.map_version)}
     async with cluster.session.post(url + "/internal/v1/messages", json=body, headers=headers) as r:
         assert r.status == 409 and "not on this shard" in (await r.json())["message"]
-    async with cluster.session.post(url + "/internal/v1/messages", json=body) as r:
+    async with cluster.session.post(url + "/internal/v1/messages", json=body, headers=_AS_PROXY) as r:
         assert r.status == 400 and "X-Map-Version" in (await r.json())["message"]
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-secret", f"Basic {INTERNAL_SECRET}"])
+async def test_worker_answers_only_proxies(cluster: Cluster, authorization: str | None) -> None:
+    """Straight to a worker without the internal secret: 401, nothing stored, nothing listed."""
+    anna, anna_token = await cluster.api.user("Anna")
+    boris = await cluster.api.register("Boris")
+    shard_map = cluster.proxies[0].app[TOPOLOGY].map
+    assert shard_map is not None
+    key = dialog_key(uuid.UUID(anna), uuid.UUID(boris))
+    url = _worker_url(cluster, shard_map.owner(key))
+    headers = {"X-Map-Version": str(shard_map.map_version)}
+    if authorization:
+        headers["Authorization"] = authorization
+    forged = {"dialog_key": key, "from": boris, "to": anna, "text": "forged", "idempotency_key": None}
+    async with cluster.session.post(url + "/internal/v1/messages", json=forged, headers=headers) as r:
+        assert r.status == 401, await r.text()
+    query = {"dialog_key": str(key), "user_a": anna, "user_b": boris}
+    async with cluster.session.get(url + "/internal/v1/messages", params=query, headers=headers) as r:
+        assert r.status == 401, await r.text()
+    assert (await cluster.api.list(anna_token, boris)).json == []
 
 
 async def test_proxy_with_an_old_map_reloads_and_retries(cluster: Cluster) -> None:

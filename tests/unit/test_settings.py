@@ -9,8 +9,10 @@ from dialog_api.settings import WorkerSettings
 from dialogs.settings import SettingsError, load
 from proxy.settings import ProxySettings
 
-PROXY = {"DIALOGS_METADATA_DSN": "postgresql://u@h/db", "DIALOGS_JWT_SECRET": "s" * 32}
+INTERNAL = {"DIALOGS_INTERNAL_SECRET": "i" * 32}
+PROXY = {"DIALOGS_METADATA_DSN": "postgresql://u@h/db", "DIALOGS_JWT_SECRET": "s" * 32, **INTERNAL}
 WORKER = {
+    **INTERNAL,
     "DIALOGS_SHARD_ID": "shard-1",
     "DIALOGS_SHARD_DSN": "postgresql://u@h/shard",
     "DIALOGS_METADATA_DSN": "postgresql://u@h/meta",
@@ -35,7 +37,8 @@ def test_settings_are_frozen() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"DIALOGS_JWT_SECRET": "s" * 32}, "DIALOGS_METADATA_DSN"),
+        ({"DIALOGS_JWT_SECRET": "s" * 32, **INTERNAL}, "DIALOGS_METADATA_DSN"),
+        ({**PROXY, "DIALOGS_INTERNAL_SECRET": "short"}, "DIALOGS_INTERNAL_SECRET must be at least 32"),
         ({**PROXY, "DIALOGS_PORT": "http"}, "DIALOGS_PORT must be a TCP port"),
         ({**PROXY, "DIALOGS_PORT": "70000"}, "DIALOGS_PORT must be a TCP port"),
         ({**PROXY, "DIALOGS_JWT_SECRET": "short"}, "at least 32 characters"),
@@ -47,6 +50,12 @@ def test_bad_proxy_settings_name_the_variable(env: dict[str, str], message: str)
     """A missing or malformed variable is one SettingsError that says which and why."""
     with pytest.raises(SettingsError, match=message):
         load(ProxySettings, env)
+
+
+def test_workers_need_the_internal_secret() -> None:
+    """A worker without the proxies' secret does not start: its API would trust anyone."""
+    with pytest.raises(SettingsError, match="DIALOGS_INTERNAL_SECRET"):
+        load(WorkerSettings, {k: v for k, v in WORKER.items() if k != "DIALOGS_INTERNAL_SECRET"})
 
 
 def test_bad_shard_id_is_refused() -> None:
