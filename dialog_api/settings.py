@@ -20,6 +20,9 @@ class WorkerSettings:
     # What proxies use to reach this worker; defaults to http://HOST:PORT.
     advertise_url: str = environ.var("")
     worker_id: str = environ.var("")
+    # Longer than the proxies keep idle connections to workers (30 s), so that a proxy never
+    # reuses a connection the worker is closing; a send on such a connection would be a 503.
+    idle_timeout: float = environ.var(75.0, converter=positive_float("DIALOGS_IDLE_TIMEOUT"))
     pool_min: int = environ.var(2, converter=positive_int("DIALOGS_POOL_MIN"))
     pool_max: int = environ.var(16, converter=positive_int("DIALOGS_POOL_MAX"))
     # Group commit: how many sends one transaction may carry, and how many commit at once.

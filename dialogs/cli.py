@@ -168,10 +168,11 @@ def _serve(build, service: str) -> None:  # type: ignore[no-untyped-def]
     from aiohttp import web
 
     from dialogs import logs
+    from dialogs.http import LINGERING_SECONDS
 
     logs.configure(service, os.environ.get("DIALOGS_LOG_LEVEL", "INFO"))
     try:
-        app, host, port = build()
+        app, settings = build()
     except SettingsError as exc:
         click.echo(f"configuration error: {exc}", err=True)
         sys.exit(2)
@@ -181,7 +182,10 @@ def _serve(build, service: str) -> None:  # type: ignore[no-untyped-def]
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=10)
+    web.run_app(
+        app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10,
+        keepalive_timeout=settings.idle_timeout, lingering_time=LINGERING_SECONDS,
+    )
 
 
 @main.command()
@@ -193,7 +197,7 @@ def proxy() -> None:
 
     def build():  # type: ignore[no-untyped-def]
         settings = load(ProxySettings)
-        return create_app(settings), settings.host, settings.port
+        return create_app(settings), settings
 
     _serve(build, "proxy")
 
@@ -207,7 +211,7 @@ def worker() -> None:
 
     def build():  # type: ignore[no-untyped-def]
         settings = load(WorkerSettings)
-        return create_app(settings), settings.host, settings.port
+        return create_app(settings), settings
 
     _serve(build, "worker")
 
@@ -455,6 +459,7 @@ def run_migration(metadata_dsn: str) -> None:
     """Run the active migration in this process until it ends (proxies do this on their own;
     this is for running it elsewhere, or with DIALOGS_MIGRATION_DRIVER=false on the proxies)."""
     from dialogs import logs
+    from dialogs.http import LINGERING_SECONDS
     from proxy.migration.runner import run_active
 
     logs.configure("migration-runner", os.environ.get("DIALOGS_LOG_LEVEL", "INFO"))

@@ -7,15 +7,18 @@
     ├── Forbidden                   403  authenticated, but not allowed (admin API)
     ├── NotFound                    404  unknown user, shard, migration or route
     ├── MethodNotAllowed            405  a known route, another method
+    ├── RequestTimeout              408  the request body did not arrive in time
     ├── Conflict                    409  the request clashes with current state
     │   ├── StaleMap                409  (proxy <-> worker) routed with an older shard map
     │   ├── RangeMoving             409  (proxy <-> worker) the dialog's range is in cutover
     │   └── RangeNotServed          409  (proxy <-> worker) this shard does not serve the range
     ├── BodyTooLarge                413  request body over the limit
     ├── IdempotencyKeyReused        422  same Idempotency-Key, different message
+    ├── TooManyRequests             429  too many failed logins (carries Retry-After)
     └── Unavailable                 503  try again later (carries Retry-After)
         ├── ShardUnavailable        503  the owning shard's workers or database are down
-        └── MetadataUnavailable     503  the metadata database is down (users, login)
+        ├── MetadataUnavailable     503  the metadata database is down (users, login)
+        └── Overloaded              503  too many password hashes already in progress
 
 Foreign exceptions (asyncpg, aiohttp client errors, timeouts) are translated into these
 at the module that meets them: storage modules and the proxy's forwarder. One middleware
@@ -74,6 +77,13 @@ class MethodNotAllowed(DialogsError):
     status, code, default_message = 405, 40501, "method not allowed"
 
 
+class RequestTimeout(DialogsError):
+    status, code, default_message = 408, 40801, "the request body did not arrive in time"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class Conflict(DialogsError):
     status, code, default_message = 409, 40901, "conflict"
 
@@ -108,12 +118,23 @@ class IdempotencyKeyReused(DialogsError):
     status, code, default_message = 422, 42201, "Idempotency-Key was already used for a different message"
 
 
-class Unavailable(DialogsError):
-    status, code, default_message = 503, 50301, "service unavailable, retry later"
-    retry_after: ClassVar[int] = 1
+class _RetryLater:
+    """Mixed into errors that tell the client when to come back (``Retry-After``, seconds)."""
+
+    def __init__(self, message: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message)  # type: ignore[call-arg]
+        self.retry_after = retry_after
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class TooManyRequests(_RetryLater, DialogsError):
+    status, code, default_message = 429, 42901, "too many requests, retry later"
+
+
+class Unavailable(_RetryLater, DialogsError):
+    status, code, default_message = 503, 50301, "service unavailable, retry later"
 
 
 class ShardUnavailable(Unavailable):
@@ -122,6 +143,10 @@ class ShardUnavailable(Unavailable):
 
 class MetadataUnavailable(Unavailable):
     code, default_message = 50303, "the metadata database is unavailable, retry later"
+
+
+class Overloaded(Unavailable):
+    code, default_message = 50304, "too many logins at once, retry shortly"
 
 
 _BY_CODE: dict[int, type[DialogsError]] = {}

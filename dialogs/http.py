@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -23,6 +24,13 @@ REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 
 # Milliseconds matter here: the proxy adds well under one to a query.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 5.0)
+
+# Bodies are at most tens of KiB: one still arriving after this long is a slow-body attack
+# (headers are bounded by the server's idle timeout, see the settings).
+BODY_READ_TIMEOUT = 10.0
+# After answering without reading the whole body (a 401 or 408 first), the server drains
+# the rest for at most this long before closing (aiohttp's default is 10 s).
+LINGERING_SECONDS = 2.0
 
 _HTTP_ERRORS = {
     404: errors.NotFound("no such route"),
@@ -107,11 +115,15 @@ def make_middleware(metrics: RequestMetrics) -> Callable[..., Awaitable[web.Stre
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or InvalidInput. Oversized bodies raise BodyTooLarge."""
+    """The request body as JSON, or InvalidInput. Oversized bodies raise BodyTooLarge; a
+    body that takes longer than BODY_READ_TIMEOUT to arrive raises RequestTimeout."""
     try:
-        raw = await request.read()
+        async with asyncio.timeout(BODY_READ_TIMEOUT):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise errors.BodyTooLarge() from None
+    except TimeoutError:
+        raise errors.RequestTimeout() from None
     if not raw:
         raise errors.InvalidInput("request body must be JSON")
     try:

@@ -18,6 +18,7 @@ from proxy import handlers
 from proxy.appkeys import (
     FORWARDER,
     KNOWN_USERS,
+    LOGIN_GUARD,
     METRICS,
     PASSWORDS,
     SETTINGS,
@@ -28,6 +29,7 @@ from proxy.appkeys import (
 )
 from proxy.auth import Passwords, TokenAuthority
 from proxy.forwarder import Forwarder
+from proxy.login_guard import FailureLimit, LoginGuard
 from proxy.metrics import ProxyMetrics
 from proxy.migration.driver import MigrationDriver
 from proxy.migration.runner import Observer, RunnerSettings
@@ -37,6 +39,15 @@ from proxy.topology import Topology
 from proxy.users import KnownUsers
 
 log = logging.getLogger(__name__)
+
+
+async def _passwords(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[PASSWORDS] = Passwords(
+        settings.password_time_cost, settings.password_memory_kib, settings.password_concurrency, settings.password_wait
+    )
+    yield
+    app[PASSWORDS].close()
 
 
 async def _migrations(app: web.Application) -> AsyncIterator[None]:
@@ -82,7 +93,9 @@ async def _topology(app: web.Application) -> AsyncIterator[None]:
 
 async def _forwarder(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    # Shorter than the workers' idle timeout (75 s by default): the worker never closes a
+    # connection this proxy still means to reuse.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
     async with aiohttp.ClientSession(connector=connector) as session:
         app[FORWARDER] = Forwarder(
             session, app[TOPOLOGY], app[WATCHER], app[METRICS],
@@ -127,7 +140,10 @@ def create_app(settings: ProxySettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[TOKENS] = TokenAuthority(settings.jwt_secret, settings.jwt_ttl)
-    app[PASSWORDS] = Passwords(settings.password_time_cost, settings.password_memory_kib)
-    app.cleanup_ctx.extend([_migrations, _metadata_pool, _topology, _forwarder, _registration, _migration_driver])
+    app[LOGIN_GUARD] = LoginGuard(
+        FailureLimit(settings.login_failures_per_user, settings.login_failure_window),
+        FailureLimit(settings.login_failures_per_address, settings.login_failure_window),
+    )
+    app.cleanup_ctx.extend([_passwords, _migrations, _metadata_pool, _topology, _forwarder, _registration, _migration_driver])
     handlers.setup_routes(app)
     return app

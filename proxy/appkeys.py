@@ -7,6 +7,7 @@ from aiohttp import web
 from dialogs.watch import MetadataWatcher
 from proxy.auth import Passwords, TokenAuthority
 from proxy.forwarder import Forwarder
+from proxy.login_guard import LoginGuard
 from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
 from proxy.storage import UserStore
@@ -17,6 +18,7 @@ SETTINGS = web.AppKey("settings", ProxySettings)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 TOKENS = web.AppKey("tokens", TokenAuthority)
 PASSWORDS = web.AppKey("passwords", Passwords)
+LOGIN_GUARD = web.AppKey("login_guard", LoginGuard)
 USERS = web.AppKey("users", UserStore)
 KNOWN_USERS = web.AppKey("known_users", KnownUsers)
 TOPOLOGY = web.AppKey("topology", Topology)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import argon2
 import jwt
@@ -15,6 +18,8 @@ from dialogs import errors
 from dialogs.http import bearer_token
 
 _LEEWAY_SECONDS = 5
+
+T = TypeVar("T")
 
 
 class TokenAuthority:
@@ -74,13 +79,21 @@ class TokenAuthority:
 
 
 class Passwords:
-    """Argon2id, off the event loop: one hash costs tens of milliseconds of CPU."""
+    """Argon2id, off the event loop, at most ``concurrency`` at once.
 
-    def __init__(self, time_cost: int, memory_kib: int) -> None:
+    One hash costs tens of milliseconds of CPU and ``memory_kib`` of memory, so a burst of
+    logins must not run them all at once: the rest wait up to ``wait`` seconds for a turn,
+    then get Overloaded (503 with Retry-After).
+    """
+
+    def __init__(self, time_cost: int, memory_kib: int, concurrency: int, wait: float) -> None:
         self._hasher = argon2.PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=1)
+        self._executor = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="argon2")
+        self._turns = asyncio.Semaphore(concurrency)
+        self._wait = wait
 
     async def hash(self, password: str) -> str:
-        return await asyncio.get_running_loop().run_in_executor(None, self._hasher.hash, password)
+        return await self._run(self._hasher.hash, password)
 
     async def verify(self, password_hash: str, password: str) -> bool:
         def check() -> bool:
@@ -89,4 +102,18 @@ class Passwords:
             except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
                 return False
 
-        return await asyncio.get_running_loop().run_in_executor(None, check)
+        return await self._run(check)
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        try:
+            async with asyncio.timeout(self._wait):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise errors.Overloaded() from None
+        future = asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        # The turn ends when the hash does, even if the client went away meanwhile.
+        future.add_done_callback(lambda _: self._turns.release())
+        return await asyncio.shield(future)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -21,6 +21,7 @@ from dialog_api.settings import WorkerSettings
 from dialogs import metadata
 from dialogs.bootstrap import bootstrap
 from dialogs.embedded import free_port
+from dialogs.http import LINGERING_SECONDS
 from dialogs.keys import dialog_key
 from dialogs.settings import load
 from dialogs.shard_map import ShardMap
@@ -171,8 +172,11 @@ async def raw_http(base_url: str, head: bytes, body: bytes = b"") -> tuple[int, 
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
 
 
-async def start_site(app: web.Application, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+async def start_site(app: web.Application, port: int, idle_timeout: float) -> web.AppRunner:
+    """Serve ``app`` on 127.0.0.1:``port`` as `dialogs proxy` and `dialogs worker` do."""
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, keepalive_timeout=idle_timeout, lingering_time=LINGERING_SECONDS
+    )
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner
@@ -213,7 +217,7 @@ class Cluster:
             "DIALOGS_PORT": str(port),
             **env,
         })
-        runner = await start_site(create_worker(settings), port)
+        runner = await start_site(create_worker(settings), port, settings.idle_timeout)
         self.workers[f"{shard_id}@{port}"] = runner
         return runner
 
@@ -231,7 +235,7 @@ class Cluster:
         settings = load(ProxySettings, {
             **PROXY_ENV, "DIALOGS_METADATA_DSN": self.metadata_dsn, "DIALOGS_PORT": str(port), **env,
         })
-        runner = await start_site(create_proxy(settings), port)
+        runner = await start_site(create_proxy(settings), port, settings.idle_timeout)
         self.proxies.append(runner)
         self.proxy_urls.append(f"http://127.0.0.1:{port}")
         await self.wait_routable(len(self.proxies) - 1)

@@ -1,0 +1,120 @@
+"""Limits on login: failed attempts per user and per client address, and who may hash.
+
+Password hashing is the proxy's one expensive operation (Argon2id: tens of milliseconds
+of CPU and 64 MiB of memory each), so an unbounded burst of logins would take every core
+and gigabytes of memory. Two limits, both per proxy process:
+
+- ``FailureLimit``: after ``limit`` failed logins within ``window`` seconds for one key
+  (a user id, a client address), further attempts are refused with 429 and
+  ``Retry-After`` until the oldest failure leaves the window, without hashing anything.
+- ``Passwords`` (in ``proxy/auth.py``) hashes at most ``concurrency`` passwords at once;
+  the rest wait a short while, then get 503 with ``Retry-After``.
+
+With N proxies behind a load balancer an attacker gets at most N times the limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import math
+import time
+from collections.abc import Callable, Sequence
+
+from aiohttp import web
+
+from dialogs import errors
+
+Clock = Callable[[], float]
+
+
+class FailureLimit:
+    """At most ``limit`` failures per key in any ``window`` seconds; memory bounded by ``max_keys``."""
+
+    def __init__(self, limit: int, window: float, max_keys: int = 100_000, clock: Clock = time.monotonic) -> None:
+        self._limit = limit
+        self._window = window
+        self._max_keys = max_keys
+        self._clock = clock
+        self._failures: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+
+    def retry_after(self, key: str) -> float:
+        """Seconds until ``key`` may try again; 0 if it may now."""
+        failures = self._failures.get(key)
+        if failures is None:
+            return 0.0
+        now = self._clock()
+        while failures and failures[0] <= now - self._window:
+            failures.popleft()
+        if not failures:
+            del self._failures[key]
+            return 0.0
+        if len(failures) < self._limit:
+            return 0.0
+        return failures[0] + self._window - now
+
+    def failed(self, key: str) -> None:
+        failures = self._failures.get(key)
+        if failures is None:
+            failures = self._failures[key] = collections.deque(maxlen=self._limit)
+            if len(self._failures) > self._max_keys:
+                self._failures.popitem(last=False)  # the key that failed longest ago
+        else:
+            self._failures.move_to_end(key)
+        failures.append(self._clock())
+
+    def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
+
+
+class LoginGuard:
+    """The two failure limits a login passes: one per user id, one per client address."""
+
+    def __init__(self, per_user: FailureLimit, per_address: FailureLimit) -> None:
+        self.per_user = per_user
+        self.per_address = per_address
+
+    def check(self, user_key: str, address: str) -> None:
+        """Raise TooManyRequests if either limit is reached."""
+        wait = max(self.per_user.retry_after(user_key), self.per_address.retry_after(address))
+        if wait > 0:
+            raise errors.TooManyRequests(
+                "too many failed logins; retry later", retry_after=max(1, math.ceil(wait))
+            )
+
+    def failed(self, user_key: str | None, address: str) -> None:
+        if user_key is not None:
+            self.per_user.failed(user_key)
+        self.per_address.failed(address)
+
+    def succeeded(self, user_key: str) -> None:
+        self.per_user.succeeded(user_key)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(value: str) -> tuple[Network, ...]:
+    """``"10.0.0.0/8, 127.0.0.1"`` as networks; a bare address is a /32 (or /128)."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip())
+
+
+def client_address(request: web.Request, trusted: Sequence[Network]) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted load balancer,
+    the last address in X-Forwarded-For that is not itself trusted."""
+    peer = request.remote or ""
+    if not trusted or not _is_in(peer, trusted):
+        return peer
+    hops = [hop.strip() for hop in request.headers.get("X-Forwarded-For", "").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _is_in(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _is_in(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)

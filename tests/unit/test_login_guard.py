@@ -1,0 +1,89 @@
+"""Failed-login limits and the client address they count against."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from dialogs import errors
+from proxy.login_guard import FailureLimit, LoginGuard, client_address, parse_networks
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_limit_refuses_after_n_failures_until_the_oldest_leaves_the_window() -> None:
+    """Three failures in 60 s lock the key; it opens when the first one is 60 s old."""
+    clock = Clock()
+    limit = FailureLimit(3, 60, clock=clock)
+    for step in range(3):
+        assert limit.retry_after("u") == 0
+        limit.failed("u")
+        clock.now += 10
+    assert limit.retry_after("u") == pytest.approx(30)
+    assert limit.retry_after("other") == 0
+    clock.now += 30
+    assert limit.retry_after("u") == 0
+
+
+def test_success_clears_a_users_failures() -> None:
+    """A correct password forgives earlier typos."""
+    limit = FailureLimit(2, 60, clock=Clock())
+    limit.failed("u")
+    limit.failed("u")
+    assert limit.retry_after("u") > 0
+    limit.succeeded("u")
+    assert limit.retry_after("u") == 0
+
+
+def test_memory_is_bounded_by_max_keys() -> None:
+    """A flood of distinct keys evicts the oldest instead of growing without end."""
+    limit = FailureLimit(1, 60, max_keys=100, clock=Clock())
+    for i in range(1000):
+        limit.failed(f"k{i}")
+    assert limit.retry_after("k999") > 0 and limit.retry_after("k0") == 0
+
+
+def test_guard_raises_429_with_whole_seconds() -> None:
+    """The address limit applies across users; Retry-After is at least one second."""
+    clock = Clock()
+    guard = LoginGuard(FailureLimit(5, 60, clock=clock), FailureLimit(2, 60, clock=clock))
+    guard.failed("a", "10.0.0.1")
+    guard.failed(None, "10.0.0.1")
+    with pytest.raises(errors.TooManyRequests) as raised:
+        guard.check("b", "10.0.0.1")
+    assert raised.value.status == 429 and raised.value.headers() == {"Retry-After": "60"}
+    guard.check("b", "10.0.0.2")
+
+
+class _Transport:
+    """Just enough of a transport to say who the peer is."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return (self.peer, 1234) if name == "peername" else default
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "trusted", "expected"),
+    [
+        ("203.0.113.5", None, "", "203.0.113.5"),
+        ("203.0.113.5", "1.2.3.4", "", "203.0.113.5"),  # nobody trusted: the header is ignored
+        ("10.1.2.3", "1.2.3.4", "10.0.0.0/8", "1.2.3.4"),
+        ("10.1.2.3", "spoofed, 1.2.3.4", "10.0.0.0/8", "1.2.3.4"),  # the balancer appends the real one
+        ("10.1.2.3", "1.2.3.4, 10.9.9.9", "10.0.0.0/8", "1.2.3.4"),
+        ("203.0.113.5", "1.2.3.4", "10.0.0.0/8", "203.0.113.5"),  # not from the balancer
+    ],
+)
+def test_client_address(peer: str, forwarded: str | None, trusted: str, expected: str) -> None:
+    """X-Forwarded-For counts only when the peer is a trusted balancer, and only its last untrusted hop."""
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    request = make_mocked_request("POST", "/login", headers=headers, transport=_Transport(peer))
+    assert client_address(request, parse_networks(trusted)) == expected
