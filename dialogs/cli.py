@@ -459,11 +459,18 @@ def run_migration(metadata_dsn: str) -> None:
     """Run the active migration in this process until it ends (proxies do this on their own;
     this is for running it elsewhere, or with DIALOGS_MIGRATION_DRIVER=false on the proxies)."""
     from dialogs import logs
-    from dialogs.http import LINGERING_SECONDS
-    from proxy.migration.runner import run_active
+    from dialogs.settings import load
+    from proxy.migration.runner import RunnerSettings, run_active
+    from proxy.settings import MigrationRunnerSettings
 
     logs.configure("migration-runner", os.environ.get("DIALOGS_LOG_LEVEL", "INFO"))
-    result = asyncio.run(run_active(metadata_dsn))
+    try:
+        settings = load(MigrationRunnerSettings, {**os.environ, "DIALOGS_METADATA_DSN": metadata_dsn})
+    except SettingsError as exc:
+        click.echo(f"configuration error: {exc}", err=True)
+        sys.exit(2)
+    runner = RunnerSettings(cutover_deadline=settings.cutover_deadline, liveness_ttl=settings.worker_ttl)
+    result = asyncio.run(run_active(settings.metadata_dsn, runner))
     if result is None:
         click.echo("nothing to run: no active migration, or another runner holds the lease")
         sys.exit(1)

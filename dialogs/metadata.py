@@ -41,13 +41,18 @@ async def active_map(con: asyncpg.Connection) -> ShardMap | None:
 
 # Compare-and-swap write of a map version ($1 version, $2 shards, $3 vnodes_base, $4 reason):
 # the primary key settles two writers racing for one version; the WHERE clause refuses a
-# version that does not follow the latest. Also embedded by the migration flip.
-CAS_INSERT_MAP = """
+# version that does not follow the latest. Also embedded by the migration flip, which adds
+# a condition of its own.
+def cas_insert_map(condition: str = "true") -> str:
+    return f"""
 INSERT INTO shard_maps (map_version, shards, vnodes_base, reason)
 SELECT $1::bigint, $2::jsonb, $3::integer, $4::text
-WHERE coalesce((SELECT max(map_version) FROM shard_maps), 0) = $1::bigint - 1
+WHERE coalesce((SELECT max(map_version) FROM shard_maps), 0) = $1::bigint - 1 AND ({condition})
 ON CONFLICT (map_version) DO NOTHING
 """
+
+
+CAS_INSERT_MAP = cas_insert_map()
 
 
 def map_arguments(new: ShardMap, reason: str) -> tuple[int, str, int, str]:

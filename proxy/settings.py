@@ -76,3 +76,13 @@ class ProxySettings:
     login_failure_window: float = environ.var(60.0, converter=positive_float("DIALOGS_LOGIN_FAILURE_WINDOW"))
     # Peers whose X-Forwarded-For names the client (the load balancer), as addresses or CIDRs.
     trusted_proxies: tuple[Network, ...] = environ.var("", converter=networks("DIALOGS_TRUSTED_PROXIES"))
+
+
+@environ.config(prefix="DIALOGS", frozen=True)
+class MigrationRunnerSettings:
+    """`dialogs run-migration`: the proxies' migration settings, for a runner of its own."""
+
+    metadata_dsn: str = environ.var(converter=dsn("DIALOGS_METADATA_DSN"))
+    cutover_deadline: float = environ.var(5.0, converter=positive_float("DIALOGS_CUTOVER_DEADLINE"))
+    # Cleanup waits for every process whose heartbeat is younger than this.
+    worker_ttl: float = environ.var(10.0, converter=positive_float("DIALOGS_WORKER_TTL"))

@@ -408,8 +408,10 @@ class _Run:
         try:
             await store.flip(self.meta, migration, pause * 1000)
         except (errors.Conflict, *_SHARD_FAILURES) as exc:
-            if (await self._reload()).phase != "cleanup":
-                await self._cutover_failed(migration, f"could not activate the new map: {exc}", fatal=True)
+            current = await self._reload()
+            if current.phase != "cleanup":
+                reason = "aborted by the operator" if current.abort_requested else f"could not activate the new map: {exc}"
+                await self._cutover_failed(migration, reason, fatal=True)
                 return
         self.observer.cutover(time.monotonic() - started, True)
         took = [f"{name} {(b - a) * 1000:.1f}" for name, a, b in zip(("freeze", "verify", "hand-over"), steps, steps[1:])]

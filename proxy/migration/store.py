@@ -229,7 +229,12 @@ async def flip(con: asyncpg.Connection, migration: Migration, pause_ms: float) -
     """
     flipped = await con.fetchval(
         f"""
-        WITH activated AS ({metadata.CAS_INSERT_MAP} RETURNING map_version)
+        WITH allowed AS (
+            -- Locks the row against request_abort: whichever commits first wins, the other
+            -- sees its result (an abort request stops the flip; a flip makes the abort a 409).
+            SELECT 1 FROM migrations WHERE migration_id = $5 AND NOT abort_requested FOR UPDATE
+        ),
+        activated AS ({metadata.cas_insert_map("EXISTS (SELECT 1 FROM allowed)")} RETURNING map_version)
         UPDATE migrations SET phase = 'cleanup', last_pause_ms = $6, error = NULL, updated_at = now()
         WHERE migration_id = $5 AND EXISTS (SELECT 1 FROM activated)
         RETURNING migration_id
@@ -238,21 +243,22 @@ async def flip(con: asyncpg.Connection, migration: Migration, pause_ms: float) -
         migration.migration_id, pause_ms,
     )
     if flipped is None:
-        raise errors.Conflict("the shard map changed under the migration")
+        raise errors.Conflict("the shard map changed under the migration, or an abort was requested")
 
 
 async def request_abort(con: asyncpg.Connection, migration_id: int) -> Migration:
+    # One conditional UPDATE: it waits for a flip holding the row, then sees its phase.
+    requested = await con.fetchval(
+        "UPDATE migrations SET abort_requested = true, updated_at = now()"
+        " WHERE migration_id = $1 AND phase = ANY($2::text[]) RETURNING migration_id",
+        migration_id, list(ABORTABLE_PHASES),
+    )
     migration = await get(con, migration_id)
     if migration is None:
         raise errors.NotFound(f"no migration {migration_id}")
-    if migration.phase not in ABORTABLE_PHASES:
+    if requested is None:
         raise errors.Conflict(f"migration {migration_id} is in phase {migration.phase} and can no longer be aborted")
-    await con.execute(
-        "UPDATE migrations SET abort_requested = true, updated_at = now() WHERE migration_id = $1", migration_id
-    )
-    updated = await get(con, migration_id)
-    assert updated is not None
-    return updated
+    return migration
 
 
 async def set_throttle(

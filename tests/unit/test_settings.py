@@ -7,7 +7,7 @@ import pytest
 
 from dialog_api.settings import WorkerSettings
 from dialogs.settings import SettingsError, load
-from proxy.settings import ProxySettings
+from proxy.settings import MigrationRunnerSettings, ProxySettings
 
 INTERNAL = {"DIALOGS_INTERNAL_SECRET": "i" * 32}
 PROXY = {"DIALOGS_METADATA_DSN": "postgresql://u@h/db", "DIALOGS_JWT_SECRET": "s" * 32, **INTERNAL}
@@ -62,3 +62,13 @@ def test_bad_shard_id_is_refused() -> None:
     """Shard ids are checked like the admin API checks them."""
     with pytest.raises(SettingsError, match="shard_id"):
         load(WorkerSettings, {**WORKER, "DIALOGS_SHARD_ID": "Shard One"})
+
+
+def test_a_separate_migration_runner_reads_the_proxies_migration_settings() -> None:
+    """`dialogs run-migration` honours DIALOGS_CUTOVER_DEADLINE and DIALOGS_WORKER_TTL like a proxy."""
+    env = {"DIALOGS_METADATA_DSN": "postgresql://u@h/meta", "DIALOGS_CUTOVER_DEADLINE": "2.5",
+           "DIALOGS_WORKER_TTL": "4"}
+    settings = load(MigrationRunnerSettings, env)
+    assert (settings.cutover_deadline, settings.worker_ttl) == (2.5, 4.0)
+    with pytest.raises(SettingsError, match="DIALOGS_CUTOVER_DEADLINE"):
+        load(MigrationRunnerSettings, {**env, "DIALOGS_CUTOVER_DEADLINE": "soon"})
