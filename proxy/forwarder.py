@@ -1,11 +1,9 @@
 """Forward a dialog request to a live worker of the shard that owns it.
 
-Retries only what is known not to have been applied: a refused connection (try the
-shard's next worker), a stale-map refusal (reload the map, route again) and a refusal by
-a range in cutover (buffer, then retry on the new owner). Reads are also retried on a
-connection that broke mid-request. A worker that stops answering in the
-middle of a send may or may not have stored it, so that becomes a 503 and the client
-retries with its Idempotency-Key.
+The I/O half of forwarding: route by the current shard map, make each attempt, and
+carry out what the pure decisions of ``proxy/forwarding.py`` return (try the next
+worker, reload the map and reroute, hold the request while its range is cut over, or
+fail). Every retry rule is there, with its reasons.
 """
 
 from __future__ import annotations
@@ -20,12 +18,10 @@ from yarl import URL
 
 from dialogs import errors, wire
 from dialogs.watch import MetadataWatcher
+from proxy import forwarding
+from proxy.forwarding import Answered, Broken, Buffer, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
 from proxy.metrics import ProxyMetrics
 from proxy.topology import Topology
-
-MAX_ROUTING_ATTEMPTS = 4
-# While buffered, retry this often even without a new map (an aborted cutover changes none).
-BUFFER_RETRY_SECONDS = 0.025
 
 
 class Forwarder:
@@ -65,7 +61,6 @@ class Forwarder:
         the next shard map arrives (or every few milliseconds), for at most
         ``cutover_wait`` seconds. The client sees a slower answer, not an error.
         """
-        operation = "send" if method == "POST" else "list"
         # Encoded once: a buffered request may be retried every few milliseconds.
         body = json.dumps(payload).encode() if payload is not None else None
         path = wire.INTERNAL_MESSAGES_PATH + ("?" + urlencode(params) if params else "")
@@ -76,7 +71,6 @@ class Forwarder:
                 shard_map = self._topology.map
                 if shard_map is None:
                     raise errors.MetadataUnavailable("no shard map loaded yet")
-                shard_id = shard_map.owner(dialog_key)
                 headers = {
                     "Authorization": self._authorization,
                     wire.MAP_VERSION_HEADER: str(shard_map.map_version),
@@ -84,36 +78,29 @@ class Forwarder:
                 }
                 if body is not None:
                     headers["Content-Type"] = "application/json"
-                try:
-                    return await self._on_shard(shard_id, operation, method, headers, path, body)
-                except errors.StaleMap as stale:
-                    self._metrics.stale_map_retries.inc()
-                    if stale.map_version > self._topology.map_version and reloads < MAX_ROUTING_ATTEMPTS:
-                        reloads += 1
-                        await self._watcher.refresh()
-                        continue
-                except errors.RangeNotServed:
-                    # Either the map moved on and this proxy has not loaded it yet, or the
-                    # range is between its old and new owner for a few milliseconds.
-                    self._metrics.stale_map_retries.inc()
-                    await self._watcher.refresh(timeout=0.5)
+                step = await self._on_shard(shard_map.owner(dialog_key), method, headers, path, body)
+                if isinstance(step, Deliver):
+                    return step.body
+                self._metrics.stale_map_retries.inc()
+                next_step = forwarding.after_refusal(step.refusal, self._topology.map_version, reloads)
+                if isinstance(next_step, Reload):
+                    reloads += 1
+                    await self._watcher.refresh(timeout=next_step.timeout)
                     if self._topology.map_version > shard_map.map_version:
                         continue
-                except errors.RangeMoving:
-                    pass
                 now = time.monotonic()
+                held = forwarding.buffer_wait(
+                    None if buffered_since is None else now - buffered_since,
+                    self._cutover_wait, self._buffered, self._max_buffered,
+                )
+                if isinstance(held, Fail):
+                    self._metrics.buffer_overflows.inc()
+                    raise held.error
                 if buffered_since is None:
-                    if self._buffered >= self._max_buffered:
-                        self._metrics.buffer_overflows.inc()
-                        raise errors.ShardUnavailable("too many requests are waiting for a resharding cutover")
                     buffered_since = now
                     self._buffered += 1
                     self._metrics.buffered.inc()
-                remaining = buffered_since + self._cutover_wait - now
-                if remaining <= 0:
-                    self._metrics.buffer_overflows.inc()
-                    raise errors.ShardUnavailable("this dialog is being moved between shards; retry shortly")
-                await self._topology.wait_for_change(min(BUFFER_RETRY_SECONDS, remaining))
+                await self._topology.wait_for_change(held.seconds)
         finally:
             if buffered_since is not None:
                 self._buffered -= 1
@@ -121,57 +108,47 @@ class Forwarder:
                 self._metrics.buffer_wait_seconds.observe(time.monotonic() - buffered_since)
 
     async def _on_shard(
-        self,
-        shard_id: str,
-        operation: str,
-        method: str,
-        headers: dict[str, str],
-        path: str,
-        body: bytes | None,
-    ) -> bytes:
+        self, shard_id: str, method: str, headers: dict[str, str], path: str, body: bytes | None
+    ) -> Deliver | Refused:
+        """Try the shard's workers in turn until one delivers or refuses; raise on failure."""
         candidates = self._topology.candidates(shard_id)
         if not candidates:
             self._metrics.forward_errors.labels(shard_id, "no_worker").inc()
             raise errors.ShardUnavailable()
-        last_error: errors.DialogsError = errors.ShardUnavailable()
-        for url in candidates:
+        operation = "list" if method == "GET" else "send"
+        for index, url in enumerate(candidates):
             started = time.perf_counter()
-            try:
-                # A ready-made, already encoded URL and body: aiohttp's own URL building and
-                # JSON handling cost more than the rest of the proxy's work per request.
-                async with self._session.request(
-                    method,
-                    URL(url + path, encoded=True),
-                    data=body,
-                    headers=headers,
-                    timeout=self._timeout,
-                ) as response:
-                    answer = await response.read()
-            except aiohttp.ClientConnectorError:
-                # Never reached the worker: nothing was applied, the next one may take it.
+            attempt = await self._attempt(method, url + path, headers, body)
+            if isinstance(attempt, Answered):
+                self._metrics.forward_seconds.labels(shard_id, operation).observe(time.perf_counter() - started)
+                self._topology.mark_up(url)
+            else:
                 self._topology.mark_down(url)
-                self._metrics.forward_errors.labels(shard_id, "connect").inc()
+            step = forwarding.after_attempt(attempt, method == "GET", len(candidates) - index - 1)
+            if isinstance(step, NextWorker):
+                self._metrics.forward_errors.labels(shard_id, step.reason).inc()
                 continue
-            except (aiohttp.ClientError, TimeoutError):
-                self._topology.mark_down(url)
-                self._metrics.forward_errors.labels(shard_id, "broken").inc()
-                if method == "GET":
-                    continue  # a read can always be tried again elsewhere
-                raise errors.ShardUnavailable() from None
-            self._metrics.forward_seconds.labels(shard_id, operation).observe(time.perf_counter() - started)
-            self._topology.mark_up(url)
-            if response.status == 200:
-                return answer
-            error = _worker_error(response.status, answer)
-            if isinstance(error, errors.ShardUnavailable):
-                # This worker cannot reach its database; another worker of the shard might.
-                self._metrics.forward_errors.labels(shard_id, "unavailable").inc()
-                last_error = error
-                continue
-            if not isinstance(error, errors.StaleMap):
-                self._metrics.forward_errors.labels(shard_id, str(response.status)).inc()
-            raise error
-        raise last_error
+            if isinstance(step, Fail):
+                self._metrics.forward_errors.labels(shard_id, step.reason).inc()
+                raise step.error
+            return step
+        raise AssertionError("after_attempt fails on the last worker")  # pragma: no cover
+
+    async def _attempt(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> forwarding.Attempt:
+        try:
+            # A ready-made, already encoded URL and body: aiohttp's own URL building and
+            # JSON handling cost more than the rest of the proxy's work per request.
+            async with self._session.request(
+                method, URL(url, encoded=True), data=body, headers=headers, timeout=self._timeout
+            ) as response:
+                answer = await response.read()
+        except aiohttp.ClientConnectorError:
+            return NotConnected()
+        except (aiohttp.ClientError, TimeoutError):
+            return Broken()
+        if response.status == 200:
+            return Answered(answer)
+        return Answered(error=_worker_error(response.status, answer))
 
 
 def _worker_error(status: int, body: bytes) -> errors.DialogsError:

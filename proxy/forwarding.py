@@ -1,0 +1,154 @@
+"""What the proxy does after each attempt to forward a request: pure decisions, no I/O.
+
+``proxy/forwarder.py`` makes the attempts and carries out what these functions return,
+as mitmproxy's layers yield commands for the server to execute. Two levels:
+
+- ``after_attempt``: one worker of the owning shard answered (or did not). Deliver, try
+  the shard's next worker, or stop trying this shard with a refusal or a failure.
+- ``after_refusal``: the shard refused the request because of where the dialog lives
+  (a stale map, a range moving or not served here). Reload the shard map and route
+  again, or hold the request (buffer) and retry, or give up.
+
+Retries are only for what was certainly not applied: a connection that was never made,
+a worker that answered 503 before touching its database, a refusal by the range fence.
+A write that broke mid-request may have been stored: it fails with 503 and the client
+retries with its Idempotency-Key. A read may always be retried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dialogs import errors
+
+# Route again after a map reload at most this many times per request, then buffer.
+MAX_RELOADS = 4
+# While buffered, retry this often even without a new map (an aborted cutover changes none).
+BUFFER_RETRY_SECONDS = 0.025
+
+
+# --- what happened ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """The worker answered: 200 with ``body``, or ``error`` rebuilt from its error JSON."""
+
+    body: bytes = b""
+    error: errors.DialogsError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotConnected:
+    """The connection to the worker was never made: nothing was applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """The connection broke or timed out after the request was sent: it may have been applied."""
+
+
+Attempt = Answered | NotConnected | Broken
+
+
+# --- what to do ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NextWorker:
+    """Try the shard's next worker; ``reason`` labels the forwarding-error metric."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The shard will not take this request where it was routed: see ``after_refusal``."""
+
+    refusal: errors.Conflict
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    error: errors.DialogsError
+    reason: str
+
+
+Step = Deliver | NextWorker | Refused | Fail
+
+_REFUSALS = (errors.StaleMap, errors.RangeMoving, errors.RangeNotServed)
+
+
+def after_attempt(attempt: Attempt, is_read: bool, workers_left: int) -> Step:
+    """The next step after one attempt on one worker of the owning shard."""
+    if isinstance(attempt, NotConnected):
+        return _next_or_fail("connect", workers_left)
+    if isinstance(attempt, Broken):
+        if is_read:
+            return _next_or_fail("broken", workers_left)
+        return Fail(errors.ShardUnavailable(), "broken")
+    if attempt.error is None:
+        return Deliver(attempt.body)
+    if isinstance(attempt.error, errors.ShardUnavailable):
+        # This worker cannot reach its database (before touching it); another worker might.
+        return _next_or_fail("unavailable", workers_left, attempt.error)
+    if isinstance(attempt.error, _REFUSALS):
+        return Refused(attempt.error)
+    return Fail(attempt.error, str(attempt.error.status))
+
+
+def _next_or_fail(reason: str, workers_left: int, error: errors.DialogsError | None = None) -> Step:
+    if workers_left > 0:
+        return NextWorker(reason)
+    return Fail(error or errors.ShardUnavailable(), reason)
+
+
+# --- refusals: reroute, buffer or give up ----------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """Reload the shard map (waiting at most ``timeout``), then route again if it moved on,
+    or buffer if it did not."""
+
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Buffer:
+    """Hold the request: wait for the next map (at most ``seconds``), then route again."""
+
+    seconds: float
+
+
+Next = Reload | Buffer | Fail
+
+
+def after_refusal(refusal: errors.Conflict, known_version: int, reloads: int) -> Next:
+    """A refusal by the shard. ``known_version``: the newest map this proxy has."""
+    if isinstance(refusal, errors.StaleMap) and refusal.map_version > known_version and reloads < MAX_RELOADS:
+        return Reload(timeout=2.0)
+    if isinstance(refusal, errors.RangeNotServed) and reloads < MAX_RELOADS:
+        # Either the map moved on and this proxy has not loaded it yet, or the range is
+        # between its old and new owner for a few milliseconds: a quick look first.
+        return Reload(timeout=0.5)
+    return Buffer(BUFFER_RETRY_SECONDS)
+
+
+def buffer_wait(
+    buffered_for: float | None, cutover_wait: float, buffered_now: int, max_buffered: int
+) -> Buffer | Fail:
+    """How long to wait before the next try, or why not to wait any longer.
+
+    ``buffered_for``: seconds this request has been held, None if it is not held yet.
+    """
+    if buffered_for is None:
+        if buffered_now >= max_buffered:
+            return Fail(errors.ShardUnavailable("too many requests are waiting for a resharding cutover"), "overflow")
+        buffered_for = 0.0
+    remaining = cutover_wait - buffered_for
+    if remaining <= 0:
+        return Fail(errors.ShardUnavailable("this dialog is being moved between shards; retry shortly"), "timeout")
+    return Buffer(min(BUFFER_RETRY_SECONDS, remaining))
