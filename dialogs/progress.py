@@ -9,8 +9,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dialogs.admin_client import AdminClient
+from dialogs.wire import FINISHED_PHASES
 
-FINISHED = ("done", "aborted")
+FINISHED = tuple(FINISHED_PHASES)
 
 
 def describe(migration: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import enum
 import uuid
 from typing import Any
 
@@ -11,6 +12,37 @@ MAP_VERSION_HEADER = "X-Map-Version"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 
 INTERNAL_MESSAGES_PATH = "/internal/v1/messages"
+
+class Phase(enum.StrEnum):
+    """A resharding migration's phase: in the metadata database, the admin API and metrics.
+
+    prepare -> copy -> catchup -> cutover -> cleanup -> done, or, before the flip,
+    -> aborting -> aborted. A failed cutover goes back to catchup.
+    """
+
+    PREPARE = "prepare"
+    COPY = "copy"
+    CATCHUP = "catchup"
+    CUTOVER = "cutover"
+    CLEANUP = "cleanup"
+    DONE = "done"
+    ABORTING = "aborting"
+    ABORTED = "aborted"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def abortable(self) -> bool:
+        """Before the flip: the old owners still hold everything."""
+        return self in _ABORTABLE
+
+
+_FINISHED = frozenset({Phase.DONE, Phase.ABORTED})
+_ABORTABLE = frozenset({Phase.PREPARE, Phase.COPY, Phase.CATCHUP, Phase.CUTOVER})
+FINISHED_PHASES = sorted(_FINISHED)
+ABORTABLE_PHASES = sorted(_ABORTABLE)
 
 # Notification channels in the metadata database.
 MAP_CHANNEL = "dialogs_map"

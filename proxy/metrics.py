@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dialogs.shard_map import ShardMap
+from dialogs.wire import Phase
 
 from dialogs.http import LATENCY_BUCKETS, RequestMetrics
 
@@ -82,7 +83,7 @@ class ProxyMetrics:
             ["phase"],
             registry=self.registry,
         )
-        for phase in ("prepare", "copy", "catchup", "cutover", "cleanup", "aborting", "done", "aborted"):
+        for phase in Phase:
             self.migration_phase.labels(phase).set(0)
         self.migration_rows_copied = Gauge(
             "dialogs_migration_rows_copied", "Rows copied by the migration this proxy runs", registry=self.registry
@@ -105,7 +106,7 @@ class ProxyMetrics:
         )
 
     def observe_phase(self, phase: str) -> None:
-        for name in ("prepare", "copy", "catchup", "cutover", "cleanup", "aborting", "done", "aborted"):
+        for name in Phase:
             self.migration_phase.labels(name).set(1 if name == phase else 0)
 
     def observe_rows(self, copied: int, remaining: int) -> None:

@@ -19,9 +19,10 @@ import asyncpg
 
 from dialogs import errors, metadata, shard_control
 from dialogs.shard_control import Span, Watermark
+from dialogs.wire import Phase
 from proxy.migration import store
 from proxy.migration.plan import Move, owned_after_split
-from proxy.migration.store import ABORTABLE_PHASES, Migration, RangeState
+from proxy.migration.store import Migration, RangeState
 
 log = logging.getLogger(__name__)
 
@@ -155,21 +156,21 @@ class _Run:
 
     async def _phases(self) -> Migration:
         steps = {
-            "prepare": self._prepare,
-            "copy": self._copy,
-            "catchup": self._catchup,
-            "cutover": self._cutover,
-            "cleanup": self._cleanup,
-            "aborting": self._abort,
+            Phase.PREPARE: self._prepare,
+            Phase.COPY: self._copy,
+            Phase.CATCHUP: self._catchup,
+            Phase.CUTOVER: self._cutover,
+            Phase.CLEANUP: self._cleanup,
+            Phase.ABORTING: self._abort,
         }
         while True:
             migration = await self._reload()
             self.observer.phase(migration.phase)
-            if migration.phase in ("done", "aborted"):
+            if migration.phase.finished:
                 log.info("migration %s %s", migration.migration_id, migration.phase)
                 return migration
-            if migration.abort_requested and migration.phase in ABORTABLE_PHASES:
-                await store.set_phase(self.meta, migration.migration_id, "aborting", "aborted by the operator")
+            if migration.abort_requested and migration.phase.abortable:
+                await store.set_phase(self.meta, migration.migration_id, Phase.ABORTING, "aborted by the operator")
                 continue
             try:
                 await steps[migration.phase](migration)
@@ -184,7 +185,7 @@ class _Run:
 
     async def _check_abort(self) -> Migration:
         migration = await self._reload()
-        if migration.abort_requested and migration.phase in ABORTABLE_PHASES:
+        if migration.abort_requested and migration.phase.abortable:
             raise _Interrupted()
         return migration
 
@@ -194,7 +195,7 @@ class _Run:
         active = await metadata.active_map(self.meta)
         old = await metadata.shard_map_version(self.meta, migration.from_version)
         if active is None or old is None or active.map_version != migration.from_version:
-            await store.set_phase(self.meta, migration.migration_id, "aborting",
+            await store.set_phase(self.meta, migration.migration_id, Phase.ABORTING,
                                   "the shard map changed before the migration started")
             return
         for shard_id in self.targets:
@@ -211,7 +212,7 @@ class _Run:
                 estimates.update(await shard_control.span_counts(con, self.leaving(shard_id)))
         await store.set_estimates(self.meta, migration.migration_id, estimates)
         self.ranges = await store.ranges(self.meta, migration.migration_id)
-        await store.set_phase(self.meta, migration.migration_id, "copy")
+        await store.set_phase(self.meta, migration.migration_id, Phase.COPY)
 
     # --- copy: the initial pass, checkpointed per batch -----------------------------------
 
@@ -225,7 +226,7 @@ class _Run:
                 await self._forget_uncheckpointed(tgt, states)
                 await self._copy_pair(src, tgt, states)
         self.ranges = await store.ranges(self.meta, migration.migration_id)
-        await store.set_phase(self.meta, migration.migration_id, "catchup")
+        await store.set_phase(self.meta, migration.migration_id, Phase.CATCHUP)
 
     async def _forget_uncheckpointed(self, tgt: asyncpg.Connection, states: list[RangeState]) -> None:
         """A crash may have committed a batch on the target without its checkpoint: drop those rows.
@@ -303,7 +304,7 @@ class _Run:
                 missing = await self._targets_without_workers()
                 if not missing:
                     await self._preverify(seq)
-                    await store.set_phase(self.meta, migration.migration_id, "cutover")
+                    await store.set_phase(self.meta, migration.migration_id, Phase.CUTOVER)
                     return
                 log.info("waiting for a live worker on %s before the cutover", ", ".join(missing))
                 await asyncio.sleep(self.settings.poll_interval)
@@ -409,7 +410,7 @@ class _Run:
             await store.flip(self.meta, migration, pause * 1000)
         except (errors.Conflict, *_SHARD_FAILURES) as exc:
             current = await self._reload()
-            if current.phase != "cleanup":
+            if current.phase != Phase.CLEANUP:
                 reason = "aborted by the operator" if current.abort_requested else f"could not activate the new map: {exc}"
                 await self._cutover_failed(migration, reason, fatal=True)
                 return
@@ -500,7 +501,7 @@ class _Run:
         await self._set("migrating", self.sources, self.leaving)
         attempts = await store.cutover_failed(self.meta, migration.migration_id, reason)
         if fatal or attempts >= MAX_CUTOVER_ATTEMPTS:
-            await store.set_phase(self.meta, migration.migration_id, "aborting", reason)
+            await store.set_phase(self.meta, migration.migration_id, Phase.ABORTING, reason)
 
     # --- cleanup: after every live process knows the new map, drop moved rows -------------
 
@@ -518,7 +519,7 @@ class _Run:
                 await shard_control.clear_delta(con)
         if migration.kind == "remove":
             await store.retire_shard(self.meta, migration.shard_id)
-        await store.set_phase(self.meta, migration.migration_id, "done")
+        await store.set_phase(self.meta, migration.migration_id, Phase.DONE)
 
     # --- abort: before the flip, the old owners keep everything ---------------------------
 
@@ -534,5 +535,5 @@ class _Run:
         for shard_id in self.targets:
             async with self.pools[shard_id].acquire() as con:
                 await shard_control.delete_spans(con, self.arriving(shard_id))
-        await store.set_phase(self.meta, migration.migration_id, "aborted")
+        await store.set_phase(self.meta, migration.migration_id, Phase.ABORTED)
 

@@ -11,10 +11,9 @@ import asyncpg
 from dialogs import errors, metadata
 from dialogs.shard_control import Cursor, Watermark
 from dialogs.shard_map import ShardMap
+from dialogs.wire import ABORTABLE_PHASES, FINISHED_PHASES, Phase
 from proxy.migration.plan import Move, moves
 
-ACTIVE_PHASES = ("prepare", "copy", "catchup", "cutover", "cleanup", "aborting")
-ABORTABLE_PHASES = ("prepare", "copy", "catchup", "cutover")
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,7 @@ class Migration:
     shard_id: str
     from_version: int
     target_map: ShardMap
-    phase: str
+    phase: Phase
     abort_requested: bool
     rows_per_second: int
     batch_size: int
@@ -81,7 +80,7 @@ def _migration(row: asyncpg.Record) -> Migration:
         shard_id=row["shard_id"],
         from_version=row["from_version"],
         target_map=ShardMap.from_json(json.loads(row["target_map"])),
-        phase=row["phase"],
+        phase=Phase(row["phase"]),
         abort_requested=row["abort_requested"],
         rows_per_second=row["rows_per_second"],
         batch_size=row["batch_size"],
@@ -133,7 +132,7 @@ async def get(con: asyncpg.Connection, migration_id: int) -> Migration | None:
 async def active(con: asyncpg.Connection) -> Migration | None:
     row = await con.fetchrow(
         f"SELECT {_COLUMNS} FROM migrations WHERE phase <> ALL($1::text[]) ORDER BY migration_id DESC LIMIT 1",
-        ["done", "aborted"],
+        FINISHED_PHASES,
     )
     return _migration(row) if row else None
 
@@ -205,19 +204,19 @@ async def save_delta(con: asyncpg.Connection, migration_id: int, watermarks: dic
     )
 
 
-async def set_phase(con: asyncpg.Connection, migration_id: int, phase: str, error: str | None = None) -> None:
+async def set_phase(con: asyncpg.Connection, migration_id: int, phase: Phase, error: str | None = None) -> None:
     await con.execute(
         "UPDATE migrations SET phase = $2, error = coalesce($3, error), updated_at = now(),"
-        " finished_at = CASE WHEN $2 IN ('done', 'aborted') THEN now() END WHERE migration_id = $1",
-        migration_id, phase, error,
+        " finished_at = CASE WHEN $4 THEN now() END WHERE migration_id = $1",
+        migration_id, phase, error, phase.finished,
     )
 
 
 async def cutover_failed(con: asyncpg.Connection, migration_id: int, reason: str) -> int:
     return await con.fetchval(
-        "UPDATE migrations SET cutover_attempts = cutover_attempts + 1, phase = 'catchup', error = $2,"
+        "UPDATE migrations SET cutover_attempts = cutover_attempts + 1, phase = $3, error = $2,"
         " updated_at = now() WHERE migration_id = $1 RETURNING cutover_attempts",
-        migration_id, reason,
+        migration_id, reason, Phase.CATCHUP,
     )
 
 
@@ -235,12 +234,12 @@ async def flip(con: asyncpg.Connection, migration: Migration, pause_ms: float) -
             SELECT 1 FROM migrations WHERE migration_id = $5 AND NOT abort_requested FOR UPDATE
         ),
         activated AS ({metadata.cas_insert_map("EXISTS (SELECT 1 FROM allowed)")} RETURNING map_version)
-        UPDATE migrations SET phase = 'cleanup', last_pause_ms = $6, error = NULL, updated_at = now()
+        UPDATE migrations SET phase = $7, last_pause_ms = $6, error = NULL, updated_at = now()
         WHERE migration_id = $5 AND EXISTS (SELECT 1 FROM activated)
         RETURNING migration_id
         """,
         *metadata.map_arguments(migration.target_map, f"migration {migration.migration_id}"),
-        migration.migration_id, pause_ms,
+        migration.migration_id, pause_ms, Phase.CLEANUP,
     )
     if flipped is None:
         raise errors.Conflict("the shard map changed under the migration, or an abort was requested")
@@ -251,7 +250,7 @@ async def request_abort(con: asyncpg.Connection, migration_id: int) -> Migration
     requested = await con.fetchval(
         "UPDATE migrations SET abort_requested = true, updated_at = now()"
         " WHERE migration_id = $1 AND phase = ANY($2::text[]) RETURNING migration_id",
-        migration_id, list(ABORTABLE_PHASES),
+        migration_id, ABORTABLE_PHASES,
     )
     migration = await get(con, migration_id)
     if migration is None:

@@ -1,0 +1,25 @@
+"""Migration phases: one enum, the same set as the metadata database's CHECK constraint."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+from dialogs.wire import ABORTABLE_PHASES, FINISHED_PHASES, Phase
+
+
+def test_the_enum_is_the_databases_set_of_phases() -> None:
+    """The SQL CHECK and the unique 'one active migration' index name the enum's values."""
+    sql = resources.files("dialogs.migrations.metadata").joinpath("0002_resharding.sql").read_text()
+    check = re.search(r"CHECK \(phase IN\s*\(([^)]*)\)\)", sql)
+    assert check is not None
+    assert set(re.findall(r"'(\w+)'", check[1])) == {phase.value for phase in Phase}
+    active_index = re.search(r"migrations_one_active .* WHERE phase NOT IN \(([^)]*)\)", sql)
+    assert active_index is not None
+    assert set(re.findall(r"'(\w+)'", active_index[1])) == set(FINISHED_PHASES)
+
+
+def test_only_phases_before_the_flip_are_abortable() -> None:
+    """Once cleanup began the new map is active: the way back is another migration."""
+    assert ABORTABLE_PHASES == sorted([Phase.PREPARE, Phase.COPY, Phase.CATCHUP, Phase.CUTOVER])
+    assert not Phase.CLEANUP.abortable and Phase.DONE.finished and not Phase.ABORTING.finished
