@@ -26,6 +26,7 @@ import asyncpg
 import yaml
 from rich.console import Console
 
+from dialogs import backoff
 from dialogs.bootstrap import bootstrap
 from dialogs.cluster import DATABASE, ClusterLayout, ShardLayout
 from dialogs.embedded import LocalPostgres, die_with_parent, free_port
@@ -75,6 +76,21 @@ def acquire_lock(data_dir: Path) -> IO[str]:
 
 
 @dataclass
+class Restarts:
+    """A supervised process's crash history: what `backoff.after_exit` decides from."""
+
+    failures: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None  # set while a restart is pending
+
+    def exited(self, now: float) -> float:
+        """Record an exit seen at ``now``; the delay before the restart."""
+        self.failures, delay = backoff.after_exit(self.failures, now - self.started_at)
+        self.restart_at = now + delay
+        return delay
+
+
+@dataclass
 class Child:
     """A process of the cluster: a worker, a proxy, or Prometheus."""
 
@@ -85,11 +101,11 @@ class Child:
     health_url: str
     argv: list[str] | None = None  # default: `python -m dialogs COMMAND`
     process: subprocess.Popen[bytes] | None = None
-    failures: int = 0
-    restart_at: float = 0.0
+    restarts: Restarts = field(default_factory=lambda: Restarts())
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
+        self.restarts.started_at = time.monotonic()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_file, "ab")
         self.process = subprocess.Popen(
@@ -335,18 +351,16 @@ class Supervisor:
             for child in self.children:
                 if child.alive or self._stopping:
                     continue
-                if child.restart_at == 0.0:
-                    child.failures += 1
-                    delay = min(2 ** (child.failures - 1), 30)
-                    child.restart_at = now + delay
+                if child.restarts.restart_at is None:
+                    delay = child.restarts.exited(now)
                     self.console.print(
                         f"[yellow]{child.name} exited ({child.process.returncode if child.process else '?'});"
-                        f" restarting in {delay}s[/yellow]"
+                        f" restarting in {delay:g}s[/yellow]"
                     )
-                elif now >= child.restart_at:
+                elif now >= child.restarts.restart_at:
                     child.stop()
                     child.start()
-                    child.restart_at = 0.0
+                    child.restarts.restart_at = None
             time.sleep(0.2)
 
     def _stop(self) -> None:
