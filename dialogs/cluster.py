@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,15 @@ from dialogs.embedded import free_port
 
 STATE_FILE = "cluster.json"
 DATABASE = "dialogs"
+
+_GENERATED_NAME = re.compile(r"shard-([0-9]+)")
+
+
+def next_shard_id(existing: Iterable[str]) -> str:
+    """``shard-N`` after the highest ``shard-N`` in ``existing``; other names (``eu-db-2``) do
+    not take part, since only names of this form can collide with the ones made here."""
+    numbers = [int(match[1]) for name in existing if (match := _GENERATED_NAME.fullmatch(name))]
+    return f"shard-{max(numbers, default=0) + 1}"
 
 
 @dataclass
@@ -83,8 +94,7 @@ class ClusterLayout:
     def add_shard(self, shard_id: str | None = None) -> ShardLayout:
         """A new shard with fresh ports (``shard-N`` after the highest N when no name is given)."""
         if shard_id is None:
-            numbers = [int(s.shard_id.split("-")[1]) for s in self.shards if s.shard_id.split("-")[-1].isdigit()]
-            shard_id = f"shard-{max(numbers, default=0) + 1}"
+            shard_id = next_shard_id(shard.shard_id for shard in self.shards)
         if self.shard(shard_id) is not None:
             raise ValueError(f"the local cluster already has a shard named {shard_id}")
         shard = ShardLayout(shard_id, free_port(), free_port())
