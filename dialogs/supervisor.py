@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -26,10 +27,10 @@ import asyncpg
 import yaml
 from rich.console import Console
 
-from dialogs import backoff
+from dialogs import backoff, pg_home
 from dialogs.bootstrap import bootstrap
 from dialogs.cluster import DATABASE, ClusterLayout, ShardLayout
-from dialogs.embedded import LocalPostgres, die_with_parent, free_port
+from dialogs.embedded import SYSTEM_USER, LocalPostgres, die_with_parent, free_port
 
 LOCK_FILE = "up.lock"
 
@@ -293,6 +294,7 @@ class Supervisor:
                 self.servers[shard.shard_id] = self._server(shard.shard_id, shard.pg_port)
             for server in self.servers.values():
                 server.start()
+        self._placement_note()
         with self.console.status("applying migrations"):
             asyncio.run(_prepare_databases(layout))
         self.children = self._children()
@@ -304,6 +306,18 @@ class Supervisor:
             with self.console.status(f"starting {child.name}"):
                 child.start()
                 child.wait_healthy()
+
+    def _placement_note(self) -> None:
+        """Say once, plainly, when the data is not where the user asked (see dialogs/pg_home.py)."""
+        if not any(server.relocated for server in self.servers.values()):
+            return
+        pg_dir = self.layout.data_dir / "pg"
+        closed = pg_home.closed_ancestor(pg_dir, pwd.getpwnam(SYSTEM_USER))
+        self.console.print(
+            f"PostgreSQL runs as the {SYSTEM_USER} user, who cannot enter {closed}: its data is kept in"
+            f" {pg_home.ROOT_HOME / 'data'}, linked from {pg_dir} (no folder's permissions were changed)",
+            highlight=False,
+        )
 
     def _apply_layout(self) -> None:
         """`dialogs shard add/remove` changed cluster.json: start new shards, stop retired ones."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
+from dialogs import pg_home
 from dialogs.embedded import free_port
 from tests.prometheus import ensure_installed
 
@@ -75,7 +77,11 @@ class Runner:
         return output
 
     def leftovers(self) -> list[psutil.Process]:
-        """Processes whose command line names the data folder: servers, workers, proxy."""
+        """Processes whose command line names the data folder (or where its servers' data really
+        is, when it was kept elsewhere), or that run with it as DIALOGS_DATA_DIR."""
+        folders = [str(self.data_dir)]
+        if (self.data_dir / "pg").is_dir():
+            folders += [str(link.resolve()) for link in (self.data_dir / "pg").iterdir() if link.is_symlink()]
         found = []
         for proc in psutil.process_iter(["cmdline", "environ"]):
             try:
@@ -83,7 +89,7 @@ class Runner:
                 environ = proc.info["environ"] or {}
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if str(self.data_dir) in cmdline or environ.get("DIALOGS_DATA_DIR") == str(self.data_dir):
+            if any(folder in cmdline for folder in folders) or environ.get("DIALOGS_DATA_DIR") == str(self.data_dir):
                 found.append(proc)
         return found
 
@@ -98,6 +104,10 @@ class Runner:
                     process.wait()
         for proc in self.leftovers():
             proc.kill()
+        # As root in a private tmp_path the data went under /var/lib/dialogs/data: ours to remove.
+        if (self.data_dir / "pg").is_dir():
+            for datadir in (self.data_dir / "pg").iterdir():
+                pg_home.remove_data_directory(datadir)
 
 
 @pytest.fixture
@@ -148,6 +158,9 @@ def test_up_use_stop_and_start_again(runner: Runner) -> None:
     output = runner.stop(first)
     assert first.returncode == 0, output
     assert "Dialogs is up" in output and "curl -s" in output
+    if os.geteuid() == 0:  # tmp_path is 0700: the data is kept elsewhere, and the output says so once
+        assert output.count("its data is kept in /var/lib/dialogs/data") == 1, output
+        assert stat.S_IMODE(runner.data_dir.parent.stat().st_mode) == 0o700
     time.sleep(0.5)
     assert runner.leftovers() == []
 
