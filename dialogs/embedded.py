@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from dialogs import pg_home
+from dialogs import pg_home, postmaster
 
 SYSTEM_USER = "embedded_postgres"
 SUPERUSER = "postgres"
@@ -143,8 +143,12 @@ class LocalPostgres:
         return True
 
     def start(self, timeout: float = 30.0) -> None:
+        """Start the server; also after a crash (kill -9), whatever it left behind."""
+        if self.process is not None:
+            self.process.poll()  # reap a crashed postmaster: a zombie's pid would block the start
         self.init()
-        self._stop_leftover()
+        postmaster.clear_leftover(self.pgdata)
+        postmaster.end_orphans(self.pgdata)
         args = [
             str(self.bin_dir / "postgres"),
             "-D", str(self.pgdata),
@@ -182,24 +186,6 @@ class LocalPostgres:
             time.sleep(0.05)
         self.stop()
         raise PostgresError(f"PostgreSQL at {self.datadir} did not accept connections in {timeout}s")
-
-    def _stop_leftover(self) -> None:
-        """A server left running on this datadir (its owner was killed) would block the start."""
-        pid_file = self.pgdata / "postmaster.pid"
-        if not pid_file.exists():
-            return
-        try:
-            pid = int(pid_file.read_text().split()[0])
-            os.kill(pid, signal.SIGINT)
-        except (ValueError, IndexError, ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT: roll back open transactions, checkpoint, exit)."""

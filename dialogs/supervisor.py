@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -30,7 +31,7 @@ from rich.console import Console
 from dialogs import backoff, pg_home
 from dialogs.bootstrap import bootstrap
 from dialogs.cluster import DATABASE, ClusterLayout, ShardLayout
-from dialogs.embedded import SYSTEM_USER, LocalPostgres, die_with_parent, free_port
+from dialogs.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent, free_port
 
 LOCK_FILE = "up.lock"
 
@@ -123,6 +124,14 @@ class Child:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -181,6 +190,7 @@ class Supervisor:
         self.console = console
         self.with_prometheus = with_prometheus
         self.servers: dict[str, LocalPostgres] = {}
+        self.server_restarts: dict[str, Restarts] = {}
         self.children: list[Child] = []
         self._stopping = False
         self._reload = False
@@ -292,8 +302,8 @@ class Supervisor:
             self.servers["meta"] = self._server("meta", layout.meta_port)
             for shard in layout.active_shards:
                 self.servers[shard.shard_id] = self._server(shard.shard_id, shard.pg_port)
-            for server in self.servers.values():
-                server.start()
+            for name, server in self.servers.items():
+                self._start_server(name, server)
         self._placement_note()
         with self.console.status("applying migrations"):
             asyncio.run(_prepare_databases(layout))
@@ -306,6 +316,21 @@ class Supervisor:
             with self.console.status(f"starting {child.name}"):
                 child.start()
                 child.wait_healthy()
+
+    def _start_server(self, name: str, server: LocalPostgres) -> None:
+        self.server_restarts.setdefault(name, Restarts()).started_at = time.monotonic()
+        server.start()
+
+    def _restart_server(self, name: str, server: LocalPostgres) -> None:
+        """Start a crashed server again (LocalPostgres.start copes with what the crash left:
+        a stale postmaster.pid, orphaned backends). Blocks the watch loop while it recovers."""
+        try:
+            self._start_server(name, server)
+        except PostgresError as exc:
+            # The next watch round sees it down again and waits longer (backoff).
+            self.console.print(f"[red]PostgreSQL {name} did not start:[/red] {exc}", highlight=False)
+            return
+        self.console.print(f"PostgreSQL {name} is back", highlight=False)
 
     def _placement_note(self) -> None:
         """Say once, plainly, when the data is not where the user asked (see dialogs/pg_home.py)."""
@@ -338,7 +363,7 @@ class Supervisor:
             elif shard.shard_id not in self.servers:
                 try:
                     server = self._server(shard.shard_id, shard.pg_port)
-                    server.start()
+                    self._start_server(shard.shard_id, server)
                     self.servers[shard.shard_id] = server
                     asyncio.run(_create_database(shard.pg_port))
                     worker = self._worker(shard)
@@ -361,21 +386,25 @@ class Supervisor:
         while not self._stopping:
             if self._reload:
                 self._apply_layout()
-            now = time.monotonic()
+            for name, server in list(self.servers.items()):
+                self._keep_up(f"PostgreSQL {name}", server.running, server.process.returncode if server.process else None,
+                              self.server_restarts[name], lambda name=name, server=server: self._restart_server(name, server))
             for child in self.children:
-                if child.alive or self._stopping:
-                    continue
-                if child.restarts.restart_at is None:
-                    delay = child.restarts.exited(now)
-                    self.console.print(
-                        f"[yellow]{child.name} exited ({child.process.returncode if child.process else '?'});"
-                        f" restarting in {delay:g}s[/yellow]"
-                    )
-                elif now >= child.restarts.restart_at:
-                    child.stop()
-                    child.start()
-                    child.restarts.restart_at = None
+                self._keep_up(child.name, child.alive, child.exit_code, child.restarts, child.restart)
             time.sleep(0.2)
+
+    def _keep_up(self, name: str, alive: bool, exit_code: int | None, restarts: Restarts,
+                 restart: Callable[[], None]) -> None:
+        """Servers and children alike: an exit is noticed, then the restart waits its backoff."""
+        if alive or self._stopping:
+            return
+        now = time.monotonic()
+        if restarts.restart_at is None:
+            delay = restarts.exited(now)
+            self.console.print(f"[yellow]{name} exited ({exit_code}); restarting in {delay:g}s[/yellow]")
+        elif now >= restarts.restart_at:
+            restarts.restart_at = None
+            restart()
 
     def _stop(self) -> None:
         self.console.print("stopping…")

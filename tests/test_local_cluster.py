@@ -18,7 +18,8 @@ from typing import Any
 import psutil
 import pytest
 
-from dialogs import pg_home
+from dialogs import pg_home, postmaster
+from dialogs.cluster import ClusterLayout
 from dialogs.embedded import free_port
 from tests.prometheus import ensure_installed
 
@@ -214,3 +215,45 @@ def test_up_with_prometheus(runner: Runner) -> None:
     assert process.returncode == 0 and "prometheus     http://127.0.0.1:" in output
     time.sleep(0.5)
     assert runner.leftovers() == []
+
+
+def test_killed_postgres_servers_are_restarted(runner: Runner) -> None:
+    """kill -9 of the metadata's and a shard's postmaster (one with a backend busy in a query):
+    the supervisor restarts both, and the cluster serves again with nobody acting."""
+    process = runner.up()
+    runner.wait_healthy(process)
+    layout = ClusterLayout.load(runner.data_dir)
+    assert layout is not None
+    shard = layout.shard("shard-1")
+    assert shard is not None
+    busy = subprocess.Popen(
+        [str(pg_home.WHEEL_BIN / "psql"), layout.shard_dsn(shard), "-c",
+         "SELECT count(*) FROM generate_series(1, 10000000000)"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1)
+        killed = {}
+        for name in ("meta", "shard-1"):
+            pid = postmaster.read_pid(layout.pg_dir(name).resolve())
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            killed[name] = pid
+        deadline = time.monotonic() + 60
+        while True:
+            report = runner.run("status")
+            if report.returncode == 0 and "unreachable" not in report.stdout:
+                break
+            assert time.monotonic() < deadline, f"not restarted: {report.stdout}{report.stderr}"
+            time.sleep(0.5)
+        for name, old in killed.items():
+            assert postmaster.read_pid(layout.pg_dir(name).resolve()) not in (None, old)
+        status, _ = runner.call("POST", "/user/register", {"first_name": "After", "second_name": "Crash",
+                                                            "password": "password-c"})
+        assert status == 200
+    finally:
+        busy.kill()
+        busy.wait()
+    output = runner.stop(process)
+    assert process.returncode == 0, output
+    assert "PostgreSQL meta is back" in output and "PostgreSQL shard-1 is back" in output, output

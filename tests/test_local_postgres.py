@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import shutil
 import stat
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 
-from dialogs import pg_home
-from dialogs.embedded import LocalPostgres, free_port
+from dialogs import pg_home, postmaster
+from dialogs.embedded import SYSTEM_USER, LocalPostgres, free_port, scratch_folder
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,3 +60,98 @@ async def test_server_in_a_private_folder(private_folder: Path) -> None:
     assert server.relocated and (private_folder / "pg" / "meta").is_symlink()
     assert server.pgdata.parent == pg_home.ROOT_HOME / "data"
     assert server.bin_dir.is_relative_to(pg_home.ROOT_HOME)
+
+
+@pytest.fixture
+def server() -> Iterator[LocalPostgres]:
+    """A server of its own in a scratch folder; stopped (by pid) and removed after."""
+    base = scratch_folder("dialogs-test-one-")
+    server = LocalPostgres(base / "pg", free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+        for process in postmaster.processes_on(server.pgdata):  # orphans a failed test left
+            process.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _as_server_user(argv: list[str]) -> subprocess.Popen[bytes]:
+    """A process of the user the server runs as (a recycled pid PostgreSQL itself cannot tell apart)."""
+    return subprocess.Popen(argv, user=SYSTEM_USER if os.geteuid() == 0 else None)
+
+
+def _point_pid_file_at(server: LocalPostgres, pid: int, lines: list[str]) -> None:
+    (server.pgdata / "postmaster.pid").write_text("\n".join([str(pid), *lines[1:]]) + "\n")
+
+
+def test_recycled_pid_is_not_signalled(server: LocalPostgres) -> None:
+    """postmaster.pid naming a live process that is no postgres of this folder: not signalled, no obstacle."""
+    server.start()
+    lines = (server.pgdata / "postmaster.pid").read_text().splitlines()
+    server.kill()
+    stranger = _as_server_user(["sleep", "60"])
+    try:
+        _point_pid_file_at(server, stranger.pid, lines)
+        server.start()
+        assert server.running
+        time.sleep(0.2)
+        assert stranger.poll() is None, "the process that got the pid was signalled"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_zombie_pid_is_no_obstacle(server: LocalPostgres) -> None:
+    """postmaster.pid naming a zombie (a dead process nobody reaped) does not block the start."""
+    server.start()
+    lines = (server.pgdata / "postmaster.pid").read_text().splitlines()
+    server.kill()
+    zombie = _as_server_user(["true"])
+    try:
+        deadline = time.monotonic() + 5
+        while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        _point_pid_file_at(server, zombie.pid, lines)
+        server.start(timeout=10)
+        assert server.running
+    finally:
+        zombie.wait()
+
+
+def test_stale_pid_file_of_a_dead_process(server: LocalPostgres) -> None:
+    """postmaster.pid of a process that is gone: PostgreSQL 18 ignores it itself, so it is left to it."""
+    server.start()
+    lines = (server.pgdata / "postmaster.pid").read_text().splitlines()
+    server.kill()
+    gone = _as_server_user(["true"])
+    gone.wait()
+    _point_pid_file_at(server, gone.pid, lines)
+    assert postmaster.clear_leftover(server.pgdata) is postmaster.Leftover.IGNORE
+    assert (server.pgdata / "postmaster.pid").exists()
+    server.start()
+    assert server.running
+
+
+async def test_restart_after_kill_with_a_busy_backend(server: LocalPostgres) -> None:
+    """After kill -9 of the postmaster, a backend still running a query (an orphan holding the old
+    shared memory) is ended, and the server starts again."""
+    server.start()
+    con = await asyncpg.connect(server.dsn())
+    busy = asyncio.create_task(con.fetchval("SELECT count(*) FROM generate_series(1, 10000000000)"))
+    try:
+        await asyncio.sleep(0.5)
+        server.kill()
+        assert postmaster.processes_on(server.pgdata), "the busy backend should outlive its postmaster"
+        started = time.monotonic()
+        await asyncio.to_thread(server.start)
+        assert time.monotonic() - started < postmaster.ORPHAN_GRACE + 10
+        again = await asyncpg.connect(server.dsn())
+        assert await again.fetchval("SELECT 1") == 1
+        await again.close()
+    finally:
+        busy.cancel()
+        with contextlib.suppress(BaseException):
+            await busy
+        con.terminate()
