@@ -71,6 +71,7 @@ def up(data_dir: Path, port: int, shards: int, with_prometheus: bool) -> None:
 def status(data_dir: Path) -> None:
     """Show the active shard map, each shard's share of keys and rows, and the workers."""
     from dialogs.cluster import ClusterLayout
+    from dialogs.pg_auth import redacted
 
     console = Console(soft_wrap=True)
     layout = ClusterLayout.load(data_dir.resolve())
@@ -105,7 +106,7 @@ def status(data_dir: Path) -> None:
             f"{shares[shard_id]:.1%}",
             "unreachable" if rows[shard_id] is None else f"{rows[shard_id]:,}",
             ", ".join(f"{w.url} ({w.age_seconds:.0f}s ago)" for w in live) or "none",
-            shards.get(shard_id, "?"),
+            redacted(shards.get(shard_id, "?")),
         )
     console.print(table)
 

@@ -22,10 +22,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from dialogs import pg_home, postmaster
+from dialogs import pg_auth, pg_home, postmaster
 
 SYSTEM_USER = "embedded_postgres"
-SUPERUSER = "postgres"
+SUPERUSER = pg_auth.SUPERUSER
 
 _PR_SET_PDEATHSIG = 1
 
@@ -67,13 +67,15 @@ def scratch_folder(prefix: str) -> Path:
 
 
 class LocalPostgres:
-    """One PostgreSQL server: ``datadir`` on disk, a child process on 127.0.0.1:``port``."""
+    """One PostgreSQL server: ``datadir`` on disk, a child process on 127.0.0.1:``port``,
+    reachable over TCP as ``postgres`` with ``password`` only (see dialogs/pg_auth.py)."""
 
     def __init__(
         self,
         datadir: Path,
         port: int,
         *,
+        password: str,
         log_file: Path | None = None,
         settings: Mapping[str, str] | None = None,
     ) -> None:
@@ -81,6 +83,7 @@ class LocalPostgres:
         datadir = Path(datadir)
         self.datadir = datadir.parent.resolve() / datadir.name
         self.port = port
+        self.password = password
         self.log_file = log_file or self.datadir.with_suffix(".log")
         self.settings = dict(settings or {})
         self.process: subprocess.Popen[bytes] | None = None
@@ -90,7 +93,7 @@ class LocalPostgres:
         self._system_user: pwd.struct_passwd | None = None
 
     def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+        return pg_auth.dsn(self.port, self.password, database)
 
     @property
     def running(self) -> bool:
@@ -123,23 +126,26 @@ class LocalPostgres:
         self.prepare()
         if (self.pgdata / "PG_VERSION").exists():
             return False
-        result = subprocess.run(
-            [
-                str(self.bin_dir / "initdb"),
-                "-D", str(self.pgdata),
-                "-U", SUPERUSER,
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--locale=C.UTF-8",
-                "--no-instructions",
-            ],
-            user=self._user(),
-            cwd="/",  # the caller's folder may be closed to the server's user
-            capture_output=True,
-            text=True,
-        )
+        with pg_auth.password_file(self.password, self.pgdata.parent, self._system_user) as pwfile:
+            result = subprocess.run(
+                [
+                    str(self.bin_dir / "initdb"),
+                    "-D", str(self.pgdata),
+                    "-U", SUPERUSER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                    "--no-instructions",
+                ],
+                user=self._user(),
+                cwd="/",  # the caller's folder may be closed to the server's user
+                capture_output=True,
+                text=True,
+            )
         if result.returncode != 0:
             raise PostgresError(f"initdb failed for {self.datadir}:\n{result.stderr}")
+        pg_auth.write_hba(self.pgdata, self._system_user)
         return True
 
     def start(self, timeout: float = 30.0) -> None:
@@ -149,6 +155,7 @@ class LocalPostgres:
         self.init()
         postmaster.clear_leftover(self.pgdata)
         postmaster.end_orphans(self.pgdata)
+        self._require_password()
         args = [
             str(self.bin_dir / "postgres"),
             "-D", str(self.pgdata),
@@ -171,6 +178,17 @@ class LocalPostgres:
                 preexec_fn=lambda: die_with_parent(signal.SIGINT),
             )
         self._wait_ready(timeout)
+
+    def _require_password(self) -> None:
+        """A data directory made by an earlier version trusted every local user: give the
+        superuser our password (single-user mode, before the server listens), then our pg_hba."""
+        if pg_auth.has_our_hba(self.pgdata):
+            return
+        try:
+            pg_auth.set_password_single_user(self.bin_dir / "postgres", self.pgdata, self.password, self._system_user)
+        except RuntimeError as exc:
+            raise PostgresError(str(exc)) from exc
+        pg_auth.write_hba(self.pgdata, self._system_user)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -32,6 +32,7 @@ from dialogs import backoff, pg_home
 from dialogs.bootstrap import bootstrap
 from dialogs.cluster import DATABASE, ClusterLayout, ShardLayout
 from dialogs.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent, free_port
+from dialogs.pg_auth import redacted
 
 LOCK_FILE = "up.lock"
 
@@ -166,8 +167,8 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-async def _create_database(port: int) -> None:
-    con = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+async def _create_database(server: LocalPostgres) -> None:
+    con = await asyncpg.connect(server.dsn("postgres"))
     try:
         if not await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
             await con.execute(f"CREATE DATABASE {DATABASE}")
@@ -175,9 +176,9 @@ async def _create_database(port: int) -> None:
         await con.close()
 
 
-async def _prepare_databases(layout: ClusterLayout) -> None:
-    for port in [layout.meta_port] + [shard.pg_port for shard in layout.active_shards]:
-        await _create_database(port)
+async def _prepare_databases(layout: ClusterLayout, servers: dict[str, LocalPostgres]) -> None:
+    for server in servers.values():
+        await _create_database(server)
     await bootstrap(layout.metadata_dsn, {s.shard_id: layout.shard_dsn(s) for s in layout.active_shards})
 
 
@@ -196,7 +197,8 @@ class Supervisor:
         self._reload = False
 
     def _server(self, name: str, port: int) -> LocalPostgres:
-        return LocalPostgres(self.layout.pg_dir(name), port, log_file=self.layout.log_file(f"pg-{name}"))
+        return LocalPostgres(self.layout.pg_dir(name), port, password=self.layout.server_password(name),
+                             log_file=self.layout.log_file(f"pg-{name}"))
 
     def _worker(self, shard: ShardLayout) -> Child:
         layout = self.layout
@@ -205,6 +207,7 @@ class Supervisor:
             command="worker",
             env={
                 "DIALOGS_METADATA_DSN": layout.metadata_dsn,
+                "DIALOGS_INTERNAL_SECRET": layout.internal_secret,
                 "PYTHONUNBUFFERED": "1",
                 "DIALOGS_SHARD_ID": shard.shard_id,
                 "DIALOGS_SHARD_DSN": layout.shard_dsn(shard),
@@ -257,7 +260,11 @@ class Supervisor:
 
     def _children(self) -> list[Child]:
         layout = self.layout
-        common = {"DIALOGS_METADATA_DSN": layout.metadata_dsn, "PYTHONUNBUFFERED": "1"}
+        common = {
+            "DIALOGS_METADATA_DSN": layout.metadata_dsn,
+            "DIALOGS_INTERNAL_SECRET": layout.internal_secret,
+            "PYTHONUNBUFFERED": "1",
+        }
         children = [self._worker(shard) for shard in layout.active_shards]
         children.append(
             Child(
@@ -306,7 +313,7 @@ class Supervisor:
                 self._start_server(name, server)
         self._placement_note()
         with self.console.status("applying migrations"):
-            asyncio.run(_prepare_databases(layout))
+            asyncio.run(_prepare_databases(layout, self.servers))
         self.children = self._children()
         if self.with_prometheus and (prometheus := self._prometheus()) is not None:
             self.children.append(prometheus)
@@ -365,7 +372,7 @@ class Supervisor:
                     server = self._server(shard.shard_id, shard.pg_port)
                     self._start_server(shard.shard_id, server)
                     self.servers[shard.shard_id] = server
-                    asyncio.run(_create_database(shard.pg_port))
+                    asyncio.run(_create_database(server))
                     worker = self._worker(shard)
                     self.children.insert(0, worker)
                     worker.start()
@@ -374,7 +381,7 @@ class Supervisor:
                     self.console.print(f"[red]could not start shard {shard.shard_id}:[/red] {exc}")
                     continue
                 self.console.print(
-                    f"started shard {shard.shard_id}: {fresh.shard_dsn(shard)}, worker http://127.0.0.1:{shard.worker_port}",
+                    f"started shard {shard.shard_id}: {redacted(fresh.shard_dsn(shard))}, worker http://127.0.0.1:{shard.worker_port}",
                     highlight=False,
                 )
         prometheus = next((c for c in self.children if c.name == "prometheus"), None)
@@ -420,16 +427,16 @@ class Supervisor:
         lines = [
             f"[bold green]Dialogs is up.[/bold green] Data: {layout.data_dir}",
             f"  proxy          {url}   (OpenAPI: {url}/openapi.json, metrics: {url}/metrics)",
-            f"  metadata       {layout.metadata_dsn}",
+            f"  metadata       {redacted(layout.metadata_dsn)}",
         ]
         for shard in layout.active_shards:
             lines.append(
-                f"  {shard.shard_id:<14} {layout.shard_dsn(shard)}   worker http://127.0.0.1:{shard.worker_port}"
+                f"  {shard.shard_id:<14} {redacted(layout.shard_dsn(shard))}   worker http://127.0.0.1:{shard.worker_port}"
             )
         if any(c.name == "prometheus" for c in self.children):
             lines.append(f"  prometheus     http://127.0.0.1:{layout.prometheus_port}")
         lines.append(f"  logs           {layout.data_dir / 'logs'}")
-        lines.append(f"  admin token    in {layout.data_dir / 'cluster.json'}")
+        lines.append(f"  secrets        {layout.data_dir / 'cluster.json'} (admin token, PostgreSQL passwords)")
         self.console.print("\n".join(lines), highlight=False, soft_wrap=True)
         self.console.print("\nTry it (copy and paste):", highlight=False)
         self.console.print(walkthrough(url), highlight=False, markup=False, soft_wrap=True)

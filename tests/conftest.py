@@ -11,6 +11,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from dialogs.cluster import new_password
 from dialogs.embedded import LocalPostgres, free_port, scratch_folder
 from tests.support import Cluster
 
@@ -40,7 +41,8 @@ def pg_servers(pg_base: Path) -> Iterator[dict[str, LocalPostgres]]:
     """The metadata server, two shard servers and a spare, for the whole session."""
     base = pg_base
     servers = {
-        name: LocalPostgres(base / name, free_port(), settings=TEST_PG_SETTINGS) for name in SERVER_NAMES
+        name: LocalPostgres(base / name, free_port(), password=new_password(), settings=TEST_PG_SETTINGS)
+        for name in SERVER_NAMES
     }
     try:
         for server in servers.values():

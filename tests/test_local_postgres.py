@@ -17,7 +17,8 @@ import asyncpg
 import psutil
 import pytest
 
-from dialogs import pg_home, postmaster
+from dialogs import pg_auth, pg_home, postmaster
+from dialogs.cluster import new_password
 from dialogs.embedded import SYSTEM_USER, LocalPostgres, free_port, scratch_folder
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,7 +46,7 @@ def private_folder() -> Iterator[Path]:
 async def test_server_in_a_private_folder(private_folder: Path) -> None:
     """As root, a server whose data folder is inside a 0700 folder starts; no folder's mode changes."""
     before = _modes(private_folder) | _modes(pg_home.WHEEL_BIN)
-    server = LocalPostgres(private_folder / "pg" / "meta", free_port())
+    server = LocalPostgres(private_folder / "pg" / "meta", free_port(), password=new_password())
     try:
         server.start()
         con = await asyncpg.connect(server.dsn())
@@ -66,7 +67,7 @@ async def test_server_in_a_private_folder(private_folder: Path) -> None:
 def server() -> Iterator[LocalPostgres]:
     """A server of its own in a scratch folder; stopped (by pid) and removed after."""
     base = scratch_folder("dialogs-test-one-")
-    server = LocalPostgres(base / "pg", free_port())
+    server = LocalPostgres(base / "pg", free_port(), password=new_password())
     try:
         yield server
     finally:
@@ -155,3 +156,45 @@ async def test_restart_after_kill_with_a_busy_backend(server: LocalPostgres) -> 
         with contextlib.suppress(BaseException):
             await busy
         con.terminate()
+
+
+async def _refused(dsn: str) -> None:
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(dsn)
+
+
+async def test_password_is_required(server: LocalPostgres) -> None:
+    """A new server accepts the superuser with its password only; the password file initdb read is gone."""
+    server.start()
+    port = server.port
+    await _refused(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+    await _refused(f"postgresql://postgres:wrong@127.0.0.1:{port}/postgres")
+    con = await asyncpg.connect(server.dsn())
+    assert await con.fetchval("SELECT current_user") == "postgres"
+    await con.close()
+    assert (server.pgdata / "pg_hba.conf").read_text() == pg_auth.HBA
+    assert list(server.pgdata.parent.glob(".pwfile-*")) == []
+
+
+async def test_trusting_data_dir_of_an_earlier_version_gets_the_password(server: LocalPostgres) -> None:
+    """A data directory made with --auth=trust (before this version) keeps its data and requires the password."""
+    server.prepare()
+    made = subprocess.run(
+        [str(server.bin_dir / "initdb"), "-D", str(server.pgdata), "-U", "postgres", "--auth=trust",
+         "--encoding=UTF8", "--locale=C.UTF-8", "--no-instructions"],
+        user=SYSTEM_USER if os.geteuid() == 0 else None, cwd="/", capture_output=True, text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    trusting = server.pgdata / "pg_hba.conf"
+    assert "trust" in trusting.read_text()
+    server.start()
+    await _refused(f"postgresql://postgres@127.0.0.1:{server.port}/postgres")
+    con = await asyncpg.connect(server.dsn())
+    await con.execute("CREATE TABLE kept (n int)")
+    await con.close()
+    assert trusting.read_text() == pg_auth.HBA
+    server.stop()
+    server.start()  # the second start finds our pg_hba.conf and the table
+    con = await asyncpg.connect(server.dsn())
+    assert await con.fetchval("SELECT count(*) FROM kept") == 0
+    await con.close()
