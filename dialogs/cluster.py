@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dialogs.embedded import free_port
 from dialogs.pg_auth import dsn
+from dialogs.shard_map import validate_shard_id
 
 STATE_FILE = "cluster.json"
 DATABASE = "dialogs"
@@ -124,15 +125,27 @@ class ClusterLayout:
     def active_shards(self) -> list[ShardLayout]:
         return [shard for shard in self.shards if not shard.retired]
 
+    def forget_shard(self, shard_id: str) -> None:
+        self.shards = [shard for shard in self.shards if shard.shard_id != shard_id]
+
     def shard(self, shard_id: str) -> ShardLayout | None:
         return next((shard for shard in self.shards if shard.shard_id == shard_id), None)
 
     def add_shard(self, shard_id: str | None = None) -> ShardLayout:
-        """A new shard with fresh ports (``shard-N`` after the highest N when no name is given)."""
+        """A new shard with fresh ports (``shard-N`` after the highest N when no name is given).
+
+        Its data folder must not exist yet: a new shard starts empty, with a new password,
+        and a refused ``shard add`` may then delete that folder as its own.
+        """
+        pg_root = self.data_dir / "pg"
+        folders = [path.name for path in pg_root.iterdir()] if pg_root.is_dir() else []
         if shard_id is None:
-            shard_id = next_shard_id(shard.shard_id for shard in self.shards)
+            shard_id = next_shard_id([*(shard.shard_id for shard in self.shards), *folders])
+        validate_shard_id(shard_id)  # also keeps the name a plain folder name under pg/
         if self.shard(shard_id) is not None:
             raise ValueError(f"the local cluster already has a shard named {shard_id}")
+        if shard_id in folders:
+            raise ValueError(f"{self.pg_dir(shard_id)} already exists: remove it, or choose another name")
         shard = ShardLayout(shard_id, free_port(), free_port())
         self.shards.append(shard)
         return shard

@@ -310,7 +310,10 @@ class Supervisor:
             for shard in layout.active_shards:
                 self.servers[shard.shard_id] = self._server(shard.shard_id, shard.pg_port)
             for name, server in self.servers.items():
-                self._start_server(name, server)
+                try:
+                    self._start_server(name, server)
+                except PostgresError as exc:
+                    raise StartFailed(f"PostgreSQL {name}: {exc}") from None
         self._placement_note()
         with self.console.status("applying migrations"):
             asyncio.run(_prepare_databases(layout, self.servers))
@@ -352,42 +355,63 @@ class Supervisor:
         )
 
     def _apply_layout(self) -> None:
-        """`dialogs shard add/remove` changed cluster.json: start new shards, stop retired ones."""
+        """`dialogs shard add/remove` changed cluster.json: start new shards, stop the ones
+        retired or no longer listed (a refused `shard add` is taken back that way)."""
         self._reload = False
         fresh = ClusterLayout.load(self.layout.data_dir)
         if fresh is None:
             return
         self.layout = fresh
-        for shard in fresh.shards:
-            worker = next((c for c in self.children if c.name == f"worker {shard.shard_id}"), None)
-            if shard.retired:
-                if worker is not None:
-                    worker.stop()
-                    self.children.remove(worker)
-                if shard.shard_id in self.servers:
-                    self.servers.pop(shard.shard_id).stop()
-                    self.console.print(f"stopped retired shard {shard.shard_id} (its data stays in {fresh.pg_dir(shard.shard_id)})")
-            elif shard.shard_id not in self.servers:
-                try:
-                    server = self._server(shard.shard_id, shard.pg_port)
-                    self._start_server(shard.shard_id, server)
-                    self.servers[shard.shard_id] = server
-                    asyncio.run(_create_database(server))
-                    worker = self._worker(shard)
-                    self.children.insert(0, worker)
-                    worker.start()
-                    worker.wait_healthy()
-                except StartFailed as exc:
-                    self.console.print(f"[red]could not start shard {shard.shard_id}:[/red] {exc}")
-                    continue
-                self.console.print(
-                    f"started shard {shard.shard_id}: {redacted(fresh.shard_dsn(shard))}, worker http://127.0.0.1:{shard.worker_port}",
-                    highlight=False,
-                )
+        wanted = {shard.shard_id for shard in fresh.active_shards}
+        for shard_id in [name for name in self.servers if name != "meta" and name not in wanted]:
+            self._stop_shard(shard_id)
+        for shard in fresh.active_shards:
+            if shard.shard_id not in self.servers:
+                self._start_shard(shard)
         prometheus = next((c for c in self.children if c.name == "prometheus"), None)
         if prometheus is not None and prometheus.process is not None:
             self._write_prometheus_config()  # scrape the new workers, forget retired ones
             prometheus.process.send_signal(signal.SIGHUP)
+
+    def _stop_shard(self, shard_id: str) -> None:
+        worker = next((c for c in self.children if c.name == f"worker {shard_id}"), None)
+        if worker is not None:
+            worker.stop()
+            self.children.remove(worker)
+        server = self.servers.pop(shard_id, None)
+        self.server_restarts.pop(shard_id, None)
+        if server is not None:
+            server.stop()
+        listed = self.layout.shard(shard_id)
+        why = "retired" if listed is not None else "no longer in cluster.json"
+        self.console.print(f"stopped shard {shard_id} ({why}; its data stays in {self.layout.pg_dir(shard_id)})",
+                           highlight=False)
+
+    def _start_shard(self, shard: ShardLayout) -> None:
+        """Start a new shard's server and worker. If either fails, only this shard is affected:
+        what started is stopped again, and the next change of cluster.json retries it."""
+        server = self._server(shard.shard_id, shard.pg_port)
+        worker: Child | None = None
+        try:
+            self._start_server(shard.shard_id, server)
+            asyncio.run(_create_database(server))
+            worker = self._worker(shard)
+            worker.start()
+            worker.wait_healthy()
+        except Exception as exc:  # whatever it is, it is this shard's failure, not the cluster's
+            self.console.print(f"[red]could not start shard {shard.shard_id}:[/red] {exc}", highlight=False)
+            if worker is not None:
+                worker.stop()
+            server.stop()
+            self.server_restarts.pop(shard.shard_id, None)
+            return
+        self.servers[shard.shard_id] = server
+        self.children.insert(0, worker)
+        self.console.print(
+            f"started shard {shard.shard_id}: {redacted(self.layout.shard_dsn(shard))},"
+            f" worker http://127.0.0.1:{shard.worker_port}",
+            highlight=False,
+        )
 
     def _watch(self) -> None:
         while not self._stopping:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -257,3 +259,55 @@ def test_killed_postgres_servers_are_restarted(runner: Runner) -> None:
     output = runner.stop(process)
     assert process.returncode == 0, output
     assert "PostgreSQL meta is back" in output and "PostgreSQL shard-1 is back" in output, output
+
+
+def _closed(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_refused_shard_add_leaves_nothing_running(runner: Runner) -> None:
+    """A local `shard add` the proxy refuses stops the server and worker it started, forgets the
+    shard and removes its data folder; the same name can be added right after."""
+    process = runner.up()
+    runner.wait_healthy(process)
+    refused = runner.run("shard", "add", "--token", "not-the-admin-token-0123456789")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "invalid admin token" in refused.stderr
+    started = re.search(r"starting shard-3 \(PostgreSQL on 127\.0\.0\.1:(\d+), worker on :(\d+)\)", refused.stdout)
+    assert started is not None, refused.stdout
+    assert _closed(int(started[1])) and _closed(int(started[2]))
+    layout = ClusterLayout.load(runner.data_dir)
+    assert layout is not None and layout.shard("shard-3") is None
+    assert not os.path.lexists(runner.data_dir / "pg" / "shard-3")
+    added = runner.run("shard", "add")
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert "add shard-3, map 1 -> 2, phase done" in added.stdout
+    output = runner.stop(process)
+    assert "stopped shard shard-3 (no longer in cluster.json" in output, output
+
+
+def test_new_shard_that_cannot_start_fails_alone(runner: Runner) -> None:
+    """A new shard whose PostgreSQL cannot start (its port is taken) is reported; the cluster runs on."""
+    process = runner.up()
+    runner.wait_healthy(process)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        layout = ClusterLayout.load(runner.data_dir)
+        assert layout is not None
+        layout.add_shard("shard-9").pg_port = taken.getsockname()[1]
+        layout.save()
+        process.send_signal(signal.SIGHUP)
+        log = layout.log_file("pg-shard-9")
+        deadline = time.monotonic() + 30
+        while "could not" not in (log.read_text() if log.exists() else ""):
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert time.monotonic() < deadline, "shard-9's server was never tried"
+            time.sleep(0.2)
+        time.sleep(1)
+        assert process.poll() is None
+        assert runner.call("GET", "/health")[0] == 200
+    output = runner.stop(process)
+    assert process.returncode == 0, output
+    assert "could not start shard shard-9" in output, output
