@@ -72,40 +72,41 @@ def read_pid(datadir: Path) -> int | None:
     return int(first) if first.isdigit() else None
 
 
-def observe(pid: int) -> PidOwner:
+def observe(pid: int) -> tuple[PidOwner, psutil.Process | None]:
+    """What the OS says about ``pid``, and the process to signal if it comes to that (psutil
+    checks it is still the same process, not a pid reused meanwhile, before signalling)."""
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
-            return PidOwner(exists=True, zombie=True)
+            return PidOwner(exists=True, zombie=True), None
         name = process.name()
     except psutil.NoSuchProcess:
-        return PidOwner(exists=False)
+        return PidOwner(exists=False), None
     except psutil.AccessDenied:
-        return PidOwner(exists=True)
+        return PidOwner(exists=True), None
     try:
         cwd: Path | None = Path(process.cwd())
     except (psutil.AccessDenied, psutil.ZombieProcess, psutil.NoSuchProcess):
         cwd = None
-    return PidOwner(exists=True, name=name, cwd=cwd)
+    return PidOwner(exists=True, name=name, cwd=cwd), process
 
 
 def clear_leftover(datadir: Path) -> Leftover:
     """Make ``postmaster.pid`` no obstacle: stop the postmaster it names, or drop a stale file."""
     pid = read_pid(datadir)
-    owner = observe(pid) if pid is not None else None
+    owner, process = observe(pid) if pid is not None else (None, None)
     verdict = decide(owner, datadir)
     if verdict is Leftover.REMOVE:
         (datadir / "postmaster.pid").unlink(missing_ok=True)
     elif verdict is Leftover.STOP:
-        assert pid is not None
-        _stop(pid, LEFTOVER_STOP_TIMEOUT)
+        assert process is not None
+        _stop(process, LEFTOVER_STOP_TIMEOUT)
     return verdict
 
 
-def _stop(pid: int, timeout: float) -> None:
+def _stop(process: psutil.Process, timeout: float) -> None:
     """Fast shutdown of a leftover postmaster (it stops its backends), SIGKILL if it hangs."""
     try:
-        process = psutil.Process(pid)
         process.send_signal(signal.SIGINT)
         process.wait(timeout)
     except psutil.NoSuchProcess:

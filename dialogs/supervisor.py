@@ -104,7 +104,7 @@ class Child:
     health_url: str
     argv: list[str] | None = None  # default: `python -m dialogs COMMAND`
     process: subprocess.Popen[bytes] | None = None
-    restarts: Restarts = field(default_factory=lambda: Restarts())
+    restarts: Restarts = field(default_factory=Restarts)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
