@@ -36,7 +36,7 @@ def private_folder() -> Iterator[Path]:
     try:
         yield folder
     finally:
-        for link in folder.rglob("*"):
+        for link in list(folder.rglob("*")):
             if link.is_symlink():
                 pg_home.remove_data_directory(link)
         pg_home.remove_data_directory(folder)
