@@ -17,7 +17,7 @@ import itertools
 import json
 import platform
 import random
-import tempfile
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +27,7 @@ import aiohttp
 import asyncpg
 
 from bench.harness import BenchCluster, Client, preload, psql_copy, quantile
+from dialogs.embedded import scratch_folder
 from dialogs.keys import dialog_key
 
 COLUMNS = "dialog_key, user_lo, user_hi, id, from_lo, text, created_at, idempotency_key"
@@ -199,8 +200,9 @@ async def cutover_pause(client: Client, users: list[tuple[str, str]], concurrenc
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="dialogs-bench-") as tmp:
-        cluster = BenchCluster(Path(tmp))
+    tmp = scratch_folder("dialogs-bench-")
+    try:
+        cluster = BenchCluster(tmp)
         try:
             print("starting servers, workers and proxies…", flush=True)
             await cluster.start()
@@ -230,6 +232,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 runner_log = cluster.cutover_log()
         finally:
             cluster.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
         "send_throughput": {

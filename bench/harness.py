@@ -18,6 +18,7 @@ import asyncpg
 
 from dialogs import metadata
 from dialogs.bootstrap import bootstrap
+from dialogs.cluster import new_password
 from dialogs.embedded import LocalPostgres, free_port
 from dialogs.keys import dialog_key
 from dialogs.supervisor import Child
@@ -44,7 +45,8 @@ class BenchCluster:
 
     async def start(self, proxies: int = 2) -> None:
         for name in SERVERS:
-            server = LocalPostgres(self.base / "pg" / name, free_port(), settings={"max_connections": "300"})
+            server = LocalPostgres(self.base / "pg" / name, free_port(), password=new_password(),
+                                   settings={"max_connections": "300"})
             server.start()
             self.servers[name] = server
         await bootstrap(self.dsn("meta"), {"shard-1": self.dsn("shard-1"), "shard-2": self.dsn("shard-2")})

@@ -71,6 +71,7 @@ def up(data_dir: Path, port: int, shards: int, with_prometheus: bool) -> None:
 def status(data_dir: Path) -> None:
     """Show the active shard map, each shard's share of keys and rows, and the workers."""
     from dialogs.cluster import ClusterLayout
+    from dialogs.pg_auth import redacted
 
     console = Console(soft_wrap=True)
     layout = ClusterLayout.load(data_dir.resolve())
@@ -105,7 +106,7 @@ def status(data_dir: Path) -> None:
             f"{shares[shard_id]:.1%}",
             "unreachable" if rows[shard_id] is None else f"{rows[shard_id]:,}",
             ", ".join(f"{w.url} ({w.age_seconds:.0f}s ago)" for w in live) or "none",
-            shards.get(shard_id, "?"),
+            redacted(shards.get(shard_id, "?")),
         )
     console.print(table)
 
@@ -256,10 +257,13 @@ def _run_admin(action):  # type: ignore[no-untyped-def]
 
 
 def _start_and_follow(client, method: str, path: str, body, no_wait: bool):  # type: ignore[no-untyped-def]
+    return _follow(client, _run_admin(lambda: client.call(method, path, body)), no_wait)
+
+
+def _follow(client, migration, no_wait: bool):  # type: ignore[no-untyped-def]
     from dialogs.progress import describe, follow
 
     console = Console(soft_wrap=True)
-    migration = _run_admin(lambda: client.call(method, path, body))
     console.print("started " + describe(migration), highlight=False)
     if no_wait:
         return migration
@@ -280,49 +284,53 @@ def shard() -> None:
 def shard_add(shard_id: str | None, dsn: str | None, weight: int, no_wait: bool, rows_per_second: int,
               batch_size: int, data_dir: Path, url: str | None, token: str | None) -> None:
     """Add a shard and move its share of dialogs onto it while traffic flows."""
+    from dialogs import local_shard
+    from dialogs.admin_client import AdminError
+
     client = _client(data_dir, url, token)
-    if dsn is None:
-        shard_id, dsn = _start_local_shard(data_dir, shard_id)
+    local = dsn is None
+    known: set[int] = set()
+    if local:
+        try:  # the migrations before ours, to tell ours apart if the add gets no clear answer
+            known = {m["migration_id"] for m in client.call("GET", "/admin/migrations")}
+        except AdminError:
+            pass  # the add below will say why
+        try:
+            shard_id, dsn = local_shard.start(data_dir.resolve(), shard_id, click.echo)
+        except local_shard.LocalShardError as exc:
+            raise click.ClickException(str(exc)) from None
     elif shard_id is None:
         raise click.UsageError("--dsn needs a SHARD_ID")
+    assert shard_id is not None
     body = {"shard_id": shard_id, "dsn": dsn, "weight": weight, "rows_per_second": rows_per_second,
             "batch_size": batch_size}
-    migration = _start_and_follow(client, "POST", "/admin/shards", body, no_wait)
+    try:
+        started = client.call("POST", "/admin/shards", body)
+    except AdminError as exc:
+        # Refused: the server and worker started for it would run on as orphans.
+        if local and _local_add_not_taken(client, exc, shard_id, known):
+            try:
+                local_shard.take_back(data_dir.resolve(), shard_id, click.echo)
+            except local_shard.LocalShardError as undo:
+                click.echo(str(undo), err=True)
+        raise click.ClickException(exc.message) from None
+    migration = _follow(client, started, no_wait)
     if migration["phase"] == "aborted":
         sys.exit(1)
 
 
-def _start_local_shard(data_dir: Path, shard_id: str | None) -> tuple[str, str]:
-    """Have the running `dialogs up` start a server and a worker for a new shard."""
-    import signal
-    import time
-    import urllib.request
+def _local_add_not_taken(client, error, shard_id: str, known: set[int]) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the proxy certainly did not take the new local shard, so it may be taken back."""
+    from dialogs import local_shard
+    from dialogs.admin_client import AdminError
 
-    from dialogs.cluster import ClusterLayout
-    from dialogs.supervisor import running_pid
-
-    data_dir = data_dir.resolve()
-    layout = ClusterLayout.load(data_dir)
-    pid = running_pid(data_dir)
-    if layout is None or pid is None:
-        raise click.ClickException(f"no running local cluster in {data_dir}: start `dialogs up`, or pass --dsn")
-    try:
-        new = layout.add_shard(shard_id)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    layout.save()
-    os.kill(pid, signal.SIGHUP)
-    click.echo(f"starting {new.shard_id} (PostgreSQL on 127.0.0.1:{new.pg_port}, worker on :{new.worker_port})…")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{new.worker_port}/health", timeout=1) as response:
-                if response.status == 200:
-                    return new.shard_id, layout.shard_dsn(new)
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise click.ClickException(f"the worker of {new.shard_id} did not start; see {layout.log_file('worker-' + new.shard_id)}")
+    if local_shard.refused(error.status):
+        return True
+    try:  # a 5xx or no answer: the migration may have started all the same
+        return not local_shard.started_since(client.call("GET", "/admin/migrations"), shard_id, known)
+    except AdminError:
+        click.echo(f"could not tell whether the proxy took {shard_id}; it keeps running", err=True)
+        return False
 
 
 @shard.command("remove")

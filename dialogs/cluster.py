@@ -2,20 +2,44 @@
 
 ``cluster.json`` is written on the first ``dialogs up`` and reused after, so ports,
 secrets and DSNs stay the same across restarts and ``dialogs status`` can find it all.
+It holds every secret of the local cluster (mode 0600): the JWT secret, the admin token,
+the proxies' and workers' shared internal secret, and each PostgreSQL server's password.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dialogs.embedded import free_port
+from dialogs.pg_auth import dsn
+from dialogs.shard_map import validate_shard_id
 
 STATE_FILE = "cluster.json"
 DATABASE = "dialogs"
+
+_GENERATED_NAME = re.compile(r"shard-([0-9]+)")
+
+
+def new_password() -> str:
+    """A server password: URL-safe, so DSNs stay readable (they are URL-quoted all the same)."""
+    return secrets.token_urlsafe(24)
+
+
+def new_internal_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def next_shard_id(existing: Iterable[str]) -> str:
+    """``shard-N`` after the highest ``shard-N`` in ``existing``; other names (``eu-db-2``) do
+    not take part, since only names of this form can collide with the ones made here."""
+    numbers = [int(match[1]) for name in existing if (match := _GENERATED_NAME.fullmatch(name))]
+    return f"shard-{max(numbers, default=0) + 1}"
 
 
 @dataclass
@@ -25,6 +49,7 @@ class ShardLayout:
     worker_port: int
     # Removed from the cluster by a finished migration: its server and worker stay stopped.
     retired: bool = False
+    pg_password: str = field(default_factory=new_password)
 
 
 @dataclass
@@ -36,13 +61,25 @@ class ClusterLayout:
     admin_token: str
     shards: list[ShardLayout] = field(default_factory=list)
     prometheus_port: int | None = None
+    meta_password: str = field(default_factory=new_password)
+    # Sent by proxies to workers (DIALOGS_INTERNAL_SECRET), so a worker serves proxies only.
+    internal_secret: str = field(default_factory=new_internal_secret)
 
     @property
     def metadata_dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.meta_port}/{DATABASE}"
+        return dsn(self.meta_port, self.meta_password, DATABASE)
 
-    def shard_dsn(self, shard: ShardLayout) -> str:
-        return f"postgresql://postgres@127.0.0.1:{shard.pg_port}/{DATABASE}"
+    def shard_dsn(self, shard: ShardLayout, database: str = DATABASE) -> str:
+        return dsn(shard.pg_port, shard.pg_password, database)
+
+    def server_password(self, name: str) -> str:
+        """The password of server ``name`` (``meta`` or a shard id)."""
+        if name == "meta":
+            return self.meta_password
+        shard = self.shard(name)
+        if shard is None:
+            raise KeyError(name)
+        return shard.pg_password
 
     def pg_dir(self, name: str) -> Path:
         return self.data_dir / "pg" / name
@@ -59,8 +96,11 @@ class ClusterLayout:
         data["data_dir"] = str(self.data_dir)
         path = self.data_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.chmod(0o600)  # it holds the JWT secret and the admin token
+        # 0600 from its creation on: it holds every secret of the cluster.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a .tmp left by a crash keeps its old mode otherwise
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(data, indent=2))
         os.replace(tmp, path)
 
     @classmethod
@@ -69,24 +109,43 @@ class ClusterLayout:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
+        lacks_secrets = not {"meta_password", "internal_secret"} <= data.keys() or any(
+            "pg_password" not in shard for shard in data["shards"]
+        )
         data["data_dir"] = data_dir
         data["shards"] = [ShardLayout(**shard) for shard in data["shards"]]
-        return cls(**data)
+        layout = cls(**data)
+        if lacks_secrets:
+            # Written by an earlier version: the secrets just generated must be the ones
+            # every later reader sees (the servers get their passwords on the next start).
+            layout.save()
+        return layout
 
     @property
     def active_shards(self) -> list[ShardLayout]:
         return [shard for shard in self.shards if not shard.retired]
 
+    def forget_shard(self, shard_id: str) -> None:
+        self.shards = [shard for shard in self.shards if shard.shard_id != shard_id]
+
     def shard(self, shard_id: str) -> ShardLayout | None:
         return next((shard for shard in self.shards if shard.shard_id == shard_id), None)
 
     def add_shard(self, shard_id: str | None = None) -> ShardLayout:
-        """A new shard with fresh ports (``shard-N`` after the highest N when no name is given)."""
+        """A new shard with fresh ports (``shard-N`` after the highest N when no name is given).
+
+        Its data folder must not exist yet: a new shard starts empty, with a new password,
+        and a refused ``shard add`` may then delete that folder as its own.
+        """
+        pg_root = self.data_dir / "pg"
+        folders = [path.name for path in pg_root.iterdir()] if pg_root.is_dir() else []
         if shard_id is None:
-            numbers = [int(s.shard_id.split("-")[1]) for s in self.shards if s.shard_id.split("-")[-1].isdigit()]
-            shard_id = f"shard-{max(numbers, default=0) + 1}"
+            shard_id = next_shard_id([*(shard.shard_id for shard in self.shards), *folders])
+        validate_shard_id(shard_id)  # also keeps the name a plain folder name under pg/
         if self.shard(shard_id) is not None:
             raise ValueError(f"the local cluster already has a shard named {shard_id}")
+        if shard_id in folders:
+            raise ValueError(f"{self.pg_dir(shard_id)} already exists: remove it, or choose another name")
         shard = ShardLayout(shard_id, free_port(), free_port())
         self.shards.append(shard)
         return shard
@@ -103,3 +162,4 @@ class ClusterLayout:
         for index in range(1, shard_count + 1):
             layout.shards.append(ShardLayout(f"shard-{index}", free_port(), free_port()))
         return layout
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -26,9 +28,11 @@ import asyncpg
 import yaml
 from rich.console import Console
 
+from dialogs import backoff, pg_home
 from dialogs.bootstrap import bootstrap
 from dialogs.cluster import DATABASE, ClusterLayout, ShardLayout
-from dialogs.embedded import LocalPostgres, die_with_parent, free_port
+from dialogs.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent, free_port
+from dialogs.pg_auth import redacted
 
 LOCK_FILE = "up.lock"
 
@@ -75,6 +79,21 @@ def acquire_lock(data_dir: Path) -> IO[str]:
 
 
 @dataclass
+class Restarts:
+    """A supervised process's crash history: what `backoff.after_exit` decides from."""
+
+    failures: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None  # set while a restart is pending
+
+    def exited(self, now: float) -> float:
+        """Record an exit seen at ``now``; the delay before the restart."""
+        self.failures, delay = backoff.after_exit(self.failures, now - self.started_at)
+        self.restart_at = now + delay
+        return delay
+
+
+@dataclass
 class Child:
     """A process of the cluster: a worker, a proxy, or Prometheus."""
 
@@ -85,11 +104,11 @@ class Child:
     health_url: str
     argv: list[str] | None = None  # default: `python -m dialogs COMMAND`
     process: subprocess.Popen[bytes] | None = None
-    failures: int = 0
-    restart_at: float = 0.0
+    restarts: Restarts = field(default_factory=Restarts)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
+        self.restarts.started_at = time.monotonic()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_file, "ab")
         self.process = subprocess.Popen(
@@ -105,6 +124,14 @@ class Child:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -140,8 +167,8 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-async def _create_database(port: int) -> None:
-    con = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+async def _create_database(server: LocalPostgres) -> None:
+    con = await asyncpg.connect(server.dsn("postgres"))
     try:
         if not await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
             await con.execute(f"CREATE DATABASE {DATABASE}")
@@ -149,9 +176,9 @@ async def _create_database(port: int) -> None:
         await con.close()
 
 
-async def _prepare_databases(layout: ClusterLayout) -> None:
-    for port in [layout.meta_port] + [shard.pg_port for shard in layout.active_shards]:
-        await _create_database(port)
+async def _prepare_databases(layout: ClusterLayout, servers: dict[str, LocalPostgres]) -> None:
+    for server in servers.values():
+        await _create_database(server)
     await bootstrap(layout.metadata_dsn, {s.shard_id: layout.shard_dsn(s) for s in layout.active_shards})
 
 
@@ -164,12 +191,14 @@ class Supervisor:
         self.console = console
         self.with_prometheus = with_prometheus
         self.servers: dict[str, LocalPostgres] = {}
+        self.server_restarts: dict[str, Restarts] = {}
         self.children: list[Child] = []
         self._stopping = False
         self._reload = False
 
     def _server(self, name: str, port: int) -> LocalPostgres:
-        return LocalPostgres(self.layout.pg_dir(name), port, log_file=self.layout.log_file(f"pg-{name}"))
+        return LocalPostgres(self.layout.pg_dir(name), port, password=self.layout.server_password(name),
+                             log_file=self.layout.log_file(f"pg-{name}"))
 
     def _worker(self, shard: ShardLayout) -> Child:
         layout = self.layout
@@ -178,6 +207,7 @@ class Supervisor:
             command="worker",
             env={
                 "DIALOGS_METADATA_DSN": layout.metadata_dsn,
+                "DIALOGS_INTERNAL_SECRET": layout.internal_secret,
                 "PYTHONUNBUFFERED": "1",
                 "DIALOGS_SHARD_ID": shard.shard_id,
                 "DIALOGS_SHARD_DSN": layout.shard_dsn(shard),
@@ -230,7 +260,11 @@ class Supervisor:
 
     def _children(self) -> list[Child]:
         layout = self.layout
-        common = {"DIALOGS_METADATA_DSN": layout.metadata_dsn, "PYTHONUNBUFFERED": "1"}
+        common = {
+            "DIALOGS_METADATA_DSN": layout.metadata_dsn,
+            "DIALOGS_INTERNAL_SECRET": layout.internal_secret,
+            "PYTHONUNBUFFERED": "1",
+        }
         children = [self._worker(shard) for shard in layout.active_shards]
         children.append(
             Child(
@@ -275,10 +309,14 @@ class Supervisor:
             self.servers["meta"] = self._server("meta", layout.meta_port)
             for shard in layout.active_shards:
                 self.servers[shard.shard_id] = self._server(shard.shard_id, shard.pg_port)
-            for server in self.servers.values():
-                server.start()
+            for name, server in self.servers.items():
+                try:
+                    self._start_server(name, server)
+                except PostgresError as exc:
+                    raise StartFailed(f"PostgreSQL {name}: {exc}") from None
+        self._placement_note()
         with self.console.status("applying migrations"):
-            asyncio.run(_prepare_databases(layout))
+            asyncio.run(_prepare_databases(layout, self.servers))
         self.children = self._children()
         if self.with_prometheus and (prometheus := self._prometheus()) is not None:
             self.children.append(prometheus)
@@ -289,65 +327,115 @@ class Supervisor:
                 child.start()
                 child.wait_healthy()
 
+    def _start_server(self, name: str, server: LocalPostgres) -> None:
+        self.server_restarts.setdefault(name, Restarts()).started_at = time.monotonic()
+        server.start()
+
+    def _restart_server(self, name: str, server: LocalPostgres) -> None:
+        """Start a crashed server again (LocalPostgres.start copes with what the crash left:
+        a stale postmaster.pid, orphaned backends). Blocks the watch loop while it recovers."""
+        try:
+            self._start_server(name, server)
+        except PostgresError as exc:
+            # The next watch round sees it down again and waits longer (backoff).
+            self.console.print(f"[red]PostgreSQL {name} did not start:[/red] {exc}", highlight=False)
+            return
+        self.console.print(f"PostgreSQL {name} is back", highlight=False)
+
+    def _placement_note(self) -> None:
+        """Say once, plainly, when the data is not where the user asked (see dialogs/pg_home.py)."""
+        if not any(server.relocated for server in self.servers.values()):
+            return
+        pg_dir = self.layout.data_dir / "pg"
+        closed = pg_home.closed_ancestor(pg_dir, pwd.getpwnam(SYSTEM_USER))
+        self.console.print(
+            f"PostgreSQL runs as the {SYSTEM_USER} user, who cannot enter {closed}: its data is kept in"
+            f" {pg_home.ROOT_HOME / 'data'}, linked from {pg_dir} (no folder's permissions were changed)",
+            highlight=False,
+        )
+
     def _apply_layout(self) -> None:
-        """`dialogs shard add/remove` changed cluster.json: start new shards, stop retired ones."""
+        """`dialogs shard add/remove` changed cluster.json: start new shards, stop the ones
+        retired or no longer listed (a refused `shard add` is taken back that way)."""
         self._reload = False
         fresh = ClusterLayout.load(self.layout.data_dir)
         if fresh is None:
             return
         self.layout = fresh
-        for shard in fresh.shards:
-            worker = next((c for c in self.children if c.name == f"worker {shard.shard_id}"), None)
-            if shard.retired:
-                if worker is not None:
-                    worker.stop()
-                    self.children.remove(worker)
-                if shard.shard_id in self.servers:
-                    self.servers.pop(shard.shard_id).stop()
-                    self.console.print(f"stopped retired shard {shard.shard_id} (its data stays in {fresh.pg_dir(shard.shard_id)})")
-            elif shard.shard_id not in self.servers:
-                try:
-                    server = self._server(shard.shard_id, shard.pg_port)
-                    server.start()
-                    self.servers[shard.shard_id] = server
-                    asyncio.run(_create_database(shard.pg_port))
-                    worker = self._worker(shard)
-                    self.children.insert(0, worker)
-                    worker.start()
-                    worker.wait_healthy()
-                except StartFailed as exc:
-                    self.console.print(f"[red]could not start shard {shard.shard_id}:[/red] {exc}")
-                    continue
-                self.console.print(
-                    f"started shard {shard.shard_id}: {fresh.shard_dsn(shard)}, worker http://127.0.0.1:{shard.worker_port}",
-                    highlight=False,
-                )
+        wanted = {shard.shard_id for shard in fresh.active_shards}
+        for shard_id in [name for name in self.servers if name != "meta" and name not in wanted]:
+            self._stop_shard(shard_id)
+        for shard in fresh.active_shards:
+            if shard.shard_id not in self.servers:
+                self._start_shard(shard)
         prometheus = next((c for c in self.children if c.name == "prometheus"), None)
         if prometheus is not None and prometheus.process is not None:
             self._write_prometheus_config()  # scrape the new workers, forget retired ones
             prometheus.process.send_signal(signal.SIGHUP)
 
+    def _stop_shard(self, shard_id: str) -> None:
+        worker = next((c for c in self.children if c.name == f"worker {shard_id}"), None)
+        if worker is not None:
+            worker.stop()
+            self.children.remove(worker)
+        server = self.servers.pop(shard_id, None)
+        self.server_restarts.pop(shard_id, None)
+        if server is not None:
+            server.stop()
+        listed = self.layout.shard(shard_id)
+        why = "retired" if listed is not None else "no longer in cluster.json"
+        self.console.print(f"stopped shard {shard_id} ({why}; its data stays in {self.layout.pg_dir(shard_id)})",
+                           highlight=False)
+
+    def _start_shard(self, shard: ShardLayout) -> None:
+        """Start a new shard's server and worker. If either fails, only this shard is affected:
+        what started is stopped again, and the next change of cluster.json retries it."""
+        server = self._server(shard.shard_id, shard.pg_port)
+        worker: Child | None = None
+        try:
+            self._start_server(shard.shard_id, server)
+            asyncio.run(_create_database(server))
+            worker = self._worker(shard)
+            worker.start()
+            worker.wait_healthy()
+        except Exception as exc:  # whatever it is, it is this shard's failure, not the cluster's
+            self.console.print(f"[red]could not start shard {shard.shard_id}:[/red] {exc}", highlight=False)
+            if worker is not None:
+                worker.stop()
+            server.stop()
+            self.server_restarts.pop(shard.shard_id, None)
+            return
+        self.servers[shard.shard_id] = server
+        self.children.insert(0, worker)
+        self.console.print(
+            f"started shard {shard.shard_id}: {redacted(self.layout.shard_dsn(shard))},"
+            f" worker http://127.0.0.1:{shard.worker_port}",
+            highlight=False,
+        )
+
     def _watch(self) -> None:
         while not self._stopping:
             if self._reload:
                 self._apply_layout()
-            now = time.monotonic()
+            for name, server in list(self.servers.items()):
+                self._keep_up(f"PostgreSQL {name}", server.running, server.process.returncode if server.process else None,
+                              self.server_restarts[name], lambda name=name, server=server: self._restart_server(name, server))
             for child in self.children:
-                if child.alive or self._stopping:
-                    continue
-                if child.restart_at == 0.0:
-                    child.failures += 1
-                    delay = min(2 ** (child.failures - 1), 30)
-                    child.restart_at = now + delay
-                    self.console.print(
-                        f"[yellow]{child.name} exited ({child.process.returncode if child.process else '?'});"
-                        f" restarting in {delay}s[/yellow]"
-                    )
-                elif now >= child.restart_at:
-                    child.stop()
-                    child.start()
-                    child.restart_at = 0.0
+                self._keep_up(child.name, child.alive, child.exit_code, child.restarts, child.restart)
             time.sleep(0.2)
+
+    def _keep_up(self, name: str, alive: bool, exit_code: int | None, restarts: Restarts,
+                 restart: Callable[[], None]) -> None:
+        """Servers and children alike: an exit is noticed, then the restart waits its backoff."""
+        if alive or self._stopping:
+            return
+        now = time.monotonic()
+        if restarts.restart_at is None:
+            delay = restarts.exited(now)
+            self.console.print(f"[yellow]{name} exited ({exit_code}); restarting in {delay:g}s[/yellow]")
+        elif now >= restarts.restart_at:
+            restarts.restart_at = None
+            restart()
 
     def _stop(self) -> None:
         self.console.print("stopping…")
@@ -363,16 +451,16 @@ class Supervisor:
         lines = [
             f"[bold green]Dialogs is up.[/bold green] Data: {layout.data_dir}",
             f"  proxy          {url}   (OpenAPI: {url}/openapi.json, metrics: {url}/metrics)",
-            f"  metadata       {layout.metadata_dsn}",
+            f"  metadata       {redacted(layout.metadata_dsn)}",
         ]
         for shard in layout.active_shards:
             lines.append(
-                f"  {shard.shard_id:<14} {layout.shard_dsn(shard)}   worker http://127.0.0.1:{shard.worker_port}"
+                f"  {shard.shard_id:<14} {redacted(layout.shard_dsn(shard))}   worker http://127.0.0.1:{shard.worker_port}"
             )
         if any(c.name == "prometheus" for c in self.children):
             lines.append(f"  prometheus     http://127.0.0.1:{layout.prometheus_port}")
         lines.append(f"  logs           {layout.data_dir / 'logs'}")
-        lines.append(f"  admin token    in {layout.data_dir / 'cluster.json'}")
+        lines.append(f"  secrets        {layout.data_dir / 'cluster.json'} (admin token, PostgreSQL passwords)")
         self.console.print("\n".join(lines), highlight=False, soft_wrap=True)
         self.console.print("\nTry it (copy and paste):", highlight=False)
         self.console.print(walkthrough(url), highlight=False, markup=False, soft_wrap=True)

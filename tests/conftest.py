@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
 
-from dialogs.embedded import LocalPostgres, free_port
+from dialogs.cluster import new_password
+from dialogs.embedded import LocalPostgres, free_port, scratch_folder
 from tests.support import Cluster
 
 # Durability is not under test here; speed is. (The bench/ runs keep fsync on.)
@@ -19,11 +22,27 @@ SERVER_NAMES = ("meta", "shard-1", "shard-2", "shard-3")
 
 
 @pytest.fixture(scope="session")
-def pg_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalPostgres]]:
+def pg_base() -> Iterator[Path]:
+    """A folder of the suite's own for server data, which the servers' user can enter. Removed after.
+
+    pytest's tmp_path is private to the user running the suite (0700 under
+    /tmp/pytest-of-root); as root the servers run as the embedded_postgres user, so their
+    data goes in a folder made here and handed to that user, not in a widened tmp_path.
+    """
+    base = scratch_folder("dialogs-test-pg-")
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_servers(pg_base: Path) -> Iterator[dict[str, LocalPostgres]]:
     """The metadata server, two shard servers and a spare, for the whole session."""
-    base = tmp_path_factory.mktemp("pg")
+    base = pg_base
     servers = {
-        name: LocalPostgres(base / name, free_port(), settings=TEST_PG_SETTINGS) for name in SERVER_NAMES
+        name: LocalPostgres(base / name, free_port(), password=new_password(), settings=TEST_PG_SETTINGS)
+        for name in SERVER_NAMES
     }
     try:
         for server in servers.values():

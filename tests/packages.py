@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+# Debian's hook for "may a package's maintainer script start its service?": exit 101 = no.
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+_DENY_ALL = "#!/bin/sh\n# Written by the dialogs test suite while it installs a package; removed after.\nexit 101\n"
+
+
+@contextlib.contextmanager
+def services_held(policy: Path = POLICY_RC_D) -> Iterator[None]:
+    """No package installed meanwhile starts its service (Prometheus would take :9090).
+
+    The tests run their own instances on free ports, and a test stops only what it started;
+    so rather than stopping a service after the fact, none is started. A policy already in
+    place is the machine's: it is left as it is.
+    """
+    if policy.exists():
+        yield
+        return
+    policy.write_text(_DENY_ALL)
+    policy.chmod(0o755)
+    try:
+        yield
+    finally:
+        policy.unlink(missing_ok=True)
 
 
 def ensure(package: str, *binaries: str) -> None:
@@ -17,5 +43,6 @@ def ensure(package: str, *binaries: str) -> None:
         pytest.skip(f"{package} is not installed (apt-get install {package})")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=300)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
-                   check=True, env=env, capture_output=True, timeout=600)
+    with services_held():
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+                       check=True, env=env, capture_output=True, timeout=600)

@@ -20,9 +20,9 @@ def ensure_installed() -> None:
     """Debian's prometheus package (it brings promtool), installed if missing and we can."""
     if shutil.which("prometheus") and shutil.which("promtool"):
         return
+    # Installed with services held (packages.services_held): no system Prometheus is started,
+    # so there is nothing to stop; the tests run their own, on free ports.
     packages.ensure("prometheus", "prometheus", "promtool")
-    # The package may start a system service on :9090; these tests run their own.
-    subprocess.run(["pkill", "-x", "prometheus"], capture_output=True)
 
 
 class Prometheus:

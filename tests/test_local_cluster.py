@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +20,8 @@ from typing import Any
 import psutil
 import pytest
 
+from dialogs import pg_home, postmaster
+from dialogs.cluster import ClusterLayout
 from dialogs.embedded import free_port
 from tests.prometheus import ensure_installed
 
@@ -75,7 +80,11 @@ class Runner:
         return output
 
     def leftovers(self) -> list[psutil.Process]:
-        """Processes whose command line names the data folder: servers, workers, proxy."""
+        """Processes whose command line names the data folder (or where its servers' data really
+        is, when it was kept elsewhere), or that run with it as DIALOGS_DATA_DIR."""
+        folders = [str(self.data_dir)]
+        if (self.data_dir / "pg").is_dir():
+            folders += [str(link.resolve()) for link in (self.data_dir / "pg").iterdir() if link.is_symlink()]
         found = []
         for proc in psutil.process_iter(["cmdline", "environ"]):
             try:
@@ -83,7 +92,7 @@ class Runner:
                 environ = proc.info["environ"] or {}
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if str(self.data_dir) in cmdline or environ.get("DIALOGS_DATA_DIR") == str(self.data_dir):
+            if any(folder in cmdline for folder in folders) or environ.get("DIALOGS_DATA_DIR") == str(self.data_dir):
                 found.append(proc)
         return found
 
@@ -98,6 +107,10 @@ class Runner:
                     process.wait()
         for proc in self.leftovers():
             proc.kill()
+        # As root in a private tmp_path the data went under /var/lib/dialogs/data: ours to remove.
+        if (self.data_dir / "pg").is_dir():
+            for datadir in (self.data_dir / "pg").iterdir():
+                pg_home.remove_data_directory(datadir)
 
 
 @pytest.fixture
@@ -148,6 +161,9 @@ def test_up_use_stop_and_start_again(runner: Runner) -> None:
     output = runner.stop(first)
     assert first.returncode == 0, output
     assert "Dialogs is up" in output and "curl -s" in output
+    if os.geteuid() == 0:  # tmp_path is 0700: the data is kept elsewhere, and the output says so once
+        assert output.count("its data is kept in /var/lib/dialogs/data") == 1, output
+        assert stat.S_IMODE(runner.data_dir.parent.stat().st_mode) == 0o700
     time.sleep(0.5)
     assert runner.leftovers() == []
 
@@ -201,3 +217,97 @@ def test_up_with_prometheus(runner: Runner) -> None:
     assert process.returncode == 0 and "prometheus     http://127.0.0.1:" in output
     time.sleep(0.5)
     assert runner.leftovers() == []
+
+
+def test_killed_postgres_servers_are_restarted(runner: Runner) -> None:
+    """kill -9 of the metadata's and a shard's postmaster (one with a backend busy in a query):
+    the supervisor restarts both, and the cluster serves again with nobody acting."""
+    process = runner.up()
+    runner.wait_healthy(process)
+    layout = ClusterLayout.load(runner.data_dir)
+    assert layout is not None
+    shard = layout.shard("shard-1")
+    assert shard is not None
+    busy = subprocess.Popen(
+        [str(pg_home.WHEEL_BIN / "psql"), layout.shard_dsn(shard), "-c",
+         "SELECT count(*) FROM generate_series(1, 10000000000)"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1)
+        killed = {}
+        for name in ("meta", "shard-1"):
+            pid = postmaster.read_pid(layout.pg_dir(name).resolve())
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            killed[name] = pid
+        deadline = time.monotonic() + 60
+        while True:
+            report = runner.run("status")
+            if report.returncode == 0 and "unreachable" not in report.stdout:
+                break
+            assert time.monotonic() < deadline, f"not restarted: {report.stdout}{report.stderr}"
+            time.sleep(0.5)
+        for name, old in killed.items():
+            assert postmaster.read_pid(layout.pg_dir(name).resolve()) not in (None, old)
+        status, _ = runner.call("POST", "/user/register", {"first_name": "After", "second_name": "Crash",
+                                                            "password": "password-c"})
+        assert status == 200
+    finally:
+        busy.kill()
+        busy.wait()
+    output = runner.stop(process)
+    assert process.returncode == 0, output
+    assert "PostgreSQL meta is back" in output and "PostgreSQL shard-1 is back" in output, output
+
+
+def _closed(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_refused_shard_add_leaves_nothing_running(runner: Runner) -> None:
+    """A local `shard add` the proxy refuses stops the server and worker it started, forgets the
+    shard and removes its data folder; the same name can be added right after."""
+    process = runner.up()
+    runner.wait_healthy(process)
+    refused = runner.run("shard", "add", "--token", "not-the-admin-token-0123456789")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "invalid admin token" in refused.stderr
+    started = re.search(r"starting shard-3 \(PostgreSQL on 127\.0\.0\.1:(\d+), worker on :(\d+)\)", refused.stdout)
+    assert started is not None, refused.stdout
+    assert _closed(int(started[1])) and _closed(int(started[2]))
+    layout = ClusterLayout.load(runner.data_dir)
+    assert layout is not None and layout.shard("shard-3") is None
+    assert not os.path.lexists(runner.data_dir / "pg" / "shard-3")
+    added = runner.run("shard", "add")
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert "add shard-3, map 1 -> 2, phase done" in added.stdout
+    output = runner.stop(process)
+    assert "stopped shard shard-3 (no longer in cluster.json" in output, output
+
+
+def test_new_shard_that_cannot_start_fails_alone(runner: Runner) -> None:
+    """A new shard whose PostgreSQL cannot start (its port is taken) is reported; the cluster runs on."""
+    process = runner.up()
+    runner.wait_healthy(process)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        layout = ClusterLayout.load(runner.data_dir)
+        assert layout is not None
+        layout.add_shard("shard-9").pg_port = taken.getsockname()[1]
+        layout.save()
+        process.send_signal(signal.SIGHUP)
+        log = layout.log_file("pg-shard-9")
+        deadline = time.monotonic() + 30
+        while "could not" not in (log.read_text() if log.exists() else ""):
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert time.monotonic() < deadline, "shard-9's server was never tried"
+            time.sleep(0.2)
+        time.sleep(1)
+        assert process.poll() is None
+        assert runner.call("GET", "/health")[0] == 200
+    output = runner.stop(process)
+    assert process.returncode == 0, output
+    assert "could not start shard shard-9" in output, output
