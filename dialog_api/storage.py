@@ -5,24 +5,14 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from dialogs import errors, shard_control
+from dialogs import errors, pg, shard_control
 
-# The server-side errors that mean "this shard cannot serve now", as opposed to a bug.
-_UNAVAILABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.QueryCanceledError,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +44,9 @@ class Stored:
     duplicate: bool
 
 
-@contextlib.asynccontextmanager
-async def translated() -> AsyncIterator[None]:
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise errors.ShardUnavailable() from exc
+def translated() -> contextlib.AbstractAsyncContextManager[None]:
+    """Shard database failures as 503s (``dialogs.pg``)."""
+    return pg.translated(errors.ShardUnavailable)
 
 
 _STORE = "SELECT ord, id, created_at, status FROM store_messages($1, $2, $3, $4, $5, $6)"

@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dialogs import metadata, pgmigrate
+from dialogs import metadata, pg, pgmigrate
 from dialogs.bootstrap import bootstrap
 from dialogs.settings import SettingsError
 
@@ -80,7 +80,7 @@ def status(data_dir: Path) -> None:
         sys.exit(1)
     try:
         report = asyncio.run(_status(layout.metadata_dsn))
-    except (OSError, asyncpg.PostgresError) as exc:
+    except pg.FAILURES as exc:
         console.print(f"[red]metadata database unreachable[/red] ({exc}); is `dialogs up` running?")
         sys.exit(1)
     shard_map, shards, workers, rows, running = report
@@ -132,7 +132,7 @@ async def _status(metadata_dsn: str):  # type: ignore[no-untyped-def]
                 rows[shard_id] = await shard_con.fetchval("SELECT count(*) FROM messages")
             finally:
                 await shard_con.close()
-        except (OSError, TimeoutError, asyncpg.PostgresError, KeyError):
+        except (*pg.FAILURES, KeyError):
             rows[shard_id] = None
     return shard_map, shards, workers, rows, running
 

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
+from dialogs import pg
 from dialogs.aio import background
 
 log = logging.getLogger(__name__)
 
 Statement = Callable[[asyncpg.Connection], Awaitable[None]]
-_FAILURES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 async def heartbeat_forever(pool: asyncpg.Pool, beat: Statement, interval: float, who: str) -> None:
@@ -31,7 +31,7 @@ async def heartbeat_forever(pool: asyncpg.Pool, beat: Statement, interval: float
             if not registered:
                 log.info("registered %s", who)
                 registered = True
-        except _FAILURES as exc:
+        except pg.FAILURES as exc:
             log.warning("heartbeat of %s failed: %s", who, exc)
         await asyncio.sleep(interval)
 
@@ -40,7 +40,7 @@ async def leave(pool: asyncpg.Pool, statement: Statement, who: str) -> None:
     try:
         async with pool.acquire(timeout=1.0) as con:
             await statement(con)
-    except _FAILURES as exc:
+    except pg.FAILURES as exc:
         log.warning("could not deregister %s: %s", who, exc)
 
 

@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
+from dialogs import pg
+
 log = logging.getLogger(__name__)
 
 Loader = Callable[[asyncpg.Connection], Awaitable[None]]
-
-_UNREACHABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 class MetadataWatcher:
@@ -68,7 +68,7 @@ class MetadataWatcher:
                     except TimeoutError:
                         pass
             except Exception as exc:  # noqa: BLE001 - a watcher that dies leaves a stale view for good
-                if isinstance(exc, _UNREACHABLE):
+                if isinstance(exc, pg.FAILURES):
                     if self.connected:
                         log.warning("metadata database unreachable, keeping the last view: %s", exc)
                 else:

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from dialogs import errors, metadata, shard_map
+from dialogs import errors, metadata, pg, shard_map
 from dialogs.http import bearer_token, json_response, read_json
 from dialogs.keys import INT64_MAX
 from proxy.appkeys import SETTINGS, TOKENS, USERS
@@ -145,7 +145,7 @@ async def add_shard(request: web.Request) -> web.Response:
 async def _check_reachable(dsn: str) -> None:
     try:
         con = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+    except (*pg.FAILURES, ValueError) as exc:
         raise errors.InvalidInput(f"cannot connect to {redact(dsn)}: {exc}") from None
     await con.close()
 

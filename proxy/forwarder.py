@@ -19,7 +19,7 @@ from yarl import URL
 from dialogs import errors, wire
 from dialogs.watch import MetadataWatcher
 from proxy import forwarding
-from proxy.forwarding import Answered, Broken, Buffer, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
+from proxy.forwarding import Answered, Broken, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
 from proxy.metrics import ProxyMetrics
 from proxy.topology import Topology
 

@@ -5,30 +5,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from dialogs import errors
+from dialogs import errors, pg
 
-_UNAVAILABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-)
-
-
-@contextlib.asynccontextmanager
-async def translated() -> AsyncIterator[None]:
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise errors.MetadataUnavailable() from exc
+def translated() -> contextlib.AbstractAsyncContextManager[None]:
+    """Metadata database failures as 503s (``dialogs.pg``)."""
+    return pg.translated(errors.MetadataUnavailable)
 
 
 @dataclass(frozen=True, slots=True)

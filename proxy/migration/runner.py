@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from dialogs import errors, metadata, shard_control
+from dialogs import errors, metadata, pg, shard_control
 from dialogs.shard_control import Span, Watermark
 from dialogs.wire import Phase
 from proxy.migration import store
@@ -34,7 +34,6 @@ SETTLED_RANGES = 16  # ...stop once at most this many ranges are left for the cu
 MAX_CUTOVER_ATTEMPTS = 5
 DELTA_BATCH = 5000
 
-_SHARD_FAILURES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class _Interrupted(Exception):
@@ -400,7 +399,7 @@ class _Run:
                 steps.append(time.monotonic())
                 await self._hand_over()
                 steps.append(time.monotonic())
-        except (TimeoutError, _VerificationFailed, *_SHARD_FAILURES) as exc:
+        except (TimeoutError, _VerificationFailed, *pg.FAILURES) as exc:
             reason = "cutover deadline passed" if isinstance(exc, TimeoutError) else f"cutover failed: {exc}"
             await self._cutover_failed(migration, reason, fatal=isinstance(exc, _VerificationFailed))
             self.observer.cutover(time.monotonic() - started, False)
@@ -408,7 +407,7 @@ class _Run:
         pause = time.monotonic() - started
         try:
             await store.flip(self.meta, migration, pause * 1000)
-        except (errors.Conflict, *_SHARD_FAILURES) as exc:
+        except (errors.Conflict, *pg.FAILURES) as exc:
             current = await self._reload()
             if current.phase != Phase.CLEANUP:
                 reason = "aborted by the operator" if current.abort_requested else f"could not activate the new map: {exc}"
