@@ -13,6 +13,7 @@ import pytest
 
 from dialogs.cluster import new_password
 from dialogs.embedded import LocalPostgres, free_port, scratch_folder
+from tests.local_cluster import LocalCluster
 from tests.support import Cluster
 
 # Durability is not under test here; speed is. (The bench/ runs keep fsync on.)
@@ -111,3 +112,14 @@ async def cluster(bare_cluster: Cluster) -> Cluster:
         await bare_cluster.start_worker(shard_id)
     await bare_cluster.start_proxy()
     return bare_cluster
+
+
+@pytest.fixture
+def local_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """`dialogs up` in a subprocess, healthy; stopped at teardown with all it started."""
+    cluster = LocalCluster(tmp_path / "cluster", free_port())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -23,6 +23,7 @@ import pytest
 from dialogs import pg_home, postmaster
 from dialogs.cluster import ClusterLayout
 from dialogs.embedded import free_port
+from tests.local_cluster import cluster_processes, remove_server_data
 from tests.prometheus import ensure_installed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -80,21 +81,7 @@ class Runner:
         return output
 
     def leftovers(self) -> list[psutil.Process]:
-        """Processes whose command line names the data folder (or where its servers' data really
-        is, when it was kept elsewhere), or that run with it as DIALOGS_DATA_DIR."""
-        folders = [str(self.data_dir)]
-        if (self.data_dir / "pg").is_dir():
-            folders += [str(link.resolve()) for link in (self.data_dir / "pg").iterdir() if link.is_symlink()]
-        found = []
-        for proc in psutil.process_iter(["cmdline", "environ"]):
-            try:
-                cmdline = " ".join(proc.info["cmdline"] or [])
-                environ = proc.info["environ"] or {}
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            if any(folder in cmdline for folder in folders) or environ.get("DIALOGS_DATA_DIR") == str(self.data_dir):
-                found.append(proc)
-        return found
+        return cluster_processes(self.data_dir)
 
     def cleanup(self) -> None:
         for process in self.processes:
@@ -107,10 +94,7 @@ class Runner:
                     process.wait()
         for proc in self.leftovers():
             proc.kill()
-        # As root in a private tmp_path the data went under /var/lib/dialogs/data: ours to remove.
-        if (self.data_dir / "pg").is_dir():
-            for datadir in (self.data_dir / "pg").iterdir():
-                pg_home.remove_data_directory(datadir)
+        remove_server_data(self.data_dir)
 
 
 @pytest.fixture
@@ -185,7 +169,8 @@ def test_status_without_a_cluster(runner: Runner) -> None:
 
 def test_process_refuses_bad_configuration(runner: Runner) -> None:
     """A proxy started with a bad setting exits 2 with a sentence, not a traceback."""
-    env = {**runner.env, "DIALOGS_METADATA_DSN": "postgresql://x@127.0.0.1:1/db", "DIALOGS_JWT_SECRET": "short"}
+    env = {**runner.env, "DIALOGS_METADATA_DSN": "postgresql://x@127.0.0.1:1/db", "DIALOGS_JWT_SECRET": "short",
+           "DIALOGS_INTERNAL_SECRET": "i" * 32}
     result = subprocess.run(
         [sys.executable, "-m", "dialogs", "proxy"], env=env, capture_output=True, text=True, timeout=30
     )
