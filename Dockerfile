@@ -1,5 +1,6 @@
-# The image every Dialogs process runs from: `dialogs proxy`, `dialogs worker`,
-# `dialogs migrate`, `dialogs run-migration`.
+# The image every Dialogs service runs from, without the operator's tooling (the `local`
+# extra): `python -m proxy`, `python -m dialog_api`, `python -m proxy.bootstrap`,
+# `python -m proxy.migration`.
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -11,5 +12,5 @@ COPY dialog_api ./dialog_api
 RUN pip install . && useradd --system --uid 10001 dialogs
 USER dialogs
 
-ENTRYPOINT ["dialogs"]
-CMD ["--help"]
+ENTRYPOINT ["python", "-m"]
+CMD ["proxy"]

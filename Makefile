@@ -7,13 +7,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test status bench clean
+.PHONY: up test status bench docs clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[local,test]'
 	@touch $(STAMP)
 
 up: $(STAMP)
@@ -28,6 +28,10 @@ status: $(STAMP)
 # The brief's figures, measured against baselines of the same run (bench/README.md).
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The README's configuration tables, from the settings classes (a test checks them).
+docs: $(STAMP)
+	$(BIN)/python -m dialogsctl.settings_doc
 
 clean:
 	rm -rf $(VENV) .pytest_cache

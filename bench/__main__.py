@@ -27,8 +27,8 @@ import aiohttp
 import asyncpg
 
 from bench.harness import BenchCluster, Client, preload, psql_copy, quantile
-from dialogs.embedded import scratch_folder
 from dialogs.keys import dialog_key
+from dialogsctl.embedded import scratch_folder
 
 COLUMNS = "dialog_key, user_lo, user_hi, id, from_lo, text, created_at, idempotency_key"
 

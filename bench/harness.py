@@ -16,12 +16,12 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from dialogs import metadata
-from dialogs.bootstrap import bootstrap
-from dialogs.cluster import new_password
-from dialogs.embedded import LocalPostgres, free_port
 from dialogs.keys import dialog_key
-from dialogs.supervisor import Child
+from dialogs.metastore import maps
+from dialogsctl.cluster import new_password
+from dialogsctl.embedded import LocalPostgres, free_port
+from dialogsctl.supervisor import Child
+from proxy.bootstrap import bootstrap
 
 JWT_SECRET = "bench-secret-" + "b" * 40
 ADMIN_TOKEN = "bench-admin-token-0123456789"
@@ -156,7 +156,7 @@ async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 200
     """Synthetic messages written straight into the shards, each on the shard the active ring names."""
     con = await asyncpg.connect(cluster.dsn("meta"))
     try:
-        shard_map = await metadata.active_map(con)
+        shard_map = await maps.active_map(con)
     finally:
         await con.close()
     assert shard_map is not None

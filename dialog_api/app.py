@@ -10,15 +10,17 @@ from collections.abc import AsyncIterator
 import asyncpg
 from aiohttp import web
 
-from dialog_api import handlers, membership
+from dialog_api import handlers
+from dialog_api import map_view as membership
 from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
 from dialog_api.group_commit import GroupCommit
 from dialog_api.metrics import WorkerMetrics
 from dialog_api.settings import WorkerSettings
 from dialog_api.storage import ShardStore, migrate
-from dialogs import errors, heartbeat, metadata, wire
+from dialogs import errors, heartbeat, wire
 from dialogs.aio import background
 from dialogs.http import make_middleware
+from dialogs.metastore import members
 from dialogs.watch import MetadataWatcher
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,10 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     view, who = app[MAP_VIEW], f"worker {worker_id} of {settings.shard_id} at {settings.url}"
 
     async def beat(con: asyncpg.Connection) -> None:
-        await metadata.upsert_worker(con, worker_id, settings.shard_id, settings.url, view.map_version)
+        await members.upsert_worker(con, worker_id, settings.shard_id, settings.url, view.map_version)
 
     async def leave(con: asyncpg.Connection) -> None:
-        await metadata.delete_worker(con, worker_id)
+        await members.delete_worker(con, worker_id)
 
     async with heartbeat.registered(settings.metadata_dsn, beat, leave, settings.heartbeat_interval, who):
         yield

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from dialog_api.group_commit import GroupCommit
-from dialog_api.membership import MapView
+from dialog_api.map_view import MapView
 from dialog_api.metrics import WorkerMetrics
 from dialog_api.settings import WorkerSettings
 from dialog_api.storage import ShardStore

@@ -1,36 +1,39 @@
-"""Worker settings, from DIALOGS_* environment variables."""
+"""Worker settings, from DIALOGS_* environment variables (each declared with its help)."""
 
 from __future__ import annotations
 
 import environ
 
-from dialogs.settings import dsn, internal_secret, port, positive_float, positive_int
+from dialogs import settings as s
 from dialogs.shard_map import validate_shard_id
 
 
-@environ.config(prefix="DIALOGS", frozen=True)
+@environ.config(prefix=s.PREFIX, frozen=True)
 class WorkerSettings:
-    shard_id: str = environ.var(validator=lambda _, __, value: validate_shard_id(value))
-    shard_dsn: str = environ.var(converter=dsn("DIALOGS_SHARD_DSN"))
-    metadata_dsn: str = environ.var(converter=dsn("DIALOGS_METADATA_DSN"))
-    # Only callers that present it (the proxies) may use the internal API.
-    internal_secret: str = environ.var(validator=internal_secret)
-    host: str = environ.var("127.0.0.1")
-    port: int = environ.var(8081, converter=port("DIALOGS_PORT"))
-    # What proxies use to reach this worker; defaults to http://HOST:PORT.
-    advertise_url: str = environ.var("")
-    worker_id: str = environ.var("")
-    # Longer than the proxies keep idle connections to workers (30 s), so that a proxy never
-    # reuses a connection the worker is closing; a send on such a connection would be a 503.
-    idle_timeout: float = environ.var(75.0, converter=positive_float("DIALOGS_IDLE_TIMEOUT"))
-    pool_min: int = environ.var(2, converter=positive_int("DIALOGS_POOL_MIN"))
-    pool_max: int = environ.var(16, converter=positive_int("DIALOGS_POOL_MAX"))
-    # Group commit: how many sends one transaction may carry, and how many commit at once.
-    batch_max: int = environ.var(256, converter=positive_int("DIALOGS_BATCH_MAX"))
-    flushers: int = environ.var(4, converter=positive_int("DIALOGS_FLUSHERS"))
-    heartbeat_interval: float = environ.var(1.0, converter=positive_float("DIALOGS_HEARTBEAT_INTERVAL"))
-    poll_interval: float = environ.var(2.0, converter=positive_float("DIALOGS_POLL_INTERVAL"))
-    query_timeout: float = environ.var(5.0, converter=positive_float("DIALOGS_QUERY_TIMEOUT"))
+    shard_id: str = s.converted(
+        validate_shard_id, "a shard id (a lowercase letter, then lowercase letters, digits, '-' or '_')",
+        help="the shard it serves",
+    )
+    shard_dsn: str = s.dsn(help="its shard database")
+    metadata_dsn: str = s.dsn(help="the metadata database")
+    internal_secret: str = s.secret(
+        32, help="the proxies' secret; the internal API answers 401 without it (`/health`, `/metrics` stay open)"
+    )
+    host: str = s.text("127.0.0.1", help="listen address")
+    port: int = s.port(8081, help="listen port")
+    advertise_url: str = s.text("", help="the URL proxies use to reach it (empty: `http://HOST:PORT`)")
+    worker_id: str = s.text("", help="its registration id (empty: `<shard>-<random>`)")
+    log_level: str = s.log_level()
+    # Longer than proxies keep idle connections to workers (30 s): a proxy never reuses a
+    # connection the worker is closing (a send on it would be a 503).
+    idle_timeout: float = s.positive_float(75.0, help="seconds an idle connection stays open; keep it above 30")
+    pool_min: int = s.positive_int(2, help="shard connections kept open")
+    pool_max: int = s.positive_int(16, help="shard connections at most")
+    batch_max: int = s.positive_int(256, help="group commit: sends one transaction may carry")
+    flushers: int = s.positive_int(4, help="group commit: transactions in flight at once")
+    heartbeat_interval: float = s.positive_float(1.0, help="seconds between registration heartbeats")
+    poll_interval: float = s.positive_float(2.0, help="seconds between metadata polls (LISTEN/NOTIFY reacts at once)")
+    query_timeout: float = s.positive_float(5.0, help="seconds per shard query")
 
     @property
     def url(self) -> str:

@@ -11,8 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from dialogs import errors, pg, shard_control
-
+from dialogs import errors, pg, schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +106,9 @@ class ShardStore:
         Idempotency-Key, a range that is frozen or not served here); the others in the
         batch are unaffected.
         """
-        async with translated(), self.pool.acquire() as con:
+        # A failure to get a connection wrote nothing: another worker may try (503 ShardUnavailable).
+        # Once the statement is sent, a failure may come after the commit (SendOutcomeUnknown).
+        async with translated(), self.pool.acquire() as con, pg.translated(errors.SendOutcomeUnknown):
             started = time.perf_counter()
             rows = await con.fetch(
                 _STORE,
@@ -170,6 +171,6 @@ class ShardStore:
 async def migrate(dsn: str) -> list[str]:
     con = await asyncpg.connect(dsn)
     try:
-        return await shard_control.migrate(con)
+        return await schema.upgrade_shard(con)
     finally:
         await con.close()

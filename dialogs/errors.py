@@ -11,13 +11,15 @@
     ├── Conflict                    409  the request clashes with current state
     │   ├── StaleMap                409  (proxy <-> worker) routed with an older shard map
     │   ├── RangeMoving             409  (proxy <-> worker) the dialog's range is in cutover
-    │   └── RangeNotServed          409  (proxy <-> worker) this shard does not serve the range
+    │   ├── RangeNotServed          409  (proxy <-> worker) this shard does not serve the range
+    │   └── MapVersionConflict      409  another writer activated the next shard-map version first
     ├── BodyTooLarge                413  request body over the limit
     ├── IdempotencyKeyReused        422  same Idempotency-Key, different message
     ├── TooManyRequests             429  too many failed logins (carries Retry-After)
     └── Unavailable                 503  try again later (carries Retry-After)
         ├── ShardUnavailable        503  the owning shard's workers or database are down
         ├── MetadataUnavailable     503  the metadata database is down (users, login)
+        ├── SendOutcomeUnknown      503  the shard failed during a write: it may be stored
         └── Overloaded              503  too many password hashes already in progress
 
 Foreign exceptions (asyncpg, aiohttp client errors, timeouts) are translated into these
@@ -110,6 +112,12 @@ class RangeNotServed(Conflict):
     code, default_message = 40904, "this shard does not serve this dialog"
 
 
+class MapVersionConflict(Conflict):
+    """A compare-and-swap on the shard-map version lost: the map changed meanwhile."""
+
+    code, default_message = 40905, "the shard map changed meanwhile"
+
+
 class BodyTooLarge(DialogsError):
     status, code, default_message = 413, 41301, "request body too large"
 
@@ -143,6 +151,15 @@ class ShardUnavailable(Unavailable):
 
 class MetadataUnavailable(Unavailable):
     code, default_message = 50303, "the metadata database is unavailable, retry later"
+
+
+class SendOutcomeUnknown(Unavailable):
+    """The shard database failed while a write was under way: it may have committed.
+
+    Never retried on another worker (that could store it twice); the client retries with
+    its Idempotency-Key and gets the stored message if there is one."""
+
+    code, default_message = 50305, "the send may or may not have been stored; retry it with the same Idempotency-Key"
 
 
 class Overloaded(Unavailable):

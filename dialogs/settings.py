@@ -1,9 +1,15 @@
-"""Helpers for the typed settings each process builds from its environment.
+"""Typed settings from DIALOGS_* environment variables, declared once with their help text.
 
 Every process has a frozen ``environ-config`` class (``proxy/settings.py``,
-``dialog_api/settings.py``); ``load`` builds it from an explicit mapping and turns every
-problem into one ``SettingsError`` that names the variable, so a bad deployment fails at
-start-up with a sentence instead of a traceback.
+``dialog_api/settings.py``) whose fields are declared with the kinds below: each says
+its type, its default and a sentence of help. ``load`` builds the class from an explicit
+mapping and turns every problem into one ``SettingsError`` naming the variable, so a bad
+deployment fails at start-up with a sentence instead of a traceback. The README's
+configuration tables are generated from these declarations (``markdown_table``; a test
+fails when they drift).
+
+A variable's name is derived from its field (``port`` -> ``DIALOGS_PORT``), never typed
+again, so a message can never name the wrong one.
 """
 
 from __future__ import annotations
@@ -12,13 +18,22 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import attrs
 import environ
 
+PREFIX = "DIALOGS"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 T = TypeVar("T")
+REQUIRED: Any = object()  # no default: the variable must be set
 
 
 class SettingsError(Exception):
     pass
+
+
+def variable(field: attrs.Attribute) -> str:  # type: ignore[type-arg]
+    return f"{PREFIX}_{field.name.upper()}"
 
 
 def load(cls: type[T], env: Mapping[str, str] | None = None) -> T:
@@ -31,57 +46,109 @@ def load(cls: type[T], env: Mapping[str, str] | None = None) -> T:
         raise SettingsError(str(exc)) from None
 
 
-def _named(name: str, convert: Callable[[str], Any], kind: str) -> Callable[[Any], Any]:
-    def converter(value: Any) -> Any:
+# --- kinds ---------------------------------------------------------------------------------
+
+
+def _kind(description: str, parse: Callable[[Any], Any]) -> attrs.Converter:  # type: ignore[type-arg]
+    def convert(value: Any, field: attrs.Attribute) -> Any:  # type: ignore[type-arg]
         try:
-            return convert(value)
+            return parse(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be {kind}, got {value!r}") from None
+            raise ValueError(f"{variable(field)} must be {description}, got {value!r}") from None
 
-    return converter
-
-
-def positive_int(name: str) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        number = int(value)
-        if number < 1:
-            raise ValueError
-        return number
-
-    return _named(name, convert, "a positive integer")
+    return attrs.Converter(convert, takes_field=True)  # type: ignore[call-overload]
 
 
-def port(name: str) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        number = int(value)
-        if not 0 < number < 65536:
-            raise ValueError
-        return number
-
-    return _named(name, convert, "a TCP port (1-65535)")
+def _bounded(number: Any, low: float, high: float = float("inf")) -> Any:
+    if not low <= number <= high:
+        raise ValueError
+    return number
 
 
-def positive_float(name: str) -> Callable[[Any], float]:
-    def convert(value: Any) -> float:
-        number = float(value)
-        if not number > 0:
-            raise ValueError
-        return number
-
-    return _named(name, convert, "a positive number")
+def _var(default: Any, converter: Any, help: str) -> Any:
+    if default is REQUIRED:
+        return environ.var(converter=converter, help=help)
+    return environ.var(default, converter=converter, help=help)
 
 
-def internal_secret(_: object, __: object, value: str) -> None:
-    if len(value) < 32:
-        raise ValueError(
-            "DIALOGS_INTERNAL_SECRET must be at least 32 characters (the same on every proxy and worker)"
-        )
+def positive_int(default: Any = REQUIRED, *, help: str) -> Any:
+    return _var(default, _kind("a positive integer", lambda v: _bounded(int(v), 1)), help)
 
 
-def dsn(name: str) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if not isinstance(value, str) or not value.startswith(("postgresql://", "postgres://")):
+def count(default: Any = REQUIRED, *, help: str) -> Any:
+    """A whole number, 0 or more (0 usually meaning 'automatic': the help says what)."""
+    return _var(default, _kind("a whole number, 0 or more", lambda v: _bounded(int(v), 0)), help)
+
+
+def positive_float(default: Any = REQUIRED, *, help: str) -> Any:
+    return _var(default, _kind("a positive number", lambda v: _bounded(float(v), 1e-9)), help)
+
+
+def port(default: Any = REQUIRED, *, help: str) -> Any:
+    return _var(default, _kind("a TCP port (1-65535)", lambda v: _bounded(int(v), 1, 65535)), help)
+
+
+def text(default: Any = REQUIRED, *, help: str) -> Any:
+    return _var(default, None, help)
+
+
+def flag(default: bool, *, help: str) -> Any:
+    return environ.bool_var(default, help=help)
+
+
+def _dsn(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError
+    return value
+
+
+def dsn(*, help: str) -> Any:
+    """A required PostgreSQL URL. Its password must be URL-encoded (``%40`` for ``@``)."""
+    return _var(REQUIRED, _kind("a postgresql:// URL", _dsn), help)
+
+
+def secret(min_length: int, default: Any = REQUIRED, *, help: str, empty_ok: bool = False) -> Any:
+    def check(value: str) -> str:
+        if not (empty_ok and value == "") and len(value) < min_length:
             raise ValueError
         return value
 
-    return _named(name, convert, "a postgresql:// URL")
+    what = f"at least {min_length} characters" + (", or empty" if empty_ok else "")
+    return _var(default, _kind(what, check), help)
+
+
+def log_level(default: str = "INFO") -> Any:
+    def check(value: Any) -> str:
+        level = str(value).upper()
+        if level not in LOG_LEVELS:
+            raise ValueError
+        return level
+
+    return _var(default, _kind(f"one of {', '.join(LOG_LEVELS)}", check), "log level of this process")
+
+
+def converted(parse: Callable[[Any], Any], description: str, default: Any = REQUIRED, *, help: str) -> Any:
+    """A kind of one's own: ``parse`` raises ValueError for what it refuses."""
+    return _var(default, _kind(description, parse), help)
+
+
+# --- documentation -----------------------------------------------------------------------
+
+
+def markdown_table(cls: type) -> str:
+    """The README table of ``cls``'s variables: name, default (or "required"), help."""
+    return environ.generate_help(cls, formatter=_table)
+
+
+def _table(entries: list[dict[str, Any]]) -> str:
+    rows = ["| Variable | Default | |", "|---|---|---|"]
+    for entry in entries:
+        if entry["required"]:
+            shown = "required"
+        elif entry["default"] == "":
+            shown = "empty"
+        else:
+            default = entry["default"]
+            shown = f"`{str(default).lower() if isinstance(default, bool) else default}`"
+        rows.append(f"| `{entry['var_name']}` | {shown} | {entry.get('help_str', '')} |")
+    return "\n".join(rows)

@@ -2,7 +2,7 @@
 
 A change to the topology never edits a map; it makes the next version. The metadata
 database stores versions and only accepts a new one written on top of the latest
-(compare-and-swap, see ``dialogs.metadata.insert_shard_map``).
+(compare-and-swap, see ``dialogs.metastore.maps.activate``).
 """
 
 from __future__ import annotations

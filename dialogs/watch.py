@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
@@ -43,11 +42,6 @@ class MetadataWatcher:
         self._finished = 0  # the last load that completed (by its begin number)
         self._progress = asyncio.Event()  # pulsed after every load or failure
         self.connected = False
-        self._connected_at = 0.0
-
-    def connected_for(self) -> float:
-        """Seconds since the current metadata connection was made (0 while down)."""
-        return time.monotonic() - self._connected_at if self.connected else 0.0
 
     async def run(self) -> None:
         """Keep a connection, load on notify and on every poll; runs until cancelled."""
@@ -58,11 +52,12 @@ class MetadataWatcher:
                 con = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
                 for channel in self._channels:
                     await con.add_listener(channel, self._notified)
-                self._connected_at = time.monotonic()
-                self.connected = True
-                backoff = 0.1
                 while True:
                     await self._load_once(con)
+                    # Up only once a load worked: a loader that keeps failing is not "up",
+                    # and its retries back off instead of reconnecting ten times a second.
+                    self.connected = True
+                    backoff = 0.1
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
                     except TimeoutError:

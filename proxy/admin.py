@@ -9,12 +9,12 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from dialogs import errors, metadata, pg, shard_map
+from dialogs import errors, pg, shard_map
 from dialogs.http import bearer_token, json_response, read_json
 from dialogs.keys import INT64_MAX
+from dialogs.metastore import maps, members, migrations
+from dialogs.metastore.users import translated
 from proxy.appkeys import SETTINGS, TOKENS, USERS
-from proxy.migration import store
-from proxy.storage import translated
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 MAX_ROWS_PER_SECOND = 10_000_000
@@ -68,14 +68,14 @@ def _pool(request: web.Request) -> asyncpg.Pool:
 
 
 async def _active_map(con: asyncpg.Connection) -> shard_map.ShardMap:
-    current = await metadata.active_map(con)
+    current = await maps.active_map(con)
     if current is None:
         raise errors.Unavailable("the cluster has no shard map yet")
     return current
 
 
-async def _migration_json(con: asyncpg.Connection, migration: store.Migration) -> dict[str, Any]:
-    total, copied = await store.range_counts(con, migration.migration_id)
+async def _migration_json(con: asyncpg.Connection, migration: migrations.Migration) -> dict[str, Any]:
+    total, copied = await migrations.range_counts(con, migration.migration_id)
     return migration.to_json(total, copied)
 
 
@@ -84,12 +84,12 @@ async def _start(
     target: shard_map.ShardMap, current: shard_map.ShardMap, throttle: tuple[int | None, int | None],
 ) -> web.Response:
     rows_per_second, batch_size = throttle
-    migration = await store.create(con, kind, shard_id, target, current, rows_per_second or 0, batch_size or 5000)
+    migration = await migrations.create(con, kind, shard_id, target, current, rows_per_second or 0, batch_size or 5000)
     return json_response(await _migration_json(con, migration), status=202)
 
 
 async def _refuse_if_busy(con: asyncpg.Connection) -> None:
-    running = await store.active(con)
+    running = await migrations.active(con)
     if running is not None:
         raise errors.Conflict(f"migration {running.migration_id} is still running; one at a time")
 
@@ -98,8 +98,8 @@ async def list_shards(request: web.Request) -> web.Response:
     _require_admin(request)
     async with translated(), _pool(request).acquire() as con:
         current = await _active_map(con)
-        registry = await con.fetch("SELECT shard_id, dsn, retired_at FROM shards ORDER BY shard_id")
-        live = await metadata.workers(con)
+        registry = await maps.registered_shards(con)
+        live = await members.workers(con)
     shares = current.ring.shares()
     ttl = request.app[SETTINGS].worker_ttl
     return json_response([
@@ -136,8 +136,7 @@ async def add_shard(request: web.Request) -> web.Response:
             raise errors.Conflict(f"shard {shard_id} is already in the shard map")
         await _refuse_if_busy(con)
         await _check_reachable(dsn)
-        await metadata.register_shard(con, shard_id, dsn)
-        await con.execute("UPDATE shards SET retired_at = NULL WHERE shard_id = $1", shard_id)
+        await maps.register_shard(con, shard_id, dsn, reactivate=True)
         target = current.with_shard(shard_id, weight or 1)
         return await _start(request, con, "add", shard_id, target, current, throttle)
 
@@ -207,7 +206,7 @@ async def get_map(request: web.Request) -> web.Response:
 async def list_migrations(request: web.Request) -> web.Response:
     _require_admin(request)
     async with translated(), _pool(request).acquire() as con:
-        return json_response([await _migration_json(con, m) for m in await store.recent(con)])
+        return json_response([await _migration_json(con, m) for m in await migrations.recent(con)])
 
 
 def _migration_id(request: web.Request) -> int:
@@ -223,7 +222,7 @@ def _migration_id(request: web.Request) -> int:
 async def get_migration(request: web.Request) -> web.Response:
     _require_admin(request)
     async with translated(), _pool(request).acquire() as con:
-        migration = await store.get(con, _migration_id(request))
+        migration = await migrations.get(con, _migration_id(request))
         if migration is None:
             raise errors.NotFound(f"no migration {request.match_info['migration_id']}")
         return json_response(await _migration_json(con, migration))
@@ -232,7 +231,7 @@ async def get_migration(request: web.Request) -> web.Response:
 async def abort_migration(request: web.Request) -> web.Response:
     _require_admin(request)
     async with translated(), _pool(request).acquire() as con:
-        migration = await store.request_abort(con, _migration_id(request))
+        migration = await migrations.request_abort(con, _migration_id(request))
         return json_response(await _migration_json(con, migration), status=202)
 
 
@@ -240,7 +239,7 @@ async def throttle_migration(request: web.Request) -> web.Response:
     _require_admin(request)
     rows_per_second, batch_size = _throttle(await _body(request), defaults=False)
     async with translated(), _pool(request).acquire() as con:
-        migration = await store.set_throttle(con, _migration_id(request), rows_per_second, batch_size)
+        migration = await migrations.set_throttle(con, _migration_id(request), rows_per_second, batch_size)
         return json_response(await _migration_json(con, migration))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -10,9 +11,11 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from dialogs import heartbeat, metadata, pgmigrate, wire
+from dialogs import heartbeat, schema, wire
 from dialogs.aio import background
 from dialogs.http import make_middleware
+from dialogs.metastore import members
+from dialogs.metastore.users import UserStore
 from dialogs.watch import MetadataWatcher
 from proxy import handlers
 from proxy.appkeys import (
@@ -34,7 +37,6 @@ from proxy.metrics import ProxyMetrics
 from proxy.migration.driver import MigrationDriver
 from proxy.migration.runner import Observer, RunnerSettings
 from proxy.settings import ProxySettings
-from proxy.storage import UserStore
 from proxy.topology import Topology
 from proxy.users import KnownUsers
 
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 async def _passwords(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[PASSWORDS] = Passwords(
-        settings.password_time_cost, settings.password_memory_kib, settings.password_concurrency, settings.password_wait
+        settings.password_time_cost, settings.password_memory_kib,
+        settings.password_concurrency or os.cpu_count() or 1, settings.password_wait,
     )
     yield
     app[PASSWORDS].close()
@@ -59,7 +62,7 @@ async def _migrations(app: web.Application) -> AsyncIterator[None]:
         log.warning("metadata database unreachable at start, not migrating: %s", exc)
     else:
         try:
-            applied = await pgmigrate.apply(con, metadata.METADATA_MIGRATIONS)
+            applied = await schema.upgrade_metadata(con)
             if applied:
                 log.info("applied metadata migrations: %s", ", ".join(applied))
         finally:
@@ -76,12 +79,9 @@ async def _metadata_pool(app: web.Application) -> AsyncIterator[None]:
 
 async def _topology(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    topology = Topology(settings.worker_ttl)
+    topology = Topology(settings.worker_ttl, settings.poll_interval)
     watcher = MetadataWatcher(
-        settings.metadata_dsn,
-        [wire.MAP_CHANNEL, wire.WORKERS_CHANNEL],
-        lambda con: topology.load(con, watcher.connected_for()),
-        settings.poll_interval,
+        settings.metadata_dsn, [wire.MAP_CHANNEL, wire.WORKERS_CHANNEL], topology.load, settings.poll_interval
     )
     app[TOPOLOGY], app[WATCHER] = topology, watcher
     app[METRICS].watch(lambda: topology.map_version, lambda: float(watcher.connected), lambda: topology.map)
@@ -111,10 +111,10 @@ async def _registration(app: web.Application) -> AsyncIterator[None]:
     url, who = f"http://{settings.host}:{settings.port}", f"proxy {proxy_id}"
 
     async def beat(con: asyncpg.Connection) -> None:
-        await metadata.upsert_proxy(con, proxy_id, url, topology.map_version)
+        await members.upsert_proxy(con, proxy_id, url, topology.map_version)
 
     async def leave(con: asyncpg.Connection) -> None:
-        await metadata.delete_proxy(con, proxy_id)
+        await members.delete_proxy(con, proxy_id)
 
     async with heartbeat.registered(settings.metadata_dsn, beat, leave, settings.heartbeat_interval, who):
         yield

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from dialogs.metastore.users import UserStore
 from dialogs.watch import MetadataWatcher
 from proxy.auth import Passwords, TokenAuthority
 from proxy.forwarder import Forwarder
 from proxy.login_guard import LoginGuard
 from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
-from proxy.storage import UserStore
 from proxy.topology import Topology
 from proxy.users import KnownUsers
 

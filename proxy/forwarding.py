@@ -10,9 +10,10 @@ as mitmproxy's layers yield commands for the server to execute. Two levels:
   again, or hold the request (buffer) and retry, or give up.
 
 Retries are only for what was certainly not applied: a connection that was never made,
-a worker that answered 503 before touching its database, a refusal by the range fence.
-A write that broke mid-request may have been stored: it fails with 503 and the client
-retries with its Idempotency-Key. A read may always be retried.
+a worker that could not get a database connection (503 ShardUnavailable), a refusal by
+the range fence. A write that broke mid-request, at the proxy's hop or at the worker's
+(503 SendOutcomeUnknown), may have been stored: it fails with 503 and the client retries
+with its Idempotency-Key. A read may always be retried.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def after_attempt(attempt: Attempt, is_read: bool, workers_left: int) -> Step:
     if attempt.error is None:
         return Deliver(attempt.body)
     if isinstance(attempt.error, errors.ShardUnavailable):
-        # This worker cannot reach its database (before touching it); another worker might.
+        # This worker could not get a database connection (nothing written); another might.
         return _next_or_fail("unavailable", workers_left, attempt.error)
     if isinstance(attempt.error, _REFUSALS):
         return Refused(attempt.error)

@@ -10,10 +10,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from dialogs import errors, wire
 from dialogs.http import json_response, read_json, request_id_of
 from dialogs.keys import dialog_key
+from dialogs.metastore.users import user_json
 from proxy import admin, openapi, validation
-from proxy.appkeys import FORWARDER, KNOWN_USERS, LOGIN_GUARD, METRICS, PASSWORDS, SETTINGS, TOKENS, TOPOLOGY, USERS, WATCHER
+from proxy.appkeys import (
+    FORWARDER,
+    KNOWN_USERS,
+    LOGIN_GUARD,
+    METRICS,
+    PASSWORDS,
+    SETTINGS,
+    TOKENS,
+    TOPOLOGY,
+    USERS,
+    WATCHER,
+)
 from proxy.login_guard import client_address
-from proxy.storage import user_json
 
 
 async def register(request: web.Request) -> web.Response:
@@ -28,15 +39,18 @@ async def login(request: web.Request) -> web.Response:
     user_id, password = validation.login(await read_json(request))
     guard, user_key = request.app[LOGIN_GUARD], str(user_id)
     address = client_address(request, request.app[SETTINGS].trusted_proxies)
-    guard.check(user_key, address)  # before any hashing: a refused attempt costs nothing
-    password_hash = await request.app[USERS].password_hash(user_id)
+    guard.attempt(user_key, address)  # counted before any hashing; a refused attempt costs nothing
+    try:
+        password_hash = await request.app[USERS].password_hash(user_id)
+        right = password_hash is not None and await request.app[PASSWORDS].verify(password_hash, password)
+    except errors.Unavailable:
+        guard.not_judged(user_key, address)
+        raise
     if password_hash is None:
-        guard.failed(None, address)  # guessing ids counts against the address
-        raise errors.NotFound("user not found")
-    if not await request.app[PASSWORDS].verify(password_hash, password):
-        guard.failed(user_key, address)
+        raise errors.NotFound("user not found")  # guessing ids counts against the address too
+    if not right:
         raise errors.InvalidInput("wrong password")
-    guard.succeeded(user_key)
+    guard.succeeded(user_key, address)
     return json_response({"token": request.app[TOKENS].issue(user_id)})
 
 

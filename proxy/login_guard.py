@@ -7,6 +7,9 @@ and gigabytes of memory. Two limits, both per proxy process:
 - ``FailureLimit``: after ``limit`` failed logins within ``window`` seconds for one key
   (a user id, a client address), further attempts are refused with 429 and
   ``Retry-After`` until the oldest failure leaves the window, without hashing anything.
+  An attempt counts as a failure from the moment it is let through, before its password
+  is checked, and is taken back if the password was right: a burst of concurrent guesses
+  gets no more through than the same guesses one after another.
 - ``Passwords`` (in ``proxy/auth.py``) hashes at most ``concurrency`` passwords at once;
   the rest wait a short while, then get 503 with ``Retry-After``.
 
@@ -64,7 +67,14 @@ class FailureLimit:
         failures.append(self._clock())
 
     def succeeded(self, key: str) -> None:
+        """Forget every failure of ``key`` (a right password forgives earlier typos)."""
         self._failures.pop(key, None)
+
+    def take_back(self, key: str) -> None:
+        """Forget the latest failure of ``key``: an attempt counted in advance that succeeded."""
+        failures = self._failures.get(key)
+        if failures:
+            failures.pop()
 
 
 class LoginGuard:
@@ -74,21 +84,26 @@ class LoginGuard:
         self.per_user = per_user
         self.per_address = per_address
 
-    def check(self, user_key: str, address: str) -> None:
-        """Raise TooManyRequests if either limit is reached."""
+    def attempt(self, user_key: str, address: str) -> None:
+        """Let a login attempt through, counted as a failure until ``succeeded``; or raise
+        TooManyRequests if either limit is reached. No await between the check and the
+        count, so concurrent attempts are counted one by one."""
         wait = max(self.per_user.retry_after(user_key), self.per_address.retry_after(address))
         if wait > 0:
             raise errors.TooManyRequests(
                 "too many failed logins; retry later", retry_after=max(1, math.ceil(wait))
             )
-
-    def failed(self, user_key: str | None, address: str) -> None:
-        if user_key is not None:
-            self.per_user.failed(user_key)
+        self.per_user.failed(user_key)
         self.per_address.failed(address)
 
-    def succeeded(self, user_key: str) -> None:
+    def succeeded(self, user_key: str, address: str) -> None:
         self.per_user.succeeded(user_key)
+        self.per_address.take_back(address)
+
+    def not_judged(self, user_key: str, address: str) -> None:
+        """The attempt ended before its password was judged (a 503): it does not count."""
+        self.per_user.take_back(user_key)
+        self.per_address.take_back(address)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

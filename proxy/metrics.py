@@ -8,10 +8,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dialogs.http import LATENCY_BUCKETS, RequestMetrics
 from dialogs.shard_map import ShardMap
 from dialogs.wire import Phase
-
-from dialogs.http import LATENCY_BUCKETS, RequestMetrics
 
 
 class ShareCollector(Collector):

@@ -1,88 +1,67 @@
-"""Proxy settings, from DIALOGS_* environment variables."""
+"""Proxy settings, from DIALOGS_* environment variables (each declared with its help)."""
 
 from __future__ import annotations
 
-import os
-
 import environ
 
-from dialogs.settings import dsn, internal_secret, port, positive_float, positive_int
+from dialogs import settings as s
 from proxy.login_guard import Network, parse_networks
 
-
-def networks(name: str):  # type: ignore[no-untyped-def]
-    def convert(value: object) -> tuple[Network, ...]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            return parse_networks(str(value))
-        except ValueError:
-            raise ValueError(f"{name} must be comma-separated IP addresses or networks, got {value!r}") from None
-
-    return convert
+INTERNAL_SECRET_HELP = "≥ 32 characters, the same on every proxy and worker: workers answer only callers presenting it"
 
 
-def _secret(_: object, __: object, value: str) -> None:
-    if len(value) < 32:
-        raise ValueError("DIALOGS_JWT_SECRET must be at least 32 characters (HS256 wants 256 bits)")
-
-
-def _admin_token(_: object, __: object, value: str) -> None:
-    if value and len(value) < 16:
-        raise ValueError("DIALOGS_ADMIN_TOKEN must be at least 16 characters, or empty to disable the admin API")
-
-
-@environ.config(prefix="DIALOGS", frozen=True)
+@environ.config(prefix=s.PREFIX, frozen=True)
 class ProxySettings:
-    metadata_dsn: str = environ.var(converter=dsn("DIALOGS_METADATA_DSN"))
-    jwt_secret: str = environ.var(validator=_secret)
-    # Proves to workers that a request comes from a proxy; the same on every proxy and worker.
-    internal_secret: str = environ.var(validator=internal_secret)
-    host: str = environ.var("127.0.0.1")
-    port: int = environ.var(8080, converter=port("DIALOGS_PORT"))
-    admin_token: str = environ.var("", validator=_admin_token)
-    jwt_ttl: int = environ.var(86400, converter=positive_int("DIALOGS_JWT_TTL"))
-    max_text_length: int = environ.var(4096, converter=positive_int("DIALOGS_MAX_TEXT_LENGTH"))
-    max_body_bytes: int = environ.var(65536, converter=positive_int("DIALOGS_MAX_BODY_BYTES"))
-    # An open connection with no request in progress (never sent one, or is trickling its
-    # headers in byte by byte, or sits idle after a response) is closed after this long.
-    idle_timeout: float = environ.var(15.0, converter=positive_float("DIALOGS_IDLE_TIMEOUT"))
-    forward_timeout: float = environ.var(5.0, converter=positive_float("DIALOGS_FORWARD_TIMEOUT"))
-    # A worker whose last heartbeat is older than this gets no traffic.
-    worker_ttl: float = environ.var(10.0, converter=positive_float("DIALOGS_WORKER_TTL"))
-    poll_interval: float = environ.var(2.0, converter=positive_float("DIALOGS_POLL_INTERVAL"))
-    # Requests to a range in cutover wait (buffered here) at most this long; a cutover
-    # gives up after 5 s and returns the range to its old owner, so 6 s covers it.
-    cutover_wait: float = environ.var(6.0, converter=positive_float("DIALOGS_CUTOVER_WAIT"))
-    max_buffered: int = environ.var(10000, converter=positive_int("DIALOGS_MAX_BUFFERED"))
-    # Whether this proxy runs migrations (any proxy may; one at a time holds the lease).
-    migration_driver: bool = environ.bool_var(True, name="DIALOGS_MIGRATION_DRIVER")
-    cutover_deadline: float = environ.var(5.0, converter=positive_float("DIALOGS_CUTOVER_DEADLINE"))
-    heartbeat_interval: float = environ.var(1.0, converter=positive_float("DIALOGS_HEARTBEAT_INTERVAL"))
-    proxy_id: str = environ.var("")
-    # Argon2id cost. The defaults are argon2-cffi's (RFC 9106 low-memory profile).
-    password_time_cost: int = environ.var(3, converter=positive_int("DIALOGS_PASSWORD_TIME_COST"))
-    password_memory_kib: int = environ.var(65536, converter=positive_int("DIALOGS_PASSWORD_MEMORY_KIB"))
-    # Password hashes computed at once (default: one per CPU); a login waits this long for a turn, then 503.
-    password_concurrency: int = environ.var(
-        os.cpu_count() or 1, converter=positive_int("DIALOGS_PASSWORD_CONCURRENCY")
+    metadata_dsn: str = s.dsn(help="the metadata database (`postgresql://…`, password URL-encoded)")
+    jwt_secret: str = s.secret(32, help="HS256 key for user tokens; share it with the monolith")
+    internal_secret: str = s.secret(32, help=INTERNAL_SECRET_HELP)
+    host: str = s.text("127.0.0.1", help="listen address")
+    port: int = s.port(8080, help="listen port")
+    admin_token: str = s.secret(16, "", empty_ok=True, help="admin API token; empty disables the admin API")
+    log_level: str = s.log_level()
+    jwt_ttl: int = s.positive_int(86400, help="user token lifetime, seconds")
+    max_text_length: int = s.positive_int(4096, help="characters per message")
+    max_body_bytes: int = s.positive_int(65536, help="larger request bodies are a 413")
+    idle_timeout: float = s.positive_float(
+        15.0, help="seconds a connection may stay open without a request in progress (also bounds reading headers)"
     )
-    password_wait: float = environ.var(2.0, converter=positive_float("DIALOGS_PASSWORD_WAIT"))
-    # Failed logins allowed per user id and per client address within the window; then 429.
-    login_failures_per_user: int = environ.var(5, converter=positive_int("DIALOGS_LOGIN_FAILURES_PER_USER"))
-    login_failures_per_address: int = environ.var(
-        20, converter=positive_int("DIALOGS_LOGIN_FAILURES_PER_ADDRESS")
+    forward_timeout: float = s.positive_float(5.0, help="seconds for one proxy→worker call")
+    worker_ttl: float = s.positive_float(10.0, help="seconds without a heartbeat before a worker gets no traffic")
+    poll_interval: float = s.positive_float(2.0, help="seconds between metadata polls (LISTEN/NOTIFY reacts at once)")
+    # A cutover gives up after 5 s and returns the range to its old owner, so 6 s covers it.
+    cutover_wait: float = s.positive_float(6.0, help="seconds a request to a range in cutover may wait at the proxy")
+    max_buffered: int = s.positive_int(10000, help="requests that may wait for a cutover at once; more get 503")
+    migration_driver: bool = s.flag(True, help="whether this proxy runs migrations (one at a time holds the lease)")
+    cutover_deadline: float = s.positive_float(
+        5.0, help="seconds a cutover may take before the ranges go back to their old owner"
     )
-    login_failure_window: float = environ.var(60.0, converter=positive_float("DIALOGS_LOGIN_FAILURE_WINDOW"))
-    # Peers whose X-Forwarded-For names the client (the load balancer), as addresses or CIDRs.
-    trusted_proxies: tuple[Network, ...] = environ.var("", converter=networks("DIALOGS_TRUSTED_PROXIES"))
+    heartbeat_interval: float = s.positive_float(1.0, help="seconds between this proxy's registration heartbeats")
+    proxy_id: str = s.text("", help="its registration id (empty: `proxy-<random>`)")
+    # The defaults are argon2-cffi's (RFC 9106 low-memory profile).
+    password_time_cost: int = s.positive_int(3, help="Argon2id time cost")
+    password_memory_kib: int = s.positive_int(65536, help="Argon2id memory cost, KiB")
+    password_concurrency: int = s.count(0, help="password hashes computed at once (0: one per CPU)")
+    password_wait: float = s.positive_float(
+        2.0, help="seconds a login or registration waits for a hashing turn, then 503 with `Retry-After`"
+    )
+    login_failures_per_user: int = s.positive_int(5, help="failed logins allowed per user id within the window; then 429")
+    login_failures_per_address: int = s.positive_int(
+        20, help="failed logins allowed per client address within the window; then 429"
+    )
+    login_failure_window: float = s.positive_float(60.0, help="the window of the login limits, seconds")
+    trusted_proxies: tuple[Network, ...] = s.converted(
+        parse_networks, "comma-separated IP addresses or networks", "",
+        help="load balancers (addresses, CIDRs) whose `X-Forwarded-For` names the client",
+    )
 
 
-@environ.config(prefix="DIALOGS", frozen=True)
+@environ.config(prefix=s.PREFIX, frozen=True)
 class MigrationRunnerSettings:
-    """`dialogs run-migration`: the proxies' migration settings, for a runner of its own."""
+    """`dialogs run-migration` (``python -m proxy.migration``): a runner of its own."""
 
-    metadata_dsn: str = environ.var(converter=dsn("DIALOGS_METADATA_DSN"))
-    cutover_deadline: float = environ.var(5.0, converter=positive_float("DIALOGS_CUTOVER_DEADLINE"))
-    # Cleanup waits for every process whose heartbeat is younger than this.
-    worker_ttl: float = environ.var(10.0, converter=positive_float("DIALOGS_WORKER_TTL"))
+    metadata_dsn: str = s.dsn(help="the metadata database")
+    cutover_deadline: float = s.positive_float(
+        5.0, help="seconds a cutover may take before the ranges go back to their old owner"
+    )
+    worker_ttl: float = s.positive_float(10.0, help="cleanup waits for every process whose heartbeat is younger")
+    log_level: str = s.log_level()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from dialogs import metadata
+from dialogs.metastore import maps, members
 from dialogs.shard_map import ShardMap
 
 # After a connection to a worker fails, skip it for this long (it may be restarting).
@@ -27,17 +27,17 @@ class _ShardWorkers:
 
 
 def live_workers(
-    workers: list[metadata.WorkerInfo], ttl: float, connected_for: float, previously_live: set[str]
+    workers: list[members.WorkerInfo], ttl: float, healthy_for: float, previously_live: set[str]
 ) -> dict[str, list[str]]:
     """Each shard's live worker URLs: a heartbeat younger than ``ttl``.
 
-    While the metadata database was down no heartbeat could land, so right after it comes
-    back every registration looks stale. A worker that was live before the outage stays
-    live until this process has been connected for ``ttl`` seconds, time enough for its
-    own next heartbeat; dropping it earlier would 503 every dialog of its shard.
+    While the metadata database was down (or stalled) no heartbeat could land, so right
+    after it comes back every registration looks stale. A worker that was live before
+    the outage stays live until the database has been healthy for ``ttl`` seconds, time
+    enough for its own next heartbeat; dropping it earlier would 503 its shard's dialogs.
     """
     live: dict[str, list[str]] = {}
-    in_grace = connected_for < ttl
+    in_grace = healthy_for < ttl
     for worker in workers:
         if worker.age_seconds <= ttl or (in_grace and worker.url in previously_live):
             live.setdefault(worker.shard_id, []).append(worker.url)
@@ -45,23 +45,33 @@ def live_workers(
 
 
 class Topology:
-    def __init__(self, worker_ttl: float) -> None:
+    def __init__(self, worker_ttl: float, poll_interval: float) -> None:
         self.map: ShardMap | None = None
         self._worker_ttl = worker_ttl
+        # Loads come at least every poll interval: a longer gap between two, or one load
+        # that took this long, means the database was unreachable or stalled meanwhile.
+        self._outage_after = 2 * poll_interval + 1.0
+        self._last_load = -float("inf")
+        self._healthy_since = -float("inf")
         self._workers: dict[str, _ShardWorkers] = {}
         self._down_until: dict[str, float] = {}
         self._changed = asyncio.Event()
 
-    async def load(self, con: asyncpg.Connection, connected_for: float = float("inf")) -> None:
-        """Read the active map and the workers; ``connected_for``: seconds since the
-        metadata connection was (re)established."""
-        fresh = await metadata.active_map(con)
+    async def load(self, con: asyncpg.Connection) -> None:
+        """Read the active map and the workers (the watcher calls this on every change)."""
+        began = time.monotonic()
+        fresh = await maps.active_map(con)
         if fresh is not None and (self.map is None or fresh.map_version > self.map.map_version):
             self.map = fresh
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
+        registered = await members.workers(con)
+        now = time.monotonic()
+        if now - began > self._outage_after or began - self._last_load > self._outage_after:
+            self._healthy_since = now
+        self._last_load = now
         previously_live = {url for workers in self._workers.values() for url in workers.urls}
-        live = live_workers(await metadata.workers(con), self._worker_ttl, connected_for, previously_live)
+        live = live_workers(registered, self._worker_ttl, now - self._healthy_since, previously_live)
         self._workers = {
             shard_id: self._workers[shard_id]
             if shard_id in self._workers and self._workers[shard_id].urls == urls

@@ -7,7 +7,7 @@ import logging
 import uuid
 
 from dialogs import errors
-from proxy.storage import UserStore
+from dialogs.metastore.users import UserStore
 
 log = logging.getLogger(__name__)
 

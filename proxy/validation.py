@@ -8,7 +8,7 @@ from typing import Any
 
 from dialogs import errors
 from dialogs.keys import INT64_MAX
-from proxy.storage import NewUser
+from dialogs.metastore.users import NewUser
 
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000

@@ -11,8 +11,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from dialogs.cluster import new_password
-from dialogs.embedded import LocalPostgres, free_port, scratch_folder
+from dialogsctl.cluster import new_password
+from dialogsctl.embedded import LocalPostgres, free_port, scratch_folder
 from tests.local_cluster import LocalCluster
 from tests.support import Cluster
 

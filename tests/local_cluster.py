@@ -13,12 +13,12 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import psutil
 
-from dialogs import metadata, pg_home
-from dialogs.cluster import ClusterLayout
 from dialogs.shard_map import ShardMap
+from dialogsctl import pg_home
+from dialogsctl.cluster import ClusterLayout
+from tests.support import active_map
 
 
 class LocalCluster:
@@ -34,7 +34,7 @@ class LocalCluster:
     def start(self, timeout: float = 120) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.data_dir.parent / "up.out", "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "dialogs", "up"], env=self.env, stdout=out,
+            self.process = subprocess.Popen([sys.executable, "-m", "dialogsctl", "up"], env=self.env, stdout=out,
                                             stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -55,13 +55,7 @@ class LocalCluster:
         return layout
 
     async def shard_map(self) -> ShardMap:
-        con = await asyncpg.connect(self.layout.metadata_dsn)
-        try:
-            shard_map = await metadata.active_map(con)
-        finally:
-            await con.close()
-        assert shard_map is not None
-        return shard_map
+        return await active_map(self.layout.metadata_dsn)
 
     async def wait_workers(self, session: aiohttp.ClientSession, shard_id: str, count: int, timeout: float = 30) -> None:
         """Until the proxy routes to ``count`` workers of ``shard_id``."""

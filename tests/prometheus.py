@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from dialogs.embedded import free_port
+from dialogsctl.embedded import free_port
 from tests import packages
 
 

@@ -12,20 +12,22 @@ from typing import Any
 import aiohttp
 import asyncpg
 from aiohttp import web
-from yarl import URL
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
+from yarl import URL
 
 from dialog_api.app import create_app as create_worker
+from dialog_api.appkeys import METRICS as WORKER_METRICS
 from dialog_api.settings import WorkerSettings
-from dialogs import metadata
-from dialogs.bootstrap import bootstrap
-from dialogs.embedded import free_port
 from dialogs.http import LINGERING_SECONDS
 from dialogs.keys import dialog_key
+from dialogs.metastore import maps
 from dialogs.settings import load
 from dialogs.shard_map import ShardMap
+from dialogsctl.embedded import free_port
 from proxy.app import create_app as create_proxy
+from proxy.appkeys import METRICS as PROXY_METRICS
+from proxy.bootstrap import bootstrap
 from proxy.openapi import document
 from proxy.settings import ProxySettings
 
@@ -156,6 +158,26 @@ class Api:
             before = batch[-1]["id"]
 
 
+def metric(runner: web.AppRunner, sample: str, **labels: str) -> float:
+    """A sample of a proxy's or worker's Prometheus registry, as /metrics would show it."""
+    app = runner.app
+    assert app is not None
+    metrics = app.get(PROXY_METRICS) or app[WORKER_METRICS]
+    value = metrics.registry.get_sample_value(sample, labels)
+    return 0.0 if value is None else value
+
+
+async def active_map(metadata_dsn: str) -> ShardMap:
+    """The active shard map, read from the metadata database."""
+    con = await asyncpg.connect(metadata_dsn)
+    try:
+        shard_map = await maps.active_map(con)
+    finally:
+        await con.close()
+    assert shard_map is not None
+    return shard_map
+
+
 async def raw_http(base_url: str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
     """Send bytes no HTTP client library would (e.g. a header that is not UTF-8); the
     status and body of the answer. ``head`` is the request line and headers, without the
@@ -278,13 +300,7 @@ class Cluster:
         self.workers.clear()
 
     async def active_map(self) -> ShardMap:
-        con = await asyncpg.connect(self.metadata_dsn)
-        try:
-            shard_map = await metadata.active_map(con)
-        finally:
-            await con.close()
-        assert shard_map is not None
-        return shard_map
+        return await active_map(self.metadata_dsn)
 
     async def shard_of(self, user_a: str, user_b: str) -> str:
         return (await self.active_map()).owner(dialog_key(uuid.UUID(user_a), uuid.UUID(user_b)))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from dialogs.cluster import ClusterLayout
-from dialogs.supervisor import Supervisor
+from dialogsctl.cluster import ClusterLayout
+from dialogsctl.supervisor import Supervisor
 
 
 def _earlier_version_file(data_dir: Path) -> None:
@@ -52,7 +52,7 @@ def test_every_server_has_its_own_password(tmp_path: Path) -> None:
 def test_workers_and_proxy_get_the_internal_secret(tmp_path: Path) -> None:
     """Every worker and the proxy are started with DIALOGS_INTERNAL_SECRET from cluster.json."""
     layout = ClusterLayout.create(tmp_path, 8080, 2)
-    children = Supervisor(layout, Console(quiet=True))._children()
+    children = Supervisor(layout, Console(quiet=True)).planned_children()
     assert sorted(child.name for child in children) == ["proxy", "worker shard-1", "worker shard-2"]
     for child in children:
         assert child.env["DIALOGS_INTERNAL_SECRET"] == layout.internal_secret

@@ -41,19 +41,24 @@ def test_missing_secrets_are_refused(compose: dict[str, Any], tmp_path: Path) ->
 def test_services_and_start_order(compose: dict[str, Any]) -> None:
     """Databases, migrations, two workers, two proxies behind one port, Prometheus, Grafana; healthy starts."""
     services = compose["services"]
-    assert set(services) == {"meta", "shard-1", "shard-2", "migrate", "worker-1", "worker-2", "proxy-1", "proxy-2",
+    assert set(services) == {"meta", "shard-1", "shard-2", "bootstrap", "worker-1", "worker-2", "proxy-1", "proxy-2",
                              "lb", "prometheus", "grafana"}
     for name in ("meta", "shard-1", "shard-2", "worker-1", "worker-2", "proxy-1", "proxy-2"):
         assert "healthcheck" in services[name], name
-    assert services["migrate"]["depends_on"]["meta"]["condition"] == "service_healthy"
+    assert services["bootstrap"]["depends_on"]["meta"]["condition"] == "service_healthy"
     for worker in ("worker-1", "worker-2"):
-        assert services[worker]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert services[worker]["depends_on"]["bootstrap"]["condition"] == "service_completed_successfully"
     for proxy in ("proxy-1", "proxy-2"):
         assert services[proxy]["depends_on"]["worker-1"]["condition"] == "service_healthy"
         env = services[proxy]["environment"]
         assert env["DIALOGS_JWT_SECRET"] and env["DIALOGS_ADMIN_TOKEN"] and env["DIALOGS_HOST"] == "0.0.0.0"
         assert env["DIALOGS_INTERNAL_SECRET"] == services["worker-1"]["environment"]["DIALOGS_INTERNAL_SECRET"]
     assert [str(p["published"]) for p in services["lb"]["ports"]] == ["8080"]
+    # The image runs `python -m <command>`: every command names a module of the package.
+    assert services["bootstrap"]["command"][0] == "proxy.bootstrap"
+    for name in ("worker-1", "worker-2", "proxy-1", "proxy-2"):
+        module = services[name]["command"][0]
+        assert (ROOT / module.replace(".", "/") / "__main__.py").is_file(), (name, module)
     shards = {services[w]["environment"]["DIALOGS_SHARD_ID"] for w in ("worker-1", "worker-2")}
     assert shards == {"shard-1", "shard-2"}
 

@@ -6,9 +6,11 @@ import uuid
 
 import asyncpg
 
-from dialogs import shard_control
-from dialogs.bootstrap import bootstrap
 from dialogs.keys import INT64_MAX, INT64_MIN, dialog_key
+from dialogs.metastore.migrations import START
+from dialogs.migration_plan import Span
+from proxy.bootstrap import bootstrap
+from proxy.migration import shard_sql
 from tests.support import Cluster
 
 
@@ -24,22 +26,22 @@ async def test_late_commit_is_not_skipped(bare_cluster: Cluster) -> None:
     dsn = bare_cluster.shard_dsns["shard-1"]
     admin, first, second = [await asyncpg.connect(dsn) for _ in range(3)]
     try:
-        everything = [shard_control.Span(INT64_MIN, INT64_MAX)]
+        everything = [Span(INT64_MIN, INT64_MAX)]
         await admin.execute("DELETE FROM shard_ranges")
-        await shard_control.set_state(admin, everything, "migrating")
+        await shard_sql.set_state(admin, everything, "migrating")
         late = first.transaction()
         await late.start()
         await _store(first, "logged first, committed last")
         await _store(second, "logged second, committed first")
 
-        watermark = shard_control.START
+        watermark = START
         seen = []
-        rows = await shard_control.read_delta(admin, watermark, 100)
+        rows = await shard_sql.read_delta(admin, watermark, 100)
         seen += [row["text"] for row in rows]
         if rows:
-            watermark = shard_control.watermark_of(rows[-1])
+            watermark = shard_sql.watermark_of(rows[-1])
         await late.commit()
-        rows = await shard_control.read_delta(admin, watermark, 100)
+        rows = await shard_sql.read_delta(admin, watermark, 100)
         seen += [row["text"] for row in rows]
         assert sorted(seen) == ["logged first, committed last", "logged second, committed first"]
     finally:

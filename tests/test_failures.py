@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 
 import asyncpg
+import psutil
+import pytest
 
-from dialogs import metadata
 from dialogs.aio import background
-from dialogs.embedded import LocalPostgres, free_port
+from dialogs.metastore import members
 from dialogs.watch import MetadataWatcher
+from dialogsctl.embedded import LocalPostgres, free_port
 from proxy.appkeys import TOPOLOGY
 from tests.support import Api, Cluster
 
@@ -70,7 +73,7 @@ async def test_crashed_workers_registration_is_skipped(cluster: Cluster) -> None
     con = await asyncpg.connect(cluster.metadata_dsn)
     try:
         for shard_id in ("shard-1", "shard-2"):
-            await metadata.upsert_worker(con, f"{shard_id}-dead", shard_id, f"http://127.0.0.1:{free_port()}", 1)
+            await members.upsert_worker(con, f"{shard_id}-dead", shard_id, f"http://127.0.0.1:{free_port()}", 1)
     finally:
         await con.close()
     await asyncio.sleep(0.5)  # the proxy's next poll sees the dead registrations
@@ -184,10 +187,20 @@ async def test_unknown_recipient_is_let_through_while_metadata_is_down(
         running_servers["meta"].start()
 
 
+def _freeze(server: LocalPostgres, sig: signal.Signals) -> None:
+    """Stop or resume every process of a PostgreSQL server: a stalled machine, connections open."""
+    assert server.process is not None
+    postmaster = psutil.Process(server.process.pid)
+    for proc in [postmaster, *postmaster.children(recursive=True)]:
+        proc.send_signal(sig)
+
+
+@pytest.mark.parametrize("outage", ["restart", "stall"])
 async def test_metadata_coming_back_costs_no_request(
-    bare_cluster: Cluster, running_servers: dict[str, LocalPostgres]
+    bare_cluster: Cluster, running_servers: dict[str, LocalPostgres], outage: str
 ) -> None:
-    """Metadata down for longer than the worker TTL, then back: no send fails as it returns."""
+    """Metadata down (or frozen, its connections open) for longer than the worker TTL, then
+    back: no send fails as it returns."""
     cluster = bare_cluster
     for shard_id in ("shard-1", "shard-2"):
         # Heartbeats slow enough that the proxy reconnects and reloads before the next lands.
@@ -197,11 +210,18 @@ async def test_metadata_coming_back_costs_no_request(
     hub, token = await api.user("Hub")
     peers = await _peers_by_shard(cluster, hub, each=2)
     targets = peers["shard-1"] + peers["shard-2"]
-    running_servers["meta"].stop()
+    meta = running_servers["meta"]
+    if outage == "restart":
+        meta.stop()
+    else:
+        _freeze(meta, signal.SIGSTOP)
     try:
         await asyncio.sleep(7)  # every heartbeat is older than the TTL now
     finally:
-        running_servers["meta"].start()
+        if outage == "restart":
+            meta.start()
+        else:
+            _freeze(meta, signal.SIGCONT)
     loop = asyncio.get_running_loop()
     deadline, failures, sent = loop.time() + 4, [], 0
     while loop.time() < deadline:
@@ -226,3 +246,4 @@ async def test_watcher_survives_an_unexpected_error(databases: dict[str, str]) -
         assert await watcher.wait_loaded(timeout=10)
         assert watcher.connected
     assert len(calls) >= 2
+    assert calls[:2] == [False, False]  # not "up" before a load worked, nor after one failed

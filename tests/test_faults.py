@@ -26,10 +26,11 @@ import aiohttp
 import psutil
 import pytest
 
-from dialogs.cluster import ClusterLayout
-from dialogs.embedded import free_port
 from dialogs.keys import dialog_key
 from dialogs.shard_map import ShardMap
+from dialogsctl.cluster import ClusterLayout
+from dialogsctl.embedded import free_port
+from tests import traffic
 from tests.local_cluster import LocalCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -40,13 +41,8 @@ RECOVERY_LIMIT = 60.0  # a fault not healed by then fails the test
 
 
 @dataclass
-class Dialog:
-    sender: str
-    sender_token: str
-    recipient: str
-    recipient_token: str
-    shard_id: str
-    acked: list[tuple[str, str]] = field(default_factory=list)  # (id, text) in send order
+class Dialog(traffic.Dialog):
+    shard_id: str = ""
 
 
 @dataclass
@@ -115,7 +111,7 @@ def _service(data_dir: Path, command: str, **env: str) -> psutil.Process:
     def match(proc: psutil.Process) -> bool:
         cmdline = proc.info["cmdline"] or []
         environ = proc.info["environ"] or {}
-        return (cmdline[-3:] == ["-m", "dialogs", command] and environ.get("DIALOGS_DATA_DIR") == str(data_dir)
+        return (cmdline[-2:] == ["-m", command] and environ.get("DIALOGS_DATA_DIR") == str(data_dir)
                 and all(environ.get(name) == value for name, value in env.items()))
 
     return _process(match)
@@ -141,7 +137,7 @@ def extra_worker(local_cluster: LocalCluster) -> Iterator[Callable[[], subproces
             "DIALOGS_WORKER_ID": "shard-1-second",
         }
         log = open(local_cluster.data_dir / "logs" / "worker-shard-1-second.log", "ab")
-        process = subprocess.Popen([sys.executable, "-m", "dialogs", "worker"], env=env, stdout=log,
+        process = subprocess.Popen([sys.executable, "-m", "dialog_api"], env=env, stdout=log,
                                    stderr=subprocess.STDOUT)
         log.close()
         started.append(process)
@@ -175,8 +171,8 @@ async def _users(session: aiohttp.ClientSession, base_url: str, shard_map: Shard
         shard_id = shard_map.owner(dialog_key(uuid.UUID(hub), uuid.UUID(peer)))
         if wanted[shard_id]:
             wanted[shard_id] -= 1
-            dialogs.append(Dialog(hub, hub_token, peer, peer_token, shard_id) if i % 2 else
-                           Dialog(peer, peer_token, hub, hub_token, shard_id))
+            dialogs.append(Dialog(hub, hub_token, peer, peer_token, shard_id=shard_id) if i % 2 else
+                           Dialog(peer, peer_token, hub, hub_token, shard_id=shard_id))
     raise AssertionError("400 peers did not give enough dialogs on each shard")
 
 
@@ -247,7 +243,7 @@ async def test_every_fault_heals_and_loses_nothing(local_cluster: LocalCluster, 
                 return False
 
         await fault("kill -9 a shard-1 worker (of two)", "shard-1",
-                    lambda: _service(data_dir, "worker", DIALOGS_SHARD_ID="shard-1").kill(), restarted)
+                    lambda: _service(data_dir, "dialog_api", DIALOGS_SHARD_ID="shard-1").kill(), restarted)
         await fault("SIGSTOP the other for 5 s", "shard-1", stop_and_resume)
         await asyncio.sleep(5.0)  # let it resume before the next fault
         await fault("kill -9 the proxy", None, lambda: _service(data_dir, "proxy").kill())

@@ -20,9 +20,9 @@ from typing import Any
 import psutil
 import pytest
 
-from dialogs import pg_home, postmaster
-from dialogs.cluster import ClusterLayout
-from dialogs.embedded import free_port
+from dialogsctl import pg_home, postmaster
+from dialogsctl.cluster import ClusterLayout
+from dialogsctl.embedded import free_port
 from tests.local_cluster import cluster_processes, remove_server_data
 from tests.prometheus import ensure_installed
 
@@ -40,7 +40,7 @@ class Runner:
 
     def up(self, *args: str) -> subprocess.Popen[str]:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dialogs", "up", *args], env=self.env, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "dialogsctl", "up", *args], env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
         )
         self.processes.append(process)
@@ -48,7 +48,7 @@ class Runner:
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "dialogs", *args], env=self.env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "dialogsctl", *args], env=self.env, capture_output=True, text=True, timeout=60
         )
 
     def wait_healthy(self, process: subprocess.Popen[str], timeout: float = 90) -> None:
@@ -172,7 +172,7 @@ def test_process_refuses_bad_configuration(runner: Runner) -> None:
     env = {**runner.env, "DIALOGS_METADATA_DSN": "postgresql://x@127.0.0.1:1/db", "DIALOGS_JWT_SECRET": "short",
            "DIALOGS_INTERNAL_SECRET": "i" * 32}
     result = subprocess.run(
-        [sys.executable, "-m", "dialogs", "proxy"], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "proxy"], env=env, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2
     assert "configuration error" in result.stderr and "DIALOGS_JWT_SECRET" in result.stderr
@@ -269,7 +269,7 @@ def test_refused_shard_add_leaves_nothing_running(runner: Runner) -> None:
     assert added.returncode == 0, added.stdout + added.stderr
     assert "add shard-3, map 1 -> 2, phase done" in added.stdout
     output = runner.stop(process)
-    assert "stopped shard shard-3 (no longer in cluster.json" in output, output
+    assert "stopped shard shard-3: its addition was taken back" in output, output
 
 
 def test_new_shard_that_cannot_start_fails_alone(runner: Runner) -> None:

@@ -17,9 +17,9 @@ import asyncpg
 import psutil
 import pytest
 
-from dialogs import pg_auth, pg_home, postmaster
-from dialogs.cluster import new_password
-from dialogs.embedded import SYSTEM_USER, LocalPostgres, free_port, scratch_folder
+from dialogsctl import pg_auth, pg_home, postmaster
+from dialogsctl.cluster import new_password
+from dialogsctl.embedded import SYSTEM_USER, LocalPostgres, free_port, scratch_folder
 
 pytestmark = pytest.mark.timeout(120)
 

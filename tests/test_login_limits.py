@@ -64,3 +64,15 @@ async def test_concurrent_logins_wait_for_a_turn_then_get_503(bare_cluster: Clus
     assert overloaded.json["code"] == 50304 and overloaded.headers["Retry-After"] == "1"
     # Once the burst is over, logins work again.
     assert (await api.request("POST", "/login", body={"id": anna, "password": "password-1"})).status == 200
+
+
+async def test_concurrent_guesses_get_no_more_through_than_sequential_ones(bare_cluster: Cluster) -> None:
+    """Twenty wrong passwords at once for one user: five are judged (400), fifteen are 429."""
+    await _workers(bare_cluster)
+    await bare_cluster.start_proxy(DIALOGS_LOGIN_FAILURES_PER_USER="5")
+    api = bare_cluster.api
+    anna = await api.register("Anna")
+    replies = await asyncio.gather(*(
+        api.request("POST", "/login", body={"id": anna, "password": f"guess-{i}"}) for i in range(20)
+    ))
+    assert sorted(reply.status for reply in replies) == [400] * 5 + [429] * 15

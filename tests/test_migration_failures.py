@@ -14,10 +14,9 @@ import asyncpg
 import pytest
 
 from dialogs.keys import dialog_key
-from proxy.appkeys import METRICS, TOPOLOGY
-from tests.support import Cluster
-from tests.test_resharding import check_every_dialog, check_placement, make_dialogs
-from tests.traffic import Traffic
+from proxy.appkeys import TOPOLOGY
+from tests.support import Cluster, metric
+from tests.traffic import Traffic, check_every_dialog, check_placement, make_dialogs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,7 +41,7 @@ class Runners:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen([sys.executable, "-m", "dialogs", "run-migration"], env=self.env,
+        process = subprocess.Popen([sys.executable, "-m", "proxy.migration"], env=self.env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.processes.append(process)
         return process
@@ -232,10 +231,10 @@ async def test_proxy_with_an_old_map_cannot_write_a_moved_range(bare_cluster: Cl
     assert refused[0]["status"] == "not_served"
 
     topology.map = old_map  # this proxy has not heard of the move
-    retries = cluster.proxies[0].app[METRICS].stale_map_retries._value.get()
+    retries = metric(cluster.proxies[0], "dialogs_proxy_stale_map_retries_total")
     reply = await api.send(token, peer, "routed with map 1")
     assert reply.status == 200
-    assert cluster.proxies[0].app[METRICS].stale_map_retries._value.get() > retries
+    assert metric(cluster.proxies[0], "dialogs_proxy_stale_map_retries_total") > retries
     assert topology.map_version == 2
     on_target = await cluster.shard_fetch("shard-3", "SELECT text FROM messages WHERE dialog_key = $1 ORDER BY id", key)
     assert [row["text"] for row in on_target] == ["before the move", "routed with map 1"]

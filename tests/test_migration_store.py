@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from dialogs import errors, metadata
-from proxy.migration import store
+from dialogs import errors
+from dialogs.metastore import maps, migrations
 from tests.support import Cluster
 
 
@@ -25,20 +25,20 @@ async def meta(bare_cluster: Cluster) -> AsyncIterator[tuple[asyncpg.Connection,
         await second.close()
 
 
-async def _add_shard_3(con: asyncpg.Connection) -> store.Migration:
-    current = await metadata.active_map(con)
+async def _add_shard_3(con: asyncpg.Connection) -> migrations.Migration:
+    current = await maps.active_map(con)
     assert current is not None
-    return await store.create(con, "add", "shard-3", current.with_shard("shard-3", 1), current, 0, 5000)
+    return await migrations.create(con, "add", "shard-3", current.with_shard("shard-3", 1), current, 0, 5000)
 
 
 async def test_an_abort_request_stops_the_flip(meta: tuple[asyncpg.Connection, asyncpg.Connection]) -> None:
     """Abort requested first: the flip activates no map and the migration stays abortable."""
     con, _ = meta
     migration = await _add_shard_3(con)
-    await store.request_abort(con, migration.migration_id)
+    await migrations.request_abort(con, migration.migration_id)
     with pytest.raises(errors.Conflict):
-        await store.flip(con, migration, 12.0)
-    assert (await metadata.active_map(con)).map_version == migration.from_version  # type: ignore[union-attr]
+        await migrations.flip(con, migration, 12.0)
+    assert (await maps.active_map(con)).map_version == migration.from_version  # type: ignore[union-attr]
 
 
 async def test_an_abort_racing_the_flip_is_refused(meta: tuple[asyncpg.Connection, asyncpg.Connection]) -> None:
@@ -46,12 +46,12 @@ async def test_an_abort_racing_the_flip_is_refused(meta: tuple[asyncpg.Connectio
     flipper, operator = meta
     migration = await _add_shard_3(flipper)
     async with flipper.transaction():
-        await store.flip(flipper, migration, 12.0)
-        abort = asyncio.ensure_future(store.request_abort(operator, migration.migration_id))
+        await migrations.flip(flipper, migration, 12.0)
+        abort = asyncio.ensure_future(migrations.request_abort(operator, migration.migration_id))
         await asyncio.sleep(0.3)
         assert not abort.done()  # it waits for the flip's row lock
     with pytest.raises(errors.Conflict, match="can no longer be aborted"):
         await abort
-    after = await store.get(flipper, migration.migration_id)
+    after = await migrations.get(flipper, migration.migration_id)
     assert after is not None and after.phase == "cleanup" and not after.abort_requested
-    assert (await metadata.active_map(flipper)).map_version == migration.target_map.map_version  # type: ignore[union-attr]
+    assert (await maps.active_map(flipper)).map_version == migration.target_map.map_version  # type: ignore[union-attr]

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from dialogs import metadata
-from dialogs.embedded import free_port
+from dialogs.metastore import members
+from dialogsctl.embedded import free_port
 from tests.prometheus import Prometheus, ensure_installed
 from tests.support import Cluster
 
@@ -116,7 +116,7 @@ async def test_real_prometheus_evaluates_every_panel_and_alert(
         # A crashed worker's registration: forwarding errors get counted, clients see none.
         con = await asyncpg.connect(cluster.metadata_dsn)
         try:
-            await metadata.upsert_worker(con, "shard-1-dead", "shard-1", f"http://127.0.0.1:{free_port()}", 1)
+            await members.upsert_worker(con, "shard-1-dead", "shard-1", f"http://127.0.0.1:{free_port()}", 1)
         finally:
             await con.close()
         for round_ in range(4):

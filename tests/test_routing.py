@@ -9,11 +9,12 @@ import aiohttp
 import asyncpg
 import pytest
 
-from dialogs import metadata
+from dialogs import errors
 from dialogs.keys import dialog_key
+from dialogs.metastore import maps
 from dialogs.shard_map import ShardMap
-from proxy.appkeys import METRICS, TOPOLOGY
-from tests.support import INTERNAL_SECRET, Cluster
+from proxy.appkeys import TOPOLOGY
+from tests.support import INTERNAL_SECRET, Cluster, metric
 
 _AS_PROXY = {"Authorization": f"Bearer {INTERNAL_SECRET}"}
 
@@ -22,10 +23,10 @@ async def _publish_next_map(cluster: Cluster) -> ShardMap:
     """Write the next map version with the same shards (a version bump that moves nothing)."""
     con = await asyncpg.connect(cluster.metadata_dsn)
     try:
-        current = await metadata.active_map(con)
+        current = await maps.active_map(con)
         assert current is not None
         bumped = current.next(current.weights)
-        assert await metadata.insert_shard_map(con, bumped, reason="test")
+        await maps.activate(con, bumped, reason="test")
         return bumped
     finally:
         await con.close()
@@ -118,7 +119,7 @@ async def test_proxy_with_an_old_map_reloads_and_retries(cluster: Cluster) -> No
     reply = await api.send(token, boris, "routed with version 1")
     assert reply.status == 200
     assert topology.map_version == bumped.map_version
-    retries = cluster.proxies[0].app[METRICS].stale_map_retries._value.get()
+    retries = metric(cluster.proxies[0], "dialogs_proxy_stale_map_retries_total")
     assert retries == 1
     assert [m["text"] for m in (await api.list(token, boris)).json] == ["routed with version 1"]
 
@@ -128,16 +129,17 @@ async def test_shard_map_writes_are_compare_and_swap(bare_cluster: Cluster) -> N
     con_a = await asyncpg.connect(bare_cluster.metadata_dsn)
     con_b = await asyncpg.connect(bare_cluster.metadata_dsn)
     try:
-        current = await metadata.active_map(con_a)
+        current = await maps.active_map(con_a)
         assert current is not None and current.map_version == 1
-        wins = await asyncio.gather(
-            metadata.insert_shard_map(con_a, current.with_weight("shard-1", 2)),
-            metadata.insert_shard_map(con_b, current.with_weight("shard-2", 3)),
+        outcomes = await asyncio.gather(
+            maps.activate(con_a, current.with_weight("shard-1", 2), "test"),
+            maps.activate(con_b, current.with_weight("shard-2", 3), "test"),
+            return_exceptions=True,
         )
-        assert sorted(wins) == [False, True]
-        skipping = ShardMap(5, current.weights)
-        assert not await metadata.insert_shard_map(con_a, skipping)
-        assert (await metadata.active_map(con_a)).map_version == 2  # type: ignore[union-attr]
+        assert sorted(type(outcome).__name__ for outcome in outcomes) == ["MapVersionConflict", "NoneType"]
+        with pytest.raises(errors.MapVersionConflict):
+            await maps.activate(con_a, ShardMap(5, current.weights), "test")  # skips versions
+        assert (await maps.active_map(con_a)).map_version == 2  # type: ignore[union-attr]
     finally:
         await con_a.close()
         await con_b.close()

@@ -18,8 +18,8 @@ import threading
 import asyncpg
 
 from dialogs.aio import background
+from dialogs.metastore import migrations
 from dialogs.watch import MetadataWatcher
-from proxy.migration import store
 from proxy.migration.runner import RunnerSettings, run_active
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class MigrationDriver:
         self._wake = asyncio.Event()
 
     async def _load(self, con: asyncpg.Connection) -> None:
-        if await store.active(con) is not None:
+        if await migrations.active(con) is not None:
             self._wake.set()
 
     async def run(self) -> None:

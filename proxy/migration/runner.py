@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from dialogs import errors, metadata, pg, shard_control
-from dialogs.shard_control import Span, Watermark
+from dialogs import errors, pg, schema
+from dialogs.metastore import maps, members, migrations
+from dialogs.metastore.migrations import START, Migration, RangeState, Watermark
+from dialogs.migration_plan import Move, Span, owned_after_split
 from dialogs.wire import Phase
-from proxy.migration import store
-from proxy.migration.plan import Move, owned_after_split
-from proxy.migration.store import Migration, RangeState
+from proxy.migration import shard_sql
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ async def run_active(metadata_dsn: str, settings: RunnerSettings | None = None) 
     try:
         if not await lease.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LEASE):
             return None
-        migration = await store.active(lease)
+        migration = await migrations.active(lease)
         if migration is None:
             return None
         log.info("running migration %s (%s %s) from phase %s",
@@ -105,7 +105,7 @@ class _Run:
             spans = spans_of(shard_id)
             if spans:
                 async with self.pools[shard_id].acquire() as con:
-                    await shard_control.set_state(con, spans, state)
+                    await shard_sql.set_state(con, spans, state)
 
         await asyncio.gather(*(one(shard_id) for shard_id in shards))
 
@@ -138,8 +138,8 @@ class _Run:
         return sorted({m.target for m in self.moves})
 
     async def run(self) -> Migration:
-        self.ranges = await store.ranges(self.meta, self.migration.migration_id)
-        dsns = await metadata.shard_dsns(self.meta)
+        self.ranges = await migrations.ranges(self.meta, self.migration.migration_id)
+        dsns = await maps.shard_dsns(self.meta)
         try:
             for shard_id in sorted(set(self.sources) | set(self.targets)):
                 # lock_timeout bounds how long a statement of a runner that died while it
@@ -169,7 +169,7 @@ class _Run:
                 log.info("migration %s %s", migration.migration_id, migration.phase)
                 return migration
             if migration.abort_requested and migration.phase.abortable:
-                await store.set_phase(self.meta, migration.migration_id, Phase.ABORTING, "aborted by the operator")
+                await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTING, "aborted by the operator")
                 continue
             try:
                 await steps[migration.phase](migration)
@@ -177,7 +177,7 @@ class _Run:
                 continue
 
     async def _reload(self) -> Migration:
-        migration = await store.get(self.meta, self.migration.migration_id)
+        migration = await migrations.get(self.meta, self.migration.migration_id)
         assert migration is not None
         self.migration = migration
         return migration
@@ -191,27 +191,27 @@ class _Run:
     # --- prepare: sources log writes to moving ranges, targets expect them ---------------
 
     async def _prepare(self, migration: Migration) -> None:
-        active = await metadata.active_map(self.meta)
-        old = await metadata.shard_map_version(self.meta, migration.from_version)
+        active = await maps.active_map(self.meta)
+        old = await maps.shard_map_version(self.meta, migration.from_version)
         if active is None or old is None or active.map_version != migration.from_version:
-            await store.set_phase(self.meta, migration.migration_id, Phase.ABORTING,
+            await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTING,
                                   "the shard map changed before the migration started")
             return
         for shard_id in self.targets:
             async with self.pools[shard_id].acquire() as con:
-                await shard_control.migrate(con)
+                await schema.upgrade_shard(con)
         await self._set("incoming", self.targets, self.arriving)
         self._targets_incoming = True
         estimates: dict[int, int] = {}
         for shard_id in self.sources:
             async with self.pools[shard_id].acquire() as con:
-                await shard_control.clear_delta(con)
+                await shard_sql.clear_delta(con)
                 kept = owned_after_split(old.ring, shard_id, self.moves)
-                await shard_control.fenced(con, kept, {"migrating": self.leaving(shard_id)})
-                estimates.update(await shard_control.span_counts(con, self.leaving(shard_id)))
-        await store.set_estimates(self.meta, migration.migration_id, estimates)
-        self.ranges = await store.ranges(self.meta, migration.migration_id)
-        await store.set_phase(self.meta, migration.migration_id, Phase.COPY)
+                await shard_sql.fenced(con, kept, {"migrating": self.leaving(shard_id)})
+                estimates.update(await shard_sql.span_counts(con, self.leaving(shard_id)))
+        await migrations.set_estimates(self.meta, migration.migration_id, estimates)
+        self.ranges = await migrations.ranges(self.meta, migration.migration_id)
+        await migrations.set_phase(self.meta, migration.migration_id, Phase.COPY)
 
     # --- copy: the initial pass, checkpointed per batch -----------------------------------
 
@@ -224,8 +224,8 @@ class _Run:
             async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
                 await self._forget_uncheckpointed(tgt, states)
                 await self._copy_pair(src, tgt, states)
-        self.ranges = await store.ranges(self.meta, migration.migration_id)
-        await store.set_phase(self.meta, migration.migration_id, Phase.CATCHUP)
+        self.ranges = await migrations.ranges(self.meta, migration.migration_id)
+        await migrations.set_phase(self.meta, migration.migration_id, Phase.CATCHUP)
 
     async def _forget_uncheckpointed(self, tgt: asyncpg.Connection, states: list[RangeState]) -> None:
         """A crash may have committed a batch on the target without its checkpoint: drop those rows.
@@ -233,9 +233,9 @@ class _Run:
         Only the initial pass writes here before catch-up starts, so every target row past
         a range's checkpoint came from such a batch and is copied again below.
         """
-        await shard_control.delete_spans(tgt, [s.move.span for s in states if s.cursor is None])
+        await shard_sql.delete_spans(tgt, [s.move.span for s in states if s.cursor is None])
         for state in (s for s in states if s.cursor is not None):
-            await shard_control.delete_after(tgt, state.move.span, state.cursor)
+            await shard_sql.delete_after(tgt, state.move.span, state.cursor)
 
     async def _copy_pair(self, src: asyncpg.Connection, tgt: asyncpg.Connection, states: list[RangeState]) -> None:
         chunk: list[RangeState] = []
@@ -258,8 +258,8 @@ class _Run:
         if not chunk:
             return
         started = time.monotonic()
-        rows = await shard_control.copy_rows(src, tgt, [s.move.span for s in chunk])
-        await store.checkpoint(self.meta, self.migration.migration_id, [s.move.lo for s in chunk], None, True, rows)
+        rows = await shard_sql.copy_rows(src, tgt, [s.move.span for s in chunk])
+        await migrations.checkpoint(self.meta, self.migration.migration_id, [s.move.lo for s in chunk], None, True, rows)
         await self._after_batch(rows, started)
 
     async def _copy_large(self, src: asyncpg.Connection, tgt: asyncpg.Connection, state: RangeState) -> None:
@@ -267,10 +267,10 @@ class _Run:
         while True:
             migration = await self._check_abort()
             started = time.monotonic()
-            end = await shard_control.batch_end(src, state.move.span, cursor, migration.batch_size)
-            rows = await shard_control.copy_rows(src, tgt, [state.move.span], after=cursor, until=end)
+            end = await shard_sql.batch_end(src, state.move.span, cursor, migration.batch_size)
+            rows = await shard_sql.copy_rows(src, tgt, [state.move.span], after=cursor, until=end)
             finished = end is None
-            await store.checkpoint(self.meta, migration.migration_id, [state.move.lo], end, finished, rows)
+            await migrations.checkpoint(self.meta, migration.migration_id, [state.move.lo], end, finished, rows)
             await self._after_batch(rows, started)
             if finished:
                 return
@@ -294,7 +294,7 @@ class _Run:
             backlog = 0
             for shard_id in self.sources:
                 async with self.pools[shard_id].acquire() as con:
-                    backlog += await shard_control.delta_backlog(con, seq.get(shard_id, shard_control.START))
+                    backlog += await shard_sql.delta_backlog(con, seq.get(shard_id, START))
             # Under a write rate the copy cannot outrun, the backlog stops shrinking: cut
             # over anyway (the final delta is then larger, the pause longer).
             stalled = stalled + 1 if previous is not None and backlog >= previous else 0
@@ -303,12 +303,12 @@ class _Run:
                 missing = await self._targets_without_workers()
                 if not missing:
                     await self._preverify(seq)
-                    await store.set_phase(self.meta, migration.migration_id, Phase.CUTOVER)
+                    await migrations.set_phase(self.meta, migration.migration_id, Phase.CUTOVER)
                     return
                 log.info("waiting for a live worker on %s before the cutover", ", ".join(missing))
                 await asyncio.sleep(self.settings.poll_interval)
             copied = await self._copy_delta(seq, DELTA_BATCH)
-            await store.save_delta(self.meta, migration.migration_id, seq, copied)
+            await migrations.save_delta(self.meta, migration.migration_id, seq, copied)
 
     async def _preverify(self, seq: dict[str, Watermark]) -> None:
         """Verify every moving range while writes still flow, so that the cutover re-checks few.
@@ -329,7 +329,7 @@ class _Run:
             copied = 0
             while batch := await self._copy_delta(seq, DELTA_BATCH):
                 copied += batch
-            await store.save_delta(self.meta, self.migration.migration_id, seq, copied)
+            await migrations.save_delta(self.meta, self.migration.migration_id, seq, copied)
             newer = await self._delta_heads()
             check = suspects | await self._touched(heads, newer)
             if len(check) <= SETTLED_RANGES:
@@ -340,7 +340,7 @@ class _Run:
         heads = {}
         for source in self.sources:
             async with self.pools[source].acquire() as con:
-                heads[source] = await shard_control.delta_head(con)
+                heads[source] = await shard_sql.delta_head(con)
         return heads
 
     async def _touched(self, since: dict[str, Watermark], until: dict[str, Watermark] | None = None) -> set[int]:
@@ -348,7 +348,7 @@ class _Run:
         touched: set[int] = set()
         for source, head in since.items():
             async with self.pools[source].acquire() as con:
-                keys = await shard_control.delta_keys(con, head, None if until is None else until[source])
+                keys = await shard_sql.delta_keys(con, head, None if until is None else until[source])
             touched |= self._move_at(source, keys)
         return touched
 
@@ -360,12 +360,12 @@ class _Run:
             if not spans:
                 continue
             async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
-                theirs, ours = await asyncio.gather(shard_control.digests(src, spans), shard_control.digests(tgt, spans))
+                theirs, ours = await asyncio.gather(shard_sql.digests(src, spans), shard_sql.digests(tgt, spans))
             bad |= {lo for lo in theirs if theirs[lo] != ours.get(lo)}
         return bad
 
     async def _targets_without_workers(self) -> list[str]:
-        live = {w.shard_id for w in await metadata.workers(self.meta) if w.age_seconds <= self.settings.liveness_ttl}
+        live = {w.shard_id for w in await members.workers(self.meta) if w.age_seconds <= self.settings.liveness_ttl}
         return [t for t in self.targets if t not in live]
 
     async def _copy_delta(self, seq: dict[str, Watermark], limit: int) -> int:
@@ -373,7 +373,7 @@ class _Run:
         copied = 0
         for source in self.sources:
             async with self.pools[source].acquire() as src:
-                rows = await shard_control.read_delta(src, seq.get(source, shard_control.START), limit)
+                rows = await shard_sql.read_delta(src, seq.get(source, START), limit)
             if not rows:
                 continue
             by_target: dict[str, list[asyncpg.Record]] = {}
@@ -381,8 +381,8 @@ class _Run:
                 by_target.setdefault(self._move_of(source, row["dialog_key"]).target, []).append(row)
             for target, target_rows in by_target.items():
                 async with self.pools[target].acquire() as tgt:
-                    await shard_control.insert_rows(tgt, target_rows)
-            seq[source] = shard_control.watermark_of(rows[-1])
+                    await shard_sql.insert_rows(tgt, target_rows)
+            seq[source] = shard_sql.watermark_of(rows[-1])
             copied += len(rows)
         return copied
 
@@ -406,7 +406,7 @@ class _Run:
             return
         pause = time.monotonic() - started
         try:
-            await store.flip(self.meta, migration, pause * 1000)
+            await migrations.flip(self.meta, migration, pause * 1000)
         except (errors.Conflict, *pg.FAILURES) as exc:
             current = await self._reload()
             if current.phase != Phase.CLEANUP:
@@ -426,8 +426,8 @@ class _Run:
 
         async def one(source: str) -> tuple[str, list[asyncpg.Record]]:
             async with self.pools[source].acquire() as con:
-                return source, await shard_control.freeze(
-                    con, self.leaving(source), watermarks.get(source, shard_control.START)
+                return source, await shard_sql.freeze(
+                    con, self.leaving(source), watermarks.get(source, START)
                 )
 
         return dict(await asyncio.gather(*(one(source) for source in self.sources)))
@@ -451,7 +451,7 @@ class _Run:
         if self._verified_from is not None:
             for source, head in self._verified_from.items():
                 async with self.pools[source].acquire() as con:
-                    keys = await shard_control.delta_keys(con, head)
+                    keys = await shard_sql.delta_keys(con, head)
                 for key in keys:
                     move = self._move_of(source, key)
                     if move.lo not in self._suspects:
@@ -464,7 +464,7 @@ class _Run:
                 return
             async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
                 theirs, ours = await asyncio.gather(
-                    shard_control.mixed_digests(src, spans, keys), shard_control.apply_and_digest(tgt, rows, spans, keys)
+                    shard_sql.mixed_digests(src, spans, keys), shard_sql.apply_and_digest(tgt, rows, spans, keys)
                 )
             bad = [key for key in theirs if theirs[key] != ours.get(key)]
             if bad:
@@ -498,41 +498,41 @@ class _Run:
         await self._set("incoming", self.targets, self.arriving)
         self._targets_incoming = True
         await self._set("migrating", self.sources, self.leaving)
-        attempts = await store.cutover_failed(self.meta, migration.migration_id, reason)
+        attempts = await migrations.cutover_failed(self.meta, migration.migration_id, reason)
         if fatal or attempts >= MAX_CUTOVER_ATTEMPTS:
-            await store.set_phase(self.meta, migration.migration_id, Phase.ABORTING, reason)
+            await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTING, reason)
 
     # --- cleanup: after every live process knows the new map, drop moved rows -------------
 
     async def _cleanup(self, migration: Migration) -> None:
         await self._hand_over()  # idempotent; makes sure the flip's states hold after any crash
         version = migration.target_map.map_version
-        while laggards := await metadata.laggards(self.meta, version, self.settings.liveness_ttl):
+        while laggards := await members.laggards(self.meta, version, self.settings.liveness_ttl):
             log.info("waiting for %s to acknowledge map version %s", ", ".join(laggards), version)
             await asyncio.sleep(self.settings.poll_interval)
         for shard_id in self.sources:
             async with self.pools[shard_id].acquire() as con:
                 for span in self.leaving(shard_id):
-                    while await shard_control.delete_span_batch(con, span, migration.batch_size):
+                    while await shard_sql.delete_span_batch(con, span, migration.batch_size):
                         pass
-                await shard_control.clear_delta(con)
+                await shard_sql.clear_delta(con)
         if migration.kind == "remove":
-            await store.retire_shard(self.meta, migration.shard_id)
-        await store.set_phase(self.meta, migration.migration_id, Phase.DONE)
+            await maps.retire_shard(self.meta, migration.shard_id)
+        await migrations.set_phase(self.meta, migration.migration_id, Phase.DONE)
 
     # --- abort: before the flip, the old owners keep everything ---------------------------
 
     async def _abort(self, migration: Migration) -> None:
         for shard_id in self.targets:
             async with self.pools[shard_id].acquire() as con:
-                await shard_control.migrate(con)  # an abort may come before prepare reached it
+                await schema.upgrade_shard(con)  # an abort may come before prepare reached it
         await self._set("owned", self.sources, self.leaving)
         for shard_id in self.sources:
             async with self.pools[shard_id].acquire() as con:
-                await shard_control.clear_delta(con)
+                await shard_sql.clear_delta(con)
         await self._set("absent", self.targets, self.arriving)
         for shard_id in self.targets:
             async with self.pools[shard_id].acquire() as con:
-                await shard_control.delete_spans(con, self.arriving(shard_id))
-        await store.set_phase(self.meta, migration.migration_id, Phase.ABORTED)
+                await shard_sql.delete_spans(con, self.arriving(shard_id))
+        await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTED)
 

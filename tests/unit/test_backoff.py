@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dialogs.backoff import MAX_DELAY, STABLE_AFTER, after_exit
+from dialogsctl.backoff import MAX_DELAY, STABLE_AFTER, after_exit
 
 
 def test_crash_loop_doubles_the_wait_up_to_the_cap() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dialogs.cluster import next_shard_id
+from dialogsctl.cluster import next_shard_id
 
 
 def test_after_the_highest_generated_name() -> None:

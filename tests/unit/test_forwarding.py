@@ -7,7 +7,17 @@ import pytest
 from dialogs import errors
 from proxy import forwarding
 from proxy.forwarding import (
-    Answered, Broken, Buffer, Deliver, Fail, NextWorker, NotConnected, Refused, Reload, after_attempt, after_refusal,
+    Answered,
+    Broken,
+    Buffer,
+    Deliver,
+    Fail,
+    NextWorker,
+    NotConnected,
+    Refused,
+    Reload,
+    after_attempt,
+    after_refusal,
     buffer_wait,
 )
 
@@ -37,6 +47,12 @@ def test_a_worker_without_its_database_passes_to_the_next_with_the_same_request(
     unavailable = errors.ShardUnavailable("database down")
     assert after_attempt(Answered(error=unavailable), is_read=False, workers_left=1) == NextWorker("unavailable")
     assert after_attempt(Answered(error=unavailable), is_read=False, workers_left=0) == Fail(unavailable, "unavailable")
+
+
+def test_a_worker_that_failed_during_a_write_is_not_retried_elsewhere() -> None:
+    """The shard failed mid-write: it may be stored, so no second worker stores it again."""
+    unknown = errors.SendOutcomeUnknown()
+    assert after_attempt(Answered(error=unknown), is_read=False, workers_left=2) == Fail(unknown, "503")
 
 
 @pytest.mark.parametrize("refusal", [errors.StaleMap(3), errors.RangeMoving(), errors.RangeNotServed()])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dialogs.local_shard import refused, started_since
+from dialogsctl.local_shard import refused, started_since
 
 
 def test_only_a_4xx_proves_the_shard_was_not_taken() -> None:

@@ -53,12 +53,34 @@ def test_guard_raises_429_with_whole_seconds() -> None:
     """The address limit applies across users; Retry-After is at least one second."""
     clock = Clock()
     guard = LoginGuard(FailureLimit(5, 60, clock=clock), FailureLimit(2, 60, clock=clock))
-    guard.failed("a", "10.0.0.1")
-    guard.failed(None, "10.0.0.1")
+    guard.attempt("a", "10.0.0.1")
+    guard.attempt("unknown", "10.0.0.1")
     with pytest.raises(errors.TooManyRequests) as raised:
-        guard.check("b", "10.0.0.1")
+        guard.attempt("b", "10.0.0.1")
     assert raised.value.status == 429 and raised.value.headers() == {"Retry-After": "60"}
-    guard.check("b", "10.0.0.2")
+    guard.attempt("b", "10.0.0.2")
+
+
+def test_attempts_count_before_they_are_judged() -> None:
+    """Concurrent guesses: the sixth is refused while five are still being checked."""
+    guard = LoginGuard(FailureLimit(5, 60, clock=Clock()), FailureLimit(100, 60, clock=Clock()))
+    for _ in range(5):
+        guard.attempt("u", "10.0.0.1")
+    with pytest.raises(errors.TooManyRequests):
+        guard.attempt("u", "10.0.0.1")
+
+
+def test_a_right_password_or_an_outage_takes_the_attempt_back() -> None:
+    """Success clears the user's failures and its own count at the address; a 503 counts nowhere."""
+    guard = LoginGuard(FailureLimit(2, 60, clock=Clock()), FailureLimit(2, 60, clock=Clock()))
+    guard.attempt("u", "10.0.0.1")
+    guard.not_judged("u", "10.0.0.1")
+    guard.attempt("u", "10.0.0.1")
+    guard.succeeded("u", "10.0.0.1")
+    guard.attempt("v", "10.0.0.1")
+    guard.attempt("v", "10.0.0.1")  # the address holds two failures of v only
+    with pytest.raises(errors.TooManyRequests):
+        guard.attempt("w", "10.0.0.1")
 
 
 class _Transport:

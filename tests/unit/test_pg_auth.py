@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
-from dialogs.pg_auth import dsn, redacted
+from dialogsctl.pg_auth import dsn, redacted
 
 
 def test_password_is_url_quoted() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dialogs.pg_home import can_enter, first_closed
+from dialogsctl.pg_home import can_enter, first_closed
 
 USER, GROUP, OTHER = 1001, 1001, 4242
 

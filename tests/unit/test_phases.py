@@ -10,7 +10,7 @@ from dialogs.wire import ABORTABLE_PHASES, FINISHED_PHASES, Phase
 
 def test_the_enum_is_the_databases_set_of_phases() -> None:
     """The SQL CHECK and the unique 'one active migration' index name the enum's values."""
-    sql = resources.files("dialogs.migrations.metadata").joinpath("0002_resharding.sql").read_text()
+    sql = resources.files("dialogs.schema.metadata").joinpath("0002_resharding.sql").read_text()
     check = re.search(r"CHECK \(phase IN\s*\(([^)]*)\)\)", sql)
     assert check is not None
     assert set(re.findall(r"'(\w+)'", check[1])) == {phase.value for phase in Phase}

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from dialogs.keys import INT64_MAX, INT64_MIN
+from dialogs.migration_plan import moved_fraction, moves, owned_after_split
 from dialogs.shard_map import ShardMap
-from proxy.migration.plan import moved_fraction, moves, owned_after_split
 
 TWO = ShardMap(1, {"shard-1": 1, "shard-2": 1})
 

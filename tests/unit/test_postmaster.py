@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dialogs.postmaster import Leftover, PidOwner, decide
+from dialogsctl.postmaster import Leftover, PidOwner, decide
 
 DATA = Path("/var/lib/dialogs/data/pg-meta-x")
 

@@ -60,7 +60,7 @@ def test_workers_need_the_internal_secret() -> None:
 
 def test_bad_shard_id_is_refused() -> None:
     """Shard ids are checked like the admin API checks them."""
-    with pytest.raises(SettingsError, match="shard_id"):
+    with pytest.raises(SettingsError, match="DIALOGS_SHARD_ID must be a shard id"):
         load(WorkerSettings, {**WORKER, "DIALOGS_SHARD_ID": "Shard One"})
 
 

@@ -28,11 +28,11 @@ import asyncpg
 import yaml
 from rich.console import Console
 
-from dialogs import backoff, pg_home
-from dialogs.bootstrap import bootstrap
-from dialogs.cluster import DATABASE, ClusterLayout, ShardLayout
-from dialogs.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent, free_port
-from dialogs.pg_auth import redacted
+from dialogsctl import backoff, pg_home
+from dialogsctl.cluster import DATABASE, ClusterLayout, ShardLayout
+from dialogsctl.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent, free_port
+from dialogsctl.pg_auth import redacted
+from proxy.bootstrap import bootstrap
 
 LOCK_FILE = "up.lock"
 
@@ -102,7 +102,7 @@ class Child:
     command: str
     log_file: Path
     health_url: str
-    argv: list[str] | None = None  # default: `python -m dialogs COMMAND`
+    argv: list[str] | None = None  # default: `python -m COMMAND` (a service's package)
     process: subprocess.Popen[bytes] | None = None
     restarts: Restarts = field(default_factory=Restarts)
     _log: IO[bytes] | None = field(default=None, repr=False)
@@ -112,7 +112,7 @@ class Child:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_file, "ab")
         self.process = subprocess.Popen(
-            self.argv or [sys.executable, "-m", "dialogs", self.command],
+            self.argv or [sys.executable, "-m", self.command],
             env={**os.environ, **self.env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -204,7 +204,7 @@ class Supervisor:
         layout = self.layout
         return Child(
             name=f"worker {shard.shard_id}",
-            command="worker",
+            command="dialog_api",
             env={
                 "DIALOGS_METADATA_DSN": layout.metadata_dsn,
                 "DIALOGS_INTERNAL_SECRET": layout.internal_secret,
@@ -258,7 +258,7 @@ class Supervisor:
             config["rule_files"] = ["alerts.yml"]
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
 
-    def _children(self) -> list[Child]:
+    def planned_children(self) -> list[Child]:
         layout = self.layout
         common = {
             "DIALOGS_METADATA_DSN": layout.metadata_dsn,
@@ -317,7 +317,7 @@ class Supervisor:
         self._placement_note()
         with self.console.status("applying migrations"):
             asyncio.run(_prepare_databases(layout, self.servers))
-        self.children = self._children()
+        self.children = self.planned_children()
         if self.with_prometheus and (prometheus := self._prometheus()) is not None:
             self.children.append(prometheus)
         for child in self.children:
@@ -382,10 +382,11 @@ class Supervisor:
         self.server_restarts.pop(shard_id, None)
         if server is not None:
             server.stop()
-        listed = self.layout.shard(shard_id)
-        why = "retired" if listed is not None else "no longer in cluster.json"
-        self.console.print(f"stopped shard {shard_id} ({why}; its data stays in {self.layout.pg_dir(shard_id)})",
-                           highlight=False)
+        if self.layout.shard(shard_id) is not None:
+            self.console.print(f"stopped retired shard {shard_id} (its data stays in {self.layout.pg_dir(shard_id)})",
+                               highlight=False)
+        else:  # a refused `dialogs shard add` took it back; the CLI removes its empty data
+            self.console.print(f"stopped shard {shard_id}: its addition was taken back", highlight=False)
 
     def _start_shard(self, shard: ShardLayout) -> None:
         """Start a new shard's server and worker. If either fails, only this shard is affected:

@@ -6,7 +6,8 @@ import logging
 
 import asyncpg
 
-from dialogs import errors, metadata
+from dialogs import errors
+from dialogs.metastore import maps
 from dialogs.shard_map import ShardMap
 from dialogs.watch import MetadataWatcher
 
@@ -22,7 +23,7 @@ class MapView:
         self.watcher: MetadataWatcher | None = None
 
     async def load(self, con: asyncpg.Connection) -> None:
-        fresh = await metadata.active_map(con)
+        fresh = await maps.active_map(con)
         if fresh is not None and (self.map is None or fresh.map_version > self.map.map_version):
             self.map = fresh
 

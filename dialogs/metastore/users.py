@@ -12,6 +12,7 @@ import asyncpg
 
 from dialogs import errors, pg
 
+
 def translated() -> contextlib.AbstractAsyncContextManager[None]:
     """Metadata database failures as 503s (``dialogs.pg``)."""
     return pg.translated(errors.MetadataUnavailable)

@@ -1,4 +1,4 @@
-"""Migrations in the metadata database: create, read, checkpoint, finish. SQL only."""
+"""Migrations (resharding) in the metadata database: create, read, checkpoint, flip, finish."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ from typing import Any
 
 import asyncpg
 
-from dialogs import errors, metadata
-from dialogs.shard_control import Cursor, Watermark
+from dialogs import errors
+from dialogs.metastore import maps
+from dialogs.migration_plan import Move, moves
 from dialogs.shard_map import ShardMap
 from dialogs.wire import ABORTABLE_PHASES, FINISHED_PHASES, Phase
-from proxy.migration.plan import Move, moves
+
+Cursor = tuple[int, object, object, int] | None  # the last copied primary key, or None
+# How far a source's delta log has been copied: (transaction id, sequence) of the last row.
+Watermark = tuple[int, int]
+START: Watermark = (0, 0)
 
 
 
@@ -233,16 +238,16 @@ async def flip(con: asyncpg.Connection, migration: Migration, pause_ms: float) -
             -- sees its result (an abort request stops the flip; a flip makes the abort a 409).
             SELECT 1 FROM migrations WHERE migration_id = $5 AND NOT abort_requested FOR UPDATE
         ),
-        activated AS ({metadata.cas_insert_map("EXISTS (SELECT 1 FROM allowed)")} RETURNING map_version)
+        activated AS ({maps.activate_sql("EXISTS (SELECT 1 FROM allowed)")})
         UPDATE migrations SET phase = $7, last_pause_ms = $6, error = NULL, updated_at = now()
         WHERE migration_id = $5 AND EXISTS (SELECT 1 FROM activated)
         RETURNING migration_id
         """,
-        *metadata.map_arguments(migration.target_map, f"migration {migration.migration_id}"),
+        *maps.activate_arguments(migration.target_map, f"migration {migration.migration_id}"),
         migration.migration_id, pause_ms, Phase.CLEANUP,
     )
     if flipped is None:
-        raise errors.Conflict("the shard map changed under the migration, or an abort was requested")
+        raise errors.MapVersionConflict("the shard map changed under the migration, or an abort was requested")
 
 
 async def request_abort(con: asyncpg.Connection, migration_id: int) -> Migration:
@@ -272,7 +277,3 @@ async def set_throttle(
     if migration is None:
         raise errors.NotFound(f"no migration {migration_id}")
     return migration
-
-
-async def retire_shard(con: asyncpg.Connection, shard_id: str) -> None:
-    await con.execute("UPDATE shards SET retired_at = now() WHERE shard_id = $1", shard_id)

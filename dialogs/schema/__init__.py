@@ -1,6 +1,9 @@
-"""Versioned SQL migrations, applied idempotently and safely from several processes at once.
+"""The two database schemas, and the versioned upgrades that build them.
 
-A migration is a file ``NNNN_name.sql`` in a package folder. Each is applied once, in a
+``metadata/``: users, shards, shard maps, registrations, migrations (resharding).
+``shard/``: messages, range ownership and the fence, the catch-up log.
+
+An upgrade is a file ``NNNN_name.sql`` in one of those folders. Each is applied once, in a
 transaction, and recorded in ``schema_migrations``. An advisory lock serialises processes
 starting together (several workers of one shard, several proxies).
 """
@@ -28,6 +31,20 @@ def migrations(package: str) -> list[tuple[int, str, str]]:
     if len(set(versions)) != len(versions):
         raise RuntimeError(f"two migrations share a version in {package}: {versions}")
     return found
+
+
+METADATA = "dialogs.schema.metadata"
+SHARD = "dialogs.schema.shard"
+
+
+async def upgrade_metadata(con: asyncpg.Connection) -> list[str]:
+    """Bring the metadata database's schema up to date; the names of the files applied now."""
+    return await apply(con, METADATA)
+
+
+async def upgrade_shard(con: asyncpg.Connection) -> list[str]:
+    """Bring a shard database's schema up to date; the names of the files applied now."""
+    return await apply(con, SHARD)
 
 
 async def apply(con: asyncpg.Connection, package: str) -> list[str]:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from dialogs import pg_auth, pg_home, postmaster
+from dialogsctl import pg_auth, pg_home, postmaster
 
 SYSTEM_USER = "embedded_postgres"
 SUPERUSER = pg_auth.SUPERUSER

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from dialogs import pg_home, postmaster
-from dialogs.cluster import ClusterLayout
-from dialogs.supervisor import running_pid
+from dialogsctl import pg_home, postmaster
+from dialogsctl.cluster import ClusterLayout
+from dialogsctl.supervisor import running_pid
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0

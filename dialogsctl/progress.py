@@ -8,8 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dialogs.admin_client import AdminClient
 from dialogs.wire import FINISHED_PHASES
+from dialogsctl.admin_client import AdminClient
 
 FINISHED = tuple(FINISHED_PHASES)
 

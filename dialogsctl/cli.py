@@ -13,9 +13,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dialogs import metadata, pg, pgmigrate
-from dialogs.bootstrap import bootstrap
-from dialogs.settings import SettingsError
+from dialogs import pg
+from dialogs.metastore import maps, members
 
 DEFAULT_DATA_DIR = ".dialogs"
 
@@ -45,8 +44,8 @@ def main() -> None:
               help="Also run Prometheus (the machine's, e.g. Debian's package) scraping every process.")
 def up(data_dir: Path, port: int, shards: int, with_prometheus: bool) -> None:
     """Run the local cluster in the foreground: metadata + shards on embedded PostgreSQL, workers, proxy."""
-    from dialogs.cluster import ClusterLayout
-    from dialogs.supervisor import AlreadyRunning, Supervisor, acquire_lock
+    from dialogsctl.cluster import ClusterLayout
+    from dialogsctl.supervisor import AlreadyRunning, Supervisor, acquire_lock
 
     console = Console(soft_wrap=True)
     data_dir = data_dir.resolve()
@@ -70,8 +69,8 @@ def up(data_dir: Path, port: int, shards: int, with_prometheus: bool) -> None:
 @_data_dir_option()
 def status(data_dir: Path) -> None:
     """Show the active shard map, each shard's share of keys and rows, and the workers."""
-    from dialogs.cluster import ClusterLayout
-    from dialogs.pg_auth import redacted
+    from dialogsctl.cluster import ClusterLayout
+    from dialogsctl.pg_auth import redacted
 
     console = Console(soft_wrap=True)
     layout = ClusterLayout.load(data_dir.resolve())
@@ -86,7 +85,7 @@ def status(data_dir: Path) -> None:
     shard_map, shards, workers, rows, running = report
     console.print(f"proxy {layout.proxy_url}   active map version [bold]{shard_map.map_version}[/bold]")
     if running is not None:
-        from dialogs.progress import describe
+        from dialogsctl.progress import describe
 
         progress = running.to_json()
         console.print(
@@ -112,14 +111,14 @@ def status(data_dir: Path) -> None:
 
 
 async def _status(metadata_dsn: str):  # type: ignore[no-untyped-def]
-    from proxy.migration import store
+    from dialogs.metastore import migrations
 
     con = await asyncpg.connect(metadata_dsn, timeout=3)
     try:
-        shard_map = await metadata.active_map(con)
-        shards = await metadata.shard_dsns(con)
-        workers = await metadata.workers(con)
-        running = await store.active(con)
+        shard_map = await maps.active_map(con)
+        shards = await maps.shard_dsns(con)
+        workers = await members.workers(con)
+        running = await migrations.active(con)
     finally:
         await con.close()
     if shard_map is None:
@@ -137,84 +136,40 @@ async def _status(metadata_dsn: str):  # type: ignore[no-untyped-def]
     return shard_map, shards, workers, rows, running
 
 
-@main.command()
-@click.option("--metadata-dsn", envvar="DIALOGS_METADATA_DSN", required=True, help="[env DIALOGS_METADATA_DSN]")
-@click.option("--shard", "shards", multiple=True, metavar="ID=DSN",
-              help="Register a shard; on an empty cluster the first map is made of these.")
-def migrate(metadata_dsn: str, shards: tuple[str, ...]) -> None:
-    """Apply metadata migrations; with --shard, also shard migrations and (on an empty cluster) the first map."""
-    parsed = {}
-    for entry in shards:
-        shard_id, sep, dsn = entry.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected ID=DSN, got {entry!r}", param_hint="--shard")
-        parsed[shard_id] = dsn
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bootstrap(args: tuple[str, ...]) -> None:
+    """Upgrade the schemas and write the first shard map (python -m proxy.bootstrap; --help for options)."""
+    from proxy import bootstrap as command
 
-    async def run() -> None:
-        if parsed:
-            shard_map = await bootstrap(metadata_dsn, parsed)
-            click.echo(f"active shard map version {shard_map.map_version}: {', '.join(shard_map.shard_ids)}")
-            return
-        con = await asyncpg.connect(metadata_dsn)
-        try:
-            applied = await pgmigrate.apply(con, metadata.METADATA_MIGRATIONS)
-            click.echo(f"metadata migrations applied: {', '.join(applied) or 'none (up to date)'}")
-        finally:
-            await con.close()
-
-    asyncio.run(run())
+    sys.exit(command.main(list(args)))
 
 
-def _serve(build, service: str) -> None:  # type: ignore[no-untyped-def]
-    from aiohttp import web
-
-    from dialogs import logs
-    from dialogs.http import LINGERING_SECONDS
-
-    logs.configure(service, os.environ.get("DIALOGS_LOG_LEVEL", "INFO"))
-    try:
-        app, settings = build()
-    except SettingsError as exc:
-        click.echo(f"configuration error: {exc}", err=True)
-        sys.exit(2)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    web.run_app(
-        app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10,
-        keepalive_timeout=settings.idle_timeout, lingering_time=LINGERING_SECONDS,
-    )
+# The name it had: "migrate" read like resharding's migrations.
+main.add_command(click.Command(
+    "migrate", callback=bootstrap.callback, params=bootstrap.params, hidden=True,
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+))
 
 
 @main.command()
 def proxy() -> None:
-    """Run one proxy (configured by DIALOGS_* environment variables)."""
-    from dialogs.settings import load
+    """Run one proxy (python -m proxy), configured by DIALOGS_* environment variables."""
+    from dialogs.serve import serve
     from proxy.app import create_app
     from proxy.settings import ProxySettings
 
-    def build():  # type: ignore[no-untyped-def]
-        settings = load(ProxySettings)
-        return create_app(settings), settings
-
-    _serve(build, "proxy")
+    serve(ProxySettings, create_app, "proxy")
 
 
 @main.command()
 def worker() -> None:
-    """Run one dialog_api worker for one shard (configured by DIALOGS_* environment variables)."""
+    """Run one worker for one shard (python -m dialog_api), configured by DIALOGS_* variables."""
     from dialog_api.app import create_app
     from dialog_api.settings import WorkerSettings
-    from dialogs.settings import load
+    from dialogs.serve import serve
 
-    def build():  # type: ignore[no-untyped-def]
-        settings = load(WorkerSettings)
-        return create_app(settings), settings
-
-    _serve(build, "worker")
+    serve(WorkerSettings, create_app, "worker")
 
 
 # --- operating shards and migrations (through the proxy's admin API) ---------------------
@@ -228,8 +183,8 @@ def _admin_options(command):  # type: ignore[no-untyped-def]
 
 def _client(data_dir: Path, url: str | None, token: str | None):  # type: ignore[no-untyped-def]
     """The admin API of --url/--token, or else of the local cluster in --data-dir."""
-    from dialogs.admin_client import AdminClient
-    from dialogs.cluster import ClusterLayout
+    from dialogsctl.admin_client import AdminClient
+    from dialogsctl.cluster import ClusterLayout
 
     if url and token:
         return AdminClient(url, token)
@@ -248,7 +203,7 @@ def _throttle_options(command):  # type: ignore[no-untyped-def]
 
 
 def _run_admin(action):  # type: ignore[no-untyped-def]
-    from dialogs.admin_client import AdminError
+    from dialogsctl.admin_client import AdminError
 
     try:
         return action()
@@ -261,7 +216,7 @@ def _start_and_follow(client, method: str, path: str, body, no_wait: bool):  # t
 
 
 def _follow(client, migration, no_wait: bool):  # type: ignore[no-untyped-def]
-    from dialogs.progress import describe, follow
+    from dialogsctl.progress import describe, follow
 
     console = Console(soft_wrap=True)
     console.print("started " + describe(migration), highlight=False)
@@ -284,8 +239,8 @@ def shard() -> None:
 def shard_add(shard_id: str | None, dsn: str | None, weight: int, no_wait: bool, rows_per_second: int,
               batch_size: int, data_dir: Path, url: str | None, token: str | None) -> None:
     """Add a shard and move its share of dialogs onto it while traffic flows."""
-    from dialogs import local_shard
-    from dialogs.admin_client import AdminError
+    from dialogsctl import local_shard
+    from dialogsctl.admin_client import AdminError
 
     client = _client(data_dir, url, token)
     local = dsn is None
@@ -321,8 +276,8 @@ def shard_add(shard_id: str | None, dsn: str | None, weight: int, no_wait: bool,
 
 def _local_add_not_taken(client, error, shard_id: str, known: set[int]) -> bool:  # type: ignore[no-untyped-def]
     """Whether the proxy certainly did not take the new local shard, so it may be taken back."""
-    from dialogs import local_shard
-    from dialogs.admin_client import AdminError
+    from dialogsctl import local_shard
+    from dialogsctl.admin_client import AdminError
 
     if local_shard.refused(error.status):
         return True
@@ -342,8 +297,8 @@ def shard_remove(shard_id: str, no_wait: bool, rows_per_second: int, batch_size:
     """Drain a shard onto the others, then retire it (the local cluster stops its server)."""
     import signal
 
-    from dialogs.cluster import ClusterLayout
-    from dialogs.supervisor import running_pid
+    from dialogsctl.cluster import ClusterLayout
+    from dialogsctl.supervisor import running_pid
 
     client = _client(data_dir, url, token)
     path = f"/admin/shards/{shard_id}?rows_per_second={rows_per_second}&batch_size={batch_size}"
@@ -410,7 +365,7 @@ def migration() -> None:
 @_admin_options
 def migration_list(data_dir: Path, url: str | None, token: str | None) -> None:
     """Recent migrations, newest first."""
-    from dialogs.progress import describe
+    from dialogsctl.progress import describe
 
     for entry in _run_admin(lambda: _client(data_dir, url, token).call("GET", "/admin/migrations")):
         click.echo(describe(entry) + (f" ({entry['error']})" if entry.get("error") else ""))
@@ -429,7 +384,7 @@ def migration_show(migration_id: int, data_dir: Path, url: str | None, token: st
 @_admin_options
 def migration_follow(migration_id: int, data_dir: Path, url: str | None, token: str | None) -> None:
     """A live progress bar until the migration ends."""
-    from dialogs.progress import follow
+    from dialogsctl.progress import follow
 
     client = _client(data_dir, url, token)
     _run_admin(lambda: follow(client, migration_id, Console(soft_wrap=True)))
@@ -440,7 +395,7 @@ def migration_follow(migration_id: int, data_dir: Path, url: str | None, token: 
 @_admin_options
 def migration_abort(migration_id: int, data_dir: Path, url: str | None, token: str | None) -> None:
     """Abort before the flip: the old owners keep every range, the targets are emptied."""
-    from dialogs.progress import describe, follow
+    from dialogsctl.progress import describe, follow
 
     client = _client(data_dir, url, token)
     _run_admin(lambda: client.call("POST", f"/admin/migrations/{migration_id}/abort"))
@@ -462,24 +417,11 @@ def migration_throttle(migration_id: int, rows_per_second: int | None, batch_siz
 
 
 @main.command("run-migration")
-@click.option("--metadata-dsn", envvar="DIALOGS_METADATA_DSN", required=True, help="[env DIALOGS_METADATA_DSN]")
-def run_migration(metadata_dsn: str) -> None:
-    """Run the active migration in this process until it ends (proxies do this on their own;
-    this is for running it elsewhere, or with DIALOGS_MIGRATION_DRIVER=false on the proxies)."""
-    from dialogs import logs
-    from dialogs.settings import load
-    from proxy.migration.runner import RunnerSettings, run_active
-    from proxy.settings import MigrationRunnerSettings
+def run_migration() -> None:
+    """Run the active migration in this process until it ends (python -m proxy.migration).
 
-    logs.configure("migration-runner", os.environ.get("DIALOGS_LOG_LEVEL", "INFO"))
-    try:
-        settings = load(MigrationRunnerSettings, {**os.environ, "DIALOGS_METADATA_DSN": metadata_dsn})
-    except SettingsError as exc:
-        click.echo(f"configuration error: {exc}", err=True)
-        sys.exit(2)
-    runner = RunnerSettings(cutover_deadline=settings.cutover_deadline, liveness_ttl=settings.worker_ttl)
-    result = asyncio.run(run_active(settings.metadata_dsn, runner))
-    if result is None:
-        click.echo("nothing to run: no active migration, or another runner holds the lease")
-        sys.exit(1)
-    click.echo(f"migration {result.migration_id} ended in phase {result.phase}")
+    Proxies do this on their own; this is for running it elsewhere, or with
+    DIALOGS_MIGRATION_DRIVER=false on the proxies. Configured by DIALOGS_* variables."""
+    from proxy.migration.__main__ import main as run
+
+    sys.exit(run())

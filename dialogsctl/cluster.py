@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dialogs.embedded import free_port
-from dialogs.pg_auth import dsn
 from dialogs.shard_map import validate_shard_id
+from dialogsctl.embedded import free_port
+from dialogsctl.pg_auth import dsn
 
 STATE_FILE = "cluster.json"
 DATABASE = "dialogs"

@@ -1,21 +1,19 @@
-"""The control plane's SQL on shard databases: range ownership, copying, verification.
+"""Resharding's SQL on shard databases: range ownership, copying, verification.
 
 The worker's own SQL is in ``dialog_api/storage.py``; this module is what the migration
-runner (``proxy/migration/``) and the bootstrap do to shards from outside. Every
-function takes a connection to one shard database.
+runner (``proxy/migration/runner.py``) and the bootstrap do to shards from outside.
+Every function takes a connection to one shard database.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 import asyncpg
 
-from dialogs import pgmigrate
-
-SHARD_MIGRATIONS = "dialogs.migrations.shard"
+from dialogs.metastore.migrations import Cursor, Watermark
+from dialogs.migration_plan import Span
 
 # The advisory lock key every write takes shared inside its transaction (see
 # store_messages in dialogs/migrations/shard/0002_fencing.sql).
@@ -26,11 +24,6 @@ _SELECT_COLUMNS = ", ".join(COLUMNS)
 _M_COLUMNS = ", ".join("m." + c for c in COLUMNS)
 _KEY = "(dialog_key, user_lo, user_hi, id)"
 
-Cursor = tuple[int, object, object, int] | None  # the last copied primary key, or None
-# How far a source's delta log has been copied: (transaction id, sequence) of the last row.
-Watermark = tuple[int, int]
-START: Watermark = (0, 0)
-
 # Rows of transactions older than the reader's snapshot xmin: all finished, so none can
 # still commit behind a watermark that moves past them.
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
@@ -38,16 +31,6 @@ _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 def watermark_of(row: asyncpg.Record) -> Watermark:
     return row["xid"], row["seq"]
-
-
-@dataclass(frozen=True, slots=True)
-class Span:
-    lo: int
-    hi: int
-
-
-async def migrate(con: asyncpg.Connection) -> list[str]:
-    return await pgmigrate.apply(con, SHARD_MIGRATIONS)
 
 
 # --- ownership -------------------------------------------------------------------------

@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dialogs.ring import HashRange, Ring
-from dialogs.shard_control import Span
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A closed range of dialog keys, [lo, hi]."""
+
+    lo: int
+    hi: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,3 +1,0 @@
-from dialogs.cli import main
-
-main()

@@ -1,0 +1,55 @@
+"""Run one service process (a proxy or a worker) from its DIALOGS_* settings.
+
+``python -m proxy`` and ``python -m dialog_api`` (and `dialogs proxy` / `dialogs worker`)
+end here: settings are loaded and checked first, so a bad deployment exits with status 2
+and one sentence naming the variable instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from aiohttp import web
+
+from dialogs import logs
+from dialogs.http import LINGERING_SECONDS
+from dialogs.settings import SettingsError, load
+
+
+class ServiceSettings(Protocol):
+    host: str
+    port: int
+    idle_timeout: float
+    log_level: str
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def settings_or_exit(cls: type[S], service: str) -> S:
+    """The settings of ``cls`` from the environment, or exit 2 with the reason."""
+    try:
+        return load(cls)
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def serve(cls: type[S], create_app: Callable[[S], web.Application], service: str, **run_options: Any) -> None:
+    settings = settings_or_exit(cls, service)
+    logs.configure(service, settings.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        pass
+    web.run_app(
+        create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None,
+        shutdown_timeout=10, keepalive_timeout=settings.idle_timeout, lingering_time=LINGERING_SECONDS,
+        **run_options,
+    )
+
+

