@@ -19,7 +19,8 @@ import asyncpg
 from dialogs.keys import dialog_key
 from dialogs.metastore import maps
 from dialogsctl.cluster import new_password
-from dialogsctl.embedded import LocalPostgres, free_port
+from dialogsctl.embedded import LocalPostgres
+from dialogsctl.net import free_port
 from dialogsctl.supervisor import Child
 from proxy.bootstrap import bootstrap
 
@@ -78,7 +79,7 @@ class BenchCluster:
         port = free_port()
         child = Child(
             name=f"worker-{shard_id}",
-            command="worker",
+            command="dialog_api",
             env={
                 "DIALOGS_METADATA_DSN": self.dsn("meta"),
                 "DIALOGS_SHARD_ID": shard_id,

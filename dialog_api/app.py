@@ -11,12 +11,12 @@ import asyncpg
 from aiohttp import web
 
 from dialog_api import handlers
-from dialog_api import map_view as membership
 from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
 from dialog_api.group_commit import GroupCommit
+from dialog_api.map_view import MapView
 from dialog_api.metrics import WorkerMetrics
 from dialog_api.settings import WorkerSettings
-from dialog_api.storage import ShardStore, migrate
+from dialog_api.storage import ShardStore, upgrade_schema
 from dialogs import errors, heartbeat, wire
 from dialogs.aio import background
 from dialogs.http import make_middleware
@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 async def _shard_pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    applied = await migrate(settings.shard_dsn)
+    applied = await upgrade_schema(settings.shard_dsn)
     if applied:
-        log.info("applied shard migrations: %s", ", ".join(applied))
+        log.info("upgraded the shard schema: %s", ", ".join(applied))
     async with asyncpg.create_pool(
         settings.shard_dsn,
         min_size=settings.pool_min,
@@ -98,7 +98,7 @@ def create_app(settings: WorkerSettings) -> web.Application:
     app = web.Application(middlewares=[make_middleware(metrics.http)], client_max_size=1024**2)
     app[SETTINGS] = settings
     app[METRICS] = metrics
-    app[MAP_VIEW] = membership.MapView(settings.shard_id)
+    app[MAP_VIEW] = MapView(settings.shard_id)
     # Order matters: teardown runs in reverse, so registration goes first and the pool last.
     app.cleanup_ctx.extend([_shard_pool, _rows_gauge, _map_watcher, _group_commit, _registration])
     handlers.setup_routes(app)

@@ -69,7 +69,7 @@ LIMIT $5
 # The list query behind the ownership check, in one round trip: the first column says
 # whether this shard serves the range; the message columns are NULL for an empty page.
 # (range_state() inlined: as plain SQL it is planned once with the prepared statement.)
-_LIST_SERVED = f"""
+LIST_QUERY = f"""
 WITH own AS (
     SELECT (SELECT r.state FROM (SELECT hi, state FROM shard_ranges WHERE lo <= $1 ORDER BY lo DESC LIMIT 1) AS r
             WHERE r.hi >= $1) AS state
@@ -152,7 +152,7 @@ class ShardStore:
     ) -> list[asyncpg.Record]:
         async with translated(), self.pool.acquire() as con:
             started = time.perf_counter()
-            rows = await con.fetch(_LIST_SERVED, dialog_key, *ordered(user_a, user_b), before, limit)
+            rows = await con.fetch(LIST_QUERY, dialog_key, *ordered(user_a, user_b), before, limit)
             self._observe("list", time.perf_counter() - started)
         if rows[0]["state"] not in _READABLE:
             raise errors.RangeNotServed()
@@ -168,7 +168,7 @@ class ShardStore:
             await con.fetchval("SELECT 1")
 
 
-async def migrate(dsn: str) -> list[str]:
+async def upgrade_schema(dsn: str) -> list[str]:
     con = await asyncpg.connect(dsn)
     try:
         return await schema.upgrade_shard(con)

@@ -8,7 +8,7 @@ and one sentence naming the variable instead of a traceback.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
@@ -26,12 +26,13 @@ class ServiceSettings(Protocol):
 
 
 S = TypeVar("S", bound=ServiceSettings)
+T = TypeVar("T")
 
 
-def settings_or_exit(cls: type[S], service: str) -> S:
+def settings_or_exit(cls: type[T], service: str, environ: Mapping[str, str] | None = None) -> T:
     """The settings of ``cls`` from the environment, or exit 2 with the reason."""
     try:
-        return load(cls)
+        return load(cls, environ)
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -15,6 +15,8 @@ from rich.table import Table
 
 from dialogs import pg
 from dialogs.metastore import maps, members
+from dialogs.wire import Phase
+from proxy.migration import shard_sql
 
 DEFAULT_DATA_DIR = ".dialogs"
 
@@ -128,7 +130,7 @@ async def _status(metadata_dsn: str):  # type: ignore[no-untyped-def]
         try:
             shard_con = await asyncpg.connect(shards[shard_id], timeout=3)
             try:
-                rows[shard_id] = await shard_con.fetchval("SELECT count(*) FROM messages")
+                rows[shard_id] = await shard_sql.message_count(shard_con)
             finally:
                 await shard_con.close()
         except (*pg.FAILURES, KeyError):
@@ -270,7 +272,7 @@ def shard_add(shard_id: str | None, dsn: str | None, weight: int, no_wait: bool,
                 click.echo(str(undo), err=True)
         raise click.ClickException(exc.message) from None
     migration = _follow(client, started, no_wait)
-    if migration["phase"] == "aborted":
+    if migration["phase"] == Phase.ABORTED:
         sys.exit(1)
 
 
@@ -305,13 +307,13 @@ def shard_remove(shard_id: str, no_wait: bool, rows_per_second: int, batch_size:
     migration = _start_and_follow(client, "DELETE", path, None, no_wait)
     layout = ClusterLayout.load(data_dir.resolve())
     local = layout.shard(shard_id) if layout else None
-    if migration["phase"] == "done" and layout is not None and local is not None:
+    if migration["phase"] == Phase.DONE and layout is not None and local is not None:
         local.retired = True
         layout.save()
         pid = running_pid(data_dir.resolve())
         if pid is not None:
             os.kill(pid, signal.SIGHUP)
-    if migration["phase"] == "aborted":
+    if migration["phase"] == Phase.ABORTED:
         sys.exit(1)
 
 
@@ -326,7 +328,7 @@ def shard_weight(shard_id: str, weight: int, no_wait: bool, rows_per_second: int
     client = _client(data_dir, url, token)
     body = {"weight": weight, "rows_per_second": rows_per_second, "batch_size": batch_size}
     migration = _start_and_follow(client, "PUT", f"/admin/shards/{shard_id}/weight", body, no_wait)
-    if migration["phase"] == "aborted":
+    if migration["phase"] == Phase.ABORTED:
         sys.exit(1)
 
 

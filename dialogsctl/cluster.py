@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dialogs.shard_map import validate_shard_id
-from dialogsctl.embedded import free_port
+from dialogsctl.net import free_port
 from dialogsctl.pg_auth import dsn
 
 STATE_FILE = "cluster.json"

@@ -15,7 +15,6 @@ import ctypes
 import os
 import pwd
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,12 +27,6 @@ SYSTEM_USER = "embedded_postgres"
 SUPERUSER = pg_auth.SUPERUSER
 
 _PR_SET_PDEATHSIG = 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def die_with_parent(sig: int) -> None:

@@ -13,9 +13,14 @@ from pathlib import Path
 
 from dialog_api.settings import WorkerSettings
 from dialogs.settings import markdown_table
-from proxy.settings import MigrationRunnerSettings, ProxySettings
+from proxy.settings import BootstrapSettings, MigrationRunnerSettings, ProxySettings
 
-TABLES = {"proxy": ProxySettings, "worker": WorkerSettings, "run-migration": MigrationRunnerSettings}
+TABLES = {
+    "proxy": ProxySettings,
+    "worker": WorkerSettings,
+    "run-migration": MigrationRunnerSettings,
+    "bootstrap": BootstrapSettings,
+}
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"(<!-- settings: (?P<name>[\w-]+) -->\n).*?(<!-- /settings -->)", re.S)
 

@@ -1,6 +1,6 @@
 """`dialogs up`: run the whole local cluster in the foreground, stop it all on Ctrl-C.
 
-Start order: PostgreSQL servers (metadata, then shards), metadata migrations and the
+Start order: PostgreSQL servers (metadata, then shards), schema upgrades and the
 bootstrap shard map, one worker per shard, the proxy. Stop order is the reverse. A
 worker or proxy that dies is restarted with backoff; a second `dialogs up` on the same
 data folder is refused by an exclusive lock instead of fighting over the servers.
@@ -30,7 +30,8 @@ from rich.console import Console
 
 from dialogsctl import backoff, pg_home
 from dialogsctl.cluster import DATABASE, ClusterLayout, ShardLayout
-from dialogsctl.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent, free_port
+from dialogsctl.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent
+from dialogsctl.net import free_port
 from dialogsctl.pg_auth import redacted
 from proxy.bootstrap import bootstrap
 
@@ -315,7 +316,7 @@ class Supervisor:
                 except PostgresError as exc:
                     raise StartFailed(f"PostgreSQL {name}: {exc}") from None
         self._placement_note()
-        with self.console.status("applying migrations"):
+        with self.console.status("upgrading schemas"):
             asyncio.run(_prepare_databases(layout, self.servers))
         self.children = self.planned_children()
         if self.with_prometheus and (prometheus := self._prometheus()) is not None:

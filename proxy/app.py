@@ -11,7 +11,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from dialogs import heartbeat, schema, wire
+from dialogs import heartbeat, pg, schema, wire
 from dialogs.aio import background
 from dialogs.http import make_middleware
 from dialogs.metastore import members
@@ -53,18 +53,18 @@ async def _passwords(app: web.Application) -> AsyncIterator[None]:
     app[PASSWORDS].close()
 
 
-async def _migrations(app: web.Application) -> AsyncIterator[None]:
+async def _schema(app: web.Application) -> AsyncIterator[None]:
     # Proxies start while the metadata database may be down: they then route as soon as
-    # it comes back, and another proxy or `dialogs migrate` applies the migrations.
+    # it comes back, and another proxy or `python -m proxy.bootstrap` upgrades the schema.
     try:
         con = await asyncpg.connect(app[SETTINGS].metadata_dsn, timeout=5)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        log.warning("metadata database unreachable at start, not migrating: %s", exc)
+    except pg.FAILURES as exc:
+        log.warning("metadata database unreachable at start, schema not upgraded: %s", exc)
     else:
         try:
             applied = await schema.upgrade_metadata(con)
             if applied:
-                log.info("applied metadata migrations: %s", ", ".join(applied))
+                log.info("upgraded the metadata schema: %s", ", ".join(applied))
         finally:
             await con.close()
     yield
@@ -144,6 +144,6 @@ def create_app(settings: ProxySettings) -> web.Application:
         FailureLimit(settings.login_failures_per_user, settings.login_failure_window),
         FailureLimit(settings.login_failures_per_address, settings.login_failure_window),
     )
-    app.cleanup_ctx.extend([_passwords, _migrations, _metadata_pool, _topology, _forwarder, _registration, _migration_driver])
+    app.cleanup_ctx.extend([_passwords, _schema, _metadata_pool, _topology, _forwarder, _registration, _migration_driver])
     handlers.setup_routes(app)
     return app

@@ -13,15 +13,17 @@ import sys
 
 import asyncpg
 
-from dialogs import schema
+from dialogs import logs, schema
 from dialogs.metastore import maps
 from dialogs.migration_plan import Span
+from dialogs.serve import settings_or_exit
 from dialogs.shard_map import ShardMap
 from proxy.migration import shard_sql
+from proxy.settings import BootstrapSettings
 
 
 async def bootstrap(metadata_dsn: str, shards: dict[str, str]) -> ShardMap:
-    """Migrate the metadata database and ``shards`` (id -> DSN); on an empty cluster write map 1.
+    """Upgrade the metadata schema and ``shards``' (id -> DSN); on an empty cluster write map 1.
 
     Shards of the active map whose range table is empty are given their ranges (a fresh
     cluster); shards that already have ranges are left alone.
@@ -70,21 +72,23 @@ def main(argv: list[str] | None = None) -> int:
         description="Upgrade the metadata schema; with --shard, also the shards' schemas and, on an empty"
         " cluster, write the first shard map over them.",
     )
-    parser.add_argument("--metadata-dsn", default=os.environ.get("DIALOGS_METADATA_DSN"),
-                        help="the metadata database [env DIALOGS_METADATA_DSN]")
+    parser.add_argument("--metadata-dsn", help="the metadata database (default: $DIALOGS_METADATA_DSN)")
     parser.add_argument("--shard", action="append", default=[], metavar="ID=DSN", help="a shard to register")
     args = parser.parse_args(argv)
-    if not args.metadata_dsn:
-        parser.error("--metadata-dsn (or DIALOGS_METADATA_DSN) is required")
     try:
         shards = parse_shards(args.shard)
     except ValueError as exc:
         parser.error(str(exc))
+    environ = dict(os.environ)
+    if args.metadata_dsn:
+        environ["DIALOGS_METADATA_DSN"] = args.metadata_dsn
+    settings = settings_or_exit(BootstrapSettings, "bootstrap", environ)
+    logs.configure("bootstrap", settings.log_level)
     if shards:
-        shard_map = asyncio.run(bootstrap(args.metadata_dsn, shards))
+        shard_map = asyncio.run(bootstrap(settings.metadata_dsn, shards))
         print(f"active shard map version {shard_map.map_version}: {', '.join(shard_map.shard_ids)}")
     else:
-        applied = asyncio.run(upgrade_metadata(args.metadata_dsn))
+        applied = asyncio.run(upgrade_metadata(settings.metadata_dsn))
         print(f"metadata schema upgrades applied: {', '.join(applied) or 'none (up to date)'}")
     return 0
 

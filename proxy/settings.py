@@ -10,6 +10,18 @@ from proxy.login_guard import Network, parse_networks
 INTERNAL_SECRET_HELP = "≥ 32 characters, the same on every proxy and worker: workers answer only callers presenting it"
 
 
+# Declared once, used by the proxies (which run migrations) and by a runner of its own.
+def _cutover_deadline() -> float:
+    return s.positive_float(5.0, help="seconds a cutover may take before the ranges go back to their old owner")
+
+
+def _worker_ttl() -> float:
+    return s.positive_float(
+        10.0, help="seconds without a heartbeat before a worker gets no traffic (and a migration's cleanup"
+        " stops waiting for a process)"
+    )
+
+
 @environ.config(prefix=s.PREFIX, frozen=True)
 class ProxySettings:
     metadata_dsn: str = s.dsn(help="the metadata database (`postgresql://…`, password URL-encoded)")
@@ -26,15 +38,13 @@ class ProxySettings:
         15.0, help="seconds a connection may stay open without a request in progress (also bounds reading headers)"
     )
     forward_timeout: float = s.positive_float(5.0, help="seconds for one proxy→worker call")
-    worker_ttl: float = s.positive_float(10.0, help="seconds without a heartbeat before a worker gets no traffic")
+    worker_ttl: float = _worker_ttl()
     poll_interval: float = s.positive_float(2.0, help="seconds between metadata polls (LISTEN/NOTIFY reacts at once)")
     # A cutover gives up after 5 s and returns the range to its old owner, so 6 s covers it.
     cutover_wait: float = s.positive_float(6.0, help="seconds a request to a range in cutover may wait at the proxy")
     max_buffered: int = s.positive_int(10000, help="requests that may wait for a cutover at once; more get 503")
     migration_driver: bool = s.flag(True, help="whether this proxy runs migrations (one at a time holds the lease)")
-    cutover_deadline: float = s.positive_float(
-        5.0, help="seconds a cutover may take before the ranges go back to their old owner"
-    )
+    cutover_deadline: float = _cutover_deadline()
     heartbeat_interval: float = s.positive_float(1.0, help="seconds between this proxy's registration heartbeats")
     proxy_id: str = s.text("", help="its registration id (empty: `proxy-<random>`)")
     # The defaults are argon2-cffi's (RFC 9106 low-memory profile).
@@ -60,8 +70,14 @@ class MigrationRunnerSettings:
     """`dialogs run-migration` (``python -m proxy.migration``): a runner of its own."""
 
     metadata_dsn: str = s.dsn(help="the metadata database")
-    cutover_deadline: float = s.positive_float(
-        5.0, help="seconds a cutover may take before the ranges go back to their old owner"
-    )
-    worker_ttl: float = s.positive_float(10.0, help="cleanup waits for every process whose heartbeat is younger")
+    cutover_deadline: float = _cutover_deadline()
+    worker_ttl: float = _worker_ttl()
+    log_level: str = s.log_level()
+
+
+@environ.config(prefix=s.PREFIX, frozen=True)
+class BootstrapSettings:
+    """`python -m proxy.bootstrap` (`dialogs bootstrap`): schemas and the first shard map."""
+
+    metadata_dsn: str = s.dsn(help="the metadata database (or `--metadata-dsn`)")
     log_level: str = s.log_level()

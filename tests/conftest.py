@@ -12,7 +12,8 @@ import asyncpg
 import pytest
 
 from dialogsctl.cluster import new_password
-from dialogsctl.embedded import LocalPostgres, free_port, scratch_folder
+from dialogsctl.embedded import LocalPostgres, scratch_folder
+from dialogsctl.net import free_port
 from tests.local_cluster import LocalCluster
 from tests.support import Cluster
 

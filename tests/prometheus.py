@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from dialogsctl.embedded import free_port
+from dialogsctl.net import free_port
 from tests import packages
 
 

@@ -24,7 +24,7 @@ from dialogs.keys import dialog_key
 from dialogs.metastore import maps
 from dialogs.settings import load
 from dialogs.shard_map import ShardMap
-from dialogsctl.embedded import free_port
+from dialogsctl.net import free_port
 from proxy.app import create_app as create_proxy
 from proxy.appkeys import METRICS as PROXY_METRICS
 from proxy.bootstrap import bootstrap

@@ -13,7 +13,8 @@ import pytest
 from dialogs.aio import background
 from dialogs.metastore import members
 from dialogs.watch import MetadataWatcher
-from dialogsctl.embedded import LocalPostgres, free_port
+from dialogsctl.embedded import LocalPostgres
+from dialogsctl.net import free_port
 from proxy.appkeys import TOPOLOGY
 from tests.support import Api, Cluster
 

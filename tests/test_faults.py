@@ -29,7 +29,7 @@ import pytest
 from dialogs.keys import dialog_key
 from dialogs.shard_map import ShardMap
 from dialogsctl.cluster import ClusterLayout
-from dialogsctl.embedded import free_port
+from dialogsctl.net import free_port
 from tests import traffic
 from tests.local_cluster import LocalCluster
 

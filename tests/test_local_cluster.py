@@ -22,7 +22,7 @@ import pytest
 
 from dialogsctl import pg_home, postmaster
 from dialogsctl.cluster import ClusterLayout
-from dialogsctl.embedded import free_port
+from dialogsctl.net import free_port
 from tests.local_cluster import cluster_processes, remove_server_data
 from tests.prometheus import ensure_installed
 

@@ -19,7 +19,8 @@ import pytest
 
 from dialogsctl import pg_auth, pg_home, postmaster
 from dialogsctl.cluster import new_password
-from dialogsctl.embedded import SYSTEM_USER, LocalPostgres, free_port, scratch_folder
+from dialogsctl.embedded import SYSTEM_USER, LocalPostgres, scratch_folder
+from dialogsctl.net import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

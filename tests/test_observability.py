@@ -14,7 +14,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from dialogs.metastore import members
-from dialogsctl.embedded import free_port
+from dialogsctl.net import free_port
 from tests.prometheus import Prometheus, ensure_installed
 from tests.support import Cluster
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from dialog_api.storage import _LIST_SERVED, ordered
+from dialog_api.storage import LIST_QUERY, ordered
 from dialogs.keys import dialog_key
 from tests.support import Cluster
 
@@ -32,7 +32,7 @@ async def test_messages_live_on_the_shard_the_ring_names(cluster: Cluster) -> No
 
 # The query the worker runs for a list (dialog_api/storage.py): the page behind the
 # range-ownership check, with the pair ordered as stored.
-_LIST_PLAN = "EXPLAIN " + _LIST_SERVED
+_LIST_PLAN = "EXPLAIN " + LIST_QUERY
 
 
 async def test_list_query_is_served_by_the_primary_key(cluster: Cluster) -> None:

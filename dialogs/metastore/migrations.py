@@ -14,6 +14,10 @@ from dialogs.migration_plan import Move, moves
 from dialogs.shard_map import ShardMap
 from dialogs.wire import ABORTABLE_PHASES, FINISHED_PHASES, Phase
 
+# One lease for the whole cluster, so one migration runs at a time: a session advisory
+# lock, which PostgreSQL releases the moment its connection dies (also on kill -9).
+MIGRATION_LEASE = 0x6469616C6F67
+
 Cursor = tuple[int, object, object, int] | None  # the last copied primary key, or None
 # How far a source's delta log has been copied: (transaction id, sequence) of the last row.
 Watermark = tuple[int, int]
@@ -98,6 +102,11 @@ def _migration(row: asyncpg.Record) -> Migration:
         error=row["error"],
         elapsed_seconds=row["elapsed"],
     )
+
+
+async def take_lease(con: asyncpg.Connection) -> bool:
+    """Hold the migration lease for as long as ``con`` lives; False if another runner has it."""
+    return await con.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LEASE)
 
 
 async def create(

@@ -4,7 +4,8 @@
 ``shard/``: messages, range ownership and the fence, the catch-up log.
 
 An upgrade is a file ``NNNN_name.sql`` in one of those folders. Each is applied once, in a
-transaction, and recorded in ``schema_migrations``. An advisory lock serialises processes
+transaction, and recorded in ``schema_migrations`` (the table keeps the name it was
+created with). An advisory lock serialises processes
 starting together (several workers of one shard, several proxies).
 """
 
@@ -19,8 +20,8 @@ _FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x6469616C6F6773  # "dialogs"
 
 
-def migrations(package: str) -> list[tuple[int, str, str]]:
-    """(version, file name, SQL) for every migration in ``package``, in order."""
+def upgrades(package: str) -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) for every upgrade in ``package``, in order."""
     found = []
     for entry in importlib.resources.files(package).iterdir():
         match = _FILE.match(entry.name)
@@ -29,7 +30,7 @@ def migrations(package: str) -> list[tuple[int, str, str]]:
     found.sort()
     versions = [version for version, _, _ in found]
     if len(set(versions)) != len(versions):
-        raise RuntimeError(f"two migrations share a version in {package}: {versions}")
+        raise RuntimeError(f"two schema upgrades share a version in {package}: {versions}")
     return found
 
 
@@ -58,7 +59,7 @@ async def apply(con: asyncpg.Connection, package: str) -> list[str]:
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
         done = {row["version"] for row in await con.fetch("SELECT version FROM schema_migrations")}
-        for version, name, sql in migrations(package):
+        for version, name, sql in upgrades(package):
             if version in done:
                 continue
             await con.execute(sql)

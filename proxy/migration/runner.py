@@ -26,7 +26,6 @@ from proxy.migration import shard_sql
 
 log = logging.getLogger(__name__)
 
-MIGRATION_LEASE = 0x6469616C6F67  # one lease for the whole cluster: one migration at a time
 CUTOVER_BACKLOG = 200  # catch up until at most this many delta rows remain, then cut over
 MAX_STALLED_ROUNDS = 20  # ...or until the backlog has stopped shrinking for this many rounds
 MAX_VERIFY_ROUNDS = 6  # pre-verification rounds before the cutover...
@@ -55,21 +54,22 @@ class Observer:
 
 @dataclass
 class RunnerSettings:
-    cutover_deadline: float = 5.0
-    liveness_ttl: float = 10.0
+    """What the runner needs of its process's settings (``proxy/settings.py`` declares them)."""
+
+    cutover_deadline: float
+    liveness_ttl: float
     poll_interval: float = 0.5
     observer: Observer = field(default_factory=Observer)
 
 
-async def run_active(metadata_dsn: str, settings: RunnerSettings | None = None) -> Migration | None:
+async def run_active(metadata_dsn: str, settings: RunnerSettings) -> Migration | None:
     """Run the active migration to its end if this process gets the lease.
 
     None when there is nothing to do or another runner holds the lease.
     """
-    settings = settings or RunnerSettings()
     lease = await asyncpg.connect(metadata_dsn)
     try:
-        if not await lease.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LEASE):
+        if not await migrations.take_lease(lease):
             return None
         migration = await migrations.active(lease)
         if migration is None:

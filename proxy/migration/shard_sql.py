@@ -295,3 +295,8 @@ async def delete_span_batch(con: asyncpg.Connection, span: Span, batch: int) -> 
         span.lo, span.hi, batch,
     )
     return int(status.split()[-1])
+
+
+async def message_count(con: asyncpg.Connection) -> int:
+    """Messages on the shard, counted (``dialogs status``)."""
+    return await con.fetchval("SELECT count(*) FROM messages")

@@ -92,3 +92,25 @@ def test_services_start_without_the_local_extra() -> None:
     )
     assert started.returncode == 2, started.stderr
     assert started.stderr.startswith("configuration error: missing required environment variable DIALOGS_")
+
+
+def test_every_process_the_tooling_starts_is_a_module_that_exists() -> None:
+    """The supervisor and the bench start services as `python -m COMMAND`: each one exists."""
+    commands = set()
+    for path in [*(ROOT / "dialogsctl").glob("*.py"), *(ROOT / "bench").glob("*.py")]:
+        commands |= set(re.findall(r'command="([\w.]+)"', path.read_text()))
+    assert commands, "found no command= in the tooling"
+    for module in commands - {"prometheus"}:  # prometheus is the machine's binary (argv given)
+        assert (ROOT / module.replace(".", "/") / "__main__.py").is_file(), module
+
+
+def test_bootstrap_refuses_a_bad_dsn_with_a_sentence() -> None:
+    """`python -m proxy.bootstrap` builds its settings like every process: exit 2, no traceback."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.bootstrap", "--metadata-dsn", "bogus"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "configuration error: DIALOGS_METADATA_DSN must be a postgresql:// URL, got 'bogus'"

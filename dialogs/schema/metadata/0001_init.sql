@@ -20,7 +20,7 @@ CREATE TABLE shards (
 );
 
 -- Versioned shard maps. The highest version is the active one; a new version is only
--- written on top of the latest (see dialogs.metadata.insert_shard_map).
+-- written on top of the latest (see dialogs.metastore.maps.activate).
 CREATE TABLE shard_maps (
     map_version bigint PRIMARY KEY CHECK (map_version > 0),
     shards      jsonb NOT NULL,
