@@ -13,109 +13,115 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import platform
 import random
 import shutil
+import subprocess
+import sys
 import time
-import uuid
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import jwt
 
-from bench.harness import BenchCluster, Client, preload, psql_copy, quantile
-from dialogs.keys import dialog_key
+from bench import load
+from bench.harness import JWT_SECRET, BenchCluster, Client, preload, psql_copy, quantile
 from dialogsctl.embedded import scratch_folder
+from dialogsctl.net import free_port
 
 COLUMNS = "dialog_key, user_lo, user_hi, id, from_lo, text, created_at, idempotency_key"
 
 
-async def raw_insert_rate(dsn: str, concurrency: int, seconds: float) -> float:
-    """Single-row autocommit INSERTs into one shard (a scratch copy of the messages table)."""
+RAW_INSERT = """
+\\set k random(1, 9223372036854775806)
+INSERT INTO bench_raw (dialog_key, user_lo, user_hi, id, from_lo, text, created_at)
+SELECT :k, least(a, b), greatest(a, b), :k, true, 'hello, this is a message', now()
+FROM (SELECT gen_random_uuid() AS a, gen_random_uuid() AS b) AS pair;
+"""
+
+# The worker's list query (dialog_api/storage.py) for a random preloaded dialog of the shard.
+LIST_DIRECT = """
+\\set i random(1, :dialogs)
+SELECT m.id, m.user_lo, m.user_hi, m.from_lo, m.text, m.created_at
+FROM bench_dialogs d, LATERAL (
+    SELECT * FROM messages
+    WHERE dialog_key = d.dialog_key AND user_lo = d.lo AND user_hi = d.hi AND id < 9223372036854775807
+    ORDER BY id DESC LIMIT 100
+) m
+WHERE d.i = :i;
+"""
+
+SEND_BODY = json.dumps({"text": "hello, this is a message"})
+
+
+async def raw_inserts(dsn: str, clients: int, seconds: float) -> load.Load:
+    """Single-row autocommit INSERTs into a scratch copy of the messages table (pgbench)."""
+    await _sql(dsn, "DROP TABLE IF EXISTS bench_raw; CREATE TABLE bench_raw (LIKE messages INCLUDING ALL)")
+    try:
+        return load.pgbench(dsn, RAW_INSERT, clients, seconds)
+    finally:
+        await _sql(dsn, "DROP TABLE bench_raw")
+
+
+async def _sql(dsn: str, sql: str) -> None:
     con = await asyncpg.connect(dsn)
-    await con.execute("DROP TABLE IF EXISTS bench_raw; CREATE TABLE bench_raw (LIKE messages INCLUDING ALL)")
-    await con.close()
-    counter = itertools.count(1)
-    done = 0
-    async with asyncpg.create_pool(dsn, min_size=concurrency, max_size=concurrency) as pool:
-        deadline = time.monotonic() + seconds
-
-        async def insert_forever() -> None:
-            nonlocal done
-            rng = random.Random()
-            async with pool.acquire() as con:
-                statement = await con.prepare(
-                    "INSERT INTO bench_raw (dialog_key, user_lo, user_hi, id, from_lo, text, created_at)"
-                    " VALUES ($1, $2, $3, $4, true, $5, now())"
-                )
-                while time.monotonic() < deadline:
-                    a, b = sorted((uuid.uuid4(), uuid.uuid4()))
-                    await statement.fetch(rng.getrandbits(63), a, b, next(counter), "hello, this is a message")
-                    done += 1
-
-        started = time.monotonic()
-        await asyncio.gather(*(insert_forever() for _ in range(concurrency)))
-        elapsed = time.monotonic() - started
-    con = await asyncpg.connect(dsn)
-    await con.execute("DROP TABLE bench_raw")
-    await con.close()
-    return done / elapsed
+    try:
+        await con.execute(sql)
+    finally:
+        await con.close()
 
 
-async def proxy_send_rate(client: Client, users: list[tuple[str, str]], concurrency: int, seconds: float) -> float:
-    deadline = time.monotonic() + seconds
-    done = 0
-    failed = 0
+def send_requests(users: list[tuple[str, str]], count: int = 2000) -> list[dict[str, object]]:
+    """Sends between random pairs of registered users (a recipient must exist)."""
+    rng = random.Random(7)
+    requests = []
+    for _ in range(count):
+        (_, token), (other, _) = rng.sample(users, 2)
+        requests.append({"method": "POST", "path": f"/dialog/{other}/send", "body": SEND_BODY,
+                         "headers": {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}})
+    return requests
 
-    async def send_forever(index: int) -> None:
-        nonlocal done, failed
-        rng = random.Random(index)
+
+def list_requests(dialogs: list[tuple[int, Any, Any]], count: int = 2000) -> list[dict[str, object]]:
+    """Lists of random preloaded dialogs, by either participant (tokens minted with the bench's key)."""
+    rng = random.Random(8)
+    requests = []
+    for _, lo, hi in rng.sample(dialogs, min(count, len(dialogs))):
+        viewer, other = (lo, hi) if rng.random() < 0.5 else (hi, lo)
+        token = jwt.encode({"sub": str(viewer), "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256")
+        requests.append({"method": "GET", "path": f"/dialog/{other}/list",
+                         "headers": {"Authorization": f"Bearer {token}"}})
+    return requests
+
+
+def monolith_sends(dsn: str, requests: list[dict[str, object]], connections: int, seconds: float) -> load.Load:
+    """The naive single-node monolith (bench/monolith.py) under the same sends."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.monolith", "--dsn", dsn, "--port", str(port), "--secret", JWT_SECRET],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            (_, token), (other, _) = rng.sample(users, 2)
-            status, _ = await client.call("POST", f"/dialog/{other}/send", proxy=index, token=token,
-                                          body={"text": "hello, this is a message"})
-            if status == 200:
-                done += 1
-            else:
-                failed += 1
-
-    started = time.monotonic()
-    await asyncio.gather(*(send_forever(i) for i in range(concurrency)))
-    if failed:
-        raise RuntimeError(f"{failed} sends failed during the throughput run")
-    return done / (time.monotonic() - started)
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        return load.wrk(url, requests, connections, seconds)
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
-async def list_latencies(cluster: BenchCluster, client: Client, users: list[tuple[str, str]],
-                         requests: int) -> tuple[float, float]:
-    """p50 of the list query run directly on the owning shard, and through a proxy (sequential)."""
-    from dialog_api.storage import _LIST, ordered
-    from dialogs.shard_map import ShardMap
-
-    (anna, token), (boris, _) = users[0], users[1]
-    for i in range(50):
-        await client.call("POST", f"/dialog/{boris}/send", token=token, body={"text": f"message {i}"})
-    _, shard_map = await client.admin("GET", "/admin/map")
-    key = dialog_key(uuid.UUID(anna), uuid.UUID(boris))
-    owner = ShardMap.from_json(shard_map).owner(key)
-    con = await asyncpg.connect(cluster.dsn(owner))
-    statement = await con.prepare(_LIST)
-    direct = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        await statement.fetch(key, *ordered(uuid.UUID(anna), uuid.UUID(boris)), 2**63 - 1, 100)
-        direct.append(time.perf_counter() - started)
-    await con.close()
-    via_proxy = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        status, _ = await client.call("GET", f"/dialog/{boris}/list", token=token)
-        via_proxy.append(time.perf_counter() - started)
-        assert status == 200
-    return quantile(direct, 0.5), quantile(via_proxy, 0.5)
+def list_direct(dsn: str, dialogs: int, clients: int, seconds: float) -> load.Load:
+    return load.pgbench(dsn, LIST_DIRECT, clients, seconds, {"dialogs": str(dialogs)})
 
 
 async def copy_rates(cluster: BenchCluster, client: Client) -> dict[str, Any]:
@@ -206,30 +212,44 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             print("starting servers, workers and proxies…", flush=True)
             await cluster.start()
-            await preload(cluster, args.rows)
+            dialogs = await preload(cluster, args.rows)
             connector = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=connector) as session:
                 client = Client(session, cluster.proxy_urls)
                 users = [await client.user(f"u{i}") for i in range(64)]
 
-                print("1/4 send throughput…", flush=True)
-                raw = await raw_insert_rate(cluster.dsn("shard-1"), args.concurrency, args.seconds)
-                proxied = await proxy_send_rate(client, users, args.concurrency, args.seconds)
+                proxy_url = cluster.proxy_urls[0]
+                sends = send_requests(users)
+                print("1/4 send throughput (wrk, pgbench, the naive monolith)…", flush=True)
+                raw = await raw_inserts(cluster.dsn("shard-1"), args.concurrency, args.seconds)
+                monolith = monolith_sends(cluster.dsn("shard-1"), sends, args.concurrency, args.seconds)
+                proxied = load.wrk(proxy_url, sends, args.concurrency, args.seconds)
 
-                print("2/4 list latency…", flush=True)
-                direct_p50, proxy_p50 = await list_latencies(cluster, client, users, args.requests)
+                print("2/4 lists (wrk through a proxy, pgbench directly)…", flush=True)
+                lists = list_requests(dialogs)
+                shard_dialogs = await _count(cluster.dsn("shard-1"), "SELECT count(*) FROM bench_dialogs")
+                list_runs = {
+                    "direct_1": list_direct(cluster.dsn("shard-1"), shard_dialogs, 1, args.seconds),
+                    "direct_32": list_direct(cluster.dsn("shard-1"), shard_dialogs, args.concurrency, args.seconds),
+                    "proxy_1": load.wrk(proxy_url, lists, 1, args.seconds, threads=1),
+                    "proxy_32": load.wrk(proxy_url, lists, args.concurrency, args.seconds),
+                }
 
-                print("3/4 resharding copy rate…", flush=True)
-                copy = await copy_rates(cluster, client)
+                copy: dict[str, Any] | None = None
+                pauses: list[dict[str, Any]] = []
+                runner_log: list[str] = []
+                if not args.skip_resharding:
+                    print("3/4 resharding copy rate…", flush=True)
+                    copy = await copy_rates(cluster, client)
 
-                print("4/4 cutover pause under load…", flush=True)
-                # Once with headroom, once with the machine saturated (see steady_p99_ms).
-                pauses = [
-                    await cutover_pause(client, users, args.pause_concurrency, "DELETE", "/admin/shards/shard-3"),
-                    await cutover_pause(client, users, args.concurrency, "POST", "/admin/shards",
-                                        {"shard_id": "shard-3", "dsn": cluster.dsn("shard-3")}),
-                ]
-                runner_log = cluster.cutover_log()
+                    print("4/4 cutover pause under load…", flush=True)
+                    # Once with headroom, once with the machine saturated (see steady_p99_ms).
+                    pauses = [
+                        await cutover_pause(client, users, args.pause_concurrency, "DELETE", "/admin/shards/shard-3"),
+                        await cutover_pause(client, users, args.concurrency, "POST", "/admin/shards",
+                                            {"shard_id": "shard-3", "dsn": cluster.dsn("shard-3")}),
+                    ]
+                    runner_log = cluster.cutover_log()
         finally:
             cluster.stop()
     finally:
@@ -237,19 +257,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
         "send_throughput": {
-            "concurrency": args.concurrency,
-            "raw_insert_per_second": round(raw),
-            "proxy_send_per_second": round(proxied),
-            "ratio": round(proxied / raw, 3),
-            "target": ">= 1.0",
+            "connections": args.concurrency,
+            "proxy": proxied.to_json(),
+            "naive_monolith": monolith.to_json(),
+            "raw_insert_pgbench": raw.to_json(),
+            "ratio_to_monolith": round(proxied.per_second / monolith.per_second, 3),
+            "ratio_to_raw_insert": round(proxied.per_second / raw.per_second, 3),
+            "target": ">= 1.5x the monolith and >= 0.4x raw INSERTs (aim: 1.0x raw)",
         },
-        "list_latency": {
-            "direct_p50_ms": round(direct_p50 * 1000, 3),
-            "proxy_p50_ms": round(proxy_p50 * 1000, 3),
-            "added_p50_ms": round((proxy_p50 - direct_p50) * 1000, 3),
-            "target": "< 1.5 ms added",
+        "lists": {
+            **{name: run.to_json() for name, run in list_runs.items()},
+            "added_p50_ms_at_1": round(list_runs["proxy_1"].p50_ms - list_runs["direct_1"].p50_ms, 3),
+            "throughput_ratio_at_32": round(list_runs["proxy_32"].per_second / list_runs["direct_32"].per_second, 3),
+            "target": "added p50 <= 1.0 ms at 1 connection; >= 0.25x direct throughput at 32",
         },
-        "copy_rate": {
+        "copy_rate": None if copy is None else {
             **{k: round(v, 3) if isinstance(v, float) else v for k, v in copy.items()},
             "ratio": round(copy["migration_rows_per_second"] / copy["baseline_rows_per_second"], 3),
             "target": ">= 0.5",
@@ -262,6 +284,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def _count(dsn: str, sql: str) -> int:
+    con = await asyncpg.connect(dsn)
+    try:
+        return await con.fetchval(sql)
+    finally:
+        await con.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000, help="messages preloaded per shard")
@@ -270,6 +300,7 @@ def main() -> None:
                         help="senders during the first measured cutover (the second uses --concurrency)")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput run")
     parser.add_argument("--requests", type=int, default=1000, help="sequential list requests per side")
+    parser.add_argument("--skip-resharding", action="store_true", help="only the send and list figures")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latest.json")
     args = parser.parse_args()
     results = asyncio.run(run(args))
@@ -282,3 +313,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

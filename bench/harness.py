@@ -153,8 +153,12 @@ class Client:
             await asyncio.sleep(poll)
 
 
-async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 20000) -> None:
-    """Synthetic messages written straight into the shards, each on the shard the active ring names."""
+async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 20000) -> list[tuple[int, Any, Any]]:
+    """Synthetic messages written straight into the shards, each on the shard the active ring names.
+
+    Returns the dialogs as (dialog_key, user_lo, user_hi); each shard also gets them in a
+    ``bench_dialogs`` table, for pgbench to pick from.
+    """
     con = await asyncpg.connect(cluster.dsn("meta"))
     try:
         shard_map = await maps.active_map(con)
@@ -182,8 +186,17 @@ async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 200
                 columns=["dialog_key", "user_lo", "user_hi", "id", "from_lo", "text", "created_at", "idempotency_key"],
             )
             await con.execute("ANALYZE messages")
+            owned = [(key, a, b) for key, a, b in pairs if shard_map.owner(key) == shard_id]
+            await con.execute(
+                "DROP TABLE IF EXISTS bench_dialogs;"
+                " CREATE TABLE bench_dialogs (i integer PRIMARY KEY, dialog_key bigint, lo uuid, hi uuid)"
+            )
+            await con.copy_records_to_table(
+                "bench_dialogs", records=[(i + 1, *dialog) for i, dialog in enumerate(owned)]
+            )
         finally:
             await con.close()
+    return pairs
 
 
 def quantile(values: list[float], q: float) -> float:
