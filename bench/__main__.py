@@ -299,7 +299,6 @@ def main() -> None:
     parser.add_argument("--pause-concurrency", type=int, default=8,
                         help="senders during the first measured cutover (the second uses --concurrency)")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput run")
-    parser.add_argument("--requests", type=int, default=1000, help="sequential list requests per side")
     parser.add_argument("--skip-resharding", action="store_true", help="only the send and list figures")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latest.json")
     args = parser.parse_args()
