@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import uuid
 
 from aiohttp import web
@@ -10,11 +12,12 @@ from asyncpg import Record
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
-from dialog_api.storage import NewMessage
+from dialog_api.storage import NewMessage, Stored
 from dialogs import errors, wire
-from dialogs.http import bearer_token, json_response, read_json
+from dialogs.http import bearer_token, json_response, read_json, request_id_of
 from dialogs.keys import INT64_MAX, INT64_MIN
 
+log = logging.getLogger(__name__)
 
 def _int64(value: object, name: str) -> int:
     if isinstance(value, bool):
@@ -49,10 +52,7 @@ def _routed_version(request: web.Request) -> int:
     return _int64(raw, wire.MAP_VERSION_HEADER)
 
 
-async def insert_message(request: web.Request) -> web.Response:
-    _require_proxy(request)
-    version = _routed_version(request)
-    body = await read_json(request)
+def _new_message(body: object) -> NewMessage:
     if not isinstance(body, dict):
         raise errors.InvalidInput("body must be a JSON object")
     text, key = body.get("text"), body.get("idempotency_key")
@@ -60,18 +60,49 @@ async def insert_message(request: web.Request) -> web.Response:
         raise errors.InvalidInput("text must be a non-empty string")
     if key is not None and not isinstance(key, str):
         raise errors.InvalidInput("idempotency_key must be a string")
-    message = NewMessage(
+    return NewMessage(
         dialog_key=_int64(body.get("dialog_key"), "dialog_key"),
         from_user=_uuid(body.get("from"), "from"),
         to_user=_uuid(body.get("to"), "to"),
         text=text,
         idempotency_key=key,
     )
+
+
+def _stored_json(stored: Stored) -> dict[str, object]:
+    return {"id": str(stored.id), "created_at": stored.created_at.isoformat(), "duplicate": stored.duplicate}
+
+
+async def insert_message(request: web.Request) -> web.Response:
+    _require_proxy(request)
+    version = _routed_version(request)
+    message = _new_message(await read_json(request))
     await request.app[MAP_VIEW].check_route(message.dialog_key, version)
-    stored = await request.app[GROUP_COMMIT].submit(message)
-    return json_response(
-        {"id": str(stored.id), "created_at": stored.created_at.isoformat(), "duplicate": stored.duplicate}
-    )
+    return json_response(_stored_json(await request.app[GROUP_COMMIT].submit(message)))
+
+
+async def insert_batch(request: web.Request) -> web.Response:
+    """Many sends in one request, each checked and answered on its own (see wire.py)."""
+    _require_proxy(request)
+    items = await read_json(request)
+    if not isinstance(items, list) or not items:
+        raise errors.InvalidInput("body must be a non-empty JSON array")
+    view, committer = request.app[MAP_VIEW], request.app[GROUP_COMMIT]
+
+    async def one(item: object) -> dict[str, object]:
+        request_id = str(item.get("request_id") or request_id_of(request)) if isinstance(item, dict) else ""
+        try:
+            message = _new_message(item)
+            await view.check_route(message.dialog_key, _int64(item.get("map_version"), "map_version"))  # type: ignore[union-attr]
+            result: dict[str, object] = {"status": 200, **_stored_json(await committer.submit(message))}
+        except errors.DialogsError as exc:
+            result = {"status": exc.status, **exc.to_json(request_id)}
+        if log.isEnabledFor(logging.DEBUG):  # each send keeps the client's request id in the worker's log
+            log.debug("send in batch %s", result["status"], extra={"request_id": request_id, "status": result["status"]})
+        return result
+
+    # Every item is queued before any commit starts: one group commit takes them all.
+    return json_response(await asyncio.gather(*(one(item) for item in items)))
 
 
 async def list_messages(request: web.Request) -> web.Response:
@@ -110,6 +141,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_post(wire.INTERNAL_MESSAGES_PATH, insert_message)
+    app.router.add_post(wire.INTERNAL_BATCH_PATH, insert_batch)
     app.router.add_get(wire.INTERNAL_MESSAGES_PATH, list_messages)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

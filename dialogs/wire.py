@@ -12,6 +12,10 @@ MAP_VERSION_HEADER = "X-Map-Version"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 
 INTERNAL_MESSAGES_PATH = "/internal/v1/messages"
+# Many sends in one request: a JSON array of send items in, an array of results out (in
+# the same order). Each item carries the map version it was routed with; each result is
+# {"status": 200, "id", "created_at", "duplicate"} or an error body with its "status".
+INTERNAL_BATCH_PATH = "/internal/v1/messages/batch"
 
 class Phase(enum.StrEnum):
     """A resharding migration's phase: in the metadata database, the admin API and metrics.

@@ -8,8 +8,8 @@ fail). Every retry rule is there, with its reasons.
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,9 +19,12 @@ from yarl import URL
 from dialogs import errors, wire
 from dialogs.watch import MetadataWatcher
 from proxy import forwarding
-from proxy.forwarding import Answered, Broken, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
+from proxy.batcher import SendBatcher
+from proxy.forwarding import Answered, Attempt, Broken, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
 from proxy.metrics import ProxyMetrics
 from proxy.topology import Topology
+
+Attempter = Callable[[str, int], Awaitable[Attempt]]  # (worker URL, map version) -> outcome
 
 
 class Forwarder:
@@ -35,6 +38,7 @@ class Forwarder:
         cutover_wait: float,
         max_buffered: int,
         internal_secret: str,
+        batch_max: int,
     ) -> None:
         self._session = session
         self._authorization = f"Bearer {internal_secret}"
@@ -45,25 +49,41 @@ class Forwarder:
         self._cutover_wait = cutover_wait
         self._max_buffered = max_buffered
         self._buffered = 0
+        self.batcher = SendBatcher(
+            session, {"Authorization": self._authorization}, timeout, batch_max, metrics.observe_send_batch
+        )
 
-    async def call(
-        self,
-        method: str,
-        dialog_key: int,
-        request_id: str,
-        *,
-        payload: dict[str, Any] | None = None,
-        params: dict[str, str] | None = None,
-    ) -> bytes:
-        """The worker's 200 body; any worker error is re-raised as the project's own.
+    async def send(self, dialog_key: int, request_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Store one message on the shard that owns ``dialog_key``: the worker's result
+        ({id, created_at, duplicate}); any worker error is raised as the project's own.
+        Sends travel to workers in batches (``proxy/batcher.py``)."""
+
+        async def attempt(url: str, map_version: int) -> Attempt:
+            return await self.batcher.send(url, {**payload, "map_version": map_version, "request_id": request_id})
+
+        return await self._route(dialog_key, "send", attempt)
+
+    async def list(self, dialog_key: int, request_id: str, params: dict[str, str]) -> bytes:
+        """One page of a dialog from the shard that owns it, as the worker's JSON bytes."""
+        path = wire.INTERNAL_MESSAGES_PATH + "?" + urlencode(params)
+
+        async def attempt(url: str, map_version: int) -> Attempt:
+            headers = {
+                "Authorization": self._authorization,
+                wire.MAP_VERSION_HEADER: str(map_version),
+                wire.REQUEST_ID_HEADER: request_id,
+            }
+            return await self._get(url + path, headers)
+
+        return await self._route(dialog_key, "list", attempt)
+
+    async def _route(self, dialog_key: int, operation: str, attempt: Attempter) -> Any:
+        """Route by the current map and carry out ``proxy/forwarding.py``'s decisions.
 
         A request whose range is being cut over is buffered: held here and retried when
         the next shard map arrives (or every few milliseconds), for at most
         ``cutover_wait`` seconds. The client sees a slower answer, not an error.
         """
-        # Encoded once: a buffered request may be retried every few milliseconds.
-        body = json.dumps(payload).encode() if payload is not None else None
-        path = wire.INTERNAL_MESSAGES_PATH + ("?" + urlencode(params) if params else "")
         reloads = 0
         buffered_since: float | None = None
         try:
@@ -71,14 +91,7 @@ class Forwarder:
                 shard_map = self._topology.map
                 if shard_map is None:
                     raise errors.MetadataUnavailable("no shard map loaded yet")
-                headers = {
-                    "Authorization": self._authorization,
-                    wire.MAP_VERSION_HEADER: str(shard_map.map_version),
-                    wire.REQUEST_ID_HEADER: request_id,
-                }
-                if body is not None:
-                    headers["Content-Type"] = "application/json"
-                step = await self._on_shard(shard_map.owner(dialog_key), method, headers, path, body)
+                step = await self._on_shard(shard_map.owner(dialog_key), operation, shard_map.map_version, attempt)
                 if isinstance(step, Deliver):
                     return step.body
                 self._metrics.stale_map_retries.inc()
@@ -107,24 +120,21 @@ class Forwarder:
                 self._metrics.buffered.dec()
                 self._metrics.buffer_wait_seconds.observe(time.monotonic() - buffered_since)
 
-    async def _on_shard(
-        self, shard_id: str, method: str, headers: dict[str, str], path: str, body: bytes | None
-    ) -> Deliver | Refused:
+    async def _on_shard(self, shard_id: str, operation: str, map_version: int, attempt: Attempter) -> Deliver | Refused:
         """Try the shard's workers in turn until one delivers or refuses; raise on failure."""
         candidates = self._topology.candidates(shard_id)
         if not candidates:
             self._metrics.forward_errors.labels(shard_id, "no_worker").inc()
             raise errors.ShardUnavailable()
-        operation = "list" if method == "GET" else "send"
         for index, url in enumerate(candidates):
             started = time.perf_counter()
-            attempt = await self._attempt(method, url + path, headers, body)
-            if isinstance(attempt, Answered):
+            outcome = await attempt(url, map_version)
+            if isinstance(outcome, Answered):
                 self._metrics.forward_seconds.labels(shard_id, operation).observe(time.perf_counter() - started)
                 self._topology.mark_up(url)
             else:
                 self._topology.mark_down(url)
-            step = forwarding.after_attempt(attempt, method == "GET", len(candidates) - index - 1)
+            step = forwarding.after_attempt(outcome, operation == "list", len(candidates) - index - 1)
             if isinstance(step, NextWorker):
                 self._metrics.forward_errors.labels(shard_id, step.reason).inc()
                 continue
@@ -134,13 +144,11 @@ class Forwarder:
             return step
         raise AssertionError("after_attempt fails on the last worker")  # pragma: no cover
 
-    async def _attempt(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> forwarding.Attempt:
+    async def _get(self, url: str, headers: dict[str, str]) -> Attempt:
         try:
-            # A ready-made, already encoded URL and body: aiohttp's own URL building and
-            # JSON handling cost more than the rest of the proxy's work per request.
-            async with self._session.request(
-                method, URL(url, encoded=True), data=body, headers=headers, timeout=self._timeout
-            ) as response:
+            # A ready-made, already encoded URL: aiohttp's own URL building costs more than
+            # the rest of the proxy's work per request.
+            async with self._session.get(URL(url, encoded=True), headers=headers, timeout=self._timeout) as response:
                 answer = await response.read()
         except aiohttp.ClientConnectorError:
             return NotConnected()
@@ -148,14 +156,4 @@ class Forwarder:
             return Broken()
         if response.status == 200:
             return Answered(answer)
-        return Answered(error=_worker_error(response.status, answer))
-
-
-def _worker_error(status: int, body: bytes) -> errors.DialogsError:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        return errors.ShardUnavailable() if status >= 500 else errors.DialogsError()
-    return errors.from_json(status, data)
+        return Answered(error=forwarding.worker_error(response.status, answer))

@@ -18,7 +18,9 @@ with its Idempotency-Key. A read may always be retried.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from dialogs import errors
 
@@ -32,9 +34,10 @@ BUFFER_RETRY_SECONDS = 0.025
 
 @dataclass(frozen=True, slots=True)
 class Answered:
-    """The worker answered: 200 with ``body``, or ``error`` rebuilt from its error JSON."""
+    """The worker answered: ``body`` (a list's JSON bytes, a send's result), or ``error``
+    rebuilt from its error JSON."""
 
-    body: bytes = b""
+    body: Any = b""
     error: errors.DialogsError | None = None
 
 
@@ -55,7 +58,7 @@ Attempt = Answered | NotConnected | Broken
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    body: bytes
+    body: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,3 +156,15 @@ def buffer_wait(
     if remaining <= 0:
         return Fail(errors.ShardUnavailable("this dialog is being moved between shards; retry shortly"), "timeout")
     return Buffer(min(BUFFER_RETRY_SECONDS, remaining))
+
+
+def worker_error(status: int, body: bytes) -> errors.DialogsError:
+    """A worker's non-200 answer as the project's own error (a body that is not the
+    worker's error JSON: 503 if it was a server error, a bug otherwise)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return errors.ShardUnavailable() if status >= 500 else errors.DialogsError()
+    return errors.from_json(status, data)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -81,8 +79,7 @@ async def send_message(request: web.Request) -> web.Response:
         "text": text,
         "idempotency_key": key,
     }
-    body = await request.app[FORWARDER].call("POST", payload["dialog_key"], request_id_of(request), payload=payload)
-    stored = json.loads(body)
+    stored = await request.app[FORWARDER].send(payload["dialog_key"], request_id_of(request), payload)
     headers = {"Idempotent-Replayed": "true"} if stored["duplicate"] else None
     return json_response({"id": stored["id"], "created_at": stored["created_at"]}, headers=headers)
 
@@ -96,7 +93,7 @@ async def list_messages(request: web.Request) -> web.Response:
     params = {"dialog_key": str(key), "user_a": str(viewer), "user_b": str(other), "limit": str(limit)}
     if before is not None:
         params["before"] = str(before)
-    body = await request.app[FORWARDER].call("GET", key, request_id_of(request), params=params)
+    body = await request.app[FORWARDER].list(key, request_id_of(request), params)
     # The worker already speaks the public message format: pass the bytes through.
     return web.Response(body=body, content_type="application/json")
 

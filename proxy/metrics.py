@@ -35,6 +35,18 @@ class ProxyMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.http = RequestMetrics(self.registry, "dialogs_proxy")
+        self.send_batch_size = Histogram(
+            "dialogs_proxy_send_batch_size",
+            "Sends carried by one proxy-to-worker batch request",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.send_batch_seconds = Histogram(
+            "dialogs_proxy_send_batch_seconds",
+            "Duration of one proxy-to-worker batch request",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.forward_seconds = Histogram(
             "dialogs_proxy_forward_seconds",
             "Latency of proxy-to-worker calls by shard",
@@ -103,6 +115,10 @@ class ProxyMetrics:
             "Cutovers that gave the ranges back to their old owner (deadline or error)",
             registry=self.registry,
         )
+
+    def observe_send_batch(self, size: int, seconds: float) -> None:
+        self.send_batch_size.observe(size)
+        self.send_batch_seconds.observe(seconds)
 
     def observe_phase(self, phase: str) -> None:
         for name in Phase:

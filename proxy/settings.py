@@ -38,6 +38,7 @@ class ProxySettings:
         15.0, help="seconds a connection may stay open without a request in progress (also bounds reading headers)"
     )
     forward_timeout: float = s.positive_float(5.0, help="seconds for one proxy→worker call")
+    send_batch_max: int = s.positive_int(256, help="sends one proxy→worker batch may carry")
     worker_ttl: float = _worker_ttl()
     poll_interval: float = s.positive_float(2.0, help="seconds between metadata polls (LISTEN/NOTIFY reacts at once)")
     # A cutover gives up after 5 s and returns the range to its old owner, so 6 s covers it.

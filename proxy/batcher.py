@@ -1,0 +1,120 @@
+"""Sends to one worker travel together: whatever queued while the last batch was in flight.
+
+Every send costs a proxy two HTTP exchanges without this: the client's and its own to the
+worker, and the second is where the proxy's time goes (socket writes, HTTP framing). Here
+each worker has a queue; one flusher per worker posts everything queued (up to a bound)
+as one request to the worker's batch endpoint, waits for the answer, and starts again.
+There is no timer: an idle proxy sends a lone message at once, and under load batches
+grow by themselves, as the worker's group commit does with transactions.
+
+What a send learns is per send, exactly as if it had gone alone: its stored message, or
+its own error (a stale map, a moving range, a reused key), decided by
+``proxy/forwarding.py``. A batch that never reached the worker is NotConnected for each of
+its sends (another worker may take them); one that broke on the way is Broken for each
+(they may have been stored: the clients retry with their Idempotency-Keys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from dialogs import errors, wire
+from proxy.forwarding import Answered, Attempt, Broken, NotConnected, worker_error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Queue:
+    items: list[tuple[dict[str, Any], asyncio.Future[Attempt]]] = field(default_factory=list)
+    flusher: asyncio.Task[None] | None = None
+
+
+class SendBatcher:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        headers: dict[str, str],
+        timeout: float,
+        batch_max: int,
+        observe: Callable[[int, float], None] = lambda size, seconds: None,
+    ) -> None:
+        self._session = session
+        self._headers = {**headers, "Content-Type": "application/json"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._batch_max = batch_max
+        self._observe = observe
+        self._queues: dict[str, _Queue] = {}
+
+    async def send(self, worker_url: str, item: dict[str, Any]) -> Attempt:
+        """Queue ``item`` for ``worker_url`` and wait for its own outcome."""
+        queue = self._queues.setdefault(worker_url, _Queue())
+        future: asyncio.Future[Attempt] = asyncio.get_running_loop().create_future()
+        queue.items.append((item, future))
+        if queue.flusher is None or queue.flusher.done():
+            queue.flusher = asyncio.ensure_future(self._flush(worker_url, queue))
+        return await future
+
+    async def close(self) -> None:
+        flushers = [queue.flusher for queue in self._queues.values() if queue.flusher is not None]
+        for flusher in flushers:
+            flusher.cancel()
+        await asyncio.gather(*flushers, return_exceptions=True)
+
+    async def _flush(self, worker_url: str, queue: _Queue) -> None:
+        url = URL(worker_url + wire.INTERNAL_BATCH_PATH, encoded=True)
+        loop = asyncio.get_running_loop()
+        while queue.items:
+            batch = [(item, future) for item, future in queue.items[: self._batch_max] if not future.done()]
+            del queue.items[: self._batch_max]
+            if not batch:
+                continue
+            started = loop.time()
+            try:
+                outcomes = await self._post(url, [item for item, _ in batch])
+            except BaseException:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(Broken())
+                raise
+            self._observe(len(batch), loop.time() - started)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():  # a client that went away; its send is stored all the same
+                    future.set_result(outcome)
+
+    async def _post(self, url: URL, items: list[dict[str, Any]]) -> list[Attempt]:
+        try:
+            async with self._session.post(
+                url, data=json.dumps(items).encode(), headers=self._headers, timeout=self._timeout
+            ) as response:
+                body = await response.read()
+        except aiohttp.ClientConnectorError:
+            return [NotConnected()] * len(items)
+        except (aiohttp.ClientError, TimeoutError):
+            return [Broken()] * len(items)
+        if response.status != 200:
+            # The whole batch was refused (a bad secret, a worker shutting down): nothing stored.
+            return [Answered(error=worker_error(response.status, body))] * len(items)
+        try:
+            results = json.loads(body)
+        except ValueError:
+            return [Broken()] * len(items)
+        if not isinstance(results, list) or len(results) != len(items):
+            return [Broken()] * len(items)
+        return [_outcome(result) for result in results]
+
+
+def _outcome(result: dict[str, Any]) -> Attempt:
+    status = result.pop("status", 500)
+    if status == 200:
+        return Answered(result)
+    return Answered(error=errors.from_json(status, result))
+

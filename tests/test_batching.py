@@ -1,0 +1,50 @@
+"""Sends travel from proxy to worker in batches: fewer hops, the same answers per send."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.support import Cluster, metric
+
+
+async def _peers_on_one_shard(cluster: Cluster, hub: str, count: int) -> list[str]:
+    peers: dict[str, list[str]] = {}
+    for i in range(200):
+        peer = await cluster.api.register(f"Peer{i}")
+        shard_peers = peers.setdefault(await cluster.shard_of(hub, peer), [])
+        shard_peers.append(peer)
+        if len(shard_peers) == count:
+            return shard_peers
+    raise AssertionError("not enough peers on one shard")
+
+
+async def test_concurrent_sends_share_batches_and_each_gets_its_own_answer(cluster: Cluster) -> None:
+    """Forty sends at once to one shard: fewer batches than sends, every send stored once,
+    and a reused Idempotency-Key in the same burst is refused for that send alone."""
+    api = cluster.api
+    hub, token = await api.user("Hub")
+    peers = await _peers_on_one_shard(cluster, hub, 4)
+    first = await api.send(token, peers[0], "original", key="reused-key")
+    assert first.status == 200
+    batches_before = metric(cluster.proxies[0], "dialogs_proxy_send_batch_size_count")
+    replies = await asyncio.gather(
+        *(api.send(token, peers[i % 4], f"m{i}", key=f"k{i}") for i in range(40)),
+        api.send(token, peers[0], "not the original", key="reused-key"),
+    )
+    assert [reply.status for reply in replies[:40]] == [200] * 40
+    assert replies[40].status == 422 and replies[40].json["code"] == 42201
+    batches = metric(cluster.proxies[0], "dialogs_proxy_send_batch_size_count") - batches_before
+    assert 1 <= batches < 41, batches
+    for i, peer in enumerate(peers):
+        texts = sorted(m["text"] for m in (await api.list(token, peer)).json)
+        assert texts == sorted([f"m{j}" for j in range(40) if j % 4 == i] + (["original"] if i == 0 else []))
+
+
+async def test_a_lone_send_is_not_held_back(cluster: Cluster) -> None:
+    """No timer: an idle proxy sends a single message in a batch of one, at once."""
+    api = cluster.api
+    anna, token = await api.user("Anna")
+    boris = await api.register("Boris")
+    before = metric(cluster.proxies[0], "dialogs_proxy_send_batch_size_sum")
+    assert (await api.send(token, boris, "alone")).status == 200
+    assert metric(cluster.proxies[0], "dialogs_proxy_send_batch_size_sum") - before == 1
