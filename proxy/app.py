@@ -100,7 +100,7 @@ async def _forwarder(app: web.Application) -> AsyncIterator[None]:
         app[FORWARDER] = Forwarder(
             session, app[TOPOLOGY], app[WATCHER], app[METRICS],
             settings.forward_timeout, settings.cutover_wait, settings.max_buffered, settings.internal_secret,
-            settings.send_batch_max,
+            settings.send_batch_max, settings.send_batches_in_flight,
         )
         yield
         await app[FORWARDER].batcher.close()

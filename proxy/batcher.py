@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Queue:
     items: list[tuple[dict[str, Any], asyncio.Future[Attempt]]] = field(default_factory=list)
-    flusher: asyncio.Task[None] | None = None
+    flushers: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class SendBatcher:
@@ -45,12 +45,14 @@ class SendBatcher:
         headers: dict[str, str],
         timeout: float,
         batch_max: int,
+        in_flight: int = 1,
         observe: Callable[[int, float], None] = lambda size, seconds: None,
     ) -> None:
         self._session = session
         self._headers = {**headers, "Content-Type": "application/json"}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._batch_max = batch_max
+        self._in_flight = in_flight
         self._observe = observe
         self._queues: dict[str, _Queue] = {}
 
@@ -59,12 +61,14 @@ class SendBatcher:
         queue = self._queues.setdefault(worker_url, _Queue())
         future: asyncio.Future[Attempt] = asyncio.get_running_loop().create_future()
         queue.items.append((item, future))
-        if queue.flusher is None or queue.flusher.done():
-            queue.flusher = asyncio.ensure_future(self._flush(worker_url, queue))
+        if len(queue.flushers) < self._in_flight:
+            flusher = asyncio.ensure_future(self._flush(worker_url, queue))
+            queue.flushers.add(flusher)
+            flusher.add_done_callback(queue.flushers.discard)
         return await future
 
     async def close(self) -> None:
-        flushers = [queue.flusher for queue in self._queues.values() if queue.flusher is not None]
+        flushers = [flusher for queue in self._queues.values() for flusher in queue.flushers]
         for flusher in flushers:
             flusher.cancel()
         await asyncio.gather(*flushers, return_exceptions=True)

@@ -39,6 +39,7 @@ class Forwarder:
         max_buffered: int,
         internal_secret: str,
         batch_max: int,
+        batches_in_flight: int = 1,
     ) -> None:
         self._session = session
         self._authorization = f"Bearer {internal_secret}"
@@ -50,7 +51,8 @@ class Forwarder:
         self._max_buffered = max_buffered
         self._buffered = 0
         self.batcher = SendBatcher(
-            session, {"Authorization": self._authorization}, timeout, batch_max, metrics.observe_send_batch
+            session, {"Authorization": self._authorization}, timeout, batch_max, batches_in_flight,
+            metrics.observe_send_batch,
         )
 
     async def send(self, dialog_key: int, request_id: str, payload: dict[str, Any]) -> dict[str, Any]:

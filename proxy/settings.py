@@ -39,6 +39,7 @@ class ProxySettings:
     )
     forward_timeout: float = s.positive_float(5.0, help="seconds for one proxy→worker call")
     send_batch_max: int = s.positive_int(256, help="sends one proxy→worker batch may carry")
+    send_batches_in_flight: int = s.positive_int(1, help="batches of sends in flight to one worker at once")
     worker_ttl: float = _worker_ttl()
     poll_interval: float = s.positive_float(2.0, help="seconds between metadata polls (LISTEN/NOTIFY reacts at once)")
     # A cutover gives up after 5 s and returns the range to its old owner, so 6 s covers it.
