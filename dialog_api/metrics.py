@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from dialogs.http import LATENCY_BUCKETS, RequestMetrics
+from dialogs.http import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, RequestMetrics
 
 
 class WorkerMetrics:
@@ -16,7 +16,7 @@ class WorkerMetrics:
         self.batch_size = Histogram(
             "dialogs_worker_batch_size",
             "Sends committed together by one group-commit transaction",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
         self.commit_seconds = Histogram(

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from dialogs.http import LATENCY_BUCKETS, RequestMetrics
+from dialogs.http import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, RequestMetrics
 from dialogs.shard_map import ShardMap
 from dialogs.wire import Phase
 
@@ -38,7 +38,7 @@ class ProxyMetrics:
         self.send_batch_size = Histogram(
             "dialogs_proxy_send_batch_size",
             "Sends carried by one proxy-to-worker batch request",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
         self.send_batch_seconds = Histogram(
