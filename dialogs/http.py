@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +34,8 @@ BODY_READ_TIMEOUT = 10.0
 # the rest for at most this long before closing (aiohttp's default is 10 s).
 LINGERING_SECONDS = 2.0
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 _HTTP_ERRORS = {
     404: errors.NotFound("no such route"),
     405: errors.MethodNotAllowed(),
@@ -60,7 +62,15 @@ def request_id_of(request: web.Request) -> str:
 
 
 class RequestMetrics:
+    """Requests by route, method and status, and latency by route and method.
+
+    ``observe`` binds each label combination's children once and keeps them: the label
+    values are bounded (route templates, methods, statuses), and ``labels()`` on every
+    request was a dictionary build, a lock and a lookup each time.
+    """
+
     def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
             f"{prefix}_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=registry
         )
@@ -72,6 +82,21 @@ class RequestMetrics:
             registry=registry,
         )
 
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        children = self._children.get((route, method, status))
+        if children is None:
+            children = self._children[(route, method, status)] = (
+                self.requests.labels(route, method, str(status)),
+                self.latency.labels(route, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+def new_request_id() -> str:
+    """128 random bits as hex, like a UUID's, without building a UUID object."""
+    return os.urandom(16).hex()
+
 
 def _route_name(request: web.Request) -> str:
     # The route template, never the raw path: user ids must not become label values.
@@ -82,9 +107,9 @@ def _route_name(request: web.Request) -> str:
 def make_middleware(metrics: RequestMetrics) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         if len(request_id) > 128 or not request_id.isprintable():
-            request_id = uuid.uuid4().hex
+            request_id = new_request_id()
         request[REQUEST_ID] = request_id
         token = logs.REQUEST_ID.set(request_id)
         started = time.perf_counter()
@@ -103,8 +128,8 @@ def make_middleware(metrics: RequestMetrics) -> Callable[..., Awaitable[web.Stre
         response.headers[REQUEST_ID_HEADER] = request_id
         route = _route_name(request)
         elapsed = time.perf_counter() - started
-        metrics.requests.labels(route, request.method, str(response.status)).inc()
-        metrics.latency.labels(route, request.method).observe(elapsed)
+        method = request.method if request.method in _METHODS else "OTHER"  # label values stay bounded
+        metrics.observe(route, method, response.status, elapsed)
         if log.isEnabledFor(logging.DEBUG) or response.status >= 500:
             log.log(
                 logging.ERROR if response.status >= 500 else logging.DEBUG,

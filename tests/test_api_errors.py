@@ -256,3 +256,15 @@ async def test_migration_id_out_of_range_is_400(cluster: Cluster, migration_id: 
     """A migration id that is no int64 (or not positive) is a 400, never an overflow 500."""
     reply = await cluster.admin("GET", f"/admin/migrations/{migration_id}")
     _assert_error(reply, 400, "migration_id must be an integer")
+
+
+async def test_unknown_methods_do_not_grow_the_metrics(cluster: Cluster) -> None:
+    """WebDAV and other methods the HTTP parser knows but no route serves are counted as
+    OTHER: metric label values stay bounded whatever clients send."""
+    for method in (b"PROPFIND", b"MKCOL", b"UNLOCK"):
+        status, _ = await raw_http(cluster.proxy_urls[0], method + b" /health HTTP/1.1\r\nHost: x")
+        assert status == 405, status
+    reply = await cluster.api.request("GET", "/metrics", validate=False)
+    text = reply.body.decode()
+    assert 'method="OTHER"' in text
+    assert not any(name in text for name in ("PROPFIND", "MKCOL", "UNLOCK"))
