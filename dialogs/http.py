@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -45,7 +46,7 @@ _HTTP_ERRORS = {
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        body=json.dumps(data, ensure_ascii=False).encode(),
+        body=orjson.dumps(data),  # UTF-8, compact; several times faster than json.dumps
         status=status,
         content_type="application/json",
         headers=headers,

@@ -17,13 +17,13 @@ its sends (another worker may take them); one that broke on the way is Broken fo
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from dialogs import errors, wire
@@ -97,7 +97,7 @@ class SendBatcher:
     async def _post(self, url: URL, items: list[dict[str, Any]]) -> list[Attempt]:
         try:
             async with self._session.post(
-                url, data=json.dumps(items).encode(), headers=self._headers, timeout=self._timeout
+                url, data=orjson.dumps(items), headers=self._headers, timeout=self._timeout
             ) as response:
                 body = await response.read()
         except aiohttp.ClientConnectorError:
@@ -108,7 +108,7 @@ class SendBatcher:
             # The whole batch was refused (a bad secret, a worker shutting down): nothing stored.
             return [Answered(error=worker_error(response.status, body))] * len(items)
         try:
-            results = json.loads(body)
+            results = orjson.loads(body)
         except ValueError:
             return [Broken()] * len(items)
         if not isinstance(results, list) or len(results) != len(items):
