@@ -223,7 +223,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print("1/4 send throughput (wrk, pgbench, the naive monolith)…", flush=True)
                 raw = await raw_inserts(cluster.dsn("shard-1"), args.concurrency, args.seconds)
                 monolith = monolith_sends(cluster.dsn("shard-1"), sends, args.concurrency, args.seconds)
-                proxied = load.wrk(proxy_url, sends, args.concurrency, args.seconds)
+                processes = {"proxy": cluster.proxies[0], **{f"worker {s}": w for s, w in cluster.workers.items()}}
+                with load.PeakRss({name: child.process.pid for name, child in processes.items()
+                                   if child.process is not None}) as send_rss:
+                    proxied = load.wrk(proxy_url, sends, args.concurrency, args.seconds)
 
                 print("2/4 lists (wrk through a proxy, pgbench directly)…", flush=True)
                 lists = list_requests(dialogs)
@@ -261,6 +264,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "proxy": proxied.to_json(),
             "naive_monolith": monolith.to_json(),
             "raw_insert_pgbench": raw.to_json(),
+            "peak_rss_mib": {name: round(mib, 1) for name, mib in send_rss.peak_mib.items()},
             "ratio_to_monolith": round(proxied.per_second / monolith.per_second, 3),
             "ratio_to_raw_insert": round(proxied.per_second / raw.per_second, 3),
             "target": ">= 1.5x the monolith and >= 0.4x raw INSERTs (aim: 1.0x raw)",

@@ -14,8 +14,11 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from dialogsctl import pg_home
 
@@ -126,3 +129,33 @@ def pgbench(dsn: str, script: str, clients: int, seconds: float, variables: dict
     average = float(latency[1])
     # pgbench reports the average only; with one client it is close to the median.
     return Load(float(tps[1]), average, float("nan"), int(processed[1]), int(failed[1]) if failed else 0)
+
+
+class PeakRss:
+    """The largest resident set size each of ``pids`` reaches while the block runs (MiB)."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.1) -> None:
+        self._pids = pids
+        self._interval = interval
+        self.peak_mib: dict[str, float] = dict.fromkeys(pids, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        processes = {name: psutil.Process(pid) for name, pid in self._pids.items()}
+        while not self._stop.is_set():
+            for name, process in processes.items():
+                try:
+                    rss = process.memory_info().rss / 2**20
+                except psutil.NoSuchProcess:
+                    continue
+                self.peak_mib[name] = max(self.peak_mib[name], rss)
+            self._stop.wait(self._interval)
