@@ -19,6 +19,7 @@ from dialogs.keys import INT64_MAX, INT64_MIN
 
 log = logging.getLogger(__name__)
 
+
 def _int64(value: object, name: str) -> int:
     if isinstance(value, bool):
         raise errors.InvalidInput(f"{name} must be a 64-bit integer")
@@ -71,14 +72,6 @@ def _new_message(body: object) -> NewMessage:
 
 def _stored_json(stored: Stored) -> dict[str, object]:
     return {"id": str(stored.id), "created_at": stored.created_at.isoformat(), "duplicate": stored.duplicate}
-
-
-async def insert_message(request: web.Request) -> web.Response:
-    _require_proxy(request)
-    version = _routed_version(request)
-    message = _new_message(await read_json(request))
-    await request.app[MAP_VIEW].check_route(message.dialog_key, version)
-    return json_response(_stored_json(await request.app[GROUP_COMMIT].submit(message)))
 
 
 async def insert_batch(request: web.Request) -> web.Response:
@@ -140,7 +133,6 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_post(wire.INTERNAL_MESSAGES_PATH, insert_message)
     app.router.add_post(wire.INTERNAL_BATCH_PATH, insert_batch)
     app.router.add_get(wire.INTERNAL_MESSAGES_PATH, list_messages)
     app.router.add_get("/health", health)

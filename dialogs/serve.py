@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from aiohttp import web
 
@@ -29,7 +29,7 @@ S = TypeVar("S", bound=ServiceSettings)
 T = TypeVar("T")
 
 
-def settings_or_exit(cls: type[T], service: str, environ: Mapping[str, str] | None = None) -> T:
+def settings_or_exit(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
     """The settings of ``cls`` from the environment, or exit 2 with the reason."""
     try:
         return load(cls, environ)
@@ -38,8 +38,8 @@ def settings_or_exit(cls: type[T], service: str, environ: Mapping[str, str] | No
         sys.exit(2)
 
 
-def serve(cls: type[S], create_app: Callable[[S], web.Application], service: str, **run_options: Any) -> None:
-    settings = settings_or_exit(cls, service)
+def serve(cls: type[S], create_app: Callable[[S], web.Application], service: str) -> None:
+    settings = settings_or_exit(cls)
     logs.configure(service, settings.log_level)
     try:
         import uvloop
@@ -50,7 +50,4 @@ def serve(cls: type[S], create_app: Callable[[S], web.Application], service: str
     web.run_app(
         create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None,
         shutdown_timeout=10, keepalive_timeout=settings.idle_timeout, lingering_time=LINGERING_SECONDS,
-        **run_options,
     )
-
-

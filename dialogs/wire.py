@@ -11,8 +11,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 MAP_VERSION_HEADER = "X-Map-Version"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 
-INTERNAL_MESSAGES_PATH = "/internal/v1/messages"
-# Many sends in one request: a JSON array of send items in, an array of results out (in
+INTERNAL_MESSAGES_PATH = "/internal/v1/messages"  # GET: one page of a dialog
+# Sends, many in one request: a JSON array of send items in, an array of results out (in
 # the same order). Each item carries the map version it was routed with; each result is
 # {"status": 200, "id", "created_at", "duplicate"} or an error body with its "status".
 INTERNAL_BATCH_PATH = "/internal/v1/messages/batch"

@@ -17,7 +17,6 @@ its sends (another worker may take them); one that broke on the way is Broken fo
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +27,6 @@ from yarl import URL
 
 from dialogs import errors, wire
 from proxy.forwarding import Answered, Attempt, Broken, NotConnected, worker_error
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

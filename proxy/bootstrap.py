@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     environ = dict(os.environ)
     if args.metadata_dsn:
         environ["DIALOGS_METADATA_DSN"] = args.metadata_dsn
-    settings = settings_or_exit(BootstrapSettings, "bootstrap", environ)
+    settings = settings_or_exit(BootstrapSettings, environ)
     logs.configure("bootstrap", settings.log_level)
     if shards:
         shard_map = asyncio.run(bootstrap(settings.metadata_dsn, shards))

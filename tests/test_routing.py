@@ -9,7 +9,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from dialogs import errors
+from dialogs import errors, wire
 from dialogs.keys import dialog_key
 from dialogs.metastore import maps
 from dialogs.shard_map import ShardMap
@@ -54,17 +54,22 @@ def _owned_by(shard_map: ShardMap, shard_id: str) -> tuple[str, str, int]:
             return str(a), str(b), key
 
 
+async def _send_batch(cluster: Cluster, url: str, items: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Items posted straight to a worker's batch endpoint, as a proxy would; their results."""
+    async with cluster.session.post(url + wire.INTERNAL_BATCH_PATH, json=items, headers=_AS_PROXY) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
 async def test_worker_refuses_an_older_map_version(cluster: Cluster) -> None:
     """Routed with version 1 after version 2 is active: 409 stale_map carrying the worker's version."""
     bumped = await _publish_next_map(cluster)
     url = _worker_url(cluster, "shard-1")
     await _wait_worker_version(cluster.session, url, bumped.map_version)
     a, b, key = _owned_by(bumped, "shard-1")
-    body = {"dialog_key": key, "from": a, "to": b, "text": "stale", "idempotency_key": None}
-    async with cluster.session.post(url + "/internal/v1/messages", json=body, headers={**_AS_PROXY, "X-Map-Version": "1"}) as r:
-        assert r.status == 409
-        error = await r.json()
-    assert error["code"] == 40902 and error["map_version"] == bumped.map_version
+    body = {"dialog_key": key, "from": a, "to": b, "text": "stale", "idempotency_key": None, "map_version": 1}
+    [error] = await _send_batch(cluster, url, [body])
+    assert error["status"] == 409 and error["code"] == 40902 and error["map_version"] == bumped.map_version
     rows = await cluster.shard_fetch("shard-1", "SELECT count(*) FROM messages")
     assert rows[0][0] == 0
 
@@ -76,11 +81,13 @@ async def test_worker_refuses_a_dialog_it_does_not_own(cluster: Cluster) -> None
     assert shard_map is not None
     a, b, key = _owned_by(shard_map, "shard-2")
     body = {"dialog_key": key, "from": a, "to": b, "text": "misrouted", "idempotency_key": None}
-    headers = {**_AS_PROXY, "X-Map-Version": str(shard_map.map_version)}
-    async with cluster.session.post(url + "/internal/v1/messages", json=body, headers=headers) as r:
-        assert r.status == 409 and "not on this shard" in (await r.json())["message"]
-    async with cluster.session.post(url + "/internal/v1/messages", json=body, headers=_AS_PROXY) as r:
-        assert r.status == 400 and "X-Map-Version" in (await r.json())["message"]
+    misrouted, unversioned = await _send_batch(
+        cluster, url, [{**body, "map_version": shard_map.map_version}, body]
+    )
+    assert misrouted["status"] == 409 and "not on this shard" in misrouted["message"]
+    assert unversioned["status"] == 400 and "map_version" in unversioned["message"]
+    rows = await cluster.shard_fetch("shard-1", "SELECT count(*) FROM messages")
+    assert rows[0][0] == 0
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-secret", f"Basic {INTERNAL_SECRET}"])
@@ -95,8 +102,9 @@ async def test_worker_answers_only_proxies(cluster: Cluster, authorization: str 
     headers = {"X-Map-Version": str(shard_map.map_version)}
     if authorization:
         headers["Authorization"] = authorization
-    forged = {"dialog_key": key, "from": boris, "to": anna, "text": "forged", "idempotency_key": None}
-    async with cluster.session.post(url + "/internal/v1/messages", json=forged, headers=headers) as r:
+    forged = {"dialog_key": key, "from": boris, "to": anna, "text": "forged", "idempotency_key": None,
+              "map_version": shard_map.map_version}
+    async with cluster.session.post(url + wire.INTERNAL_BATCH_PATH, json=[forged], headers=headers) as r:
         assert r.status == 401, await r.text()
     query = {"dialog_key": str(key), "user_a": anna, "user_b": boris}
     async with cluster.session.get(url + "/internal/v1/messages", params=query, headers=headers) as r:

@@ -17,7 +17,7 @@ from proxy.settings import MigrationRunnerSettings
 
 
 def main() -> int:
-    settings = settings_or_exit(MigrationRunnerSettings, "migration-runner")
+    settings = settings_or_exit(MigrationRunnerSettings)
     logs.configure("migration-runner", settings.log_level)
     runner = RunnerSettings(cutover_deadline=settings.cutover_deadline, liveness_ttl=settings.worker_ttl)
     result = asyncio.run(run_active(settings.metadata_dsn, runner))
