@@ -58,10 +58,11 @@ class SendBatcher:
         queue = self._queues.setdefault(worker_url, _Queue())
         future: asyncio.Future[Attempt] = asyncio.get_running_loop().create_future()
         queue.items.append((item, future))
+        # A flusher that has just returned is done() at once, but leaves the set only when
+        # its done-callbacks run, later: count the live ones, or this send could be stranded.
+        queue.flushers = {flusher for flusher in queue.flushers if not flusher.done()}
         if len(queue.flushers) < self._in_flight:
-            flusher = asyncio.ensure_future(self._flush(worker_url, queue))
-            queue.flushers.add(flusher)
-            flusher.add_done_callback(queue.flushers.discard)
+            queue.flushers.add(asyncio.ensure_future(self._flush(worker_url, queue)))
         return await future
 
     async def close(self) -> None:

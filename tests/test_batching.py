@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
+from dialogs.keys import dialog_key
+from proxy.appkeys import FORWARDER, TOPOLOGY
+from proxy.forwarding import Answered
 from tests.support import Cluster, metric
 
 
@@ -48,3 +52,22 @@ async def test_a_lone_send_is_not_held_back(cluster: Cluster) -> None:
     before = metric(cluster.proxies[0], "dialogs_proxy_send_batch_size_sum")
     assert (await api.send(token, boris, "alone")).status == 200
     assert metric(cluster.proxies[0], "dialogs_proxy_send_batch_size_sum") - before == 1
+
+
+async def test_a_send_right_after_a_batch_finished_is_not_stranded(cluster: Cluster) -> None:
+    """Sends one after the other from one task: each starts or finds a live flusher (a
+    flusher that has just finished must not count as running)."""
+    anna, token = await cluster.api.user("Anna")
+    boris = await cluster.api.register("Boris")
+    proxy = cluster.proxies[0].app
+    key = dialog_key(uuid.UUID(anna), uuid.UUID(boris))
+    topology = proxy[TOPOLOGY]
+    assert topology.map is not None
+    url = topology.candidates(topology.map.owner(key))[0]
+    item = {"dialog_key": key, "from": anna, "to": boris, "idempotency_key": None,
+            "map_version": topology.map_version, "request_id": "direct"}
+    for i in range(5):
+        async with asyncio.timeout(5):  # awaited directly: no extra task between two sends
+            outcome = await proxy[FORWARDER].batcher.send(url, {**item, "text": f"m{i}"})
+        assert isinstance(outcome, Answered) and outcome.error is None, outcome
+    assert len((await cluster.api.list(token, boris)).json) == 5
