@@ -34,11 +34,17 @@ class GroupCommit:
         self._pending: collections.deque[tuple[NewMessage, asyncio.Future[Stored]]] = collections.deque()
         self._wake = asyncio.Event()
 
-    async def submit(self, message: NewMessage) -> Stored:
-        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
-        self._pending.append((message, future))
-        self._wake.set()
-        return await future
+    def submit_many(self, messages: list[NewMessage]) -> list[asyncio.Future[Stored]]:
+        """Queue ``messages`` together; each future gets its own outcome."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Stored]] = []
+        for message in messages:
+            future: asyncio.Future[Stored] = loop.create_future()
+            self._pending.append((message, future))
+            futures.append(future)
+        if futures:
+            self._wake.set()
+        return futures
 
     async def run(self) -> None:
         """Run the flushers until cancelled."""

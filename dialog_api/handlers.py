@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import uuid
@@ -81,21 +80,39 @@ async def insert_batch(request: web.Request) -> web.Response:
     if not isinstance(items, list) or not items:
         raise errors.InvalidInput("body must be a non-empty JSON array")
     view, committer = request.app[MAP_VIEW], request.app[GROUP_COMMIT]
-
-    async def one(item: object) -> dict[str, object]:
-        request_id = str(item.get("request_id") or request_id_of(request)) if isinstance(item, dict) else ""
+    results: list[dict[str, object] | None] = [None] * len(items)
+    parsed: list[tuple[int, NewMessage, int]] = []
+    for index, item in enumerate(items):
         try:
-            message = _new_message(item)
-            await view.check_route(message.dialog_key, _int64(item.get("map_version"), "map_version"))  # type: ignore[union-attr]
-            result: dict[str, object] = {"status": 200, **_stored_json(await committer.submit(message))}
+            parsed.append((index, _new_message(item), _int64(item.get("map_version"), "map_version")))
         except errors.DialogsError as exc:
-            result = {"status": exc.status, **exc.to_json(request_id)}
-        if log.isEnabledFor(logging.DEBUG):  # each send keeps the client's request id in the worker's log
-            log.debug("send in batch %s", result["status"], extra={"request_id": request_id, "status": result["status"]})
-        return result
+            results[index] = {"status": exc.status, **exc.to_json(_item_request_id(request, item))}
+    # A proxy routes a batch by one map: at most one reload, however many items name it.
+    if parsed:
+        await view.catch_up(max(version for *_, version in parsed))
+    accepted: list[tuple[int, NewMessage]] = []
+    for index, message, version in parsed:
+        try:
+            view.check_loaded_route(message.dialog_key, version)
+            accepted.append((index, message))
+        except errors.DialogsError as exc:
+            results[index] = {"status": exc.status, **exc.to_json(_item_request_id(request, items[index]))}
+    # Queued together, before any commit starts: one group commit takes them all.
+    futures = committer.submit_many([message for _, message in accepted])
+    for (index, _), future in zip(accepted, futures, strict=True):
+        try:
+            results[index] = {"status": 200, **_stored_json(await future)}
+        except errors.DialogsError as exc:
+            results[index] = {"status": exc.status, **exc.to_json(_item_request_id(request, items[index]))}
+    if log.isEnabledFor(logging.DEBUG):  # each send keeps the client's request id in the worker's log
+        for item, result in zip(items, results, strict=True):
+            status = result["status"] if result else None
+            log.debug("send in batch %s", status, extra={"request_id": _item_request_id(request, item), "status": status})
+    return json_response(results)
 
-    # Every item is queued before any commit starts: one group commit takes them all.
-    return json_response(await asyncio.gather(*(one(item) for item in items)))
+
+def _item_request_id(request: web.Request, item: object) -> str:
+    return str(item.get("request_id") or request_id_of(request)) if isinstance(item, dict) else ""
 
 
 async def list_messages(request: web.Request) -> web.Response:

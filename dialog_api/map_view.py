@@ -33,8 +33,16 @@ class MapView:
 
     async def check_route(self, dialog_key: int, routed_version: int) -> None:
         """Refuse a request routed with an older map, or to a dialog this shard does not own."""
+        await self.catch_up(routed_version)
+        self.check_loaded_route(dialog_key, routed_version)
+
+    async def catch_up(self, routed_version: int) -> None:
+        """Reload the map once if a proxy routed by a newer one than this worker has."""
         if routed_version > self.map_version and self.watcher is not None:
             await self.watcher.refresh()
+
+    def check_loaded_route(self, dialog_key: int, routed_version: int) -> None:
+        """check_route against the map as loaded (after ``catch_up``)."""
         current = self.map
         if current is None:
             raise errors.ShardUnavailable("worker has not loaded a shard map yet")

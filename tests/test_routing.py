@@ -90,6 +90,38 @@ async def test_worker_refuses_a_dialog_it_does_not_own(cluster: Cluster) -> None
     assert rows[0][0] == 0
 
 
+async def test_a_mixed_batch_answers_each_send_on_its_own(cluster: Cluster) -> None:
+    """Stored, malformed, stale, misrouted and a reused key in one batch: each its own answer,
+    in its own place, with its own request id; only the good ones are stored."""
+    shard_map = cluster.proxies[0].app[TOPOLOGY].map
+    assert shard_map is not None
+    version = shard_map.map_version
+    url = _worker_url(cluster, "shard-1")
+    a, b, key = _owned_by(shard_map, "shard-1")
+    _, _, foreign = _owned_by(shard_map, "shard-2")
+    ok = {"dialog_key": key, "from": a, "to": b, "text": "first", "idempotency_key": "k-1", "map_version": version,
+          "request_id": "r-ok"}
+    await _send_batch(cluster, url, [ok])
+    items = [
+        {**ok, "text": "second", "idempotency_key": "k-2", "request_id": "r-good"},
+        "not an object",
+        {**ok, "text": "stale", "idempotency_key": None, "map_version": version - 1, "request_id": "r-stale"},
+        {**ok, "dialog_key": foreign, "idempotency_key": None, "request_id": "r-foreign"},
+        {**ok, "text": "other text, same key", "request_id": "r-reused"},
+        {**ok, "request_id": "r-replay"},
+    ]
+    good, malformed, stale, foreign_answer, reused, replay = await _send_batch(cluster, url, items)
+    assert good["status"] == 200 and good["duplicate"] is False
+    assert malformed["status"] == 400 and malformed["message"] == "body must be a JSON object"
+    assert stale["status"] == 409 and stale["code"] == 40902 and stale["request_id"] == "r-stale"
+    assert foreign_answer["status"] == 409 and "not on this shard" in foreign_answer["message"]
+    assert foreign_answer["request_id"] == "r-foreign"
+    assert reused["status"] == 422 and reused["request_id"] == "r-reused", reused
+    assert replay["status"] == 200 and replay["duplicate"] is True
+    rows = await cluster.shard_fetch("shard-1", "SELECT text FROM messages ORDER BY id")
+    assert [row["text"] for row in rows] == ["first", "second"]
+
+
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-secret", f"Basic {INTERNAL_SECRET}"])
 async def test_worker_answers_only_proxies(cluster: Cluster, authorization: str | None) -> None:
     """Straight to a worker without the internal secret: 401, nothing stored, nothing listed."""
