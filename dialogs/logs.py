@@ -20,15 +20,17 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "reque
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, process: int | None = None) -> None:
         super().__init__()
         self.service = service
+        self.process = process
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "service": self.service,
+            **({} if self.process is None else {"process": self.process}),
             "logger": record.name,
             "message": record.getMessage(),
         }
@@ -43,10 +45,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def configure(service: str, level: str = "INFO") -> None:
-    """Send every log record to stderr as JSON (replacing other handlers)."""
+def configure(service: str, level: str = "INFO", process: int | None = None) -> None:
+    """Send every log record to stderr as JSON (replacing other handlers); ``process``
+    numbers one of several processes of a service (DIALOGS_PROCESSES)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(service))
+    handler.setFormatter(JsonFormatter(service, process))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -7,8 +7,9 @@ and one sentence naming the variable instead of a traceback.
 
 from __future__ import annotations
 
+import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from aiohttp import web
@@ -40,14 +41,22 @@ def settings_or_exit(cls: type[T], environ: Mapping[str, str] | None = None) -> 
 
 def serve(cls: type[S], create_app: Callable[[S], web.Application], service: str) -> None:
     settings = settings_or_exit(cls)
-    logs.configure(service, settings.log_level)
+    run(settings, create_app(settings), service)
+
+
+def run(settings: ServiceSettings, app: web.Application, service: str,
+        sockets: Sequence[socket.socket] | None = None, process: int | None = None) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT: on HOST:PORT, or on ``sockets`` when given
+    (``process``: which of several processes this is, for the logs)."""
+    logs.configure(service, settings.log_level, process)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         pass
+    where: dict[str, object] = {"sock": list(sockets)} if sockets else {"host": settings.host, "port": settings.port}
     web.run_app(
-        create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None,
-        shutdown_timeout=10, keepalive_timeout=settings.idle_timeout, lingering_time=LINGERING_SECONDS,
+        app, print=None, access_log=None, shutdown_timeout=10,
+        keepalive_timeout=settings.idle_timeout, lingering_time=LINGERING_SECONDS, **where,  # type: ignore[arg-type]
     )

@@ -94,6 +94,16 @@ class Restarts:
         return delay
 
 
+def proxy_processes() -> int:
+    """Proxy processes for a machine that also runs the workers and PostgreSQL: half its CPUs.
+
+    Measured under send load (bench/README.md): the proxy does ~45% of the service's CPU
+    work per send, so on 2 CPUs one process is best (two measured 20-30% slower: batches
+    halve and the processes fight the workers for the cores); on 8, four.
+    """
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
 @dataclass
 class Child:
     """A process of the cluster: a worker, a proxy, or Prometheus."""
@@ -247,10 +257,12 @@ class Supervisor:
         workdir.mkdir(parents=True, exist_ok=True)
         config: dict[str, object] = {
             "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+            # Targets from the registrations (proxy/discovery.py): every proxy process, and
+            # the worker of a shard added later, without rewriting this file.
             "scrape_configs": [
-                {"job_name": "dialogs-proxy", "static_configs": [{"targets": [f"127.0.0.1:{layout.proxy_port}"]}]},
-                {"job_name": "dialogs-worker", "static_configs": [{"targets": [
-                    f"127.0.0.1:{shard.worker_port}" for shard in layout.active_shards]}]},
+                {"job_name": f"dialogs-{role}", "http_sd_configs": [
+                    {"url": f"{layout.proxy_url}/discovery/prometheus?role={role}", "refresh_interval": "5s"}]}
+                for role in ("proxy", "worker")
             ],
         }
         rules = CONFIGS / "prometheus" / "alerts.yml"
@@ -274,6 +286,7 @@ class Supervisor:
                 env={
                     **common,
                     "DIALOGS_PORT": str(layout.proxy_port),
+                    "DIALOGS_PROCESSES": os.environ.get("DIALOGS_PROCESSES") or str(proxy_processes()),
                     "DIALOGS_JWT_SECRET": layout.jwt_secret,
                     "DIALOGS_ADMIN_TOKEN": layout.admin_token,
                 },
@@ -369,10 +382,7 @@ class Supervisor:
         for shard in fresh.active_shards:
             if shard.shard_id not in self.servers:
                 self._start_shard(shard)
-        prometheus = next((c for c in self.children if c.name == "prometheus"), None)
-        if prometheus is not None and prometheus.process is not None:
-            self._write_prometheus_config()  # scrape the new workers, forget retired ones
-            prometheus.process.send_signal(signal.SIGHUP)
+        # Prometheus finds new and retired workers itself (http_sd from the registrations).
 
     def _stop_shard(self, shard_id: str) -> None:
         worker = next((c for c in self.children if c.name == f"worker {shard_id}"), None)

@@ -23,7 +23,9 @@ from proxy.appkeys import (
     KNOWN_USERS,
     LOGIN_GUARD,
     METRICS,
+    OWN_URL,
     PASSWORDS,
+    PROXY_ID,
     SETTINGS,
     TOKENS,
     TOPOLOGY,
@@ -47,7 +49,7 @@ async def _passwords(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[PASSWORDS] = Passwords(
         settings.password_time_cost, settings.password_memory_kib,
-        settings.password_concurrency or os.cpu_count() or 1, settings.password_wait,
+        settings.password_concurrency or max(1, (os.cpu_count() or 1) // settings.processes), settings.password_wait,
     )
     yield
     app[PASSWORDS].close()
@@ -109,8 +111,8 @@ async def _forwarder(app: web.Application) -> AsyncIterator[None]:
 async def _registration(app: web.Application) -> AsyncIterator[None]:
     """Register this proxy with the map version it routes by (cleanup waits for it)."""
     settings, topology = app[SETTINGS], app[TOPOLOGY]
-    proxy_id = settings.proxy_id or f"proxy-{uuid.uuid4().hex[:8]}"
-    url, who = f"http://{settings.host}:{settings.port}", f"proxy {proxy_id}"
+    proxy_id = app[PROXY_ID]
+    url, who = app[OWN_URL], f"proxy {proxy_id}"
 
     async def beat(con: asyncpg.Connection) -> None:
         await members.upsert_proxy(con, proxy_id, url, topology.map_version)
@@ -136,10 +138,14 @@ async def _migration_driver(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def create_app(settings: ProxySettings) -> web.Application:
+def create_app(settings: ProxySettings, own_url: str | None = None, proxy_id: str | None = None) -> web.Application:
+    """The proxy; ``own_url`` reaches this process alone (default http://ADVERTISE_HOST:PORT), and
+    ``proxy_id`` names its registration (default DIALOGS_PROXY_ID, or a random one)."""
     metrics = ProxyMetrics()
     app = web.Application(middlewares=[make_middleware(metrics.http)], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[OWN_URL] = own_url or f"http://{settings.advertise_host or settings.host}:{settings.port}"
+    app[PROXY_ID] = proxy_id or settings.proxy_id or f"proxy-{uuid.uuid4().hex[:8]}"
     app[METRICS] = metrics
     app[TOKENS] = TokenAuthority(settings.jwt_secret, settings.jwt_ttl)
     app[LOGIN_GUARD] = LoginGuard(

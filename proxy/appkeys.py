@@ -24,3 +24,5 @@ KNOWN_USERS = web.AppKey("known_users", KnownUsers)
 TOPOLOGY = web.AppKey("topology", Topology)
 WATCHER = web.AppKey("watcher", MetadataWatcher)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+OWN_URL = web.AppKey("own_url", str)  # reaches this process alone: its registration
+PROXY_ID = web.AppKey("proxy_id", str)  # its registration

@@ -9,7 +9,7 @@ from dialogs import errors, wire
 from dialogs.http import json_response, read_json, request_id_of
 from dialogs.keys import dialog_key
 from dialogs.metastore.users import user_json
-from proxy import admin, openapi, validation
+from proxy import admin, discovery, openapi, validation
 from proxy.appkeys import (
     FORWARDER,
     KNOWN_USERS,
@@ -131,3 +131,4 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/openapi.json", openapi_document)
     router.add_get("/health", health)
     router.add_get("/metrics", metrics)
+    router.add_get("/discovery/prometheus", discovery.prometheus_targets)

@@ -29,6 +29,17 @@ class ProxySettings:
     internal_secret: str = s.secret(32, help=INTERNAL_SECRET_HELP)
     host: str = s.text("127.0.0.1", help="listen address")
     port: int = s.port(8080, help="listen port")
+    advertise_host: str = s.text(
+        "", help="the host name others (Prometheus, `dialogs status`) reach this proxy by, in its registration"
+        " (empty: HOST)"
+    )
+    processes: int = s.positive_int(
+        1, help="proxy processes sharing the listen port (`SO_REUSEPORT`), each a whole proxy on a core of its own"
+    )
+    process_port: int = s.count(
+        0, help="with several processes, process i also listens alone on this port + i for /metrics"
+        " (0: a free port); its registration names that URL"
+    )
     admin_token: str = s.secret(16, "", empty_ok=True, help="admin API token; empty disables the admin API")
     log_level: str = s.log_level()
     jwt_ttl: int = s.positive_int(86400, help="user token lifetime, seconds")
@@ -52,7 +63,9 @@ class ProxySettings:
     # The defaults are argon2-cffi's (RFC 9106 low-memory profile).
     password_time_cost: int = s.positive_int(3, help="Argon2id time cost")
     password_memory_kib: int = s.positive_int(65536, help="Argon2id memory cost, KiB")
-    password_concurrency: int = s.count(0, help="password hashes computed at once (0: one per CPU)")
+    password_concurrency: int = s.count(
+        0, help="password hashes one process computes at once (0: CPUs ÷ processes, at least 1)"
+    )
     password_wait: float = s.positive_float(
         2.0, help="seconds a login or registration waits for a hashing turn, then 503 with `Retry-After`"
     )

@@ -26,7 +26,11 @@ def ensure_installed() -> None:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, rules: Path, proxies: list[str], workers: list[str]) -> None:
+    """Scraping ``proxies`` and ``workers`` (host:port), or, given ``discovery`` (a proxy's
+    URL), whatever that proxy's /discovery/prometheus names, as configs/prometheus does."""
+
+    def __init__(self, workdir: Path, rules: Path, proxies: list[str] | None = None,
+                 workers: list[str] | None = None, discovery: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -35,8 +39,11 @@ class Prometheus:
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": ["alerts.yml"],
             "scrape_configs": [
-                {"job_name": "dialogs-proxy", "static_configs": [{"targets": proxies}]},
-                {"job_name": "dialogs-worker", "static_configs": [{"targets": workers}]},
+                {"job_name": f"dialogs-{role}",
+                 **({"http_sd_configs": [{"url": f"{discovery}/discovery/prometheus?role={role}",
+                                          "refresh_interval": "1s"}]}
+                    if discovery else {"static_configs": [{"targets": targets or []}]})}
+                for role, targets in (("proxy", proxies), ("worker", workers))
             ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -58,6 +65,12 @@ class Prometheus:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    async def targets(self, session: aiohttp.ClientSession) -> list[tuple[str, str, str]]:
+        """Active targets as (job, instance, health)."""
+        async with session.get(self.url + "/api/v1/targets") as response:
+            active = (await response.json())["data"]["activeTargets"]
+        return sorted((t["labels"]["job"], t["labels"]["instance"], t["health"]) for t in active)
 
     async def query(self, session: aiohttp.ClientSession, expr: str) -> dict[str, Any]:
         async with session.get(self.url + "/api/v1/query", params={"query": expr}) as response:

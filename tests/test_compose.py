@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,23 @@ def test_everything_referenced_exists(compose: dict[str, Any]) -> None:
 
 
 def test_prometheus_scrapes_the_stack(compose: dict[str, Any]) -> None:
-    """Every scrape target in configs/prometheus is a service of the stack, on the port it listens on."""
+    """Prometheus discovers its targets from the stack's proxies (each on the port it listens
+    on), and each proxy registers the service name Prometheus can reach it by."""
     config = yaml.safe_load((ROOT / "configs" / "prometheus" / "prometheus.yml").read_text())
     services = compose["services"]
+    roles = set()
     for job in config["scrape_configs"]:
-        for target in job["static_configs"][0]["targets"]:
-            host, port = target.split(":")
-            assert host in services, target
-            assert services[host]["environment"]["DIALOGS_PORT"] == port, target
+        assert "static_configs" not in job, job["job_name"]
+        for sd in job["http_sd_configs"]:
+            url = urllib.parse.urlsplit(sd["url"])
+            assert url.path == "/discovery/prometheus", sd["url"]
+            roles.add((job["job_name"], urllib.parse.parse_qs(url.query)["role"][0]))
+            environment = services[url.hostname]["environment"]
+            assert environment["DIALOGS_PORT"] == str(url.port), sd["url"]
+            assert environment["DIALOGS_ADVERTISE_HOST"] == url.hostname, sd["url"]
+    assert roles == {("dialogs-proxy", "proxy"), ("dialogs-worker", "worker")}
+    for name, service in services.items():
+        if "DIALOGS_ADVERTISE_URL" in service.get("environment", {}):  # workers
+            assert service["environment"]["DIALOGS_ADVERTISE_URL"].startswith(f"http://{name}:"), name
     nginx = (ROOT / "configs" / "nginx" / "nginx.conf").read_text()
     assert set(re.findall(r"server (proxy-\d):8080", nginx)) == {"proxy-1", "proxy-2"}

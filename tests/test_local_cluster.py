@@ -180,8 +180,9 @@ def test_process_refuses_bad_configuration(runner: Runner) -> None:
 
 
 def test_up_with_prometheus(runner: Runner) -> None:
-    """`dialogs up --with-prometheus` runs Prometheus scraping the proxy and every worker."""
+    """`dialogs up --with-prometheus` runs Prometheus scraping each proxy process and every worker."""
     ensure_installed()
+    runner.env["DIALOGS_PROCESSES"] = "2"
     process = runner.up("--with-prometheus")
     runner.wait_healthy(process)
     layout = json.loads((runner.data_dir / "cluster.json").read_text())
@@ -192,7 +193,7 @@ def test_up_with_prometheus(runner: Runner) -> None:
             with urllib.request.urlopen(url + "/api/v1/targets", timeout=2) as response:
                 targets = json.loads(response.read())["data"]["activeTargets"]
             healthy = sorted(t["labels"]["job"] for t in targets if t["health"] == "up")
-            if healthy == ["dialogs-proxy", "dialogs-worker", "dialogs-worker"]:
+            if healthy == ["dialogs-proxy", "dialogs-proxy", "dialogs-worker", "dialogs-worker"]:
                 break
         except (urllib.error.URLError, ConnectionError):
             pass

@@ -94,19 +94,23 @@ def test_promtool_accepts_the_config_and_rules(prometheus_installed: None) -> No
 _COMPARISON = re.compile(r"\s(>=|<=|==|!=|>|<)\s+[0-9.e-]+\s*$")
 
 
+async def _until_scraped(prometheus: Prometheus, cluster: Cluster, target: tuple[str, str, str]) -> None:
+    deadline = asyncio.get_running_loop().time() + 30
+    while target not in (seen := await prometheus.targets(cluster.session)):
+        assert asyncio.get_running_loop().time() < deadline, f"{target} never scraped: {seen}"
+        await asyncio.sleep(0.5)
+
+
 @pytest.mark.timeout(180)
 async def test_real_prometheus_evaluates_every_panel_and_alert(
     cluster: Cluster, prometheus_installed: None, tmp_path: Path
 ) -> None:
-    """A real Prometheus scrapes a cluster under traffic through a shard add: every panel query and
-    every alert expression (without its threshold) evaluates without error and returns data."""
-    await cluster.start_worker("shard-3")
-    host = lambda url: url.removeprefix("http://")  # noqa: E731
-    prometheus = Prometheus(
-        tmp_path / "prometheus", CONFIGS / "prometheus" / "alerts.yml",
-        [host(url) for url in cluster.proxy_urls],
-        ["127.0.0.1:" + name.split("@")[1] for name in cluster.workers],
-    )
+    """A real Prometheus, finding its targets through the proxy's discovery endpoint as
+    configs/prometheus does, scrapes a cluster under traffic through a shard add (whose
+    worker it finds by itself): every panel query and every alert expression (without its
+    threshold) evaluates without error and returns data."""
+    prometheus = Prometheus(tmp_path / "prometheus", CONFIGS / "prometheus" / "alerts.yml",
+                            discovery=cluster.proxy_urls[0])
     prometheus.start()
     try:
         await prometheus.wait_ready(cluster.session)
@@ -124,7 +128,10 @@ async def test_real_prometheus_evaluates_every_panel_and_alert(
                 assert (await api.send(token, peer, f"round {round_}")).status == 200
                 assert (await api.list(token, peer)).status == 200
             await asyncio.sleep(0.5)
+        # The new shard's worker is scraped without touching Prometheus' configuration.
+        new_worker = await cluster.start_worker("shard-3")
         added = await cluster.admin("POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]})
+        await _until_scraped(prometheus, cluster, ("dialogs-worker", f"127.0.0.1:{new_worker.addresses[0][1]}", "up"))
         assert (await cluster.wait_migration(added.json["migration_id"]))["phase"] == "done"
         for peer in peers:
             await api.send(token, peer, "after the add")

@@ -78,3 +78,14 @@ async def workers(con: asyncpg.Connection) -> list[WorkerInfo]:
         " extract(epoch FROM now() - heartbeat_at)::float8 AS age FROM workers ORDER BY shard_id, worker_id"
     )
     return [WorkerInfo(r["worker_id"], r["shard_id"], r["url"], r["map_version"], r["age"]) for r in rows]
+
+
+async def live_urls(con: asyncpg.Connection, role: str, ttl_seconds: float) -> list[str]:
+    """URLs of the proxies (``role`` "proxy") or workers ("worker") heartbeating within ``ttl_seconds``."""
+    table = {"proxy": "proxies", "worker": "workers"}[role]
+    rows = await con.fetch(
+        f"SELECT DISTINCT url FROM {table} WHERE url <> '' AND heartbeat_at > now() - make_interval(secs => $1)"
+        " ORDER BY url",
+        ttl_seconds,
+    )
+    return [row["url"] for row in rows]

@@ -1,0 +1,32 @@
+"""Prometheus HTTP service discovery from the registrations the metadata database holds.
+
+``GET /discovery/prometheus?role=proxy|worker`` answers in Prometheus' ``http_sd_configs``
+format: one target group with the host:port of every live proxy process or worker. A
+worker of a shard added at runtime, or a proxy process restarted on a new port, is
+scraped within one refresh, with no edit to prometheus.yml. When the metadata database is
+down the answer is a 503 and Prometheus keeps its last targets.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from dialogs import errors
+from dialogs.http import json_response
+from dialogs.metastore import members
+from dialogs.metastore.users import translated
+from proxy.appkeys import SETTINGS, USERS
+
+ROLES = ("proxy", "worker")
+
+
+async def prometheus_targets(request: web.Request) -> web.Response:
+    role = request.query.get("role", "")
+    if role not in ROLES:
+        raise errors.InvalidInput(f"role must be one of: {', '.join(ROLES)}")
+    async with translated(), request.app[USERS].pool.acquire() as con:
+        urls = await members.live_urls(con, role, request.app[SETTINGS].worker_ttl)
+    targets = sorted({urlsplit(url).netloc for url in urls})
+    return json_response([{"targets": targets, "labels": {}}] if targets else [])

@@ -1,0 +1,169 @@
+"""Several proxy processes on one port (``DIALOGS_PROCESSES``), so the proxy tier uses every core.
+
+One proxy process is one Python interpreter: it cannot use more than one core, and under
+send load it is the first part of the service to saturate one. With ``DIALOGS_PROCESSES=N``
+the process started as ``python -m proxy`` becomes a small parent that forks N proxy
+processes. Each binds the listen port with ``SO_REUSEPORT``, so the kernel spreads new
+connections over them; each is a whole proxy (its own metadata watcher, batcher, pools,
+login limits) registered under ``<id>-<i>``. Each also listens on a port of its own
+(``DIALOGS_PROCESS_PORT`` + i, or a free port) and registers that URL, which reaches
+exactly that process: Prometheus scrapes each one's /metrics there.
+
+The parent forwards SIGTERM/SIGINT to its children and waits for them; a child that dies
+is started again after a backoff (a child that exits 2, a configuration error, ends them
+all: starting it again cannot help).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+
+from dialogs import logs
+from dialogs.serve import run
+from proxy.app import create_app
+from proxy.settings import ProxySettings
+
+log = logging.getLogger(__name__)
+
+# A child that ran this long before dying is restarted at once; sooner, after a backoff.
+STABLE_SECONDS = 10.0
+MAX_BACKOFF = 5.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+POLL_SECONDS = 0.1
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Exit 2 when HOST:PORT is taken: SO_REUSEPORT would otherwise share it with a stranger."""
+    try:
+        probe = socket.create_server((host, port))
+    except OSError as exc:
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        print(f"configuration error: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        sys.exit(2)
+    probe.close()
+
+
+def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    try:
+        return socket.create_server((host, port), reuse_port=reuse_port, backlog=1024)
+    except OSError as exc:
+        print(f"configuration error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel stop this child if its parent dies, even by SIGKILL (Linux)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(0)
+
+
+def _child(settings: ProxySettings, index: int, proxy_id: str) -> None:
+    shared = _listen(settings.host, settings.port, reuse_port=True)
+    own = _listen(settings.host, settings.process_port + index if settings.process_port else 0)
+    own_url = f"http://{settings.advertise_host or settings.host}:{own.getsockname()[1]}"
+    app = create_app(settings, own_url=own_url, proxy_id=f"{proxy_id}-{index}")
+    run(settings, app, "proxy", sockets=[shared, own], process=index)
+
+
+class Parent:
+    """Starts the children, restarts any that die, stops them all on SIGTERM/SIGINT."""
+
+    def __init__(self, settings: ProxySettings) -> None:
+        self.settings = settings
+        # One id for the group: a restarted child registers under the name it had.
+        self.proxy_id = settings.proxy_id or f"proxy-{uuid.uuid4().hex[:8]}"
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (index, started at)
+        self.stopping = False
+
+    def _start(self, index: int) -> None:
+        if self.stopping:
+            return
+        parent = os.getpid()
+        # Signals wait until the child is in self.children (so _stop reaches it) and, in the
+        # child, until its own handlers are back to the defaults.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the child: a proxy of its own from here on
+                code = 1
+                try:
+                    for signum in _STOP_SIGNALS:
+                        signal.signal(signum, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                    _die_with(parent)
+                    _child(self.settings, index, self.proxy_id)
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 1
+                except BaseException:
+                    log.exception("proxy process %d failed", index)
+                finally:
+                    os._exit(code)
+            self.children[pid] = (index, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def run(self) -> int:
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self._stop)
+        for index in range(self.settings.processes):
+            self._start(index)
+        log.info("started %d proxy processes on %s:%d", self.settings.processes, self.settings.host, self.settings.port)
+        failures: dict[int, int] = {}
+        restarts: dict[int, float] = {}  # index -> when to start it again
+        result = 0
+        while self.children or (restarts and not self.stopping):
+            for index, due in list(restarts.items()):
+                if due <= time.monotonic():
+                    del restarts[index]
+                    self._start(index)
+            # Polled rather than blocking in wait(), so a stop during a backoff is seen at once.
+            pid, status = os.waitpid(-1, os.WNOHANG) if self.children else (0, 0)
+            if pid == 0:
+                time.sleep(POLL_SECONDS)
+                continue
+            index, started = self.children.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                continue
+            if code == 2:
+                log.error("proxy process %d exited with a configuration error; stopping the others", index)
+                result = 2
+                self._stop(signal.SIGTERM, None)
+                continue
+            ran = time.monotonic() - started
+            failures[index] = 0 if ran >= STABLE_SECONDS else failures.get(index, 0) + 1
+            delay = min(MAX_BACKOFF, 0.5 * 2 ** failures[index]) if failures[index] else 0.0
+            log.warning("proxy process %d exited (%s) after %.1f s; starting it again in %.1f s", index, code, ran, delay)
+            restarts[index] = time.monotonic() + delay
+        return result
+
+
+def prefork(settings: ProxySettings) -> int:
+    logs.configure("proxy", settings.log_level)
+    last = settings.process_port + settings.processes - 1
+    if settings.process_port and last > 65535:
+        print(f"configuration error: DIALOGS_PROCESS_PORT + DIALOGS_PROCESSES - 1 = {last} is not a TCP port",
+              file=sys.stderr)
+        return 2
+    check_port_free(settings.host, settings.port)
+    return Parent(settings).run()
