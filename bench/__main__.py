@@ -5,6 +5,8 @@
 3. resharding copy rate vs PostgreSQL's own COPY between the same two servers
 4. the write pause at cutover, under load (client-side latency of sends in flight during it),
    once with headroom (8 senders) and once with the machine saturated (32 senders)
+5. write scaling: sends with 1, 2 and 4 shards, each shard's PostgreSQL CPU-capped (bench/scaling.py)
+6. growth with data: adding a shard over 100k and over 1M stored messages (bench/growth.py)
 
 Results go to stdout and bench/results/latest.json. Servers run with fsync on.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import shutil
@@ -21,17 +24,20 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import jwt
+import psutil
 
-from bench import load
-from bench.harness import JWT_SECRET, BenchCluster, Client, preload, psql_copy, quantile
+from bench import growth, load, scaling
+from bench.harness import JWT_SECRET, BenchCluster, Client, cutover_pause, preload, psql_copy, send_requests
 from dialogsctl.embedded import scratch_folder
 from dialogsctl.net import free_port
+from dialogsctl.supervisor import proxy_processes
 
 COLUMNS = "dialog_key, user_lo, user_hi, id, from_lo, text, created_at, idempotency_key"
 
@@ -55,9 +61,6 @@ FROM bench_dialogs d, LATERAL (
 WHERE d.i = :i;
 """
 
-SEND_BODY = json.dumps({"text": "hello, this is a message"})
-
-
 async def raw_inserts(dsn: str, clients: int, seconds: float) -> load.Load:
     """Single-row autocommit INSERTs into a scratch copy of the messages table (pgbench)."""
     await _sql(dsn, "DROP TABLE IF EXISTS bench_raw; CREATE TABLE bench_raw (LIKE messages INCLUDING ALL)")
@@ -73,17 +76,6 @@ async def _sql(dsn: str, sql: str) -> None:
         await con.execute(sql)
     finally:
         await con.close()
-
-
-def send_requests(users: list[tuple[str, str]], count: int = 2000) -> list[dict[str, object]]:
-    """Sends between random pairs of registered users (a recipient must exist)."""
-    rng = random.Random(7)
-    requests = []
-    for _ in range(count):
-        (_, token), (other, _) = rng.sample(users, 2)
-        requests.append({"method": "POST", "path": f"/dialog/{other}/send", "body": SEND_BODY,
-                         "headers": {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}})
-    return requests
 
 
 def list_requests(dialogs: list[tuple[int, Any, Any]], count: int = 2000) -> list[dict[str, object]]:
@@ -160,58 +152,13 @@ async def copy_rates(cluster: BenchCluster, client: Client) -> dict[str, Any]:
     }
 
 
-async def cutover_pause(client: Client, users: list[tuple[str, str]], concurrency: int,
-                        method: str, path: str, body: Any = None) -> dict[str, Any]:
-    """Run a migration while `concurrency` senders write; latency of sends in flight at its cutover."""
-    stop = asyncio.Event()
-    samples: list[tuple[float, float, int]] = []
-
-    async def send_forever(index: int) -> None:
-        rng = random.Random(100 + index)
-        while not stop.is_set():
-            (_, token), (other, _) = rng.sample(users, 2)
-            started = time.monotonic()
-            status, _ = await client.call("POST", f"/dialog/{other}/send", proxy=index, token=token,
-                                          body={"text": "during the cutover"})
-            samples.append((started, time.monotonic(), status))
-
-    senders = [asyncio.ensure_future(send_forever(i)) for i in range(concurrency)]
-    await asyncio.sleep(2)
-    migration_started = time.monotonic()
-    status, migration = await client.admin(method, path, body)
-    assert status == 202, migration
-    seen = await client.follow(migration["migration_id"])
-    await asyncio.sleep(1)
-    stop.set()
-    await asyncio.gather(*senders)
-    result = seen["result"]
-    if result["phase"] != "done":
-        raise RuntimeError(f"the migration did not finish: {result}")
-    window = (seen["cutover"], (seen["cleanup"] if "cleanup" in seen else seen["done"]) + 0.05)
-    during = [end - start for start, end, _ in samples if start <= window[1] and end >= window[0]]
-    before = [end - start for start, end, _ in samples if end < migration_started]
-    return {
-        "migration": f"{result['kind']} {result['shard_id']}",
-        "senders_in_flight": concurrency,
-        "sends": len(samples),
-        "failed": sum(1 for *_, s in samples if s != 200),
-        "freeze_to_flip_ms": result["last_pause_ms"],
-        "cutover_attempts": result["cutover_attempts"],
-        "sends_overlapping_cutover": len(during),
-        "pause_p50_ms": quantile(during, 0.5) * 1000,
-        "pause_p99_ms": quantile(during, 0.99) * 1000,
-        "pause_max_ms": max(during) * 1000 if during else float("nan"),
-        "steady_p99_ms": quantile(before, 0.99) * 1000,
-    }
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = scratch_folder("dialogs-bench-")
     try:
         cluster = BenchCluster(tmp)
         try:
             print("starting servers, workers and proxies…", flush=True)
-            await cluster.start()
+            await cluster.start(processes=args.proxy_processes)
             dialogs = await preload(cluster, args.rows)
             connector = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=connector) as session:
@@ -220,15 +167,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 proxy_url = cluster.proxy_urls[0]
                 sends = send_requests(users)
-                print("1/4 send throughput (wrk, pgbench, the naive monolith)…", flush=True)
+                print("1/6 send throughput (wrk, pgbench, the naive monolith)…", flush=True)
                 raw = await raw_inserts(cluster.dsn("shard-1"), args.concurrency, args.seconds)
                 monolith = monolith_sends(cluster.dsn("shard-1"), sends, args.concurrency, args.seconds)
-                processes = {"proxy": cluster.proxies[0], **{f"worker {s}": w for s, w in cluster.workers.items()}}
-                with load.PeakRss({name: child.process.pid for name, child in processes.items()
-                                   if child.process is not None}) as send_rss:
+                with load.PeakRss(_service_pids(cluster)) as send_rss:
                     proxied = load.wrk(proxy_url, sends, args.concurrency, args.seconds)
 
-                print("2/4 lists (wrk through a proxy, pgbench directly)…", flush=True)
+                print("2/6 lists (wrk through a proxy, pgbench directly)…", flush=True)
                 lists = list_requests(dialogs)
                 shard_dialogs = await _count(cluster.dsn("shard-1"), "SELECT count(*) FROM bench_dialogs")
                 list_runs = {
@@ -242,10 +187,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 pauses: list[dict[str, Any]] = []
                 runner_log: list[str] = []
                 if not args.skip_resharding:
-                    print("3/4 resharding copy rate…", flush=True)
+                    print("3/6 resharding copy rate…", flush=True)
                     copy = await copy_rates(cluster, client)
 
-                    print("4/4 cutover pause under load…", flush=True)
+                    print("4/6 cutover pause under load…", flush=True)
                     # Once with headroom, once with the machine saturated (see steady_p99_ms).
                     pauses = [
                         await cutover_pause(client, users, args.pause_concurrency, "DELETE", "/admin/shards/shard-3"),
@@ -257,10 +202,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             cluster.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    write_scaling: dict[str, Any] | None = None
+    data_growth: dict[str, Any] | None = None
+    # These two start clusters of their own; a failure there must not cost the figures above.
+    if not args.skip_scaling:
+        print("5/6 write scaling with CPU-capped shards…", flush=True)
+        write_scaling = await _section(scaling.scaling(args.scaling_cores, 32, args.seconds))
+    if not args.skip_growth:
+        print("6/6 adding a shard as data grows…", flush=True)
+        data_growth = await _section(growth.growth((100_000, 1_000_000), args.pause_concurrency))
     return {
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "send_throughput": {
             "connections": args.concurrency,
+            "proxy_processes": args.proxy_processes,
             "proxy": proxied.to_json(),
             "naive_monolith": monolith.to_json(),
             "raw_insert_pgbench": raw.to_json(),
@@ -285,7 +240,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "runner_log": runner_log,
             "target": "p99 < 250 ms, max < 1000 ms, no failed sends",
         },
+        "write_scaling": write_scaling,
+        "data_growth": data_growth,
     }
+
+
+async def _section(measurement: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return await measurement
+    except Exception as exc:  # reported in the results, next to the figures that did come
+        print(f"   failed: {exc!r}", flush=True)
+        return {"error": repr(exc)}
+
+
+def _service_pids(cluster: BenchCluster) -> dict[str, int]:
+    """The first proxy (each of its processes, when it runs several) and every worker."""
+    pids: dict[str, int] = {}
+    proxy = cluster.proxies[0].process
+    assert proxy is not None
+    children = psutil.Process(proxy.pid).children()
+    if children:
+        pids.update({f"proxy process {index}": child.pid for index, child in enumerate(children)})
+    else:
+        pids["proxy"] = proxy.pid
+    pids.update({f"worker {s}": w.process.pid for s, w in cluster.workers.items() if w.process is not None})
+    return pids
 
 
 async def _count(dsn: str, sql: str) -> int:
@@ -303,15 +282,72 @@ def main() -> None:
     parser.add_argument("--pause-concurrency", type=int, default=8,
                         help="senders during the first measured cutover (the second uses --concurrency)")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput run")
-    parser.add_argument("--skip-resharding", action="store_true", help="only the send and list figures")
+    parser.add_argument("--skip-resharding", action="store_true", help="no copy-rate and cutover figures")
+    parser.add_argument("--skip-scaling", action="store_true", help="no write-scaling figures")
+    parser.add_argument("--skip-growth", action="store_true", help="no growth-with-data figures")
+    parser.add_argument("--proxy-processes", type=int, default=proxy_processes(),
+                        help="DIALOGS_PROCESSES of the measured proxy (default: what `dialogs up` picks)")
+    parser.add_argument("--scaling-cores", type=float, default=0.03,
+                        help="CPU cap of each shard's PostgreSQL in the write-scaling runs, in cores")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latest.json")
     args = parser.parse_args()
     results = asyncio.run(run(args))
     results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     text = json.dumps(results, indent=2)
-    print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
+    print(summary(results))
+    print(f"\nall figures: {args.out}")
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The figures against their baselines and targets, as a table."""
+    rows: list[tuple[str, str, str, str]] = []
+    sends = results["send_throughput"]
+    rows.append(("sends/s through a proxy vs the naive monolith",
+                 f"{sends['proxy']['per_second']:,.0f} / {sends['naive_monolith']['per_second']:,.0f}",
+                 f"{sends['ratio_to_monolith']:.2f}x", ">= 1.5x"))
+    rows.append(("sends/s through a proxy vs raw INSERTs (pgbench)",
+                 f"{sends['proxy']['per_second']:,.0f} / {sends['raw_insert_pgbench']['per_second']:,.0f}",
+                 f"{sends['ratio_to_raw_insert']:.3f}x", ">= 0.4x"))
+    lists = results["lists"]
+    rows.append(("list p50 added at 1 connection", f"{lists['proxy_1']['p50_ms']:.2f} - {lists['direct_1']['p50_ms']:.2f} ms",
+                 f"{lists['added_p50_ms_at_1']:.2f} ms", "<= 1.0 ms"))
+    rows.append(("lists/s at 32 vs the query directly",
+                 f"{lists['proxy_32']['per_second']:,.0f} / {lists['direct_32']['per_second']:,.0f}",
+                 f"{lists['throughput_ratio_at_32']:.3f}x", ">= 0.25x"))
+    if results["copy_rate"]:
+        copy = results["copy_rate"]
+        rows.append(("resharding copy vs COPY (rows/s)",
+                     f"{copy['migration_rows_per_second']:,.0f} / {copy['baseline_rows_per_second']:,.0f}",
+                     f"{copy['ratio']:.2f}x", ">= 0.5x"))
+    for run in results["cutover_pause"]["runs"]:
+        rows.append((f"cutover pause, {run['migration']}, {run['senders_in_flight']} senders",
+                     f"max {run['pause_max_ms']:.0f} ms, {run['failed']} failed", f"p99 {run['pause_p99_ms']:.0f} ms",
+                     "p99 < 250 ms"))
+    scaled = results.get("write_scaling") or {}
+    grown = results.get("data_growth") or {}
+    for run in scaled.get("runs", []):
+        rows.append((f"sends/s, {run['shards']} CPU-capped shard(s), {run['connections']} connections",
+                     f"{run['per_second']:,.0f}", f"{scaled['speedup'][str(run['shards']) + '_shards']:.2f}x",
+                     {1: "1x", 2: ">= 1.8x", 4: ">= 3.2x"}.get(run["shards"], "")))
+    for problem in ("skipped", "error"):
+        if problem in scaled:
+            rows.append(("write scaling", problem, scaled[problem], ""))
+        if problem in grown:
+            rows.append(("growth with data", problem, grown[problem], ""))
+    for run in grown.get("runs", []):
+        rows.append((f"add a shard over {run['stored_messages']:,} messages",
+                     f"{run['rows_copied']:,} rows in {run['copy_seconds']:.1f} s",
+                     f"pause p99 {run['pause_p99_ms']:.0f} ms", "pause flat"))
+    for name, mib in sends["peak_rss_mib"].items():
+        rows.append((f"peak RSS under send load, {name}", f"{mib:.0f} MiB", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    header = ("figure", "measured", "ratio", "target")
+    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in [header, tuple("-" * w for w in widths), *rows]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

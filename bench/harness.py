@@ -9,6 +9,7 @@ import random
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,19 @@ from proxy.bootstrap import bootstrap
 JWT_SECRET = "bench-secret-" + "b" * 40
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 INTERNAL_SECRET = "bench-internal-secret-" + "i" * 32
-SERVERS = ("meta", "shard-1", "shard-2", "shard-3")
 
 
 @dataclass
 class BenchCluster:
+    """Metadata, ``shards`` shard servers in the first map and ``spares`` more for migrations.
+
+    ``on_shard_server`` sees each shard's PostgreSQL once it runs (bench/scaling.py caps its CPU).
+    """
+
     base: Path
+    shards: int = 2
+    spares: int = 1
+    on_shard_server: Callable[[str, LocalPostgres], None] | None = None
     servers: dict[str, LocalPostgres] = field(default_factory=dict)
     workers: dict[str, Child] = field(default_factory=dict)
     proxies: list[Child] = field(default_factory=list)
@@ -44,14 +52,19 @@ class BenchCluster:
     def proxy_urls(self) -> list[str]:
         return [child.health_url.removesuffix("/health") for child in self.proxies]
 
-    async def start(self, proxies: int = 2) -> None:
-        for name in SERVERS:
+    async def start(self, proxies: int = 2, processes: int = 1) -> None:
+        """The first proxy runs ``processes`` processes on its port (DIALOGS_PROCESSES)."""
+        shard_ids = [f"shard-{number}" for number in range(1, self.shards + self.spares + 1)]
+        for name in ["meta", *shard_ids]:
             server = LocalPostgres(self.base / "pg" / name, free_port(), password=new_password(),
                                    settings={"max_connections": "300"})
             server.start()
             self.servers[name] = server
-        await bootstrap(self.dsn("meta"), {"shard-1": self.dsn("shard-1"), "shard-2": self.dsn("shard-2")})
-        for shard_id in ("shard-1", "shard-2"):
+            if name != "meta" and self.on_shard_server is not None:
+                self.on_shard_server(name, server)
+        first = shard_ids[: self.shards]
+        await bootstrap(self.dsn("meta"), {shard_id: self.dsn(shard_id) for shard_id in first})
+        for shard_id in first:
             self.start_worker(shard_id)
         for index in range(proxies):
             port = free_port()
@@ -67,6 +80,7 @@ class BenchCluster:
                     "DIALOGS_PASSWORD_TIME_COST": "1",
                     "DIALOGS_PASSWORD_MEMORY_KIB": "1024",
                     "DIALOGS_HEARTBEAT_INTERVAL": "0.5",
+                    "DIALOGS_PROCESSES": str(processes if index == 0 else 1),
                 },
                 log_file=self.base / "logs" / f"proxy-{index}.log",
                 health_url=f"http://127.0.0.1:{port}/health",
@@ -153,6 +167,20 @@ class Client:
             await asyncio.sleep(poll)
 
 
+SEND_BODY = json.dumps({"text": "hello, this is a message"})
+
+
+def send_requests(users: list[tuple[str, str]], count: int = 2000) -> list[dict[str, object]]:
+    """Sends between random pairs of registered users (a recipient must exist)."""
+    rng = random.Random(7)
+    requests = []
+    for _ in range(count):
+        (_, token), (other, _) = rng.sample(users, 2)
+        requests.append({"method": "POST", "path": f"/dialog/{other}/send", "body": SEND_BODY,
+                         "headers": {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}})
+    return requests
+
+
 async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 20000) -> list[tuple[int, Any, Any]]:
     """Synthetic messages written straight into the shards, each on the shard the active ring names.
 
@@ -197,6 +225,53 @@ async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 200
         finally:
             await con.close()
     return pairs
+
+
+async def cutover_pause(client: Client, users: list[tuple[str, str]], concurrency: int,
+                        method: str, path: str, body: Any = None) -> dict[str, Any]:
+    """Run a migration while `concurrency` senders write; latency of sends in flight at its cutover."""
+    stop = asyncio.Event()
+    samples: list[tuple[float, float, int]] = []
+
+    async def send_forever(index: int) -> None:
+        rng = random.Random(100 + index)
+        while not stop.is_set():
+            (_, token), (other, _) = rng.sample(users, 2)
+            started = time.monotonic()
+            status, _ = await client.call("POST", f"/dialog/{other}/send", proxy=index, token=token,
+                                          body={"text": "during the cutover"})
+            samples.append((started, time.monotonic(), status))
+
+    senders = [asyncio.ensure_future(send_forever(i)) for i in range(concurrency)]
+    await asyncio.sleep(2)
+    migration_started = time.monotonic()
+    status, migration = await client.admin(method, path, body)
+    assert status == 202, migration
+    seen = await client.follow(migration["migration_id"])
+    await asyncio.sleep(1)
+    stop.set()
+    await asyncio.gather(*senders)
+    result = seen["result"]
+    if result["phase"] != "done":
+        raise RuntimeError(f"the migration did not finish: {result}")
+    window = (seen["cutover"], (seen["cleanup"] if "cleanup" in seen else seen["done"]) + 0.05)
+    during = [end - start for start, end, _ in samples if start <= window[1] and end >= window[0]]
+    before = [end - start for start, end, _ in samples if end < migration_started]
+    return {
+        "migration": f"{result['kind']} {result['shard_id']}",
+        "senders_in_flight": concurrency,
+        "sends": len(samples),
+        "failed": sum(1 for *_, s in samples if s != 200),
+        "freeze_to_flip_ms": result["last_pause_ms"],
+        "cutover_attempts": result["cutover_attempts"],
+        "sends_overlapping_cutover": len(during),
+        "pause_p50_ms": quantile(during, 0.5) * 1000,
+        "pause_p99_ms": quantile(during, 0.99) * 1000,
+        "pause_max_ms": max(during) * 1000 if during else float("nan"),
+        "steady_p99_ms": quantile(before, 0.99) * 1000,
+        "rows_copied": result["rows_copied"],
+        "copy_seconds": seen.get("catchup", seen["cutover"]) - seen.get("copy", migration_started),
+    }
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -19,8 +19,7 @@ from pathlib import Path
 import aiohttp
 
 from bench import load
-from bench.__main__ import send_requests
-from bench.harness import BenchCluster, Client
+from bench.harness import BenchCluster, Client, send_requests
 from dialogsctl.embedded import scratch_folder
 
 
