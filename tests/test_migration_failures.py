@@ -312,3 +312,67 @@ async def test_remove_then_add_back(bare_cluster: Cluster) -> None:
         assert result["phase"] == "done", result
         for peer in peers:
             assert [m["text"] for m in (await api.list(token, peer)).json] == ["hello"]
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["quiet-dialog", "dialog-written-throughout"])
+async def test_a_target_that_lost_a_row_aborts_the_migration(bare_cluster: Cluster, written: bool) -> None:
+    """A row missing on the target is caught before the flip, whether its dialog is quiet or
+    written to all through pre-verification (whose shortcuts excuse dialogs written past a
+    head from the whole-range check: they must still be checked one by one). The migration
+    aborts; the source kept every message."""
+    cluster = bare_cluster
+    for shard_id in ("shard-1", "shard-2"):
+        await cluster.start_worker(shard_id)
+    await cluster.start_proxy()
+    api = cluster.api
+    anna, token = await api.user("Anna")
+    topology = cluster.proxies[0].app[TOPOLOGY]
+    assert topology.map is not None
+    new_map = topology.map.with_shard("shard-3")
+    while True:  # a peer whose dialog with Anna moves to shard-3
+        peer = await api.register("Peer")
+        key = dialog_key(uuid.UUID(anna), uuid.UUID(peer))
+        if new_map.owner(key) == "shard-3":
+            break
+    sent = [f"old {n}" for n in range(5)]
+    for text in sent:
+        assert (await api.send(token, peer, text)).status == 200
+
+    # No worker on shard-3 yet: the runner copies, then waits in catch-up for one.
+    started = await cluster.admin("POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]})
+    migration_id = started.json["migration_id"]
+
+    async def copied() -> bool:
+        return (await _phase(cluster, migration_id))["phase"] == "catchup"
+
+    await _until(copied)
+    deleted = await cluster.shard_fetch(
+        "shard-3", "DELETE FROM messages WHERE dialog_key = $1 AND id = (SELECT min(id) FROM messages"
+        " WHERE dialog_key = $1) RETURNING text", key,
+    )
+    assert [row["text"] for row in deleted] == ["old 0"]
+
+    stop = asyncio.Event()
+
+    async def keep_writing() -> None:
+        number = 0
+        while not stop.is_set():
+            reply = await api.send(token, peer, f"new {number}")
+            assert reply.status == 200, reply.body
+            sent.append(f"new {number}")
+            number += 1
+            await asyncio.sleep(0.005)
+
+    writer = asyncio.ensure_future(keep_writing()) if written else None
+    try:
+        await cluster.start_worker("shard-3")
+        result = await cluster.wait_migration(migration_id)
+    finally:
+        stop.set()
+        if writer is not None:
+            await writer
+    assert result["phase"] == "aborted", result
+    assert "differ" in result["error"], result
+    assert (await cluster.active_map()).owner(key) != "shard-3"
+    texts = [m["text"] for m in await api.whole_dialog(token, peer)]
+    assert texts == list(reversed(sent))

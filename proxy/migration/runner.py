@@ -30,6 +30,7 @@ CUTOVER_BACKLOG = 200  # catch up until at most this many delta rows remain, the
 MAX_STALLED_ROUNDS = 20  # ...or until the backlog has stopped shrinking for this many rounds
 MAX_VERIFY_ROUNDS = 6  # pre-verification rounds before the cutover...
 SETTLED_RANGES = 16  # ...stop once at most this many ranges are left for the cutover to re-check
+DIALOG_ROUNDS = 2  # then rounds that verify, one by one, the dialogs written since (_settle_dialogs)
 MAX_CUTOVER_ATTEMPTS = 5
 DELTA_BATCH = 5000
 
@@ -97,6 +98,8 @@ class _Run:
         # delta head before its digests, and the ranges that differed.
         self._verified_from: dict[str, Watermark] | None = None
         self._suspects: set[int] = set()
+        self._suspect_dialogs: dict[str, set[int]] = {}  # per source: dialogs that differed in a settling round
+        self._verified_at_cutover = (0, 0)  # (ranges digested whole, single dialogs) at the last cutover
 
     async def _set(self, state: str, shards: list[str], spans_of: Callable[[str], list[Span]]) -> None:
         """Give each shard's spans ``state``, on all shards at once (one round trip each)."""
@@ -224,6 +227,12 @@ class _Run:
             async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
                 await self._forget_uncheckpointed(tgt, states)
                 await self._copy_pair(src, tgt, states)
+        # The targets' tables were just filled in bulk, faster than autovacuum follows:
+        # without fresh statistics the planner scans whole tables for the digests that
+        # verify single dialogs, and the cutover pause grows with the data copied.
+        for target in self.targets:
+            async with self.pools[target].acquire() as tgt:
+                await shard_sql.analyze(tgt)
         self.ranges = await migrations.ranges(self.meta, migration.migration_id)
         await migrations.set_phase(self.meta, migration.migration_id, Phase.CATCHUP)
 
@@ -321,20 +330,68 @@ class _Run:
         ranges remain unverified; the cutover re-checks those and whatever is written after
         the last head. By induction every other range matched as of the last head.
         """
+        self._suspect_dialogs = {}
         heads = await self._delta_heads()
         check: set[int] | None = None  # None: every range
         for _ in range(MAX_VERIFY_ROUNDS):
-            suspects = await self._mismatched(check)
+            # Everything logged up to the head is on the target before the digests: what
+            # differs then was written past the head (see _beyond_writes) or is wrong.
+            await self._copy_pending(seq)
+            suspects = await self._beyond_writes(await self._mismatched(check), heads)
             self._verified_from, self._suspects = heads, suspects
-            copied = 0
-            while batch := await self._copy_delta(seq, DELTA_BATCH):
-                copied += batch
-            await migrations.save_delta(self.meta, self.migration.migration_id, seq, copied)
             newer = await self._delta_heads()
             check = suspects | await self._touched(heads, newer)
             if len(check) <= SETTLED_RANGES:
-                return
+                break
             heads = newer
+        await self._settle_dialogs(seq)
+
+    async def _settle_dialogs(self, seq: dict[str, Watermark]) -> None:
+        """Bring the verified head close to the cutover at a cost that follows the writes.
+
+        The rounds above end with a head taken before their digests, which take longer the
+        more rows a range holds; every dialog written since would be re-checked during the
+        pause. Each round here copies what is pending, takes a new head, and checks one by
+        one the dialogs written between the verified head and the new one (outside the
+        suspect ranges): those that match are verified as of the new head (messages are
+        append-only), those that differ are re-checked at the cutover. A round costs what
+        the writes it covers cost, so a few of them leave the cutover a few dialogs,
+        however much data the ranges hold.
+        """
+        assert self._verified_from is not None
+        for _ in range(DIALOG_ROUNDS):
+            newer = await self._delta_heads()
+            await self._copy_pending(seq)
+            for (source, target), keys in (await self._written(self._verified_from, newer)).items():
+                async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
+                    theirs, ours = await asyncio.gather(
+                        shard_sql.mixed_digests(src, [], keys), shard_sql.mixed_digests(tgt, [], keys)
+                    )
+                self._suspect_dialogs.setdefault(source, set()).update(
+                    key for key in keys if theirs.get(("dialog", key)) != ours.get(("dialog", key))
+                )
+            self._verified_from = newer
+
+    async def _copy_pending(self, seq: dict[str, Watermark]) -> None:
+        """Copy every delta row logged so far (advancing ``seq``) and save the watermarks."""
+        copied = 0
+        while batch := await self._copy_delta(seq, DELTA_BATCH):
+            copied += batch
+        await migrations.save_delta(self.meta, self.migration.migration_id, seq, copied)
+
+    async def _written(
+        self, since: dict[str, Watermark], until: dict[str, Watermark] | None = None
+    ) -> dict[tuple[str, str], list[int]]:
+        """Dialogs with a delta entry in (since, until] outside the suspect ranges, by (source, target)."""
+        written: dict[tuple[str, str], list[int]] = {}
+        for source, head in since.items():
+            async with self.pools[source].acquire() as con:
+                keys = await shard_sql.delta_keys(con, head, None if until is None else until[source])
+            for key in keys:
+                move = self._move_of(source, key)
+                if move.lo not in self._suspects:
+                    written.setdefault((source, move.target), []).append(key)
+        return written
 
     async def _delta_heads(self) -> dict[str, Watermark]:
         heads = {}
@@ -363,6 +420,42 @@ class _Run:
                 theirs, ours = await asyncio.gather(shard_sql.digests(src, spans), shard_sql.digests(tgt, spans))
             bad |= {lo for lo in theirs if theirs[lo] != ours.get(lo)}
         return bad
+
+    async def _beyond_writes(self, bad: set[int], heads: dict[str, Watermark]) -> set[int]:
+        """Of the moves in ``bad``, those that still differ once the dialogs written past
+        ``heads`` are left out of the comparison.
+
+        Digested while writes flow, a range differs whenever a row has reached its source
+        and not yet its target: under steady writes, most ranges written during a round.
+        Those dialogs are in the delta log past ``heads``, and the cutover checks each of
+        them on its own, so the rest of such a range need not be digested again during the
+        pause (where a whole range costs time proportional to the rows it holds). Here each
+        is digested once more with those dialogs subtracted: range and dialog digests come
+        from one statement on each side (one snapshot), and digests add up. A range that
+        then matches is no longer a suspect; one written meanwhile in another dialog stays
+        one (safe: it is re-checked whole).
+        """
+        if not bad:
+            return bad
+        written: dict[str, list[int]] = {}
+        for source, head in heads.items():
+            async with self.pools[source].acquire() as con:
+                written[source] = await shard_sql.delta_keys(con, head)
+        still: set[int] = set()
+        for (source, target), spans in self._pairs().items():
+            spans = [s for s in spans if s.lo in bad]
+            if not spans:
+                continue
+            keys = [key for key in written.get(source, []) if self._move_of(source, key).lo in bad]
+            async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
+                theirs, ours = await asyncio.gather(
+                    shard_sql.mixed_digests(src, spans, keys), shard_sql.mixed_digests(tgt, spans, keys)
+                )
+            for span in spans:
+                inside = [key for key in keys if self._move_of(source, key).lo == span.lo]
+                if _without(theirs, span, inside) != _without(ours, span, inside):
+                    still.add(span.lo)
+        return still
 
     async def _targets_without_workers(self) -> list[str]:
         live = {w.shard_id for w in await members.workers(self.meta) if w.age_seconds <= self.settings.liveness_ttl}
@@ -415,7 +508,9 @@ class _Run:
                 return
         self.observer.cutover(time.monotonic() - started, True)
         took = [f"{name} {(b - a) * 1000:.1f}" for name, a, b in zip(("freeze", "verify", "hand-over"), steps, steps[1:])]
-        log.info("migration %s cut over in %.1f ms (%s ms)", migration.migration_id, pause * 1000, ", ".join(took))
+        ranges, dialogs = self._verified_at_cutover
+        log.info("migration %s cut over in %.1f ms (%s ms; verified %d ranges whole and %d dialogs)",
+                 migration.migration_id, pause * 1000, ", ".join(took), ranges, dialogs)
 
     async def _freeze(self, watermarks: dict[str, Watermark]) -> dict[str, list[asyncpg.Record]]:
         """Sources stop taking writes in moving ranges (in-flight ones commit first: the fence)
@@ -449,13 +544,14 @@ class _Run:
                 rows_by_pair[(source, self._move_of(source, row["dialog_key"]).target)].append(row)
         keys_by_pair: dict[tuple[str, str], list[int]] = {pair: [] for pair in pairs}
         if self._verified_from is not None:
-            for source, head in self._verified_from.items():
-                async with self.pools[source].acquire() as con:
-                    keys = await shard_sql.delta_keys(con, head)
+            for pair, keys in (await self._written(self._verified_from)).items():
+                keys_by_pair[pair].extend(keys)
+            for source, keys in self._suspect_dialogs.items():
                 for key in keys:
                     move = self._move_of(source, key)
                     if move.lo not in self._suspects:
                         keys_by_pair[(source, move.target)].append(key)
+            keys_by_pair = {pair: sorted(set(keys)) for pair, keys in keys_by_pair.items()}
             pairs = {pair: [s for s in spans if s.lo in self._suspects] for pair, spans in pairs.items()}
 
         async def compare(source: str, target: str) -> None:
@@ -473,6 +569,7 @@ class _Run:
                     f" source {theirs[bad[0]]}, target {ours.get(bad[0])}"
                 )
 
+        self._verified_at_cutover = (sum(len(s) for s in pairs.values()), sum(len(k) for k in keys_by_pair.values()))
         await asyncio.gather(*(compare(source, target) for source, target in pairs))
 
     def _move_of(self, source: str, key: int) -> Move:
@@ -536,3 +633,11 @@ class _Run:
                 await shard_sql.delete_spans(con, self.arriving(shard_id))
         await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTED)
 
+
+def _without(digests: shard_sql.MixedDigests, span: Span, keys: list[int]) -> tuple[int, int]:
+    """The digest of ``span`` with the dialogs ``keys`` taken out (digests are sums)."""
+    rows, checksum = digests.get(("range", span.lo), (0, 0))
+    for key in keys:
+        key_rows, key_checksum = digests.get(("dialog", key), (0, 0))
+        rows, checksum = rows - key_rows, checksum - key_checksum
+    return rows, checksum

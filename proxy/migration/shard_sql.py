@@ -297,6 +297,11 @@ async def delete_span_batch(con: asyncpg.Connection, span: Span, batch: int) -> 
     return int(status.split()[-1])
 
 
+async def analyze(con: asyncpg.Connection) -> None:
+    """Fresh planner statistics for ``messages`` (after a bulk copy into it)."""
+    await con.execute("ANALYZE messages")
+
+
 async def message_count(con: asyncpg.Connection) -> int:
     """Messages on the shard, counted (``dialogs status``)."""
     return await con.fetchval("SELECT count(*) FROM messages")
