@@ -5,7 +5,10 @@
     ├── Unauthorized                401  missing, malformed or tampered token
     │   └── TokenExpired            401  a valid token past its exp
     ├── Forbidden                   403  authenticated, but not allowed (admin API)
-    ├── NotFound                    404  unknown user, shard, migration or route
+    ├── NotFound                    404  no such route
+    │   ├── UserNotFound            404  unknown user
+    │   ├── ShardNotFound           404  a shard the shard map does not have
+    │   └── MigrationNotFound       404  unknown migration id
     ├── MethodNotAllowed            405  a known route, another method
     ├── RequestTimeout              408  the request body did not arrive in time
     ├── Conflict                    409  the request clashes with current state
@@ -72,7 +75,19 @@ class Forbidden(DialogsError):
 
 
 class NotFound(DialogsError):
-    status, code, default_message = 404, 40401, "not found"
+    status, code, default_message = 404, 40401, "no such route"
+
+
+class UserNotFound(NotFound):
+    code, default_message = 40402, "user not found"
+
+
+class ShardNotFound(NotFound):
+    code, default_message = 40403, "no such shard in the shard map"
+
+
+class MigrationNotFound(NotFound):
+    code, default_message = 40404, "no such migration"
 
 
 class MethodNotAllowed(DialogsError):

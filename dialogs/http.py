@@ -121,6 +121,8 @@ def make_middleware(metrics: RequestMetrics) -> Callable[..., Awaitable[web.Stre
         except web.HTTPException as exc:
             mapped = _HTTP_ERRORS.get(exc.status) or errors.DialogsError(exc.reason)
             response = error_response(mapped, request_id, status=exc.status)
+            if "Allow" in exc.headers:  # a 405 says which methods the route takes (RFC 9110)
+                response.headers["Allow"] = exc.headers["Allow"]
         except Exception:
             log.exception("unhandled error")
             response = error_response(errors.DialogsError(), request_id)
@@ -168,10 +170,15 @@ def bearer_token(request: web.Request, missing: str = "missing bearer token") ->
     A token is printable ASCII (RFC 6750's b64token); anything else, such as header bytes
     that are not UTF-8, is refused here rather than failing later in a decoder.
     """
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    header = request.headers.get("Authorization")
+    if header is None or not header.strip():
         raise errors.Unauthorized(missing)
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer":
+        raise errors.Unauthorized("the Authorization header must use the Bearer scheme: `Authorization: Bearer <token>`")
+    if not token:
+        raise errors.Unauthorized("the bearer token is empty: `Authorization: Bearer <token>`")
     if not (token.isascii() and token.isprintable()):
         raise errors.Unauthorized("malformed bearer token")
     return token

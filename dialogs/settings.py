@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import attrs
 import environ
 
+from dialogs.pg import dsn_problem
+
 PREFIX = "DIALOGS"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -96,15 +98,17 @@ def flag(default: bool, *, help: str) -> Any:
     return environ.bool_var(default, help=help)
 
 
-def _dsn(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith(("postgresql://", "postgres://")):
-        raise ValueError
-    return value
-
-
 def dsn(*, help: str) -> Any:
-    """A required PostgreSQL URL. Its password must be URL-encoded (``%40`` for ``@``)."""
-    return _var(REQUIRED, _kind("a postgresql:// URL", _dsn), help)
+    """A required PostgreSQL URL. Its password must be URL-encoded (``%40`` for ``@``);
+    a bad one is named without echoing the value (it holds a password)."""
+
+    def convert(value: Any, field: attrs.Attribute) -> str:  # type: ignore[type-arg]
+        problem = dsn_problem(value)
+        if problem is not None:
+            raise ValueError(f"{variable(field)} {problem}")
+        return value
+
+    return _var(REQUIRED, attrs.Converter(convert, takes_field=True), help)  # type: ignore[call-overload]
 
 
 def secret(min_length: int, default: Any = REQUIRED, *, help: str, empty_ok: bool = False) -> Any:

@@ -30,7 +30,10 @@ class AdminClient:
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
+                raw = response.read()
+            return json.loads(raw)
+        except ValueError:
+            raise AdminError(0, f"{self.url} did not answer JSON: is it a Dialogs proxy?") from None
         except urllib.error.HTTPError as error:
             try:
                 message = json.loads(error.read()).get("message", error.reason)

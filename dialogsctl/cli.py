@@ -15,10 +15,24 @@ from rich.table import Table
 
 from dialogs import pg
 from dialogs.metastore import maps, members
-from dialogs.wire import Phase
+from dialogs.wire import FINISHED_PHASES, Phase
 from proxy.migration import shard_sql
 
 DEFAULT_DATA_DIR = ".dialogs"
+
+
+def _console() -> Console:
+    """A console for tables: when stdout is not a terminal (piped, redirected), lines are
+    never cut to 80 columns: URLs and DSNs are printed whole."""
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
+
+
+def _no_cluster(data_dir: Path) -> str:
+    return (
+        f"no local cluster in {data_dir.resolve()} (it has no cluster.json). `dialogs up` keeps its cluster in"
+        f" {DEFAULT_DATA_DIR}/ of the folder it was started in: point there with --data-dir PATH or"
+        " DIALOGS_DATA_DIR=PATH, start one with `dialogs up`, or reach any deployment with --url and --token"
+    )
 
 
 def _data_dir_option() -> click.Option:  # type: ignore[return-value]
@@ -69,47 +83,88 @@ def up(data_dir: Path, port: int, shards: int, with_prometheus: bool) -> None:
 
 @main.command()
 @_data_dir_option()
-def status(data_dir: Path) -> None:
-    """Show the active shard map, each shard's share of keys and rows, and the workers."""
+@click.option("--url", envvar="DIALOGS_ADMIN_URL", help="A proxy's URL, for any deployment [env DIALOGS_ADMIN_URL].")
+@click.option("--token", envvar="DIALOGS_ADMIN_TOKEN", help="Its admin token [env DIALOGS_ADMIN_TOKEN].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the tables.")
+def status(data_dir: Path, url: str | None, token: str | None, as_json: bool) -> None:
+    """Show the active shard map, each shard's share of keys and rows, and the workers.
+
+    Of the local cluster in --data-dir (rows counted in each shard); with --url/--token (or
+    DIALOGS_ADMIN_URL/DIALOGS_ADMIN_TOKEN), of any deployment, through its admin API."""
     from dialogsctl.cluster import ClusterLayout
     from dialogsctl.pg_auth import redacted
 
-    console = Console(soft_wrap=True)
+    if url or token:  # (the other one, if missing, from the local cluster)
+        _remote_status(_client(data_dir, url, token), as_json)
+        return
     layout = ClusterLayout.load(data_dir.resolve())
     if layout is None:
-        console.print(f"[red]no cluster in {data_dir.resolve()}[/red]: run `dialogs up` first")
+        click.echo(_no_cluster(data_dir), err=True)
         sys.exit(1)
+    console = _console()
     try:
         report = asyncio.run(_status(layout.metadata_dsn))
     except pg.FAILURES as exc:
         console.print(f"[red]metadata database unreachable[/red] ({exc}); is `dialogs up` running?")
         sys.exit(1)
     shard_map, shards, workers, rows, running = report
-    console.print(f"proxy {layout.proxy_url}   active map version [bold]{shard_map.map_version}[/bold]")
-    if running is not None:
-        from dialogsctl.progress import describe
-
-        progress = running.to_json()
-        console.print(
-            describe(progress) + f", rows copied {progress['rows_copied']:,} of {progress['rows_total']:,},"
-            f" {progress['elapsed_seconds']:.0f}s elapsed",
-            highlight=False,
-        )
-    else:
-        console.print("no migration running")
-    table = Table("shard", "weight", "share of keys", "rows", "workers", "dsn")
     shares = shard_map.ring.shares()
-    for shard_id in shard_map.shard_ids:
-        live = [w for w in workers if w.shard_id == shard_id]
+    entries = [
+        {
+            "shard_id": shard_id,
+            "weight": shard_map.weights[shard_id],
+            "share": shares[shard_id],
+            "rows": rows[shard_id],
+            "workers": [{"url": w.url, "heartbeat_seconds_ago": round(w.age_seconds, 1)}
+                        for w in workers if w.shard_id == shard_id],
+            "dsn": redacted(shards.get(shard_id, "?")),
+        }
+        for shard_id in shard_map.shard_ids
+    ]
+    if as_json:
+        click.echo(json.dumps({"proxy": layout.proxy_url, "map_version": shard_map.map_version,
+                               "migration": running.to_json() if running else None, "shards": entries}, indent=2))
+        return
+    console.print(f"proxy {layout.proxy_url}   active map version [bold]{shard_map.map_version}[/bold]")
+    _print_running(console, running.to_json() if running is not None else None)
+    table = Table("shard", "weight", "share of keys", "rows", "workers", "dsn")
+    for entry in entries:
         table.add_row(
-            shard_id,
-            str(shard_map.weights[shard_id]),
-            f"{shares[shard_id]:.1%}",
-            "unreachable" if rows[shard_id] is None else f"{rows[shard_id]:,}",
-            ", ".join(f"{w.url} ({w.age_seconds:.0f}s ago)" for w in live) or "none",
-            redacted(shards.get(shard_id, "?")),
+            entry["shard_id"], str(entry["weight"]), f"{entry['share']:.1%}",
+            "unreachable" if entry["rows"] is None else f"{entry['rows']:,}",
+            ", ".join(f"{w['url']} ({w['heartbeat_seconds_ago']:.0f}s ago)" for w in entry["workers"]) or "none",
+            entry["dsn"],
         )
     console.print(table)
+
+
+def _print_running(console: Console, progress: dict | None) -> None:  # type: ignore[type-arg]
+    from dialogsctl.progress import describe
+
+    if progress is None:
+        console.print("no migration running")
+        return
+    console.print(
+        describe(progress) + f", rows copied {progress['rows_copied']:,} of {progress['rows_total']:,},"
+        f" {progress['elapsed_seconds']:.0f}s elapsed",
+        highlight=False,
+    )
+
+
+def _remote_status(client, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    """`status` of any deployment, from its admin API (no row counts: they need the shards)."""
+    shard_map = _run_admin(lambda: client.call("GET", "/admin/map"))
+    shards = _run_admin(lambda: client.call("GET", "/admin/shards"))
+    running = next((m for m in _run_admin(lambda: client.call("GET", "/admin/migrations"))
+                    if m["phase"] not in FINISHED_PHASES), None)
+    if as_json:
+        click.echo(json.dumps({"proxy": client.url, "map_version": shard_map["map_version"], "migration": running,
+                               "shards": shards}, indent=2))
+        return
+    console = _console()
+    console.print(f"proxy {client.url}   active map version [bold]{shard_map['map_version']}[/bold]")
+    _print_running(console, running)
+    console.print(_shard_table(shards))
 
 
 async def _status(metadata_dsn: str):  # type: ignore[no-untyped-def]
@@ -156,12 +211,10 @@ main.add_command(click.Command(
 
 @main.command()
 def proxy() -> None:
-    """Run one proxy (python -m proxy), configured by DIALOGS_* environment variables."""
-    from dialogs.serve import serve
-    from proxy.app import create_app
-    from proxy.settings import ProxySettings
+    """Run the proxy (python -m proxy; DIALOGS_PROCESSES on one port), configured by DIALOGS_* variables."""
+    from proxy.processes import main as run_proxy
 
-    serve(ProxySettings, create_app, "proxy")
+    sys.exit(run_proxy())
 
 
 @main.command()
@@ -192,7 +245,7 @@ def _client(data_dir: Path, url: str | None, token: str | None):  # type: ignore
         return AdminClient(url, token)
     layout = ClusterLayout.load(data_dir.resolve())
     if layout is None:
-        raise click.ClickException(f"no local cluster in {data_dir.resolve()}: pass --url and --token")
+        raise click.ClickException(_no_cluster(data_dir))
     return AdminClient(url or layout.proxy_url, token or layout.admin_token)
 
 
@@ -333,16 +386,24 @@ def shard_weight(shard_id: str, weight: int, no_wait: bool, rows_per_second: int
 
 
 @shard.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @_admin_options
-def shard_list(data_dir: Path, url: str | None, token: str | None) -> None:
+def shard_list(as_json: bool, data_dir: Path, url: str | None, token: str | None) -> None:
     """Registered shards: in the map or not, weight, share of keys, live workers."""
     shards = _run_admin(lambda: _client(data_dir, url, token).call("GET", "/admin/shards"))
+    if as_json:
+        click.echo(json.dumps(shards, indent=2))
+        return
+    _console().print(_shard_table(shards))
+
+
+def _shard_table(shards: list[dict]) -> Table:  # type: ignore[type-arg]
     table = Table("shard", "in map", "weight", "share of keys", "workers", "dsn")
     for entry in shards:
         state = "retired" if entry["retired"] else ("yes" if entry["in_map"] else "no")
         table.add_row(entry["shard_id"], state, str(entry["weight"] or "-"), f"{entry['share']:.1%}",
                       ", ".join(entry["workers"]) or "none", entry["dsn"])
-    Console(soft_wrap=True).print(table)
+    return table
 
 
 @main.command("map")
@@ -358,6 +419,27 @@ def show_map(data_dir: Path, url: str | None, token: str | None) -> None:
     console.print(table)
 
 
+@main.command("admin-token")
+@_data_dir_option()
+@click.option("--env", "as_env", is_flag=True,
+              help="Print `export DIALOGS_ADMIN_URL=… DIALOGS_ADMIN_TOKEN=…` lines, for `eval \"$(dialogs admin-token --env)\"`.")
+def admin_token(data_dir: Path, as_env: bool) -> None:
+    """The local cluster's admin token (for the admin API's curl examples, or --token)."""
+    import shlex
+
+    from dialogsctl.cluster import ClusterLayout
+
+    layout = ClusterLayout.load(data_dir.resolve())
+    if layout is None:
+        click.echo(_no_cluster(data_dir), err=True)
+        sys.exit(1)
+    if as_env:
+        click.echo(f"export DIALOGS_ADMIN_URL={shlex.quote(layout.proxy_url)}")
+        click.echo(f"export DIALOGS_ADMIN_TOKEN={shlex.quote(layout.admin_token)}")
+    else:
+        click.echo(layout.admin_token)
+
+
 @main.group()
 def migration() -> None:
     """Show, follow, throttle and abort migrations."""
@@ -369,7 +451,10 @@ def migration_list(data_dir: Path, url: str | None, token: str | None) -> None:
     """Recent migrations, newest first."""
     from dialogsctl.progress import describe
 
-    for entry in _run_admin(lambda: _client(data_dir, url, token).call("GET", "/admin/migrations")):
+    entries = _run_admin(lambda: _client(data_dir, url, token).call("GET", "/admin/migrations"))
+    if not entries:
+        click.echo("no migrations yet (`dialogs shard add` starts one)")
+    for entry in entries:
         click.echo(describe(entry) + (f" ({entry['error']})" if entry.get("error") else ""))
 
 

@@ -55,12 +55,20 @@ def start(data_dir: Path, shard_id: str | None, echo: Callable[[str], None]) -> 
         raise LocalShardError(str(exc)) from None
     layout.save()
     os.kill(pid, signal.SIGHUP)
-    echo(f"starting {new.shard_id} (PostgreSQL on 127.0.0.1:{new.pg_port}, worker on :{new.worker_port})…")
-    deadline = time.monotonic() + START_TIMEOUT
+    echo(f"starting {new.shard_id}: PostgreSQL on 127.0.0.1:{new.pg_port} (a new server: initdb takes a few"
+         " seconds)…")
+    started = time.monotonic()
+    deadline = started + START_TIMEOUT
+    said_worker = False
     while time.monotonic() < deadline:
+        if not said_worker and _listening(new.pg_port):
+            echo(f"  PostgreSQL is up after {time.monotonic() - started:.1f} s; starting its worker on"
+                 f" :{new.worker_port}…")
+            said_worker = True
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{new.worker_port}/health", timeout=1) as response:
                 if response.status == 200:
+                    echo(f"  {new.shard_id} is ready after {time.monotonic() - started:.1f} s")
                     return new.shard_id, layout.shard_dsn(new)
         except OSError:
             pass

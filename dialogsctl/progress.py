@@ -28,24 +28,32 @@ def follow(client: AdminClient, migration_id: int, console: Console, poll: float
         TextColumn("[bold]{task.fields[phase]:<9}"),
         BarColumn(),
         TextColumn("ranges {task.fields[ranges]}"),
-        TextColumn("rows {task.completed:,.0f}/{task.total:,.0f}"),
+        TextColumn("rows {task.completed:,.0f}/{task.fields[total_text]}"),
         TextColumn("remaining {task.fields[remaining]:,}"),
         TextColumn("catch-up {task.fields[delta]:,}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("migration", total=1, phase="", ranges="", remaining=0, delta=0)
+        task = progress.add_task("migration", total=None, phase="", ranges="", remaining=0, delta=0,
+                                 total_text="counting…")
         while True:
+            finished = migration["phase"] in FINISHED
+            copied, counted = migration["rows_copied"], migration["rows_total"]
+            # The total is counted when the migration prepares (until then the bar pulses),
+            # and rows written meanwhile are copied too: the bar's total grows to meet them,
+            # and a migration that is done shows what it copied, all of it.
+            total = copied if migration["phase"] == "done" else (max(counted, copied) or None)
             progress.update(
                 task,
-                total=max(migration["rows_total"], 1),
-                completed=migration["rows_copied"],
+                total=total,
+                completed=copied,
                 phase=migration["phase"],
                 ranges=f"{migration['ranges_copied']}/{migration['ranges_total']}",
                 remaining=migration["rows_remaining"],
+                total_text="counting…" if total is None else f"{total:,}",
                 delta=migration["delta_copied"],
             )
-            if migration["phase"] in FINISHED:
+            if finished:
                 break
             time.sleep(poll)
             migration = client.migration(migration_id)

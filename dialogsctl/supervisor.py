@@ -472,7 +472,8 @@ class Supervisor:
         if any(c.name == "prometheus" for c in self.children):
             lines.append(f"  prometheus     http://127.0.0.1:{layout.prometheus_port}")
         lines.append(f"  logs           {layout.data_dir / 'logs'}")
-        lines.append(f"  secrets        {layout.data_dir / 'cluster.json'} (admin token, PostgreSQL passwords)")
+        lines.append(f"  secrets        {layout.data_dir / 'cluster.json'} (PostgreSQL passwords; the admin token:"
+                     " `dialogs admin-token`)")
         self.console.print("\n".join(lines), highlight=False, soft_wrap=True)
         self.console.print("\nTry it (copy and paste):", highlight=False)
         self.console.print(walkthrough(url), highlight=False, markup=False, soft_wrap=True)

@@ -14,6 +14,7 @@ from dialogs.http import bearer_token, json_response, read_json
 from dialogs.keys import INT64_MAX
 from dialogs.metastore import maps, members, migrations
 from dialogs.metastore.users import translated
+from dialogs.pg import dsn_problem
 from proxy.appkeys import SETTINGS, TOKENS, USERS
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
@@ -126,8 +127,9 @@ async def add_shard(request: web.Request) -> web.Response:
         shard_map.validate_shard_id(shard_id)
     except ValueError as exc:
         raise errors.InvalidInput(str(exc)) from None
-    if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
-        raise errors.InvalidInput("dsn must be a postgresql:// URL")
+    problem = dsn_problem(dsn)
+    if problem is not None:
+        raise errors.InvalidInput(f"dsn {problem}")
     weight = _int(data, "weight", 1, 1, shard_map.MAX_WEIGHT)
     throttle = _throttle(data)
     async with translated(), _pool(request).acquire() as con:
@@ -156,7 +158,7 @@ async def remove_shard(request: web.Request) -> web.Response:
     async with translated(), _pool(request).acquire() as con:
         current = await _active_map(con)
         if shard_id not in current.weights:
-            raise errors.NotFound(f"shard {shard_id} is not in the shard map")
+            raise errors.ShardNotFound(f"shard {shard_id} is not in the shard map")
         if len(current.weights) == 1:
             raise errors.Conflict("cannot remove the last shard")
         await _refuse_if_busy(con)
@@ -185,7 +187,7 @@ async def set_weight(request: web.Request) -> web.Response:
     async with translated(), _pool(request).acquire() as con:
         current = await _active_map(con)
         if shard_id not in current.weights:
-            raise errors.NotFound(f"shard {shard_id} is not in the shard map")
+            raise errors.ShardNotFound(f"shard {shard_id} is not in the shard map")
         if current.weights[shard_id] == weight:
             raise errors.Conflict(f"shard {shard_id} already has weight {weight}")
         await _refuse_if_busy(con)
@@ -224,7 +226,7 @@ async def get_migration(request: web.Request) -> web.Response:
     async with translated(), _pool(request).acquire() as con:
         migration = await migrations.get(con, _migration_id(request))
         if migration is None:
-            raise errors.NotFound(f"no migration {request.match_info['migration_id']}")
+            raise errors.MigrationNotFound(f"no migration {request.match_info['migration_id']}")
         return json_response(await _migration_json(con, migration))
 
 

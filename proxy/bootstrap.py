@@ -16,6 +16,7 @@ import asyncpg
 from dialogs import logs, schema
 from dialogs.metastore import maps
 from dialogs.migration_plan import Span
+from dialogs.pg import dsn_problem
 from dialogs.serve import settings_or_exit
 from dialogs.shard_map import ShardMap
 from proxy.migration import shard_sql
@@ -52,8 +53,11 @@ def parse_shards(entries: list[str]) -> dict[str, str]:
     parsed = {}
     for entry in entries:
         shard_id, sep, dsn = entry.partition("=")
-        if not sep or not shard_id or not dsn.startswith(("postgresql://", "postgres://")):
-            raise ValueError(f"expected ID=postgresql://…, got {entry!r}")
+        if not sep or not shard_id:
+            raise ValueError("--shard expects ID=postgresql://…")
+        problem = dsn_problem(dsn)
+        if problem is not None:
+            raise ValueError(f"the DSN of --shard {shard_id} {problem}")
         parsed[shard_id] = dsn
     return parsed
 

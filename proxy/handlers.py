@@ -45,7 +45,7 @@ async def login(request: web.Request) -> web.Response:
         guard.not_judged(user_key, address)
         raise
     if password_hash is None:
-        raise errors.NotFound("user not found")  # guessing ids counts against the address too
+        raise errors.UserNotFound()  # guessing ids counts against the address too
     if not right:
         raise errors.InvalidInput("wrong password")
     guard.succeeded(user_key, address)
@@ -56,7 +56,7 @@ async def get_user(request: web.Request) -> web.Response:
     user_id = validation.user_id(request.match_info["id"], "id")
     row = await request.app[USERS].get(user_id)
     if row is None:
-        raise errors.NotFound("user not found")
+        raise errors.UserNotFound()
     return json_response(user_json(row))
 
 
@@ -94,6 +94,11 @@ async def list_messages(request: web.Request) -> web.Response:
     if before is not None:
         params["before"] = str(before)
     body = await request.app[FORWARDER].list(key, request_id_of(request), params)
+    if body == b"[]":
+        # As for sends, an unknown user is a 404. Checked only for an empty page: a dialog
+        # with messages proves both users exist (users are never deleted), so lists of
+        # live dialogs cost the metadata database nothing.
+        await request.app[KNOWN_USERS].ensure(other)
     # The worker already speaks the public message format: pass the bytes through.
     return web.Response(body=body, content_type="application/json")
 

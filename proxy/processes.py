@@ -27,7 +27,7 @@ import time
 import uuid
 
 from dialogs import logs
-from dialogs.serve import run
+from dialogs.serve import run, settings_or_exit
 from proxy.app import create_app
 from proxy.settings import ProxySettings
 
@@ -167,3 +167,12 @@ def prefork(settings: ProxySettings) -> int:
         return 2
     check_port_free(settings.host, settings.port)
     return Parent(settings).run()
+
+
+def main() -> int:
+    """`python -m proxy` and `dialogs proxy`: the settings decide one process or several."""
+    settings = settings_or_exit(ProxySettings)
+    if settings.processes == 1:
+        run(settings, create_app(settings), "proxy")
+        return 0
+    return prefork(settings)

@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 class KnownUsers:
     """An LRU set of user ids known to exist (users are never deleted, so it cannot go stale).
 
-    When the metadata database is down, an unknown recipient is let through rather than
-    failing the send: routing must not depend on that database (see docs/architecture.md).
+    When the metadata database is down, an unknown user is let through (a send is stored,
+    a list is an empty page) rather than failing: routing must not depend on that
+    database (see docs/architecture.md).
     """
 
     def __init__(self, store: UserStore, capacity: int = 100_000) -> None:
@@ -37,8 +38,8 @@ class KnownUsers:
         try:
             exists = await self._store.exists(user_id)
         except errors.MetadataUnavailable:
-            log.warning("metadata database down: cannot check that user %s exists, sending anyway", user_id)
+            log.warning("metadata database down: cannot check that user %s exists; answering as if it does", user_id)
             return
         if not exists:
-            raise errors.NotFound("user not found")
+            raise errors.UserNotFound()
         self.add(user_id)

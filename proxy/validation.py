@@ -28,7 +28,9 @@ def user_id(value: str, name: str = "user_id") -> uuid.UUID:
 
 def text(value: Any, name: str, max_length: int, *, required: bool = True) -> str:
     """A string PostgreSQL can store: no NUL characters, no lone surrogates."""
-    if value is None and not required:
+    if value is None:
+        if required:
+            raise errors.InvalidInput(f"{name} is required")
         return ""
     if not isinstance(value, str):
         raise errors.InvalidInput(f"{name} must be a string")
@@ -103,6 +105,9 @@ def registration(body: Any) -> NewUser:
     password = text(data.get("password"), "password", MAX_PASSWORD_LENGTH)
     if len(password) < MIN_PASSWORD_LENGTH:
         raise errors.InvalidInput(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
+    if "second_name" not in data and "last_name" in data:
+        raise errors.InvalidInput("second_name is required (the spec's name for the family name; last_name is only"
+                                  " a parameter of /user/search)")
     return NewUser(
         first_name=text(data.get("first_name"), "first_name", MAX_NAME_LENGTH),
         second_name=text(data.get("second_name"), "second_name", MAX_NAME_LENGTH),
@@ -116,9 +121,13 @@ def registration(body: Any) -> NewUser:
 def login(body: Any) -> tuple[uuid.UUID, str]:
     data = json_object(body)
     raw_id = data.get("id")
+    if raw_id is None:
+        raise errors.InvalidInput("id is required")
     if not isinstance(raw_id, str):
         raise errors.InvalidInput("id must be a UUID")
     password = data.get("password")
+    if password is None:
+        raise errors.InvalidInput("password is required")
     if not isinstance(password, str) or not password:
         raise errors.InvalidInput("password must be a non-empty string")
     return user_id(raw_id, "id"), password

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -57,6 +59,11 @@ WORKER_ENV = {
 }
 
 _OPENAPI = OpenAPI.from_dict(document())
+# The course's spec (docs/spec/), as the clients generated from it read our answers.
+COURSE_SPEC = Path(__file__).resolve().parents[1] / "docs" / "spec" / "otus-highload-openapi.json"
+_COURSE = OpenAPI.from_dict(json.loads(COURSE_SPEC.read_text()))
+_COURSE_PATHS = [re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$")
+                 for path in json.loads(COURSE_SPEC.read_text())["paths"]]
 
 
 @dataclass
@@ -112,6 +119,10 @@ class Api:
         content_type = reply.headers.get("Content-Type", "").split(";")[0]
         response = MockResponse(reply.body, status_code=reply.status, headers=reply.headers, content_type=content_type)
         _OPENAPI.validate_response(request, response)
+        # A successful answer must also be what the course spec promises: clients generated
+        # from it parse exactly these (errors beyond its few statuses are ours to define).
+        if reply.status == 200 and any(pattern.match(path) for pattern in _COURSE_PATHS):
+            _COURSE.validate_response(request, response)
 
     async def register(self, first_name: str = "Anna", second_name: str = "Test", password: str = "password-1") -> str:
         reply = await self.request(

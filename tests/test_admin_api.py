@@ -17,7 +17,7 @@ def _error(reply, status: int, fragment: str) -> None:  # type: ignore[no-untype
     [
         ({}, 401, "missing admin token"),
         ({"Authorization": "Bearer wrong-token-000000000"}, 401, "invalid admin token"),
-        ({"Authorization": "Basic " + ADMIN_TOKEN}, 401, "missing admin token"),
+        ({"Authorization": "Basic " + ADMIN_TOKEN}, 401, "must use the Bearer scheme"),
     ],
 )
 async def test_admin_api_needs_the_admin_token(cluster: Cluster, headers: dict[str, str], status: int,

@@ -35,7 +35,7 @@ def _assert_error(reply, status: int, fragment: str) -> None:  # type: ignore[no
         (b"{not json", "not valid JSON"),
         (b"", "must be JSON"),
         (b"[1, 2]", "JSON object"),
-        (b'{"txt": "hello"}', "text must be a string"),
+        (b'{"txt": "hello"}', "text is required"),
         (b'{"text": ""}', "text must not be empty"),
         (b'{"text": "   "}', "text must not be empty"),
         (b'{"text": 42}', "text must be a string"),
@@ -116,8 +116,8 @@ def _signed(claims: dict[str, object], secret: str = JWT_SECRET, expires_in: int
     ("authorization", "fragment"),
     [
         (None, "missing bearer token"),
-        ("Basic dXNlcjpwYXNz", "missing bearer token"),
-        ("Bearer ", "missing bearer token"),
+        ("Basic dXNlcjpwYXNz", "must use the Bearer scheme: `Authorization: Bearer <token>`"),
+        ("Bearer ", "the bearer token is empty"),
         ("Bearer not.a.jwt", "invalid bearer token"),
         (_signed({"sub": str(uuid.uuid4())}, "another-secret" * 3), "invalid bearer token"),
         (_signed({"sub": str(uuid.uuid4())}, expires_in=-60), "token expired"),
@@ -157,12 +157,17 @@ async def test_monolith_token_with_user_id_claim_works(cluster: Cluster, pair: t
     assert (await cluster.api.list(token, boris)).json[0]["text"] == "from the monolith"
 
 
-async def test_unknown_recipient_is_404(cluster: Cluster, pair: tuple[str, str, str]) -> None:
-    """Sending to a user that does not exist is a 404 and stores nothing."""
+async def test_unknown_user_is_404_for_send_and_list(cluster: Cluster, pair: tuple[str, str, str]) -> None:
+    """One rule for both: a user that does not exist is a 404 (code 40402), to send to or
+    to list with; nothing is stored. A known user never written to is an empty list."""
     anna, token, boris = pair
     nobody = str(uuid.uuid4())
-    _assert_error(await cluster.api.send(token, nobody, "hello?"), 404, "user not found")
-    assert (await cluster.api.list(token, nobody)).json == []
+    sent = await cluster.api.send(token, nobody, "hello?")
+    _assert_error(sent, 404, "user not found")
+    listed = await cluster.api.list(token, nobody)
+    _assert_error(listed, 404, "user not found")
+    assert sent.json["code"] == listed.json["code"] == 40402
+    assert (await cluster.api.list(token, boris)).json == []
 
 
 async def test_idempotency_key_reused_for_other_text_is_422(cluster: Cluster, pair: tuple[str, str, str]) -> None:
@@ -187,7 +192,9 @@ async def test_bad_idempotency_keys_are_400(cluster: Cluster, pair: tuple[str, s
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ({"second_name": "T", "password": "password-1"}, "first_name must be a string"),
+        ({"second_name": "T", "password": "password-1"}, "first_name is required"),
+        ({"first_name": "A", "last_name": "T", "password": "password-1"}, "second_name is required (the spec's name"),
+        ({"first_name": "A", "second_name": 5, "password": "password-1"}, "second_name must be a string"),
         ({"first_name": "A", "second_name": "T", "password": "short"}, "at least 8 characters"),
         ({"first_name": "A", "second_name": "T", "password": "password-1", "birthdate": "17.05.1990"}, "birthdate"),
         ({"first_name": "A", "second_name": "T", "password": "password-1", "birthdate": "2999-01-01"}, "future"),
@@ -207,14 +214,21 @@ async def test_login_failures(cluster: Cluster, pair: tuple[str, str, str]) -> N
     _assert_error(await cluster.api.request("POST", "/login", body={"id": anna, "password": "wrong-password"}),
                   400, "wrong password")
     _assert_error(await cluster.api.request("POST", "/login", body={"id": 5, "password": "x"}), 400, "id must be")
+    _assert_error(await cluster.api.request("POST", "/login", body={"password": "x"}), 400, "id is required")
+    _assert_error(await cluster.api.request("POST", "/login", body={"id": anna}), 400, "password is required")
 
 
 async def test_unknown_route_and_user(cluster: Cluster) -> None:
     """Unknown routes and unknown users are JSON 404s; a known route with another method is a 405."""
-    reply = await cluster.api.request("GET", "/nowhere", validate=False)
-    _assert_error(reply, 404, "no such route")
-    _assert_error(await cluster.api.request("DELETE", "/login", validate=False), 405, "method not allowed")
-    _assert_error(await cluster.api.request("GET", f"/user/get/{uuid.uuid4()}"), 404, "user not found")
+    route = await cluster.api.request("GET", "/nowhere", validate=False)
+    _assert_error(route, 404, "no such route")
+    method = await cluster.api.request("DELETE", "/login", validate=False)
+    _assert_error(method, 405, "method not allowed")
+    assert method.headers["Allow"] == "POST"
+    user = await cluster.api.request("GET", f"/user/get/{uuid.uuid4()}")
+    _assert_error(user, 404, "user not found")
+    # One status, two errors: the code tells them apart.
+    assert (route.json["code"], user.json["code"]) == (40401, 40402)
 
 
 async def test_request_id_is_echoed(cluster: Cluster) -> None:

@@ -46,9 +46,10 @@ class Runner:
         self.processes.append(process)
         return process
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "dialogsctl", *args], env=self.env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "dialogsctl", *args], env={**self.env, **(env or {})}, capture_output=True,
+            text=True, timeout=60,
         )
 
     def wait_healthy(self, process: subprocess.Popen[str], timeout: float = 90) -> None:
@@ -128,10 +129,23 @@ def test_up_use_stop_and_start_again(runner: Runner) -> None:
     assert "active map version 1" in report.stdout
     assert "shard-1" in report.stdout and "shard-2" in report.stdout
     assert "no migration running" in report.stdout
+    layout = json.loads((runner.data_dir / "cluster.json").read_text())
+    # Piped, nothing is cut to 80 columns: every worker URL is there whole.
+    for shard in layout["shards"]:
+        assert f"http://127.0.0.1:{shard['worker_port']}" in report.stdout, report.stdout
+    assert runner.run("migration", "list").stdout.strip() == "no migrations yet (`dialogs shard add` starts one)"
+    admin_token = runner.run("admin-token").stdout.strip()
+    assert admin_token == layout["admin_token"]
+    # Any deployment, by URL and token, as JSON.
+    remote = runner.run("status", "--url", f"http://127.0.0.1:{runner.port}", "--token", admin_token, "--json",
+                        env={"DIALOGS_DATA_DIR": str(runner.data_dir / "elsewhere")})
+    assert remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout)["map_version"] == 1
 
     added = runner.run("shard", "add")
     assert added.returncode == 0, added.stdout + added.stderr
     assert "add shard-3, map 1 -> 2, phase done" in added.stdout
+    assert "shard-3 is ready after" in added.stdout
     removed = runner.run("shard", "remove", "shard-1")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert "remove shard-1, map 2 -> 3, phase done" in removed.stdout
@@ -164,7 +178,8 @@ def test_status_without_a_cluster(runner: Runner) -> None:
     """`dialogs status` on an empty data folder says what to do."""
     report = runner.run("status")
     assert report.returncode == 1
-    assert "run `dialogs up` first" in report.stdout
+    assert f"no local cluster in {runner.data_dir.resolve()}" in report.stderr
+    assert "--data-dir" in report.stderr and "--url and --token" in report.stderr
 
 
 def test_process_refuses_bad_configuration(runner: Runner) -> None:
@@ -260,7 +275,8 @@ def test_refused_shard_add_leaves_nothing_running(runner: Runner) -> None:
     refused = runner.run("shard", "add", "--token", "not-the-admin-token-0123456789")
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "invalid admin token" in refused.stderr
-    started = re.search(r"starting shard-3 \(PostgreSQL on 127\.0\.0\.1:(\d+), worker on :(\d+)\)", refused.stdout)
+    started = re.search(r"starting shard-3: PostgreSQL on 127\.0\.0\.1:(\d+).*starting its worker on :(\d+)",
+                        refused.stdout, re.DOTALL)
     assert started is not None, refused.stdout
     assert _closed(int(started[1])) and _closed(int(started[2]))
     layout = ClusterLayout.load(runner.data_dir)

@@ -268,7 +268,7 @@ async def request_abort(con: asyncpg.Connection, migration_id: int) -> Migration
     )
     migration = await get(con, migration_id)
     if migration is None:
-        raise errors.NotFound(f"no migration {migration_id}")
+        raise errors.MigrationNotFound(f"no migration {migration_id}")
     if requested is None:
         raise errors.Conflict(f"migration {migration_id} is in phase {migration.phase} and can no longer be aborted")
     return migration
@@ -284,5 +284,5 @@ async def set_throttle(
     )
     migration = await get(con, migration_id)
     if migration is None:
-        raise errors.NotFound(f"no migration {migration_id}")
+        raise errors.MigrationNotFound(f"no migration {migration_id}")
     return migration

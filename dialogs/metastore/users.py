@@ -32,14 +32,18 @@ _USER_COLUMNS = "id, first_name, second_name, birthdate, biography, city"
 
 
 def user_json(row: asyncpg.Record) -> dict[str, Any]:
-    return {
+    """A user as the spec types it: a birthdate never given is left out, never null
+    (``User.birthdate`` is a non-nullable date; generated clients reject null)."""
+    user = {
         "id": str(row["id"]),
         "first_name": row["first_name"],
         "second_name": row["second_name"],
-        "birthdate": row["birthdate"].isoformat() if row["birthdate"] else None,
         "biography": row["biography"],
         "city": row["city"],
     }
+    if row["birthdate"] is not None:
+        user["birthdate"] = row["birthdate"].isoformat()
+    return user
 
 
 def _like_prefix(value: str) -> str:

@@ -104,13 +104,24 @@ def test_every_process_the_tooling_starts_is_a_module_that_exists() -> None:
         assert (ROOT / module.replace(".", "/") / "__main__.py").is_file(), module
 
 
-def test_bootstrap_refuses_a_bad_dsn_with_a_sentence() -> None:
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--metadata-dsn", "bogus"], "configuration error: DIALOGS_METADATA_DSN must be a postgresql:// URL"),
+        # A password pasted as it is: a sentence that says what to do, and no password in it.
+        (["--metadata-dsn", "postgresql://dialogs:p@ss:w/rd#1@127.0.0.1/db"],
+         "configuration error: DIALOGS_METADATA_DSN is not a valid postgresql:// URL: it holds a '#';"
+         " URL-encode special characters in the user name and password"),
+        (["--metadata-dsn", "postgresql://x@127.0.0.1:1/db", "--shard", "shard-1=postgresql://u:p/w@h/db"],
+         "the DSN of --shard shard-1 is not a valid postgresql:// URL: its database name holds"),
+    ],
+)
+def test_bootstrap_refuses_a_bad_dsn_with_a_sentence(args: list[str], expected: str) -> None:
     """`python -m proxy.bootstrap` builds its settings like every process: exit 2, no traceback."""
     import subprocess
     import sys
 
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy.bootstrap", "--metadata-dsn", "bogus"], cwd=ROOT, capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, "-m", "proxy.bootstrap", *args], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == "configuration error: DIALOGS_METADATA_DSN must be a postgresql:// URL, got 'bogus'"
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr and "w/rd" not in result.stderr

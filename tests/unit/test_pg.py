@@ -32,3 +32,39 @@ async def test_a_query_bug_is_not_hidden_as_503() -> None:
     with pytest.raises(asyncpg.PostgresSyntaxError):
         async with pg.translated(errors.MetadataUnavailable):
             raise asyncpg.PostgresSyntaxError("syntax error")
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://dialogs:p%40ss%3Aw%2Frd%231@db.example:5432/dialogs",
+        "postgres://u:p@h/db?sslmode=require",
+        "postgresql://u:p@h1:5432,h2:5433/db",
+        "postgresql://u:p@[::1]:5432/db",
+        "postgresql://u@[::1]/db",
+        "postgresql:///dialogs?host=/run/postgresql",
+        "postgresql://u:p@%2Frun%2Fpostgresql/db",
+    ],
+)
+def test_valid_dsns_pass(dsn: str) -> None:
+    assert pg.dsn_problem(dsn) is None
+
+
+@pytest.mark.parametrize(
+    ("dsn", "problem"),
+    [
+        ("mysql://u:p@h/db", "must be a postgresql:// URL"),
+        ("postgresql://dialogs:p@ss:w/rd#1@h/db", "it holds a '#'"),
+        ("postgresql://u:p@ss@h/db", "more than one '@'"),
+        ("postgresql://u:12/ss@h/db", "database name holds '@' or '/'"),
+        ("postgresql://u:p/x@h/db", "database name holds '@' or '/'"),
+        ("postgresql://u:pa:ss@h:99999/db", "a port is not a number from 1 to 65535"),
+        ("postgresql://u:p@h1:5432,h2:x/db", "a port is not a number"),
+    ],
+)
+def test_bad_dsns_are_named_without_their_password(dsn: str, problem: str) -> None:
+    """A password pasted with URL-special characters: a sentence with the fix, never the password."""
+    message = pg.dsn_problem(dsn)
+    assert message is not None and problem in message
+    assert "URL-encode" in message or problem.startswith("must")
+    assert not any(secret in message for secret in ("p@ss", "12/ss", "pa:ss"))

@@ -14,7 +14,7 @@ from proxy import validation
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({}, "text must be a string"),
+        ({}, "text is required"),
         ({"text": 5}, "text must be a string"),
         ({"text": "  "}, "text must not be empty"),
         ({"text": "a" * 11}, "at most 10 characters"),
