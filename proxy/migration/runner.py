@@ -227,12 +227,6 @@ class _Run:
             async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
                 await self._forget_uncheckpointed(tgt, states)
                 await self._copy_pair(src, tgt, states)
-        # The targets' tables were just filled in bulk, faster than autovacuum follows:
-        # without fresh statistics the planner scans whole tables for the digests that
-        # verify single dialogs, and the cutover pause grows with the data copied.
-        for target in self.targets:
-            async with self.pools[target].acquire() as tgt:
-                await shard_sql.analyze(tgt)
         self.ranges = await migrations.ranges(self.meta, migration.migration_id)
         await migrations.set_phase(self.meta, migration.migration_id, Phase.CATCHUP)
 
@@ -311,6 +305,7 @@ class _Run:
             if backlog <= CUTOVER_BACKLOG or stalled >= MAX_STALLED_ROUNDS:
                 missing = await self._targets_without_workers()
                 if not missing:
+                    await self._analyze_targets()
                     await self._preverify(seq)
                     await migrations.set_phase(self.meta, migration.migration_id, Phase.CUTOVER)
                     return
@@ -318,6 +313,14 @@ class _Run:
                 await asyncio.sleep(self.settings.poll_interval)
             copied = await self._copy_delta(seq, DELTA_BATCH)
             await migrations.save_delta(self.meta, migration.migration_id, seq, copied)
+
+    async def _analyze_targets(self) -> None:
+        """The targets' tables were filled in bulk, faster than autovacuum follows: without
+        fresh statistics the planner scans whole tables for the digests that verify single
+        dialogs, and the cutover pause grows with the data copied."""
+        for target in self.targets:
+            async with self.pools[target].acquire() as tgt:
+                await shard_sql.analyze(tgt)
 
     async def _preverify(self, seq: dict[str, Watermark]) -> None:
         """Verify every moving range while writes still flow, so that the cutover re-checks few.
