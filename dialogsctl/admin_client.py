@@ -41,7 +41,9 @@ class AdminClient:
                 message = error.reason
             raise AdminError(error.code, message) from None
         except (urllib.error.URLError, OSError) as error:
-            raise AdminError(0, f"cannot reach the proxy at {self.url}: {error}") from None
+            reason = getattr(error, "reason", None) or error
+            reason = getattr(reason, "strerror", None) or reason
+            raise AdminError(0, f"cannot reach the proxy at {self.url}: {reason}") from None
 
     def migration(self, migration_id: int) -> dict[str, Any]:
         return self.call("GET", f"/admin/migrations/{migration_id}")

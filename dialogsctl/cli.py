@@ -27,11 +27,12 @@ def _console() -> Console:
     return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
 
 
-def _no_cluster(data_dir: Path) -> str:
+def _no_cluster(data_dir: Path, remote: bool = True) -> str:
     return (
         f"no local cluster in {data_dir.resolve()} (it has no cluster.json). `dialogs up` keeps its cluster in"
         f" {DEFAULT_DATA_DIR}/ of the folder it was started in: point there with --data-dir PATH or"
-        " DIALOGS_DATA_DIR=PATH, start one with `dialogs up`, or reach any deployment with --url and --token"
+        " DIALOGS_DATA_DIR=PATH, or start one with `dialogs up`"
+        + (", or reach any deployment with --url and --token" if remote else "")
     )
 
 
@@ -99,8 +100,7 @@ def status(data_dir: Path, url: str | None, token: str | None, as_json: bool) ->
         return
     layout = ClusterLayout.load(data_dir.resolve())
     if layout is None:
-        click.echo(_no_cluster(data_dir), err=True)
-        sys.exit(1)
+        raise click.ClickException(_no_cluster(data_dir))
     console = _console()
     try:
         report = asyncio.run(_status(layout.metadata_dsn))
@@ -245,6 +245,10 @@ def _client(data_dir: Path, url: str | None, token: str | None):  # type: ignore
         return AdminClient(url, token)
     layout = ClusterLayout.load(data_dir.resolve())
     if layout is None:
+        if url or token:  # half of a remote deployment's address
+            missing = "--token (or DIALOGS_ADMIN_TOKEN)" if url else "--url (or DIALOGS_ADMIN_URL)"
+            raise click.ClickException(f"{missing} is missing: give both --url and --token for a deployment"
+                                       f" other than a local cluster (none in {data_dir.resolve()})")
         raise click.ClickException(_no_cluster(data_dir))
     return AdminClient(url or layout.proxy_url, token or layout.admin_token)
 
@@ -431,8 +435,7 @@ def admin_token(data_dir: Path, as_env: bool) -> None:
 
     layout = ClusterLayout.load(data_dir.resolve())
     if layout is None:
-        click.echo(_no_cluster(data_dir), err=True)
-        sys.exit(1)
+        raise click.ClickException(_no_cluster(data_dir, remote=False))
     if as_env:
         click.echo(f"export DIALOGS_ADMIN_URL={shlex.quote(layout.proxy_url)}")
         click.echo(f"export DIALOGS_ADMIN_TOKEN={shlex.quote(layout.admin_token)}")

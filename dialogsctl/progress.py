@@ -39,10 +39,15 @@ def follow(client: AdminClient, migration_id: int, console: Console, poll: float
         while True:
             finished = migration["phase"] in FINISHED
             copied, counted = migration["rows_copied"], migration["rows_total"]
-            # The total is counted when the migration prepares (until then the bar pulses),
+            # The total is counted while the migration prepares (until then the bar pulses),
             # and rows written meanwhile are copied too: the bar's total grows to meet them,
             # and a migration that is done shows what it copied, all of it.
-            total = copied if migration["phase"] == "done" else (max(counted, copied) or None)
+            if migration["phase"] == "done":
+                total: int | None = copied
+            elif migration["phase"] == "prepare":
+                total = max(counted, copied) or None  # not counted yet
+            else:
+                total = max(counted, copied)
             progress.update(
                 task,
                 total=total,

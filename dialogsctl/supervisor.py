@@ -496,11 +496,11 @@ def walkthrough(url: str) -> str:
             f"B=$({register.format(url=url, name='Boris')} | {extract.format(field='user_id')})",
             f"TA=$({login.format(url=url, var='A', name='Anna')} | {extract.format(field='token')})",
             f"TB=$({login.format(url=url, var='B', name='Boris')} | {extract.format(field='token')})",
-            f"curl -s {url}/dialog/$B/send -H \"Authorization: Bearer $TA\" -H 'Content-Type: application/json'"
+            f"curl -s -w '\\n' {url}/dialog/$B/send -H \"Authorization: Bearer $TA\" -H 'Content-Type: application/json'"
             " -d '{\"text\":\"Hi Boris\"}'",
-            f"curl -s {url}/dialog/$A/send -H \"Authorization: Bearer $TB\" -H 'Content-Type: application/json'"
+            f"curl -s -w '\\n' {url}/dialog/$A/send -H \"Authorization: Bearer $TB\" -H 'Content-Type: application/json'"
             " -d '{\"text\":\"Hi Anna\"}'",
-            f"curl -s {url}/dialog/$B/list -H \"Authorization: Bearer $TA\"",
-            f"curl -s {url}/dialog/$A/list -H \"Authorization: Bearer $TB\"",
+            f"curl -s -w '\\n' {url}/dialog/$B/list -H \"Authorization: Bearer $TA\"",
+            f"curl -s -w '\\n' {url}/dialog/$A/list -H \"Authorization: Bearer $TB\"",
         ]
     )

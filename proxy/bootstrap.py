@@ -29,7 +29,7 @@ async def bootstrap(metadata_dsn: str, shards: dict[str, str]) -> ShardMap:
     Shards of the active map whose range table is empty are given their ranges (a fresh
     cluster); shards that already have ranges are left alone.
     """
-    con = await asyncpg.connect(metadata_dsn)
+    con = await _connect(metadata_dsn, "the metadata database")
     try:
         await schema.upgrade_metadata(con)
         active = await maps.bootstrap(con, shards)
@@ -37,7 +37,7 @@ async def bootstrap(metadata_dsn: str, shards: dict[str, str]) -> ShardMap:
         await con.close()
     ranges = active.ring.ranges()
     for shard_id, dsn in shards.items():
-        shard = await asyncpg.connect(dsn)
+        shard = await _connect(dsn, f"shard {shard_id}")
         try:
             await schema.upgrade_shard(shard)
             if shard_id in active.weights:
@@ -62,8 +62,20 @@ def parse_shards(entries: list[str]) -> dict[str, str]:
     return parsed
 
 
+class BootstrapError(Exception):
+    """A database bootstrap cannot reach or log in to: said in one sentence, exit 1."""
+
+
+async def _connect(dsn: str, what: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(dsn, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # asyncpg's messages name the host and user, never the password.
+        raise BootstrapError(f"cannot connect to {what}: {exc or type(exc).__name__}") from None
+
+
 async def upgrade_metadata(metadata_dsn: str) -> list[str]:
-    con = await asyncpg.connect(metadata_dsn)
+    con = await _connect(metadata_dsn, "the metadata database")
     try:
         return await schema.upgrade_metadata(con)
     finally:
@@ -88,12 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         environ["DIALOGS_METADATA_DSN"] = args.metadata_dsn
     settings = settings_or_exit(BootstrapSettings, environ)
     logs.configure("bootstrap", settings.log_level)
-    if shards:
-        shard_map = asyncio.run(bootstrap(settings.metadata_dsn, shards))
-        print(f"active shard map version {shard_map.map_version}: {', '.join(shard_map.shard_ids)}")
-    else:
-        applied = asyncio.run(upgrade_metadata(settings.metadata_dsn))
-        print(f"metadata schema upgrades applied: {', '.join(applied) or 'none (up to date)'}")
+    try:
+        if shards:
+            shard_map = asyncio.run(bootstrap(settings.metadata_dsn, shards))
+            print(f"active shard map version {shard_map.map_version}: {', '.join(shard_map.shard_ids)}")
+        else:
+            applied = asyncio.run(upgrade_metadata(settings.metadata_dsn))
+            print(f"metadata schema upgrades applied: {', '.join(applied) or 'none (up to date)'}")
+    except BootstrapError as exc:
+        print(f"bootstrap failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

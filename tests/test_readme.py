@@ -50,3 +50,18 @@ async def test_the_admin_examples_run_as_written(cluster: Cluster) -> None:
     assert shard_map["map_version"] == 1
     assert {s["shard_id"] for s in shards} == {"shard-1", "shard-2"}
     assert migrations == []
+
+
+async def test_the_banners_walkthrough_runs_as_printed(cluster: Cluster) -> None:
+    """What `dialogs up` prints under "Try it": two users, a message each way, both lists."""
+    from dialogsctl.supervisor import walkthrough
+
+    packages.ensure("curl", "curl")
+    result = await asyncio.to_thread(
+        subprocess.run, ["bash", "-euo", "pipefail", "-c", walkthrough(cluster.proxy_urls[0])], capture_output=True,
+        text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    to_boris, to_anna, anna_sees, boris_sees = (json.loads(line) for line in result.stdout.splitlines())
+    assert set(to_boris) == set(to_anna) == {"id", "created_at"}
+    assert [m["text"] for m in anna_sees] == [m["text"] for m in boris_sees] == ["Hi Anna", "Hi Boris"]

@@ -125,3 +125,17 @@ def test_bootstrap_refuses_a_bad_dsn_with_a_sentence(args: list[str], expected: 
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr and "w/rd" not in result.stderr
+
+
+def test_bootstrap_says_which_database_it_cannot_reach() -> None:
+    """A database that refuses the connection: one sentence naming it, exit 1, no traceback."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.bootstrap", "--metadata-dsn", "postgresql://postgres:secret-pw@127.0.0.1:1/db"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("bootstrap failed: cannot connect to the metadata database:"), result.stderr
+    assert "Traceback" not in result.stderr and "secret-pw" not in result.stderr

@@ -42,3 +42,9 @@ def test_rows_written_during_the_copy_never_overshoot_the_total() -> None:
 def test_an_aborted_migration_shows_how_far_it_got() -> None:
     shown = _shown([_state("copy", 300, 1000), _state("aborted", 300, 1000, error="aborted by the operator")])
     assert "rows 300/1,000" in shown and "aborted by the operator" in shown
+
+
+def test_a_migration_with_nothing_to_copy_says_so() -> None:
+    """Counted and found empty: 0, not "counting…" until the end."""
+    shown = _shown([_state("prepare", 0, 0), _state("copy", 0, 0), _state("done", 0, 0)])
+    assert "rows 0/0" in shown and "counting" not in shown, shown
