@@ -118,10 +118,6 @@ class _Run:
             pairs.setdefault((move.source, move.target), []).append(move.span)
         return pairs
 
-    def _move_at(self, source: str, keys: list[int]) -> set[int]:
-        """The ``lo`` of the moves out of ``source`` that hold ``keys``."""
-        return {self._move_of(source, key).lo for key in keys}
-
     @property
     def moves(self) -> list[Move]:
         return [r.move for r in self.ranges]
@@ -387,9 +383,7 @@ class _Run:
     ) -> dict[tuple[str, str], list[int]]:
         """Dialogs with a delta entry in (since, until] outside the suspect ranges, by (source, target)."""
         written: dict[tuple[str, str], list[int]] = {}
-        for source, head in since.items():
-            async with self.pools[source].acquire() as con:
-                keys = await shard_sql.delta_keys(con, head, None if until is None else until[source])
+        for source, keys in (await self._delta_keys(since, until)).items():
             for key in keys:
                 move = self._move_of(source, key)
                 if move.lo not in self._suspects:
@@ -405,12 +399,18 @@ class _Run:
 
     async def _touched(self, since: dict[str, Watermark], until: dict[str, Watermark] | None = None) -> set[int]:
         """Moves with a delta entry in (since, until] (or past ``since`` when ``until`` is None)."""
-        touched: set[int] = set()
+        written = await self._delta_keys(since, until)
+        return {self._move_of(source, key).lo for source, keys in written.items() for key in keys}
+
+    async def _delta_keys(
+        self, since: dict[str, Watermark], until: dict[str, Watermark] | None = None
+    ) -> dict[str, list[int]]:
+        """Per source, the dialogs with a delta entry in (since, until] (or past ``since``)."""
+        written = {}
         for source, head in since.items():
             async with self.pools[source].acquire() as con:
-                keys = await shard_sql.delta_keys(con, head, None if until is None else until[source])
-            touched |= self._move_at(source, keys)
-        return touched
+                written[source] = await shard_sql.delta_keys(con, head, None if until is None else until[source])
+        return written
 
     async def _mismatched(self, check: set[int] | None) -> set[int]:
         """Digest the moves whose ``lo`` is in ``check`` (all when None) on both sides; return those that differ."""
@@ -440,23 +440,25 @@ class _Run:
         """
         if not bad:
             return bad
-        written: dict[str, list[int]] = {}
-        for source, head in heads.items():
-            async with self.pools[source].acquire() as con:
-                written[source] = await shard_sql.delta_keys(con, head)
+        inside: dict[int, list[int]] = {}  # move lo -> its dialogs written past the heads
+        for source, keys in (await self._delta_keys(heads)).items():
+            for key in keys:
+                lo = self._move_of(source, key).lo
+                if lo in bad:
+                    inside.setdefault(lo, []).append(key)
         still: set[int] = set()
         for (source, target), spans in self._pairs().items():
             spans = [s for s in spans if s.lo in bad]
             if not spans:
                 continue
-            keys = [key for key in written.get(source, []) if self._move_of(source, key).lo in bad]
+            keys = [key for span in spans for key in inside.get(span.lo, [])]
             async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
                 theirs, ours = await asyncio.gather(
                     shard_sql.mixed_digests(src, spans, keys), shard_sql.mixed_digests(tgt, spans, keys)
                 )
             for span in spans:
-                inside = [key for key in keys if self._move_of(source, key).lo == span.lo]
-                if _without(theirs, span, inside) != _without(ours, span, inside):
+                excluded = inside.get(span.lo, [])
+                if _without(theirs, span, excluded) != _without(ours, span, excluded):
                     still.add(span.lo)
         return still
 
