@@ -43,20 +43,16 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 def check_port_free(host: str, port: int) -> None:
     """Exit 2 when HOST:PORT is taken: SO_REUSEPORT would otherwise share it with a stranger."""
-    try:
-        probe = socket.create_server((host, port))
-    except OSError as exc:
-        reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        print(f"configuration error: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
-        sys.exit(2)
-    probe.close()
+    _listen(host, port).close()
 
 
 def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening socket, or exit 2 with the reason (a configuration error, not a crash)."""
     try:
         return socket.create_server((host, port), reuse_port=reuse_port, backlog=1024)
     except OSError as exc:
-        print(f"configuration error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        print(f"configuration error: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
         sys.exit(2)
 
 
