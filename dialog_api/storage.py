@@ -71,7 +71,8 @@ LIMIT $5
 # (range_state() inlined: as plain SQL it is planned once with the prepared statement.)
 LIST_QUERY = f"""
 WITH own AS (
-    SELECT (SELECT r.state FROM (SELECT hi, state FROM shard_ranges WHERE lo <= $1 ORDER BY lo DESC LIMIT 1) AS r
+    SELECT (SELECT effective_state(r.state, r.lease_until)
+            FROM (SELECT hi, state, lease_until FROM shard_ranges WHERE lo <= $1 ORDER BY lo DESC LIMIT 1) AS r
             WHERE r.hi >= $1) AS state
 )
 SELECT own.state, page.*

@@ -80,3 +80,47 @@ def _subtract(hash_range: HashRange, holes: list[tuple[int, int]]) -> list[Span]
 
 def moved_fraction(plan: list[Move]) -> float:
     return sum(m.hi - m.lo + 1 for m in plan) / 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings:
+    """What a database offered as a new shard already holds (read by ``shard_sql.holdings``).
+
+    ``identity`` names where its tables live (server system identifier, database, schema):
+    two DSNs that differ in text (a host alias, another port forward) but reach the same
+    tables have the same identity.
+    """
+
+    identity: str
+    range_states: dict[str, int]  # state -> ranges in it ('incoming' ones are a copy target's)
+    messages: bool
+
+
+def target_problem(target: Holdings, others: dict[str, str], resuming: bool = False) -> str | None:
+    """Why ``target`` must not receive moving ranges, or None when it may.
+
+    ``others`` maps every other shard of the cluster to its identity. A copy target's
+    first steps delete rows in the moving ranges (to resume a crashed copy) and an abort
+    deletes everything it copied: on a database that already serves ranges, that is
+    acknowledged messages lost. So the target must be a database of its own, serving
+    nothing and holding no messages. ``resuming``: a prepare that crashed may have marked
+    ranges 'incoming' already; those alone are allowed.
+    """
+    same = same_database(target.identity, others)
+    if same is not None:
+        return same
+    serving = {state: n for state, n in target.range_states.items() if n and not (resuming and state == "incoming")}
+    if serving:
+        states = ", ".join(f"{n} {state}" for state, n in sorted(serving.items()))
+        return f"it already has shard ranges ({states}): it is, or was, another shard's database"
+    if target.messages:
+        return "it already holds messages: a new shard needs a database of its own, with no messages"
+    return None
+
+
+def same_database(identity: str, others: dict[str, str]) -> str | None:
+    """Which shard of ``others`` (shard id -> identity) has its tables where ``identity`` says, in words."""
+    for shard_id, other in sorted(others.items()):
+        if other == identity:
+            return f"it is the database of shard {shard_id} (the same server, database and schema)"
+    return None

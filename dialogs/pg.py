@@ -3,7 +3,8 @@
 Two sets, for two kinds of caller:
 
 - ``UNAVAILABLE``: the database cannot serve right now: unreachable, restarting, shutting
-  down, a connection lost mid-query, a query cancelled by its timeout. Request paths
+  down, out of a resource (SQLSTATE class 53: no connection slot left, disk full, out of
+  memory), a connection lost mid-query, a query cancelled by its timeout. Request paths
   turn these into 503s (``translated``); anything else from the database is a bug and
   stays a 500.
 - ``FAILURES``: ``UNAVAILABLE`` plus any error the server reports. Background loops
@@ -34,6 +35,7 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.QueryCanceledError,
+    asyncpg.InsufficientResourcesError,  # class 53: "too many clients", disk full, out of memory
 )
 
 FAILURES: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from typing import Any
@@ -14,11 +15,14 @@ from dialogs.http import bearer_token, json_response, read_json
 from dialogs.keys import INT64_MAX
 from dialogs.metastore import maps, members, migrations
 from dialogs.metastore.users import translated
+from dialogs.migration_plan import Holdings, target_problem
 from dialogs.pg import dsn_problem
 from proxy.appkeys import SETTINGS, TOKENS, USERS
+from proxy.migration import shard_sql
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 MAX_ROWS_PER_SECOND = 10_000_000
+CONNECT_TIMEOUT = 3.0  # seconds to reach a shard's database from the admin API
 
 
 def redact(dsn: str) -> str:
@@ -137,18 +141,38 @@ async def add_shard(request: web.Request) -> web.Response:
         if shard_id in current.weights:
             raise errors.Conflict(f"shard {shard_id} is already in the shard map")
         await _refuse_if_busy(con)
-        await _check_reachable(dsn)
+        await _check_new_database(con, shard_id, dsn)
         await maps.register_shard(con, shard_id, dsn, reactivate=True)
         target = current.with_shard(shard_id, weight or 1)
         return await _start(request, con, "add", shard_id, target, current, throttle)
 
 
-async def _check_reachable(dsn: str) -> None:
+async def _holdings(dsn: str) -> Holdings:
     try:
-        con = await asyncpg.connect(dsn, timeout=3)
+        con = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     except (*pg.FAILURES, ValueError) as exc:
         raise errors.InvalidInput(f"cannot connect to {redact(dsn)}: {exc}") from None
-    await con.close()
+    try:
+        return await shard_sql.holdings(con)
+    finally:
+        await con.close()
+
+
+async def _check_new_database(meta: asyncpg.Connection, shard_id: str, dsn: str) -> None:
+    """Refuse a database that is already a shard's, or serves ranges, or holds messages: a copy
+    target deletes rows in the ranges it receives (docs/resharding.md, "Choosing a target").
+
+    The other shards are compared by identity (server, database, schema), not by DSN text.
+    One that cannot be reached now is skipped: a shard's database always has ranges, so the
+    holdings check refuses it all the same, and the runner checks again before it copies.
+    """
+    target = await _holdings(dsn)
+    rows = [r for r in await maps.registered_shards(meta) if r["retired_at"] is None and r["shard_id"] != shard_id]
+    found = await asyncio.gather(*(_holdings(row["dsn"]) for row in rows), return_exceptions=True)
+    others = {row["shard_id"]: h.identity for row, h in zip(rows, found, strict=True) if isinstance(h, Holdings)}
+    problem = target_problem(target, others)
+    if problem is not None:
+        raise errors.Conflict(f"cannot add {shard_id} with {redact(dsn)}: {problem}")
 
 
 async def remove_shard(request: web.Request) -> web.Response:

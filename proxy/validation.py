@@ -125,11 +125,9 @@ def login(body: Any) -> tuple[uuid.UUID, str]:
         raise errors.InvalidInput("id is required")
     if not isinstance(raw_id, str):
         raise errors.InvalidInput("id must be a UUID")
-    password = data.get("password")
-    if password is None:
-        raise errors.InvalidInput("password is required")
-    if not isinstance(password, str) or not password:
-        raise errors.InvalidInput("password must be a non-empty string")
+    # The rules registration applies: a password that could not be registered (a lone
+    # surrogate, a NUL, too long) is refused here too, before it reaches the hasher.
+    password = text(data.get("password"), "password", MAX_PASSWORD_LENGTH)
     return user_id(raw_id, "id"), password
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -214,8 +215,12 @@ async def save_delta(con: asyncpg.Connection, migration_id: int, watermarks: dic
     await con.execute(
         "UPDATE migrations SET delta_watermark = $2::jsonb, delta_copied = delta_copied + $3, updated_at = now()"
         " WHERE migration_id = $1",
-        migration_id, json.dumps({k: list(v) for k, v in watermarks.items()}), rows,
+        migration_id, _watermarks_json(watermarks), rows,
     )
+
+
+def _watermarks_json(watermarks: dict[str, Watermark]) -> str:
+    return json.dumps({k: list(v) for k, v in watermarks.items()})
 
 
 async def set_phase(con: asyncpg.Connection, migration_id: int, phase: Phase, error: str | None = None) -> None:
@@ -234,29 +239,45 @@ async def cutover_failed(con: asyncpg.Connection, migration_id: int, reason: str
     )
 
 
-async def flip(con: asyncpg.Connection, migration: Migration, pause_ms: float) -> None:
-    """The point of no return: activate the target map (compare-and-swap) and enter cleanup.
+async def flip(
+    con: asyncpg.Connection, migration: Migration, by: datetime.datetime, within: float,
+    watermarks: dict[str, Watermark],
+) -> None:
+    """The point of no return: activate the target map (compare-and-swap) and enter cleanup,
+    only while the metadata server's clock is before ``by`` (the sources' leases end, less a
+    margin) and within ``within`` seconds of waiting. ``watermarks`` (each source's delta log
+    as far as the final copy took it) are kept for cleanup's check for late writes.
 
-    One statement, so one round trip while writes wait, and atomic: the phase moves only
-    if the map was written.
+    The row is locked first, in a statement of its own, so the clock is read after any wait
+    for the lock; the flip is then one statement and the commit follows at once.
     """
-    flipped = await con.fetchval(
-        f"""
-        WITH allowed AS (
-            -- Locks the row against request_abort: whichever commits first wins, the other
-            -- sees its result (an abort request stops the flip; a flip makes the abort a 409).
-            SELECT 1 FROM migrations WHERE migration_id = $5 AND NOT abort_requested FOR UPDATE
-        ),
-        activated AS ({maps.activate_sql("EXISTS (SELECT 1 FROM allowed)")})
-        UPDATE migrations SET phase = $7, last_pause_ms = $6, error = NULL, updated_at = now()
-        WHERE migration_id = $5 AND EXISTS (SELECT 1 FROM activated)
-        RETURNING migration_id
-        """,
-        *maps.activate_arguments(migration.target_map, f"migration {migration.migration_id}"),
-        migration.migration_id, pause_ms, Phase.CLEANUP,
-    )
-    if flipped is None:
-        raise errors.MapVersionConflict("the shard map changed under the migration, or an abort was requested")
+    timeout_ms = max(1, int(within * 1000))
+    async with con.transaction():
+        await con.execute(f"SET LOCAL statement_timeout = {timeout_ms}; SET LOCAL lock_timeout = {timeout_ms}")
+        # Locks the row against request_abort: whichever commits first wins, the other
+        # sees its result (an abort request stops the flip; a flip makes the abort a 409).
+        allowed = await con.fetchval(
+            "SELECT NOT abort_requested FROM migrations WHERE migration_id = $1 FOR UPDATE", migration.migration_id
+        )
+        flipped = allowed and await con.fetchval(
+            f"""
+            WITH activated AS ({maps.activate_sql("clock_timestamp() < $8")})
+            UPDATE migrations SET phase = $7, delta_watermark = $6::jsonb, error = NULL, updated_at = now()
+            WHERE migration_id = $5 AND EXISTS (SELECT 1 FROM activated)
+            RETURNING migration_id
+            """,
+            *maps.activate_arguments(migration.target_map, f"migration {migration.migration_id}"),
+            migration.migration_id, _watermarks_json(watermarks), Phase.CLEANUP, by,
+        )
+    if not flipped:
+        raise errors.MapVersionConflict(
+            "the shard map changed under the migration, an abort was requested, or the sources' leases ran out"
+        )
+
+
+async def record_pause(con: asyncpg.Connection, migration_id: int, pause_ms: float) -> None:
+    """The write pause clients saw at the cutover: from the freeze until the flip committed."""
+    await con.execute("UPDATE migrations SET last_pause_ms = $2 WHERE migration_id = $1", migration_id, pause_ms)
 
 
 async def request_abort(con: asyncpg.Connection, migration_id: int) -> Migration:

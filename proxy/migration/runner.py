@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -20,7 +22,7 @@ import asyncpg
 from dialogs import errors, pg, schema
 from dialogs.metastore import maps, members, migrations
 from dialogs.metastore.migrations import START, Migration, RangeState, Watermark
-from dialogs.migration_plan import Move, Span, owned_after_split
+from dialogs.migration_plan import Move, Span, owned_after_split, same_database, target_problem
 from dialogs.wire import Phase
 from proxy.migration import shard_sql
 
@@ -32,6 +34,9 @@ MAX_VERIFY_ROUNDS = 6  # pre-verification rounds before the cutover...
 SETTLED_RANGES = 16  # ...stop once at most this many ranges are left for the cutover to re-check
 DIALOG_ROUNDS = 2  # then rounds that verify, one by one, the dialogs written since (_settle_dialogs)
 MAX_CUTOVER_ATTEMPTS = 5
+# The flip must commit this long before the sources' leases end (at most a fifth of the
+# lease): room for the clocks of the metadata and shard servers to differ, and for the commit.
+MAX_CLOCK_MARGIN = 1.0
 DELTA_BATCH = 5000
 
 
@@ -42,6 +47,20 @@ class _Interrupted(Exception):
 
 class _VerificationFailed(Exception):
     pass
+
+
+class _LeaseLost(Exception):
+    """A source's lease on its frozen ranges ran out before the hand-over."""
+
+
+@dataclass
+class _Frozen:
+    """What the freeze returned, per source: the last delta rows, when its lease ends (its
+    clock), and how far its delta log is copied once those rows are."""
+
+    rows: dict[str, list[asyncpg.Record]] = field(default_factory=dict)
+    lease_ends: dict[str, datetime.datetime] = field(default_factory=dict)
+    watermarks: dict[str, Watermark] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,13 +120,38 @@ class _Run:
         self._suspect_dialogs: dict[str, set[int]] = {}  # per source: dialogs that differed in a settling round
         self._verified_at_cutover = (0, 0)  # (ranges digested whole, single dialogs) at the last cutover
 
+    @contextlib.asynccontextmanager
+    async def _on(self, shard_id: str) -> AsyncIterator[asyncpg.Connection]:
+        """A connection to one shard. One whose statement was cut short (a deadline, a lost or
+        stopped server) is closed, not returned: asyncpg would wait, unbounded, for the
+        server to confirm the cancellation before reusing it."""
+        pool = self.pools[shard_id]
+        con = await pool.acquire(timeout=self.settings.cutover_deadline)
+        try:
+            yield con
+        except BaseException:
+            con.terminate()
+            raise
+        finally:
+            await pool.release(con)
+
+    async def _best_effort(self, what: str, step: Awaitable[object]) -> bool:
+        """Run ``step`` within a cutover deadline; log instead of raising if it cannot finish."""
+        try:
+            async with asyncio.timeout(self.settings.cutover_deadline):
+                await step
+            return True
+        except (TimeoutError, *pg.FAILURES) as exc:
+            log.warning("migration %s: could not %s: %s", self.migration.migration_id, what, exc or type(exc).__name__)
+            return False
+
     async def _set(self, state: str, shards: list[str], spans_of: Callable[[str], list[Span]]) -> None:
         """Give each shard's spans ``state``, on all shards at once (one round trip each)."""
 
         async def one(shard_id: str) -> None:
             spans = spans_of(shard_id)
             if spans:
-                async with self.pools[shard_id].acquire() as con:
+                async with self._on(shard_id) as con:
                     await shard_sql.set_state(con, spans, state)
 
         await asyncio.gather(*(one(shard_id) for shard_id in shards))
@@ -143,8 +187,10 @@ class _Run:
             for shard_id in sorted(set(self.sources) | set(self.targets)):
                 # lock_timeout bounds how long a statement of a runner that died while it
                 # waited can linger and still commit (a new runner's changes queue behind it).
+                # min_size=0: nothing connects until used, so a shard that is gone fails only
+                # the steps that need it (an abort restores the sources without a lost target).
                 self.pools[shard_id] = await asyncpg.create_pool(
-                    dsns[shard_id], min_size=1, max_size=4,
+                    dsns[shard_id], min_size=0, max_size=4, timeout=self.settings.cutover_deadline,
                     server_settings={"lock_timeout": f"{int(self.settings.cutover_deadline * 1000)}ms"},
                 )
             return await self._phases()
@@ -196,14 +242,18 @@ class _Run:
             await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTING,
                                   "the shard map changed before the migration started")
             return
+        problem = await self._new_shard_problem(migration)
+        if problem is not None:
+            await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTING, problem)
+            return
         for shard_id in self.targets:
-            async with self.pools[shard_id].acquire() as con:
+            async with self._on(shard_id) as con:
                 await schema.upgrade_shard(con)
         await self._set("incoming", self.targets, self.arriving)
         self._targets_incoming = True
         estimates: dict[int, int] = {}
         for shard_id in self.sources:
-            async with self.pools[shard_id].acquire() as con:
+            async with self._on(shard_id) as con:
                 await shard_sql.clear_delta(con)
                 kept = owned_after_split(old.ring, shard_id, self.moves)
                 await shard_sql.fenced(con, kept, {"migrating": self.leaving(shard_id)})
@@ -220,7 +270,7 @@ class _Run:
         for state in pending:
             pairs.setdefault((state.move.source, state.move.target), []).append(state)
         for (source, target), states in pairs.items():
-            async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
+            async with self._on(source) as src, self._on(target) as tgt:
                 await self._forget_uncheckpointed(tgt, states)
                 await self._copy_pair(src, tgt, states)
         self.ranges = await migrations.ranges(self.meta, migration.migration_id)
@@ -292,7 +342,7 @@ class _Run:
             migration = await self._check_abort()
             backlog = 0
             for shard_id in self.sources:
-                async with self.pools[shard_id].acquire() as con:
+                async with self._on(shard_id) as con:
                     backlog += await shard_sql.delta_backlog(con, seq.get(shard_id, START))
             # Under a write rate the copy cannot outrun, the backlog stops shrinking: cut
             # over anyway (the final delta is then larger, the pause longer).
@@ -315,7 +365,7 @@ class _Run:
         fresh statistics the planner scans whole tables for the digests that verify single
         dialogs, and the cutover pause grows with the data copied."""
         for target in self.targets:
-            async with self.pools[target].acquire() as tgt:
+            async with self._on(target) as tgt:
                 await shard_sql.analyze(tgt)
 
     async def _preverify(self, seq: dict[str, Watermark]) -> None:
@@ -362,7 +412,7 @@ class _Run:
             newer = await self._delta_heads()
             await self._copy_pending(seq)
             for (source, target), keys in (await self._written(self._verified_from, newer)).items():
-                async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
+                async with self._on(source) as src, self._on(target) as tgt:
                     theirs, ours = await asyncio.gather(
                         shard_sql.mixed_digests(src, [], keys), shard_sql.mixed_digests(tgt, [], keys)
                     )
@@ -393,7 +443,7 @@ class _Run:
     async def _delta_heads(self) -> dict[str, Watermark]:
         heads = {}
         for source in self.sources:
-            async with self.pools[source].acquire() as con:
+            async with self._on(source) as con:
                 heads[source] = await shard_sql.delta_head(con)
         return heads
 
@@ -408,7 +458,7 @@ class _Run:
         """Per source, the dialogs with a delta entry in (since, until] (or past ``since``)."""
         written = {}
         for source, head in since.items():
-            async with self.pools[source].acquire() as con:
+            async with self._on(source) as con:
                 written[source] = await shard_sql.delta_keys(con, head, None if until is None else until[source])
         return written
 
@@ -419,7 +469,7 @@ class _Run:
             spans = spans if check is None else [s for s in spans if s.lo in check]
             if not spans:
                 continue
-            async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
+            async with self._on(source) as src, self._on(target) as tgt:
                 theirs, ours = await asyncio.gather(shard_sql.digests(src, spans), shard_sql.digests(tgt, spans))
             bad |= {lo for lo in theirs if theirs[lo] != ours.get(lo)}
         return bad
@@ -452,7 +502,7 @@ class _Run:
             if not spans:
                 continue
             keys = [key for span in spans for key in inside.get(span.lo, [])]
-            async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
+            async with self._on(source) as src, self._on(target) as tgt:
                 theirs, ours = await asyncio.gather(
                     shard_sql.mixed_digests(src, spans, keys), shard_sql.mixed_digests(tgt, spans, keys)
                 )
@@ -470,7 +520,7 @@ class _Run:
         """One round of delta copying from every source; advances the watermarks. Returns rows copied."""
         copied = 0
         for source in self.sources:
-            async with self.pools[source].acquire() as src:
+            async with self._on(source) as src:
                 rows = await shard_sql.read_delta(src, seq.get(source, START), limit)
             if not rows:
                 continue
@@ -478,7 +528,7 @@ class _Run:
             for row in rows:
                 by_target.setdefault(self._move_of(source, row["dialog_key"]).target, []).append(row)
             for target, target_rows in by_target.items():
-                async with self.pools[target].acquire() as tgt:
+                async with self._on(target) as tgt:
                     await shard_sql.insert_rows(tgt, target_rows)
             seq[source] = shard_sql.watermark_of(rows[-1])
             copied += len(rows)
@@ -487,50 +537,87 @@ class _Run:
     # --- cutover: freeze, final delta, verify, flip; bounded by the deadline --------------
 
     async def _cutover(self, migration: Migration) -> None:
+        """Freeze, copy the rest, verify, hand over, flip: all on the sources' lease.
+
+        The sources freeze on a lease of ``cutover_deadline`` that their own clocks enforce:
+        past it, the ranges serve again whatever this runner or the metadata database do.
+        So the flip must commit before the earliest lease ends, less a margin for clock
+        difference and the commit itself: the metadata server checks that with its clock,
+        this runner with its own. The pause recorded is the one clients saw: from before
+        the freeze until the flip committed.
+        """
+        lease = self.settings.cutover_deadline
+        margin = min(MAX_CLOCK_MARGIN, lease / 5)
         started = time.monotonic()
+        steps = [started]
         try:
-            async with asyncio.timeout(self.settings.cutover_deadline):
-                steps = [started]
-                left = await self._freeze(migration.delta_watermark)
+            async with asyncio.timeout(lease - margin):
+                frozen = await self._freeze(migration.delta_watermark, lease)
                 steps.append(time.monotonic())
-                await self._apply_and_verify(left)
+                await self._apply_and_verify(frozen.rows)
                 steps.append(time.monotonic())
-                await self._hand_over()
+                if not await self._hand_over():
+                    raise _LeaseLost("a source's lease ran out before the hand-over")
                 steps.append(time.monotonic())
-        except (TimeoutError, _VerificationFailed, *pg.FAILURES) as exc:
+        except (TimeoutError, _VerificationFailed, _LeaseLost, *pg.FAILURES) as exc:
             reason = "cutover deadline passed" if isinstance(exc, TimeoutError) else f"cutover failed: {exc}"
             await self._cutover_failed(migration, reason, fatal=isinstance(exc, _VerificationFailed))
             self.observer.cutover(time.monotonic() - started, False)
             return
-        pause = time.monotonic() - started
+        by = min(frozen.lease_ends.values()) - datetime.timedelta(seconds=margin)
+        within = max(0.0, lease - margin - (time.monotonic() - started))
         try:
-            await migrations.flip(self.meta, migration, pause * 1000)
-        except (errors.Conflict, *pg.FAILURES) as exc:
+            # The server bounds its own wait (statement and lock timeouts); this bounds ours
+            # when the server does not answer at all.
+            async with asyncio.timeout(within + margin):
+                await migrations.flip(self.meta, migration, by, within, frozen.watermarks)
+        except (errors.Conflict, asyncpg.PostgresError) as exc:
+            # The server answered: nothing was written. Give the ranges back now.
             current = await self._reload()
-            if current.phase != Phase.CLEANUP:
-                reason = "aborted by the operator" if current.abort_requested else f"could not activate the new map: {exc}"
-                await self._cutover_failed(migration, reason, fatal=True)
-                return
-        self.observer.cutover(time.monotonic() - started, True)
-        took = [f"{name} {(b - a) * 1000:.1f}" for name, a, b in zip(("freeze", "verify", "hand-over"), steps, steps[1:])]
+            reason = "aborted by the operator" if current.abort_requested else f"could not activate the new map: {exc}"
+            await self._cutover_failed(migration, reason, fatal=current.abort_requested)
+            self.observer.cutover(time.monotonic() - started, False)
+            return
+        except (TimeoutError, *pg.UNAVAILABLE):
+            # No answer: the flip may or may not have committed, and only the metadata
+            # database can tell. The sources' leases end on their own; give up the run
+            # (and with it the lease on the migration, whose connection goes) so that the
+            # next runner reads the outcome from the phase.
+            log.warning("migration %s: no answer from the metadata database to the flip; the sources' leases"
+                        " end by themselves", migration.migration_id)
+            self.meta.terminate()
+            self.observer.cutover(time.monotonic() - started, False)
+            raise
+        pause = time.monotonic() - started
+        steps.append(time.monotonic())
+        await self._best_effort("release the moved ranges on the sources (cleanup does it again)",
+                                self._release_sources())
+        self.observer.cutover(pause, True)
+        await migrations.record_pause(self.meta, migration.migration_id, pause * 1000)
+        took = [f"{name} {(b - a) * 1000:.1f}"
+                for name, a, b in zip(("freeze", "verify", "hand-over", "flip"), steps, steps[1:], strict=False)]
         ranges, dialogs = self._verified_at_cutover
         log.info("migration %s cut over in %.1f ms (%s ms; verified %d ranges whole and %d dialogs)",
                  migration.migration_id, pause * 1000, ", ".join(took), ranges, dialogs)
 
-    async def _freeze(self, watermarks: dict[str, Watermark]) -> dict[str, list[asyncpg.Record]]:
-        """Sources stop taking writes in moving ranges (in-flight ones commit first: the fence)
-        and hand back the rest of their delta log, all in one call each."""
+    async def _freeze(self, watermarks: dict[str, Watermark], lease: float) -> _Frozen:
+        """Sources stop taking writes in moving ranges for ``lease`` seconds (in-flight ones
+        commit first: the fence) and hand back the rest of their delta log, in one call each."""
         if not self._targets_incoming:
             await self._set("incoming", self.targets, self.arriving)
             self._targets_incoming = True
 
-        async def one(source: str) -> tuple[str, list[asyncpg.Record]]:
-            async with self.pools[source].acquire() as con:
-                return source, await shard_sql.freeze(
-                    con, self.leaving(source), watermarks.get(source, START)
-                )
+        async def one(source: str) -> tuple[str, list[asyncpg.Record], datetime.datetime]:
+            async with self._on(source) as con:
+                rows, ends = await shard_sql.freeze(con, self.leaving(source), watermarks.get(source, START), lease)
+                return source, rows, ends
 
-        return dict(await asyncio.gather(*(one(source) for source in self.sources)))
+        frozen = _Frozen()
+        for source, rows, ends in await asyncio.gather(*(one(source) for source in self.sources)):
+            frozen.rows[source] = rows
+            frozen.lease_ends[source] = ends
+            frozen.watermarks[source] = shard_sql.watermark_of(rows[-1]) if rows else watermarks.get(source, START)
+        return frozen
 
     async def _apply_and_verify(self, left: dict[str, list[asyncpg.Record]]) -> None:
         """Copy the last rows and compare counts and checksums, source against target.
@@ -563,7 +650,7 @@ class _Run:
             spans, rows, keys = pairs[(source, target)], rows_by_pair[(source, target)], keys_by_pair[(source, target)]
             if not spans and not rows and not keys:
                 return
-            async with self.pools[source].acquire() as src, self.pools[target].acquire() as tgt:
+            async with self._on(source) as src, self._on(target) as tgt:
                 theirs, ours = await asyncio.gather(
                     shard_sql.mixed_digests(src, spans, keys), shard_sql.apply_and_digest(tgt, rows, spans, keys)
                 )
@@ -585,35 +672,56 @@ class _Run:
         moves, starts = self._lookup[source]
         return moves[bisect.bisect_right(starts, key) - 1]
 
-    async def _hand_over(self) -> None:
-        """Sources stop serving the moved ranges and targets start. No proxy routes to a
-        target before the map flips, so the two can happen together."""
-        await asyncio.gather(
-            self._set("absent", self.sources, self.leaving),
+    async def _hand_over(self) -> bool:
+        """Sources stop serving reads too (on the freeze's lease) and targets start. No proxy
+        routes to a target before the map flips, so the two can happen together. False if a
+        source's lease ran out first."""
+
+        async def source(shard_id: str) -> bool:
+            async with self._on(shard_id) as con:
+                return await shard_sql.hand_over(con, self.leaving(shard_id))
+
+        handed, _ = await asyncio.gather(
+            asyncio.gather(*(source(shard_id) for shard_id in self.sources)),
             self._set("owned", self.targets, self.arriving),
         )
         self._targets_incoming = False
+        return all(handed)
+
+    async def _release_sources(self) -> None:
+        """After the flip: sources drop the moved ranges for good (no lease to run out)."""
+        await self._set("absent", self.sources, self.leaving)
 
     async def _cutover_failed(self, migration: Migration, reason: str, fatal: bool) -> None:
-        """Give the ranges back to their sources (writable again) and go back to catch-up, or abort."""
+        """Give the ranges back to their sources (writable again) and go back to catch-up, or abort.
+
+        Only called when the flip certainly did not happen. The sources come first and need
+        nothing of the targets: a stalled or lost target must not keep them frozen (their
+        leases would end it anyway, this just does not wait for that). The targets are reset
+        on a best-effort basis; the next freeze resets them again before anything else.
+        """
         log.warning("migration %s: %s", migration.migration_id, reason)
-        await self._set("incoming", self.targets, self.arriving)
-        self._targets_incoming = True
-        await self._set("migrating", self.sources, self.leaving)
+        await self._best_effort("give the moving ranges back to the sources (their leases will)",
+                                self._set("migrating", self.sources, self.leaving))
         attempts = await migrations.cutover_failed(self.meta, migration.migration_id, reason)
+        self._targets_incoming = await self._best_effort(
+            "reset the targets (the next freeze does it first)", self._set("incoming", self.targets, self.arriving)
+        )
         if fatal or attempts >= MAX_CUTOVER_ATTEMPTS:
             await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTING, reason)
 
     # --- cleanup: after every live process knows the new map, drop moved rows -------------
 
     async def _cleanup(self, migration: Migration) -> None:
-        await self._hand_over()  # idempotent; makes sure the flip's states hold after any crash
+        # Idempotent: makes sure the flip's states hold after any crash.
+        await asyncio.gather(self._release_sources(), self._set("owned", self.targets, self.arriving))
+        await self._copy_late_writes(migration)
         version = migration.target_map.map_version
         while laggards := await members.laggards(self.meta, version, self.settings.liveness_ttl):
             log.info("waiting for %s to acknowledge map version %s", ", ".join(laggards), version)
             await asyncio.sleep(self.settings.poll_interval)
         for shard_id in self.sources:
-            async with self.pools[shard_id].acquire() as con:
+            async with self._on(shard_id) as con:
                 for span in self.leaving(shard_id):
                     while await shard_sql.delete_span_batch(con, span, migration.batch_size):
                         pass
@@ -622,21 +730,80 @@ class _Run:
             await maps.retire_shard(self.meta, migration.shard_id)
         await migrations.set_phase(self.meta, migration.migration_id, Phase.DONE)
 
+    async def _copy_late_writes(self, migration: Migration) -> None:
+        """Copy what a source took after the final copy, which only a lease that ran out
+        between the flip and the release can let through (a runner and the metadata server
+        both stopped right after the flip committed): logged in its delta, so nothing is lost.
+        """
+        seq = dict(migration.delta_watermark)
+        late = 0
+        while copied := await self._copy_delta(seq, DELTA_BATCH):
+            late += copied
+        if late:
+            log.error("migration %s: %d message(s) reached a source after the flip (its lease ran out before it"
+                      " was released); copied to their new shard", migration.migration_id, late)
+
     # --- abort: before the flip, the old owners keep everything ---------------------------
 
     async def _abort(self, migration: Migration) -> None:
-        for shard_id in self.targets:
-            async with self.pools[shard_id].acquire() as con:
-                await schema.upgrade_shard(con)  # an abort may come before prepare reached it
-        await self._set("owned", self.sources, self.leaving)
+        """Sources own their old ranges again, then targets drop what they received.
+
+        The sources come first and need nothing of the targets: a target that is gone, or
+        stalled, must not keep the sources migrating (their delta log growing). A target
+        that cannot be reached keeps its copies ('incoming' ranges and rows, served by
+        nobody); adding that database again is refused until it is emptied. A target that
+        turns out to be a source's own database is never touched: its "copies" are the
+        source's rows.
+        """
+        old = await maps.shard_map_version(self.meta, migration.from_version)
+        assert old is not None, "a migration's first map is never deleted"
         for shard_id in self.sources:
-            async with self.pools[shard_id].acquire() as con:
+            async with self._on(shard_id) as con:
+                # Split-aware, like prepare: an abort before prepare split a source's ranges
+                # must not lay moving spans over the old ranges that hold them.
+                kept = owned_after_split(old.ring, shard_id, self.moves)
+                await shard_sql.fenced(con, kept, {"owned": self.leaving(shard_id)})
                 await shard_sql.clear_delta(con)
-        await self._set("absent", self.targets, self.arriving)
+        sources = await self._identities(self.sources)
         for shard_id in self.targets:
-            async with self.pools[shard_id].acquire() as con:
-                await shard_sql.delete_spans(con, self.arriving(shard_id))
+            await self._best_effort(f"remove the copies on {shard_id} (they are served by no one)",
+                                    self._drop_copies(shard_id, sources))
         await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTED)
+
+    async def _drop_copies(self, target: str, sources: dict[str, str]) -> None:
+        async with self._on(target) as con:
+            holdings = await shard_sql.holdings(con)
+            problem = same_database(holdings.identity, sources)
+            if problem is None and self.migration.kind == "add" and set(holdings.range_states) - {"incoming"}:
+                problem = "it serves ranges of its own (it was refused as a new shard)"
+            if problem is not None:
+                log.error("migration %s: not touching %s: %s", self.migration.migration_id, target, problem)
+                return
+            await schema.upgrade_shard(con)  # an abort may come before prepare reached it
+            await shard_sql.set_state(con, self.arriving(target), "absent")
+            await shard_sql.delete_spans(con, self.arriving(target))
+
+    async def _identities(self, shard_ids: list[str]) -> dict[str, str]:
+        """Where each shard's tables live (``shard_sql.identity``)."""
+
+        async def one(shard_id: str) -> tuple[str, str]:
+            async with self._on(shard_id) as con:
+                return shard_id, await shard_sql.identity(con)
+
+        return dict(await asyncio.gather(*(one(shard_id) for shard_id in shard_ids)))
+
+    async def _new_shard_problem(self, migration: Migration) -> str | None:
+        """Why the shard an add brings must not receive ranges (``migration_plan.target_problem``).
+
+        Checked again here, not only by the admin API: a DSN can be changed under a
+        registered shard, and a copy must never start on a database that serves ranges.
+        """
+        if migration.kind != "add":
+            return None  # the targets of a remove or weight change are shards of the map
+        async with self._on(migration.shard_id) as con:
+            holdings = await shard_sql.holdings(con)
+        problem = target_problem(holdings, await self._identities(self.sources), resuming=True)
+        return None if problem is None else f"{migration.shard_id} cannot be a new shard: {problem}"
 
 
 def _without(digests: shard_sql.MixedDigests, span: Span, keys: list[int]) -> tuple[int, int]:

@@ -8,12 +8,13 @@ Every function takes a connection to one shard database.
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 
 from dialogs.metastore.migrations import Cursor, Watermark
-from dialogs.migration_plan import Span
+from dialogs.migration_plan import Holdings, Span
 
 # The advisory lock key every write takes shared inside its transaction (see
 # store_messages in dialogs/migrations/shard/0002_fencing.sql).
@@ -34,6 +35,27 @@ def watermark_of(row: asyncpg.Record) -> Watermark:
 
 
 # --- ownership -------------------------------------------------------------------------
+
+
+async def identity(con: asyncpg.Connection) -> str:
+    """Where this connection's tables live: the server's system identifier, the database's
+    oid and the schema unqualified names resolve to (tests give each shard a schema)."""
+    row = await con.fetchrow(
+        "SELECT (SELECT system_identifier FROM pg_control_system()),"
+        " (SELECT oid FROM pg_database WHERE datname = current_database()), current_schema()"
+    )
+    return f"{row[0]}/{row[1]}/{row[2]}"
+
+
+async def holdings(con: asyncpg.Connection) -> Holdings:
+    """What the database already holds, for ``migration_plan.target_problem`` (a fresh one: nothing)."""
+    states: dict[str, int] = {}
+    messages = False
+    if await con.fetchval("SELECT to_regclass('shard_ranges')") is not None:
+        states = dict(await con.fetch("SELECT state, count(*) FROM shard_ranges GROUP BY state"))
+    if await con.fetchval("SELECT to_regclass('messages')") is not None:
+        messages = await con.fetchval("SELECT EXISTS (SELECT 1 FROM messages)")
+    return Holdings(await identity(con), states, messages)
 
 
 async def claim_if_empty(con: asyncpg.Connection, spans: Sequence[Span]) -> bool:
@@ -76,6 +98,13 @@ async def set_state(con: asyncpg.Connection, spans: Sequence[Span], state: str) 
     await con.execute(
         "SELECT set_range_states($1::bigint[], $2::bigint[], $3)", [s.lo for s in spans], [s.hi for s in spans], state
     )
+
+
+async def hand_over(con: asyncpg.Connection, spans: Sequence[Span]) -> bool:
+    """Frozen ``spans`` stop serving reads too, keeping their lease; False (nothing changed
+    that matters) if any lease ran out first: those ranges may have taken writes since."""
+    done = await con.fetchval("SELECT hand_over_ranges($1::bigint[])", [s.lo for s in spans])
+    return done == len(spans)
 
 
 async def delta_keys(con: asyncpg.Connection, after: Watermark, until: Watermark | None = None) -> list[int]:
@@ -252,12 +281,18 @@ async def digests(con: asyncpg.Connection, spans: Sequence[Span]) -> Digests:
     ))
 
 
-async def freeze(con: asyncpg.Connection, spans: Sequence[Span], after: Watermark) -> list[asyncpg.Record]:
-    """Freeze ``spans`` (writes refused from now on) and return every delta row past ``after``."""
-    return await con.fetch(
-        "SELECT * FROM freeze_ranges($1::bigint[], $2::bigint[], $3, $4)",
-        [s.lo for s in spans], [s.hi for s in spans], *after,
+async def freeze(
+    con: asyncpg.Connection, spans: Sequence[Span], after: Watermark, lease: float
+) -> tuple[list[asyncpg.Record], datetime.datetime]:
+    """Freeze ``spans`` for ``lease`` seconds (writes refused until then) and return every delta
+    row past ``after``, with the moment the lease ends by this server's clock."""
+    rows = await con.fetch(
+        "SELECT * FROM freeze_ranges($1::bigint[], $2::bigint[], $3, $4, $5)",
+        [s.lo for s in spans], [s.hi for s in spans], *after, datetime.timedelta(seconds=lease),
     )
+    ends = await con.fetchval("SELECT min(lease_until) FROM shard_ranges WHERE lo = ANY($1::bigint[])",
+                              [s.lo for s in spans])
+    return rows, ends
 
 
 # Digests keyed by ("range", lo) or ("dialog", dialog_key).
