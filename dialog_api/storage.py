@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from dialogs import errors, pg, schema
+from dialogs import errors, pg, schema, wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +58,21 @@ JOIN unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::boolean[], $5::text[])
   USING (dialog_key, user_lo, user_hi, from_lo, idempotency_key)
 """
 
+# The page holds at most $6 bytes of text, and always its first message: octet_length
+# reads a stored text's size without detoasting it.
 _LIST = """
 SELECT id, user_lo, user_hi, from_lo, text, created_at
-FROM messages
-WHERE dialog_key = $1 AND user_lo = $2 AND user_hi = $3 AND id < $4
+FROM (
+    SELECT id, user_lo, user_hi, from_lo, text, created_at,
+           sum(octet_length(text)) OVER newest_first AS bytes, row_number() OVER newest_first AS n
+    FROM messages
+    WHERE dialog_key = $1 AND user_lo = $2 AND user_hi = $3 AND id < $4
+    WINDOW newest_first AS (ORDER BY id DESC ROWS UNBOUNDED PRECEDING)
+    ORDER BY id DESC
+    LIMIT $5
+) AS candidates
+WHERE bytes <= $6 OR n = 1
 ORDER BY id DESC
-LIMIT $5
 """
 
 # The list query behind the ownership check, in one round trip: the first column says
@@ -153,7 +162,9 @@ class ShardStore:
     ) -> list[asyncpg.Record]:
         async with translated(), self.pool.acquire() as con:
             started = time.perf_counter()
-            rows = await con.fetch(LIST_QUERY, dialog_key, *ordered(user_a, user_b), before, limit)
+            rows = await con.fetch(
+                LIST_QUERY, dialog_key, *ordered(user_a, user_b), before, limit, wire.MAX_PAGE_TEXT_BYTES
+            )
             self._observe("list", time.perf_counter() - started)
         if rows[0]["state"] not in _READABLE:
             raise errors.RangeNotServed()

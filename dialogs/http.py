@@ -105,7 +105,32 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def make_middleware(metrics: RequestMetrics) -> Callable[..., Awaitable[web.StreamResponse]]:
+# Bodies larger than this are written under the write timeout (smaller ones go to the
+# socket's buffer at once, whoever reads them).
+TIMED_WRITE_BYTES = 64 * 1024
+
+
+async def _write_within(request: web.Request, response: web.Response, seconds: float) -> None:
+    """Send ``response`` now, closing the connection if the client has not taken it within
+    ``seconds``: a client that asks for a large body and never reads would otherwise keep
+    it, and its connection, in memory for as long as it likes (the idle timeout counts only
+    between requests). aiohttp then finds the response sent, or the connection gone."""
+    try:
+        async with asyncio.timeout(seconds):
+            await response.prepare(request)
+            await response.write_eof()
+    except TimeoutError:
+        log.warning("closed a connection that did not read its response within %.0f s", seconds,
+                    extra={"request_id": request_id_of(request)})
+        if request.transport is not None:
+            request.transport.abort()  # drops the unsent bytes with the connection
+    except ConnectionError:
+        pass  # the client went away: nothing to send it
+
+
+def make_middleware(
+    metrics: RequestMetrics, write_timeout: float | None = None
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
@@ -139,6 +164,9 @@ def make_middleware(metrics: RequestMetrics) -> Callable[..., Awaitable[web.Stre
                 "%s %s %s", request.method, route, response.status,
                 extra={"request_id": request_id, "status": response.status, "ms": round(elapsed * 1000, 3)},
             )
+        body = response.body if isinstance(response, web.Response) else None
+        if write_timeout is not None and isinstance(body, bytes) and len(body) > TIMED_WRITE_BYTES:
+            await _write_within(request, response, write_timeout)  # type: ignore[arg-type]
         return response
 
     return middleware

@@ -17,6 +17,12 @@ INTERNAL_MESSAGES_PATH = "/internal/v1/messages"  # GET: one page of a dialog
 # {"status": 200, "id", "created_at", "duplicate"} or an error body with its "status".
 INTERNAL_BATCH_PATH = "/internal/v1/messages/batch"
 
+# A page of a dialog holds at most this many bytes of message text (and at least one
+# message): the whole page is held in memory by the worker and the proxy until the client
+# has read it, so its size must not be the client's choice. 1,000 messages of 4,096
+# four-byte characters would be 16 MiB; typical pages are far below the bound.
+MAX_PAGE_TEXT_BYTES = 1 << 20
+
 class Phase(enum.StrEnum):
     """A resharding migration's phase: in the metadata database, the admin API and metrics.
 

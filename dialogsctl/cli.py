@@ -304,13 +304,15 @@ def shard_add(shard_id: str | None, dsn: str | None, weight: int, no_wait: bool,
     client = _client(data_dir, url, token)
     local = dsn is None
     known: set[int] = set()
+    created = None
     if local:
         try:  # the migrations before ours, to tell ours apart if the add gets no clear answer
             known = {m["migration_id"] for m in client.call("GET", "/admin/migrations")}
         except AdminError:
             pass  # the add below will say why
         try:
-            shard_id, dsn = local_shard.start(data_dir.resolve(), shard_id, click.echo)
+            created, dsn = local_shard.start(data_dir.resolve(), shard_id, click.echo)
+            shard_id = created.shard_id
         except local_shard.LocalShardError as exc:
             raise click.ClickException(str(exc)) from None
     elif shard_id is None:
@@ -322,9 +324,9 @@ def shard_add(shard_id: str | None, dsn: str | None, weight: int, no_wait: bool,
         started = client.call("POST", "/admin/shards", body)
     except AdminError as exc:
         # Refused: the server and worker started for it would run on as orphans.
-        if local and _local_add_not_taken(client, exc, shard_id, known):
+        if created is not None and _local_add_not_taken(client, exc, shard_id, known):
             try:
-                local_shard.take_back(data_dir.resolve(), shard_id, click.echo)
+                local_shard.take_back(data_dir.resolve(), created, click.echo)
             except local_shard.LocalShardError as undo:
                 click.echo(str(undo), err=True)
         raise click.ClickException(exc.message) from None
@@ -362,11 +364,12 @@ def shard_remove(shard_id: str, no_wait: bool, rows_per_second: int, batch_size:
     client = _client(data_dir, url, token)
     path = f"/admin/shards/{shard_id}?rows_per_second={rows_per_second}&batch_size={batch_size}"
     migration = _start_and_follow(client, "DELETE", path, None, no_wait)
-    layout = ClusterLayout.load(data_dir.resolve())
-    local = layout.shard(shard_id) if layout else None
-    if migration["phase"] == Phase.DONE and layout is not None and local is not None:
-        local.retired = True
-        layout.save()
+    retired = False
+    with ClusterLayout.edit(data_dir.resolve()) as layout:
+        local = layout.shard(shard_id) if layout else None
+        if migration["phase"] == Phase.DONE and local is not None:
+            local.retired = retired = True
+    if retired:
         pid = running_pid(data_dir.resolve())
         if pid is not None:
             os.kill(pid, signal.SIGHUP)

@@ -8,11 +8,13 @@ the proxies' and workers' shared internal secret, and each PostgreSQL server's p
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from dialogsctl.net import free_port
 from dialogsctl.pg_auth import dsn
 
 STATE_FILE = "cluster.json"
+EDIT_LOCK = "cluster.json.lock"
 DATABASE = "dialogs"
 
 _GENERATED_NAME = re.compile(r"shard-([0-9]+)")
@@ -120,6 +123,25 @@ class ClusterLayout:
             # every later reader sees (the servers get their passwords on the next start).
             layout.save()
         return layout
+
+    @classmethod
+    @contextlib.contextmanager
+    def edit(cls, data_dir: Path) -> Iterator[ClusterLayout | None]:
+        """Read, change and write ``cluster.json`` as one step: commands that change it (two
+        `dialogs shard add` at once, say) take turns, so neither writes over the other's
+        change nor picks the name the other just took. Saved when the block ends normally."""
+        if not (data_dir / STATE_FILE).exists():
+            yield None  # no local cluster here (a remote one, reached with --url)
+            return
+        fd = os.open(data_dir / EDIT_LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, also if the process dies
+            layout = cls.load(data_dir)
+            yield layout
+            if layout is not None:
+                layout.save()
+        finally:
+            os.close(fd)
 
     @property
     def active_shards(self) -> list[ShardLayout]:

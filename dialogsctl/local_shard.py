@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogsctl import pg_home, postmaster
-from dialogsctl.cluster import ClusterLayout
+from dialogsctl.cluster import ClusterLayout, ShardLayout
 from dialogsctl.supervisor import running_pid
 
 START_TIMEOUT = 60.0
@@ -43,17 +43,16 @@ def started_since(migrations: Iterable[dict[str, Any]], shard_id: str, known: se
     )
 
 
-def start(data_dir: Path, shard_id: str | None, echo: Callable[[str], None]) -> tuple[str, str]:
-    """Have the running `dialogs up` start a server and a worker for a new shard: (shard_id, dsn)."""
-    layout = ClusterLayout.load(data_dir)
+def start(data_dir: Path, shard_id: str | None, echo: Callable[[str], None]) -> tuple[ShardLayout, str]:
+    """Have the running `dialogs up` start a server and a worker for a new shard: (its layout, dsn)."""
     pid = running_pid(data_dir)
-    if layout is None or pid is None:
-        raise LocalShardError(f"no running local cluster in {data_dir}: start `dialogs up`, or pass --dsn")
-    try:
-        new = layout.add_shard(shard_id)
-    except ValueError as exc:
-        raise LocalShardError(str(exc)) from None
-    layout.save()
+    with ClusterLayout.edit(data_dir) as layout:
+        if layout is None or pid is None:
+            raise LocalShardError(f"no running local cluster in {data_dir}: start `dialogs up`, or pass --dsn")
+        try:
+            new = layout.add_shard(shard_id)
+        except ValueError as exc:
+            raise LocalShardError(str(exc)) from None
     os.kill(pid, signal.SIGHUP)
     echo(f"starting {new.shard_id}: PostgreSQL on 127.0.0.1:{new.pg_port} (a new server: initdb takes a few"
          " seconds)…")
@@ -69,30 +68,34 @@ def start(data_dir: Path, shard_id: str | None, echo: Callable[[str], None]) -> 
             with urllib.request.urlopen(f"http://127.0.0.1:{new.worker_port}/health", timeout=1) as response:
                 if response.status == 200:
                     echo(f"  {new.shard_id} is ready after {time.monotonic() - started:.1f} s")
-                    return new.shard_id, layout.shard_dsn(new)
+                    return new, layout.shard_dsn(new)
         except OSError:
             pass
         time.sleep(0.2)
-    take_back(data_dir, new.shard_id, echo)
+    take_back(data_dir, new, echo)
     raise LocalShardError(f"the worker of {new.shard_id} did not start; see {layout.log_file('worker-' + new.shard_id)}"
                           f" and {layout.log_file('pg-' + new.shard_id)}")
 
 
-def take_back(data_dir: Path, shard_id: str, echo: Callable[[str], None]) -> None:
+def take_back(data_dir: Path, created: ShardLayout, echo: Callable[[str], None]) -> None:
     """Undo ``start``: the shard leaves cluster.json, `dialogs up` stops its worker and server,
-    and its data folder is removed once nothing runs on it."""
-    layout = ClusterLayout.load(data_dir)
-    shard = layout.shard(shard_id) if layout is not None else None
-    if layout is None or shard is None:
-        return
-    datadir = layout.pg_dir(shard_id)
-    layout.forget_shard(shard_id)
-    layout.save()
+    and its data folder is removed once nothing runs on it.
+
+    Only what ``start`` made: the entry must still be the one it wrote (same ports and
+    password). Anything else under that name (another command's shard) is left alone.
+    """
+    shard_id = created.shard_id
+    with ClusterLayout.edit(data_dir) as layout:
+        if layout is None or layout.shard(shard_id) != created:
+            echo(f"{shard_id} in cluster.json is not the one this command started; leaving it alone")
+            return
+        datadir = layout.pg_dir(shard_id)
+        layout.forget_shard(shard_id)
     pid = running_pid(data_dir)
     if pid is not None:
         os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + STOP_TIMEOUT
-    while _listening(shard.worker_port) or postmaster.processes_on(datadir.resolve()):
+    while _listening(created.worker_port) or postmaster.processes_on(datadir.resolve()):
         if time.monotonic() > deadline:
             raise LocalShardError(f"{shard_id} was not added, but its server or worker did not stop;"
                                   f" its data stays in {datadir}")

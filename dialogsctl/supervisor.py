@@ -237,8 +237,9 @@ class Supervisor:
             return None
         layout = self.layout
         if layout.prometheus_port is None:
-            layout.prometheus_port = free_port()
-            layout.save()
+            with ClusterLayout.edit(layout.data_dir) as fresh:  # a `shard add` may be writing it too
+                assert fresh is not None
+                fresh.prometheus_port = layout.prometheus_port = free_port()
         self._write_prometheus_config()
         workdir = layout.data_dir / "prometheus"
         return Child(

@@ -142,15 +142,18 @@ def create_app(settings: ProxySettings, own_url: str | None = None, proxy_id: st
     """The proxy; ``own_url`` reaches this process alone (default http://ADVERTISE_HOST:PORT), and
     ``proxy_id`` names its registration (default DIALOGS_PROXY_ID, or a random one)."""
     metrics = ProxyMetrics()
-    app = web.Application(middlewares=[make_middleware(metrics.http)], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[make_middleware(metrics.http, settings.write_timeout)], client_max_size=settings.max_body_bytes
+    )
     app[SETTINGS] = settings
     app[OWN_URL] = own_url or f"http://{settings.advertise_host or settings.host}:{settings.port}"
     app[PROXY_ID] = proxy_id or settings.proxy_id or f"proxy-{uuid.uuid4().hex[:8]}"
     app[METRICS] = metrics
     app[TOKENS] = TokenAuthority(settings.jwt_secret, settings.jwt_ttl)
     app[LOGIN_GUARD] = LoginGuard(
-        FailureLimit(settings.login_failures_per_user, settings.login_failure_window),
-        FailureLimit(settings.login_failures_per_address, settings.login_failure_window),
+        per_address=FailureLimit(settings.login_failures_per_address, settings.login_failure_window),
+        per_pair=FailureLimit(settings.login_failures_per_user, settings.login_failure_window),
+        per_user=FailureLimit(settings.login_failures_per_user_total, settings.login_failure_window),
     )
     app.cleanup_ctx.extend([_passwords, _schema, _metadata_pool, _topology, _forwarder, _registration, _migration_driver])
     handlers.setup_routes(app)

@@ -12,19 +12,30 @@ exactly that process: Prometheus scrapes each one's /metrics there.
 The parent forwards SIGTERM/SIGINT to its children and waits for them; a child that dies
 is started again after a backoff (a child that exits 2, a configuration error, ends them
 all: starting it again cannot help).
+
+A child that is alive but not serving (stopped by SIGSTOP, its event loop stuck) would
+keep its share of new connections, which the kernel hands out by socket whatever the
+process does with them. So each child's event loop writes a byte to a pipe every
+``HEARTBEAT_SECONDS``; a child silent for ``DIALOGS_PROCESS_STALL_TIMEOUT`` seconds is
+killed (SIGKILL reaches a stopped process too) and started again like one that died.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import sys
 import time
 import uuid
+
+from aiohttp import web
 
 from dialogs import logs
 from dialogs.serve import run, settings_or_exit
@@ -38,6 +49,7 @@ STABLE_SECONDS = 10.0
 MAX_BACKOFF = 5.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_SECONDS = 0.1
+HEARTBEAT_SECONDS = 0.25
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
@@ -64,12 +76,31 @@ def _die_with(parent: int) -> None:
         sys.exit(0)
 
 
-def _child(settings: ProxySettings, index: int, proxy_id: str) -> None:
+def _child(settings: ProxySettings, index: int, proxy_id: str, heartbeat: int) -> None:
     shared = _listen(settings.host, settings.port, reuse_port=True)
     own = _listen(settings.host, settings.process_port + index if settings.process_port else 0)
     own_url = f"http://{settings.advertise_host or settings.host}:{own.getsockname()[1]}"
     app = create_app(settings, own_url=own_url, proxy_id=f"{proxy_id}-{index}")
+    app.cleanup_ctx.append(_beating(heartbeat))
     run(settings, app, "proxy", sockets=[shared, own], process=index)
+
+
+def _beating(fd: int):  # type: ignore[no-untyped-def]
+    """A cleanup context that writes to the parent's pipe from this process's event loop, so
+    the beats stop when the loop does (a stopped process, a loop stuck in a call)."""
+
+    async def beat(app: web.Application):  # type: ignore[no-untyped-def]
+        async def forever() -> None:
+            while True:
+                with contextlib.suppress(BlockingIOError):  # the parent is behind: one beat is enough
+                    os.write(fd, b".")
+                await asyncio.sleep(HEARTBEAT_SECONDS)
+
+        task = asyncio.ensure_future(forever())
+        yield
+        task.cancel()
+
+    return beat
 
 
 class Parent:
@@ -81,6 +112,8 @@ class Parent:
         self.proxy_id = settings.proxy_id or f"proxy-{uuid.uuid4().hex[:8]}"
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (index, started at)
         self.stopping = False
+        self.beats: dict[int, int] = {}  # pid -> read end of its heartbeat pipe
+        self.last_beat: dict[int, float] = {}  # pid -> when it last beat (none yet: still starting)
 
     def _start(self, index: int) -> None:
         if self.stopping:
@@ -88,17 +121,23 @@ class Parent:
         parent = os.getpid()
         # Signals wait until the child is in self.children (so _stop reaches it) and, in the
         # child, until its own handlers are back to the defaults.
+        readable, writable = os.pipe()
+        os.set_blocking(readable, False)
+        os.set_blocking(writable, False)
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:  # the child: a proxy of its own from here on
                 code = 1
                 try:
+                    os.close(readable)
+                    for other in self.beats.values():  # the other children's pipes are not ours
+                        os.close(other)
                     for signum in _STOP_SIGNALS:
                         signal.signal(signum, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
                     _die_with(parent)
-                    _child(self.settings, index, self.proxy_id)
+                    _child(self.settings, index, self.proxy_id, writable)
                     code = 0
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 1
@@ -106,9 +145,36 @@ class Parent:
                     log.exception("proxy process %d failed", index)
                 finally:
                     os._exit(code)
+            os.close(writable)
             self.children[pid] = (index, time.monotonic())
+            self.beats[pid] = readable
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def _listen_for_beats(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for heartbeats, note who beat, and kill any child that has
+        beaten before but not for the stall timeout (it is then reaped and restarted)."""
+        ready, _, _ = select.select(list(self.beats.values()), [], [], timeout) if self.beats else ([], [], [])
+        now = time.monotonic()
+        for pid, fd in self.beats.items():
+            if fd in ready:
+                with contextlib.suppress(BlockingIOError):
+                    if os.read(fd, 4096):
+                        self.last_beat[pid] = now
+        if self.stopping:
+            return
+        for pid, last in list(self.last_beat.items()):
+            if now - last > self.settings.process_stall_timeout:
+                index, _ = self.children[pid]
+                log.error("proxy process %d (pid %d) has not served for %.1f s (stopped or stuck); killing it",
+                          index, pid, now - last)
+                del self.last_beat[pid]
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def _forget(self, pid: int) -> None:
+        os.close(self.beats.pop(pid))
+        self.last_beat.pop(pid, None)
 
     def _stop(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -135,9 +201,10 @@ class Parent:
             # Polled rather than blocking in wait(), so a stop during a backoff is seen at once.
             pid, status = os.waitpid(-1, os.WNOHANG) if self.children else (0, 0)
             if pid == 0:
-                time.sleep(POLL_SECONDS)
+                self._listen_for_beats(POLL_SECONDS)
                 continue
             index, started = self.children.pop(pid)
+            self._forget(pid)
             code = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 continue

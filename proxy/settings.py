@@ -40,6 +40,10 @@ class ProxySettings:
         0, help="with several processes, process i also listens alone on this port + i for /metrics"
         " (0: a free port); its registration names that URL"
     )
+    process_stall_timeout: float = s.positive_float(
+        2.0, help="with several processes, one whose event loop has not run for this many seconds (stopped,"
+        " stuck) is killed and started again: it would keep getting its share of new connections"
+    )
     admin_token: str = s.secret(16, "", empty_ok=True, help="admin API token; empty disables the admin API")
     log_level: str = s.log_level()
     jwt_ttl: int = s.positive_int(86400, help="user token lifetime, seconds")
@@ -47,6 +51,9 @@ class ProxySettings:
     max_body_bytes: int = s.positive_int(65536, help="larger request bodies are a 413")
     idle_timeout: float = s.positive_float(
         15.0, help="seconds a connection may stay open without a request in progress (also bounds reading headers)"
+    )
+    write_timeout: float = s.positive_float(
+        30.0, help="seconds a client has to read a large response (over 64 KiB) before its connection is closed"
     )
     forward_timeout: float = s.positive_float(5.0, help="seconds for one proxy→worker call")
     send_batch_max: int = s.positive_int(256, help="sends one proxy→worker batch may carry")
@@ -69,7 +76,13 @@ class ProxySettings:
     password_wait: float = s.positive_float(
         2.0, help="seconds a login or registration waits for a hashing turn, then 503 with `Retry-After`"
     )
-    login_failures_per_user: int = s.positive_int(5, help="failed logins allowed per user id within the window; then 429")
+    login_failures_per_user: int = s.positive_int(
+        5, help="failed logins allowed per user id from one client address within the window; then 429 for that address"
+    )
+    login_failures_per_user_total: int = s.positive_int(
+        50, help="failed logins per user id from all addresses within the window; past it, an address that failed"
+        " for that user gets 429 while others (the owner's) still have a right password accepted"
+    )
     login_failures_per_address: int = s.positive_int(
         20, help="failed logins allowed per client address within the window; then 429"
     )

@@ -156,16 +156,17 @@ class Api:
         return await self.request("GET", f"/dialog/{other}/list", token=token, params=params or None)
 
     async def whole_dialog(self, token: str, other: str, page: int = 1000) -> list[dict[str, Any]]:
-        """Every message of a dialog, newest first, walking the pages with ``before``."""
+        """Every message of a dialog, newest first, walking the pages with ``before`` until an
+        empty one (a page may hold fewer than ``page`` messages when their text is large)."""
         messages: list[dict[str, Any]] = []
         before = None
         while True:
             reply = await self.list(token, other, limit=page, before=before)
             assert reply.status == 200, reply.body
             batch = reply.json
-            messages.extend(batch)
-            if len(batch) < page:
+            if not batch:
                 return messages
+            messages.extend(batch)
             before = batch[-1]["id"]
 
 

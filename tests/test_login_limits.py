@@ -76,3 +76,28 @@ async def test_concurrent_guesses_get_no_more_through_than_sequential_ones(bare_
         api.request("POST", "/login", body={"id": anna, "password": f"guess-{i}"}) for i in range(20)
     ))
     assert sorted(reply.status for reply in replies) == [400] * 5 + [429] * 15
+
+
+async def test_a_stranger_cannot_lock_the_owner_out(bare_cluster: Cluster) -> None:
+    """Guesses from other addresses, one address or many, leave the owner's right password
+    accepted from theirs; each guessing address is refused once it failed enough."""
+    await _workers(bare_cluster)
+    await bare_cluster.start_proxy(
+        DIALOGS_TRUSTED_PROXIES="127.0.0.1", DIALOGS_LOGIN_FAILURES_PER_USER="5",
+        DIALOGS_LOGIN_FAILURES_PER_USER_TOTAL="10", DIALOGS_LOGIN_FAILURES_PER_ADDRESS="100",
+    )
+    api = bare_cluster.api
+    anna = await api.register("Anna")
+
+    async def login(password: str, address: str) -> int:
+        reply = await api.request("POST", "/login", body={"id": anna, "password": password},
+                                  headers={"X-Forwarded-For": address})
+        return reply.status
+
+    assert [await login("wrong-password", "203.0.113.1") for _ in range(6)] == [400] * 5 + [429]
+    assert await login("password-1", "198.51.100.7") == 200
+    # Spread over many addresses, past the per-user total: each address that failed is refused,
+    # the owner is not.
+    assert [await login("wrong-password", f"203.0.113.{n}") for n in range(10, 16)] == [400] * 6
+    assert await login("wrong-password", "203.0.113.10") == 429
+    assert await login("password-1", "198.51.100.8") == 200

@@ -168,6 +168,42 @@ async def test_a_dead_process_is_replaced_and_the_port_keeps_serving(bare_cluste
     assert await _sends_served(fresh_url) == 0
 
 
+@pytest.mark.timeout(90)
+async def test_a_stopped_process_is_killed_and_replaced(bare_cluster: Cluster, multi: MultiProxy) -> None:
+    """A child stopped by SIGSTOP (alive, serving nothing) would keep half the new connections:
+    the parent sees its heartbeats stop, kills it within the stall timeout (2 s), and starts
+    another; from then on every new connection is served at once."""
+    api = Api(bare_cluster.session, multi.url)
+    _, token = await api.user("Anna")
+    other, _ = await api.user("Boris")
+    victim, survivor = multi.children()
+    stopped_at = asyncio.get_running_loop().time()
+    victim.suspend()
+    try:
+        await _until(lambda: asyncio.to_thread(lambda: not victim.is_running()), "the stopped process killed", multi,
+                     timeout=10)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victim.resume()
+    killed_after = asyncio.get_running_loop().time() - stopped_at
+    assert killed_after < 2.0 + 1.5, killed_after
+    assert survivor.is_running()
+    slowest = 0.0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        fresh_api = Api(fresh, multi.url)
+        for number in range(30):
+            started = asyncio.get_running_loop().time()
+            assert (await fresh_api.send(token, other, f"after {number}")).status == 200
+            slowest = max(slowest, asyncio.get_running_loop().time() - started)
+    assert slowest < 1.0, slowest
+
+    async def replaced() -> bool:
+        children = multi.children()
+        return len(children) == 2 and victim.pid not in {c.pid for c in children}
+
+    await _until(replaced, "a replacement process", multi)
+
+
 @pytest.mark.timeout(60)
 async def test_sigterm_stops_every_process_and_unregisters(bare_cluster: Cluster, multi: MultiProxy) -> None:
     children = multi.children()

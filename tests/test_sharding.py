@@ -64,7 +64,7 @@ async def test_list_query_is_served_by_the_primary_key(cluster: Cluster) -> None
     async def plan(other: str) -> str:
         key = dialog_key(uuid.UUID(anna), uuid.UUID(other))
         rows = await cluster.shard_fetch(
-            shard_id, _LIST_PLAN, key, *ordered(uuid.UUID(anna), uuid.UUID(other)), 2**63 - 1, 100
+            shard_id, _LIST_PLAN, key, *ordered(uuid.UUID(anna), uuid.UUID(other)), 2**63 - 1, 100, 1 << 20
         )
         return "\n".join(row[0] for row in rows)
 

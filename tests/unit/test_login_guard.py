@@ -52,7 +52,7 @@ def test_memory_is_bounded_by_max_keys() -> None:
 def test_guard_raises_429_with_whole_seconds() -> None:
     """The address limit applies across users; Retry-After is at least one second."""
     clock = Clock()
-    guard = LoginGuard(FailureLimit(5, 60, clock=clock), FailureLimit(2, 60, clock=clock))
+    guard = _guard(per_address=2, per_pair=5, per_user=50, clock=clock)
     guard.attempt("a", "10.0.0.1")
     guard.attempt("unknown", "10.0.0.1")
     with pytest.raises(errors.TooManyRequests) as raised:
@@ -63,7 +63,7 @@ def test_guard_raises_429_with_whole_seconds() -> None:
 
 def test_attempts_count_before_they_are_judged() -> None:
     """Concurrent guesses: the sixth is refused while five are still being checked."""
-    guard = LoginGuard(FailureLimit(5, 60, clock=Clock()), FailureLimit(100, 60, clock=Clock()))
+    guard = _guard(per_address=100, per_pair=5, per_user=50)
     for _ in range(5):
         guard.attempt("u", "10.0.0.1")
     with pytest.raises(errors.TooManyRequests):
@@ -72,7 +72,7 @@ def test_attempts_count_before_they_are_judged() -> None:
 
 def test_a_right_password_or_an_outage_takes_the_attempt_back() -> None:
     """Success clears the user's failures and its own count at the address; a 503 counts nowhere."""
-    guard = LoginGuard(FailureLimit(2, 60, clock=Clock()), FailureLimit(2, 60, clock=Clock()))
+    guard = _guard(per_address=2, per_pair=2, per_user=50)
     guard.attempt("u", "10.0.0.1")
     guard.not_judged("u", "10.0.0.1")
     guard.attempt("u", "10.0.0.1")
@@ -81,6 +81,43 @@ def test_a_right_password_or_an_outage_takes_the_attempt_back() -> None:
     guard.attempt("v", "10.0.0.1")  # the address holds two failures of v only
     with pytest.raises(errors.TooManyRequests):
         guard.attempt("w", "10.0.0.1")
+
+
+def _guard(per_address: int, per_pair: int, per_user: int, clock: Clock | None = None) -> LoginGuard:
+    clock = clock or Clock()
+    return LoginGuard(
+        per_address=FailureLimit(per_address, 60, clock=clock),
+        per_pair=FailureLimit(per_pair, 60, clock=clock),
+        per_user=FailureLimit(per_user, 60, clock=clock),
+    )
+
+
+def test_guesses_from_one_address_do_not_lock_the_owner_out() -> None:
+    """Five wrong passwords for a user from one address: that address gets 429, the owner
+    elsewhere still has a login judged."""
+    guard = _guard(per_address=20, per_pair=5, per_user=50)
+    for _ in range(5):
+        guard.attempt("owner", "10.0.0.66")
+    with pytest.raises(errors.TooManyRequests):
+        guard.attempt("owner", "10.0.0.66")
+    guard.attempt("owner", "192.0.2.7")
+    guard.succeeded("owner", "192.0.2.7")
+
+
+def test_a_guess_spread_over_many_addresses_leaves_each_one_guess() -> None:
+    """Past the per-user total, an address that already failed for the user is refused; a new
+    address (the owner's) is still judged, once."""
+    guard = _guard(per_address=20, per_pair=5, per_user=10)
+    for n in range(5):
+        guard.attempt("owner", f"10.0.0.{n}")
+        guard.attempt("owner", f"10.0.0.{n}")
+    with pytest.raises(errors.TooManyRequests):
+        guard.attempt("owner", "10.0.0.1")  # failed before: down to nothing for the window
+    guard.attempt("owner", "192.0.2.7")  # the owner, from elsewhere: judged
+    guard.succeeded("owner", "192.0.2.7")
+    guard.attempt("owner", "10.0.0.99")  # a fresh attacking address: one guess...
+    with pytest.raises(errors.TooManyRequests):
+        guard.attempt("owner", "10.0.0.99")  # ...and no second
 
 
 class _Transport:
