@@ -12,7 +12,10 @@ INTERNAL_SECRET_HELP = "≥ 32 characters, the same on every proxy and worker: w
 
 # Declared once, used by the proxies (which run migrations) and by a runner of its own.
 def _cutover_deadline() -> float:
-    return s.positive_float(5.0, help="seconds a cutover may take before the ranges go back to their old owner")
+    return s.positive_float(
+        5.0, help="seconds a cutover may take: the lease on frozen ranges, after which their old owner serves them"
+        " again whatever the runner or the metadata database do"
+    )
 
 
 def _worker_ttl() -> float:

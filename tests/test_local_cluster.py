@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -313,3 +315,63 @@ def test_new_shard_that_cannot_start_fails_alone(runner: Runner) -> None:
     output = runner.stop(process)
     assert process.returncode == 0, output
     assert "could not start shard shard-9" in output, output
+
+
+def test_two_shard_adds_at_once_lose_nothing(runner: Runner) -> None:
+    """Two local `dialogs shard add` started together under a writer: each takes a name of its
+    own (cluster.json is changed under a lock), one that is refused takes back only the
+    shard it started, and every acknowledged message is readable exactly once after."""
+    process = runner.up()
+    runner.wait_healthy(process)
+    user = {"second_name": "Test", "password": "password-1", "birthdate": "1990-05-17", "city": "Moscow",
+            "biography": "reads"}
+    anna = runner.call("POST", "/user/register", {"first_name": "Anna", **user})[1]["user_id"]
+    token = runner.call("POST", "/login", {"id": anna, "password": "password-1"})[1]["token"]
+    peers = [runner.call("POST", "/user/register", {"first_name": f"P{i}", **user})[1]["user_id"] for i in range(12)]
+    acked: dict[str, list[str]] = {peer: [] for peer in peers}
+    failures: list[int] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        for number in itertools.count():
+            if stop.is_set():
+                return
+            peer = peers[number % len(peers)]
+            status, body = runner.call("POST", f"/dialog/{peer}/send", {"text": f"m{number}"}, token=token)
+            if status == 200:
+                acked[peer].append(body["id"])
+            else:
+                failures.append(status)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        adds = [subprocess.Popen([sys.executable, "-m", "dialogsctl", "shard", "add"], env=runner.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outputs = [add.communicate(timeout=180)[0] for add in adds]
+    finally:
+        stop.set()
+        writer.join()
+    assert failures == []
+    assert sum(add.returncode == 0 for add in adds) >= 1, outputs
+    names = sorted({m for out in outputs for m in re.findall(r"starting (shard-\d+):", out)})
+    assert names == ["shard-3", "shard-4"], outputs
+    layout = ClusterLayout.load(runner.data_dir)
+    assert layout is not None
+    in_map = {entry["shard_id"] for entry in runner.call("GET", "/admin/map", token=layout.admin_token)[1]["shards"]}
+    for name in names:  # a shard is either serving or gone without a trace
+        kept = layout.shard(name) is not None
+        assert kept == (name in in_map), (name, in_map, outputs)
+        assert kept == os.path.lexists(runner.data_dir / "pg" / name), (name, outputs)
+    for peer in peers:
+        listed, before = [], None
+        while True:
+            query = f"?limit=1000&before={before}" if before else "?limit=1000"
+            status, page = runner.call("GET", f"/dialog/{peer}/list{query}", token=token)
+            assert status == 200
+            if not page:
+                break
+            listed += page
+            before = page[-1]["id"]
+        assert [m["id"] for m in reversed(listed)] == acked[peer]
+    runner.stop(process)

@@ -33,6 +33,10 @@ class Traffic:
     failures: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     reads: int = 0
+    slowest: float = 0.0  # seconds: the longest any send or read waited for its answer
+
+    def _took(self, started: float) -> None:
+        self.slowest = max(self.slowest, asyncio.get_running_loop().time() - started)
 
     async def run(self, stop: asyncio.Event, senders: int = 6, readers: int = 3) -> None:
         groups = [self.dialogs[i::senders] for i in range(senders)]
@@ -47,7 +51,9 @@ class Traffic:
                 return
             dialog = dialogs[turn % len(dialogs)]
             text = f"{dialog.sender[:8]}>{dialog.recipient[:8]} #{len(dialog.acked)}"
+            started = asyncio.get_running_loop().time()
             reply = await next(proxies).send(dialog.sender_token, dialog.recipient, text)
+            self._took(started)
             if reply.status == 200:
                 dialog.acked.append((reply.json["id"], text))
             else:
@@ -63,7 +69,9 @@ class Traffic:
             token, other = rng.choice(
                 [(dialog.sender_token, dialog.recipient), (dialog.recipient_token, dialog.sender)]
             )
+            started = asyncio.get_running_loop().time()
             reply = await api.list(token, other, limit=1000)
+            self._took(started)
             self.reads += 1
             if reply.status != 200:
                 self.failures.append(f"list {reply.status}: {reply.body[:200]!r}")

@@ -759,10 +759,9 @@ class _Run:
         assert old is not None, "a migration's first map is never deleted"
         for shard_id in self.sources:
             async with self._on(shard_id) as con:
-                # Split-aware, like prepare: an abort before prepare split a source's ranges
-                # must not lay moving spans over the old ranges that hold them.
-                kept = owned_after_split(old.ring, shard_id, self.moves)
-                await shard_sql.fenced(con, kept, {"owned": self.leaving(shard_id)})
+                # Its ranges in the old map, whole, replacing whatever covers them now (split
+                # pieces, or nothing yet if prepare never came this far).
+                await shard_sql.fenced(con, owned_after_split(old.ring, shard_id, []), {})
                 await shard_sql.clear_delta(con)
         sources = await self._identities(self.sources)
         for shard_id in self.targets:
