@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test status bench docs clean
+.PHONY: up test status bench docs clean compose-check
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required" >&2; exit 1; }
@@ -35,3 +35,7 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The production stack for real, on a machine with a Docker engine (tests/compose_check.py).
+compose-check: $(STAMP)
+	$(BIN)/python -m tests.compose_check

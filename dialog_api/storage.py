@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -12,6 +14,8 @@ from typing import Any
 import asyncpg
 
 from dialogs import errors, pg, schema, wire
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +184,22 @@ class ShardStore:
             await con.fetchval("SELECT 1")
 
 
-async def upgrade_schema(dsn: str) -> list[str]:
-    con = await asyncpg.connect(dsn)
+async def upgrade_schema(dsn: str, patience: float = 60.0) -> list[str]:
+    """Bring the shard's schema up to date; the names of the files applied now.
+
+    A shard server still starting (compose starts a stack's containers together, a
+    restarted server recovers) is waited for, up to ``patience`` seconds.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            con = await asyncpg.connect(dsn, timeout=5)
+            break
+        except pg.UNAVAILABLE as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("shard database not reachable yet, retrying: %s", exc)
+            await asyncio.sleep(1.0)
     try:
         return await schema.upgrade_shard(con)
     finally:

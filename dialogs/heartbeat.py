@@ -15,6 +15,7 @@ import asyncpg
 
 from dialogs import pg
 from dialogs.aio import background
+from dialogs.metastore import members
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ Statement = Callable[[asyncpg.Connection], Awaitable[None]]
 
 async def heartbeat_forever(pool: asyncpg.Pool, beat: Statement, interval: float, who: str) -> None:
     """Run ``beat`` every ``interval`` seconds until cancelled; failures are logged and retried."""
-    registered = False
+    registered = waiting = False
     while True:
         try:
             async with pool.acquire(timeout=interval) as con:
@@ -31,6 +32,10 @@ async def heartbeat_forever(pool: asyncpg.Pool, beat: Statement, interval: float
             if not registered:
                 log.info("registered %s", who)
                 registered = True
+        except members.ShardNotRegistered as exc:
+            if not waiting:  # expected while `shard add` starts a worker before it registers the shard
+                log.info("%s: %s", who, exc)
+                waiting = True
         except pg.FAILURES as exc:
             log.warning("heartbeat of %s failed: %s", who, exc)
         await asyncio.sleep(interval)

@@ -51,12 +51,16 @@ def load(cls: type[T], env: Mapping[str, str] | None = None) -> T:
 # --- kinds ---------------------------------------------------------------------------------
 
 
-def _kind(description: str, parse: Callable[[Any], Any]) -> attrs.Converter:  # type: ignore[type-arg]
+def _kind(description: str, parse: Callable[[Any], Any], *, secret: bool = False) -> attrs.Converter:  # type: ignore[type-arg]
+    """A converter that names the variable and what it must be; a refused secret's value is
+    never repeated (a real one a character short would end up in the logs), only its length."""
+
     def convert(value: Any, field: attrs.Attribute) -> Any:  # type: ignore[type-arg]
         try:
             return parse(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{variable(field)} must be {description}, got {value!r}") from None
+            got = f"{len(value)} characters" if secret and isinstance(value, str) else repr(value)
+            raise ValueError(f"{variable(field)} must be {description}, got {got}") from None
 
     return attrs.Converter(convert, takes_field=True)  # type: ignore[call-overload]
 
@@ -118,7 +122,7 @@ def secret(min_length: int, default: Any = REQUIRED, *, help: str, empty_ok: boo
         return value
 
     what = f"at least {min_length} characters" + (", or empty" if empty_ok else "")
-    return _var(default, _kind(what, check), help)
+    return _var(default, _kind(what, check, secret=True), help)
 
 
 def log_level(default: str = "INFO") -> Any:

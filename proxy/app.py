@@ -86,7 +86,9 @@ async def _topology(app: web.Application) -> AsyncIterator[None]:
         settings.metadata_dsn, [wire.MAP_CHANNEL, wire.WORKERS_CHANNEL], topology.load, settings.poll_interval
     )
     app[TOPOLOGY], app[WATCHER] = topology, watcher
-    app[METRICS].watch(lambda: topology.map_version, lambda: float(watcher.connected), lambda: topology.map)
+    app[METRICS].watch(
+        lambda: topology.map_version, lambda: float(watcher.connected), lambda: topology.map, topology.worker_count
+    )
     async with background(watcher.run()):
         if not await watcher.wait_loaded(timeout=10):
             log.warning("no shard map loaded yet; dialog requests answer 503 until one is")

@@ -13,22 +13,31 @@ from dialogs.shard_map import ShardMap
 from dialogs.wire import Phase
 
 
-class ShareCollector(Collector):
-    """dialogs_shard_share{shard_id}: each shard's share of keys in the map this proxy routes by."""
+class ShardCollector(Collector):
+    """Per shard of the map this proxy routes by: dialogs_shard_share{shard_id}, its share of
+    keys, and dialogs_shard_live_workers{shard_id}, the workers this proxy routes to for it
+    (0: its dialogs answer 503; the alerts watch this, not scrapes, since a dead worker
+    leaves discovery, and so Prometheus's targets, within seconds)."""
 
-    def __init__(self, current: Callable[[], ShardMap | None]) -> None:
+    def __init__(self, current: Callable[[], ShardMap | None], live_workers: Callable[[str], int]) -> None:
         self._current = current
+        self._live_workers = live_workers
         self._cached: tuple[int, dict[str, float]] = (0, {})
 
     def collect(self):  # type: ignore[no-untyped-def]
-        family = GaugeMetricFamily("dialogs_shard_share", "Share of the key space per shard", labels=["shard_id"])
+        shares = GaugeMetricFamily("dialogs_shard_share", "Share of the key space per shard", labels=["shard_id"])
+        workers = GaugeMetricFamily(
+            "dialogs_shard_live_workers", "Live workers this proxy routes to, per shard of its map", labels=["shard_id"]
+        )
         shard_map = self._current()
         if shard_map is not None:
             if self._cached[0] != shard_map.map_version:
                 self._cached = (shard_map.map_version, shard_map.ring.shares())
             for shard_id, share in sorted(self._cached[1].items()):
-                family.add_metric([shard_id], share)
-        yield family
+                shares.add_metric([shard_id], share)
+                workers.add_metric([shard_id], self._live_workers(shard_id))
+        yield shares
+        yield workers
 
 
 class ProxyMetrics:
@@ -134,8 +143,9 @@ class ProxyMetrics:
             self.cutover_failures.inc()
 
     def watch(
-        self, map_version: Callable[[], float], metadata_up: Callable[[], float], current: Callable[[], ShardMap | None]
+        self, map_version: Callable[[], float], metadata_up: Callable[[], float],
+        current: Callable[[], ShardMap | None], live_workers: Callable[[str], int],
     ) -> None:
         self.map_version.set_function(map_version)
         self.metadata_up.set_function(metadata_up)
-        self.registry.register(ShareCollector(current))
+        self.registry.register(ShardCollector(current, live_workers))

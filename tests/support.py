@@ -323,6 +323,14 @@ class Cluster:
             await self.start_worker(shard_id)
         await self.start_proxy(**proxy_env)
 
+    async def fetch_meta(self, sql: str, *args: Any) -> Any:
+        """One value from the metadata database."""
+        con = await asyncpg.connect(self.metadata_dsn)
+        try:
+            return await con.fetchval(sql, *args)
+        finally:
+            await con.close()
+
     async def shard_fetch(self, shard_id: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         con = await asyncpg.connect(self.dsn(shard_id))
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import yaml
 from tests import packages
 
 ROOT = Path(__file__).resolve().parents[1]
+WORKERS = ("worker-1a", "worker-1b", "worker-2a", "worker-2b")
 
 
 @pytest.fixture(scope="module")
@@ -40,28 +42,53 @@ def test_missing_secrets_are_refused(compose: dict[str, Any], tmp_path: Path) ->
 
 
 def test_services_and_start_order(compose: dict[str, Any]) -> None:
-    """Databases, migrations, two workers, two proxies behind one port, Prometheus, Grafana; healthy starts."""
+    """Databases, migrations, two workers per shard (each waiting for its shard), two proxies
+    behind one port, Prometheus, Grafana; healthy starts."""
     services = compose["services"]
-    assert set(services) == {"meta", "shard-1", "shard-2", "bootstrap", "worker-1", "worker-2", "proxy-1", "proxy-2",
+    assert set(services) == {"meta", "shard-1", "shard-2", "bootstrap", *WORKERS, "proxy-1", "proxy-2",
                              "lb", "prometheus", "grafana"}
-    for name in ("meta", "shard-1", "shard-2", "worker-1", "worker-2", "proxy-1", "proxy-2"):
+    for name in ("meta", "shard-1", "shard-2", *WORKERS, "proxy-1", "proxy-2"):
         assert "healthcheck" in services[name], name
     assert services["bootstrap"]["depends_on"]["meta"]["condition"] == "service_healthy"
-    for worker in ("worker-1", "worker-2"):
+    for worker in WORKERS:
+        env = services[worker]["environment"]
         assert services[worker]["depends_on"]["bootstrap"]["condition"] == "service_completed_successfully"
+        assert services[worker]["depends_on"][env["DIALOGS_SHARD_ID"]]["condition"] == "service_healthy"
+        assert env["DIALOGS_WORKER_ID"] == worker and env["DIALOGS_ADVERTISE_URL"] == f"http://{worker}:8081"
     for proxy in ("proxy-1", "proxy-2"):
-        assert services[proxy]["depends_on"]["worker-1"]["condition"] == "service_healthy"
+        for worker in WORKERS:
+            assert services[proxy]["depends_on"][worker]["condition"] == "service_healthy"
         env = services[proxy]["environment"]
         assert env["DIALOGS_JWT_SECRET"] and env["DIALOGS_ADMIN_TOKEN"] and env["DIALOGS_HOST"] == "0.0.0.0"
-        assert env["DIALOGS_INTERNAL_SECRET"] == services["worker-1"]["environment"]["DIALOGS_INTERNAL_SECRET"]
+        assert env["DIALOGS_INTERNAL_SECRET"] == services["worker-1a"]["environment"]["DIALOGS_INTERNAL_SECRET"]
     assert [str(p["published"]) for p in services["lb"]["ports"]] == ["8080"]
     # The image runs `python -m <command>`: every command names a module of the package.
     assert services["bootstrap"]["command"][0] == "proxy.bootstrap"
-    for name in ("worker-1", "worker-2", "proxy-1", "proxy-2"):
+    for name in (*WORKERS, "proxy-1", "proxy-2"):
         module = services[name]["command"][0]
         assert (ROOT / module.replace(".", "/") / "__main__.py").is_file(), (name, module)
-    shards = {services[w]["environment"]["DIALOGS_SHARD_ID"] for w in ("worker-1", "worker-2")}
-    assert shards == {"shard-1", "shard-2"}
+    shards = [services[w]["environment"]["DIALOGS_SHARD_ID"] for w in WORKERS]
+    assert shards == ["shard-1", "shard-1", "shard-2", "shard-2"]
+
+
+def test_fixed_addresses_are_outside_the_automatic_range(compose: dict[str, Any]) -> None:
+    """nginx's fixed address (the one the proxies trust) can never be handed to another
+    container: Docker assigns addresses only from ip_range, which leaves it out."""
+    [pool] = compose["networks"]["default"]["ipam"]["config"]
+    automatic = ipaddress.ip_network(pool["ip_range"])
+    assert automatic.subnet_of(ipaddress.ip_network(pool["subnet"]))
+    fixed = ipaddress.ip_address(compose["services"]["lb"]["networks"]["default"]["ipv4_address"])
+    assert fixed in ipaddress.ip_network(pool["subnet"]) and fixed not in automatic
+    assert compose["services"]["proxy-1"]["environment"]["DIALOGS_TRUSTED_PROXIES"] == str(fixed)
+
+
+def test_secrets_stay_out_of_git_and_images() -> None:
+    """The README's `cp .env.example .env` makes a file of secrets: git ignores it, and so does
+    the image build."""
+    for ignore in (".gitignore", ".dockerignore"):
+        assert ".env" in (ROOT / ignore).read_text().splitlines(), ignore
+    checked = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT, timeout=30)
+    assert checked.returncode == 0
 
 
 def test_everything_referenced_exists(compose: dict[str, Any]) -> None:

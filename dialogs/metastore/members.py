@@ -20,18 +20,28 @@ class WorkerInfo:
     age_seconds: float
 
 
+class ShardNotRegistered(Exception):
+    """A worker's shard is not in the registry yet: it started before `shard add` registered it."""
+
+
 async def upsert_worker(con: asyncpg.Connection, worker_id: str, shard_id: str, url: str, map_version: int) -> None:
-    await con.execute(
+    """Register or refresh a worker; ShardNotRegistered (and nothing written, nothing in the
+    server's log) while its shard is not registered."""
+    registered = await con.fetchval(
         """
-        INSERT INTO workers (worker_id, shard_id, url, map_version) VALUES ($1, $2, $3, $4)
+        INSERT INTO workers (worker_id, shard_id, url, map_version)
+        SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM shards WHERE shard_id = $2)
         ON CONFLICT (worker_id) DO UPDATE
         SET url = EXCLUDED.url, map_version = EXCLUDED.map_version, heartbeat_at = now()
+        RETURNING worker_id
         """,
         worker_id,
         shard_id,
         url,
         map_version,
     )
+    if registered is None:
+        raise ShardNotRegistered(f"shard {shard_id} is not registered yet: waiting for `dialogs shard add {shard_id}`")
 
 
 async def delete_worker(con: asyncpg.Connection, worker_id: str) -> None:

@@ -52,6 +52,16 @@ def test_bad_proxy_settings_name_the_variable(env: dict[str, str], message: str)
         load(ProxySettings, env)
 
 
+def test_a_refused_secret_is_never_repeated() -> None:
+    """A secret one character short is named with its length, never its value (it would end
+    up in the logs)."""
+    almost = "a-real-secret-one-character-shor"[:31]
+    with pytest.raises(SettingsError) as raised:
+        load(ProxySettings, {**PROXY, "DIALOGS_JWT_SECRET": almost})
+    assert "DIALOGS_JWT_SECRET must be at least 32 characters, got 31 characters" in str(raised.value)
+    assert almost not in str(raised.value)
+
+
 def test_workers_need_the_internal_secret() -> None:
     """A worker without the proxies' secret does not start: its API would trust anyone."""
     with pytest.raises(SettingsError, match="DIALOGS_INTERNAL_SECRET"):

@@ -1,0 +1,431 @@
+"""`make compose-check`: the production stack run for real, as the README and docs say.
+
+Needs a Docker engine and compose (`docker compose`, or Debian's `docker-compose`); `make
+test` never runs it. Everything happens in a copy of the checkout in a temporary folder,
+as a compose project of its own (`dialogscheck<random>`) on free host ports, so it touches
+no stack of the operator's; at the end it removes what it started: containers, network,
+volumes (the `dialogs:latest` image it built stays, as `docker compose up --build` would
+leave it).
+
+The steps, each the text of README.md or docs/resharding.md where there is one:
+1. `cp .env.example .env`, every secret set, `docker compose up -d` (README);
+2. every container healthy (or running, for those without a healthcheck);
+3. the README's API walkthrough through nginx, on the public port;
+4. Prometheus has discovered every proxy and worker, and scrapes them all;
+5. writers start (sequential sends per dialog, each retried with its Idempotency-Key);
+6. a third shard added with docs/resharding.md's compose steps, under those writes;
+7. a worker container killed (it stays down: an operator's stop) while its shard is
+   served by the other, then started again; a worker process killed from the host (Docker
+   restarts its container);
+8. every acknowledged message readable once, in order; `down` and `up` keep them all.
+Where the machine has no Grafana image (see ../shared/compose-standins), Grafana is left
+out of `up` and said so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAFANA = "grafana"
+
+
+def say(message: str) -> None:
+    print(f"[compose-check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def example(document: Path, name: str) -> str:
+    """The fenced block after ``<!-- example: NAME -->`` in ``document``, dedented."""
+    match = re.search(rf"<!-- example: {name}\b[^>]*-->\n( *)```\w*\n(.*?)\n *```", document.read_text(), re.DOTALL)
+    if match is None:
+        raise SystemExit(f"{document.name} has no example {name!r}")
+    return textwrap.dedent(match.group(2))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stack:
+    """One compose project in a copy of the checkout; every command runs in that folder."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="dialogs-compose-check-"))
+        self.project = f"dialogscheck{uuid.uuid4().hex[:8]}"
+        self.ports = {name: free_port() for name in
+                      ("DIALOGS_HTTP_PORT", "DIALOGS_ADMIN_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT")}
+        self.compose = ["docker", "compose"] if _has_compose_plugin() else ["docker-compose"]
+        self.grafana = _image_present("grafana/grafana:11.3.0")
+        self.shim = self.folder / ".shim"
+        self.env = {**os.environ, "COMPOSE_PROJECT_NAME": self.project, "PATH": f"{self.shim}:{os.environ['PATH']}"}
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def copy_checkout(self) -> None:
+        """The files git knows (and new ones not ignored), plus a link to the checkout's .venv."""
+        listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                                capture_output=True).stdout.decode().split("\0")
+        for name in filter(None, listed):
+            source = ROOT / name
+            if source.is_file():
+                (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, self.folder / name)
+        (self.folder / ".venv").symlink_to(ROOT / ".venv")
+        self._write_shim()
+
+    def _write_shim(self) -> None:
+        """`docker compose …` as the docs write it, run by the compose this machine has; on a
+        machine without a Grafana image, an `up -d` that names no services starts all but it."""
+        self.shim.mkdir()
+        compose = " ".join(self.compose)
+        skip = "" if self.grafana else f" | grep -vx {GRAFANA}"
+        (self.shim / "docker").write_text(textwrap.dedent(f"""\
+            #!/bin/sh
+            if [ "$1" = compose ]; then
+                shift
+                if [ "$*" = "up -d" ]; then
+                    exec {compose} up -d $({compose} config --services{skip})
+                fi
+                exec {compose} "$@"
+            fi
+            exec {shutil.which("docker")} "$@"
+            """))
+        (self.shim / "docker").chmod(0o755)
+
+    def services(self, without_grafana: bool = False) -> list[str]:
+        out = self.run_compose("config", "--services", capture=True)
+        names = out.split()
+        return [n for n in names if not (without_grafana and n == GRAFANA)]
+
+    def write_secrets(self) -> None:
+        """What the README's comment asks: set every secret in .env (and the free ports)."""
+        env = self.folder / ".env"
+        text = env.read_text()
+        for name, length in (("POSTGRES_PASSWORD", 24), ("DIALOGS_JWT_SECRET", 48), ("DIALOGS_INTERNAL_SECRET", 32),
+                             ("DIALOGS_ADMIN_TOKEN", 32), ("GRAFANA_ADMIN_PASSWORD", 16)):
+            text, replaced = re.subn(rf"^{name}=.*$", f"{name}={secrets.token_urlsafe(length)}", text, flags=re.M)
+            assert replaced == 1, name
+        text += "".join(f"{name}={port}\n" for name, port in self.ports.items())
+        env.write_text(text)
+        env.chmod(0o600)
+
+    # --- running --------------------------------------------------------------------------
+
+    def sh(self, script: str, timeout: float = 600) -> str:
+        """A documented block, run in bash with errors fatal, from the stack's folder."""
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=self.folder, env=self.env,
+                                capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise AssertionError(f"failed: {script}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result.stdout
+
+    def run_compose(self, *args: str, capture: bool = False, timeout: float = 900) -> str:
+        result = subprocess.run(self.compose + list(args), cwd=self.folder, env=self.env, capture_output=True,
+                                text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)}: {result.stderr[-3000:]}")
+        return result.stdout
+
+    def container(self, service: str) -> str:
+        return self.run_compose("ps", "-q", service, capture=True).strip()
+
+    def inspect(self, service: str) -> dict[str, Any]:
+        out = subprocess.run(["docker", "inspect", self.container(service)], capture_output=True, text=True,
+                             check=True).stdout
+        return json.loads(out)[0]
+
+    def wait_healthy(self, services: list[str], timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(services)
+        while pending:
+            state = {}
+            for service in pending:
+                if service == "bootstrap":
+                    continue
+                try:
+                    info = self.inspect(service)["State"]
+                except (subprocess.CalledProcessError, IndexError, json.JSONDecodeError):
+                    state[service] = "absent"
+                    continue
+                state[service] = info["Health"]["Status"] if "Health" in info else info["Status"]
+            pending = [s for s, status in state.items() if status not in ("healthy", "running")]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not healthy after {timeout:.0f} s: {state}")
+            time.sleep(2)
+
+    def url(self, port_name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[port_name]}"
+
+    def teardown(self) -> None:
+        try:
+            self.run_compose("down", "-v", "--remove-orphans", "--timeout", "10", timeout=300)
+        except Exception as exc:  # noqa: BLE001 - report, then still remove the folder
+            say(f"could not take the stack down: {exc}")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _has_compose_plugin() -> bool:
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+def _image_present(name: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode == 0
+
+
+def call(method: str, url: str, body: Any = None, token: str | None = None, key: str | None = None,
+         timeout: float = 15) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if key:
+        headers["Idempotency-Key"] = key
+    request = urllib.request.Request(url, method=method, headers=headers,
+                                     data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+# --- writers -------------------------------------------------------------------------------
+
+
+@dataclass
+class Writers:
+    """Senders over a few dialogs through nginx: one sender per dialog, each send retried with
+    its Idempotency-Key until it is acknowledged (bounded), so acknowledged order is the order
+    the dialog must list."""
+
+    base: str
+    token: str
+    peers: list[str]
+    acked: dict[str, list[str]] = field(default_factory=dict)
+    retries: int = 0
+    gave_up: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        for peer in self.peers:
+            self.acked[peer] = []
+            thread = threading.Thread(target=self._send, args=(peer,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _send(self, peer: str) -> None:
+        number = 0
+        deadline = time.monotonic() + 1800  # a bound of its own, whatever happens to the stack
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            key = f"check-{peer[:8]}-{number}"
+            for _attempt in range(60):
+                try:
+                    status, body = call("POST", f"{self.base}/dialog/{peer}/send", {"text": f"m{number}"},
+                                        self.token, key)
+                except (urllib.error.URLError, OSError):
+                    status, body = 0, None
+                if status == 200:
+                    self.acked[peer].append(body["id"])
+                    break
+                self.retries += 1
+                time.sleep(0.5)
+            else:
+                self.gave_up.append(key)
+            number += 1
+            time.sleep(0.05)
+
+    def finish(self) -> int:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+        return sum(len(ids) for ids in self.acked.values())
+
+    def check(self) -> None:
+        """Every acknowledged message listed once, in order (paged to the first page that is empty)."""
+        for peer, ids in self.acked.items():
+            listed: list[str] = []
+            before = None
+            while True:
+                query = f"?limit=1000&before={before}" if before else "?limit=1000"
+                status, page = call("GET", f"{self.base}/dialog/{peer}/list{query}", token=self.token)
+                assert status == 200, page
+                if not page:
+                    break
+                listed += [m["id"] for m in page]
+                before = page[-1]["id"]
+            assert list(reversed(listed)) == ids, f"dialog with {peer}: listed {len(listed)}, acknowledged {len(ids)}"
+
+
+# --- the check -----------------------------------------------------------------------------
+
+
+def prometheus_targets(stack: Stack) -> dict[str, list[dict[str, Any]]]:
+    status, body = call("GET", stack.url("PROMETHEUS_PORT") + "/api/v1/targets?state=active")
+    assert status == 200, body
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    for target in body["data"]["activeTargets"]:
+        jobs.setdefault(target["labels"]["job"], []).append(target)
+    return jobs
+
+
+def wait_for(what: str, probe: Any, timeout: float = 120, interval: float = 2) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except (AssertionError, urllib.error.URLError, OSError, KeyError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s (last: {last!r})")
+
+
+def live_workers(stack: Stack, shard_id: str) -> float:
+    status, body = call("GET", stack.url("PROMETHEUS_PORT") + "/api/v1/query?query="
+                        + urllib.parse.quote(f'min(dialogs_shard_live_workers{{shard_id="{shard_id}"}})'))
+    assert status == 200, body
+    result = body["data"]["result"]
+    return float(result[0]["value"][1]) if result else -1.0
+
+
+def check(stack: Stack) -> None:
+    readme, resharding = ROOT / "README.md", ROOT / "docs" / "resharding.md"
+    copy_env, up = example(readme, "compose-up").splitlines()
+    say(f"stack {stack.project} in {stack.folder}; ports {stack.ports}; compose: {' '.join(stack.compose)}")
+    if not stack.grafana:
+        say("no Grafana image on this machine: Grafana is left out of `up` (it stays in the file)")
+
+    # 1-2. README: .env, secrets, up.
+    stack.sh(copy_env)
+    stack.write_secrets()
+    say("building the image and starting the stack (README: docker compose up -d)")
+    started = time.monotonic()
+    stack.sh(up, timeout=1200)
+    services = [s for s in stack.services(without_grafana=not stack.grafana) if s != "bootstrap"]
+    stack.wait_healthy(services)
+    say(f"every container healthy or running after {time.monotonic() - started:.0f} s: {', '.join(services)}")
+    assert stack.inspect("bootstrap")["State"]["ExitCode"] == 0
+
+    # 3. The README's API walkthrough through nginx.
+    public = stack.url("DIALOGS_HTTP_PORT")
+    walkthrough = example(readme, "api").replace("localhost:8080", public.removeprefix("http://"))
+    lines = stack.sh(walkthrough).splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])[0]["text"] == "Привет!", lines
+    say("README's API walkthrough through nginx: ok")
+
+    # 4. Prometheus discovers and scrapes every proxy and worker.
+    def discovered() -> bool:
+        jobs = prometheus_targets(stack)
+        workers, proxies = jobs.get("dialogs-worker", []), jobs.get("dialogs-proxy", [])
+        return len(workers) == 4 and len(proxies) == 2 and all(t["health"] == "up" for t in workers + proxies)
+
+    wait_for("Prometheus scraping 2 proxies and 4 workers", discovered)
+    say("Prometheus discovered and scrapes 2 proxies and 4 workers")
+
+    # 5. Writers through nginx.
+    user = {"second_name": "Check", "password": "password-1", "birthdate": "1990-05-17", "city": "Tver",
+            "biography": "checks"}
+    anna = call("POST", public + "/user/register", {"first_name": "Anna", **user})[1]["user_id"]
+    token = call("POST", public + "/login", {"id": anna, "password": "password-1"})[1]["token"]
+    peers = [call("POST", public + "/user/register", {"first_name": f"P{i}", **user})[1]["user_id"] for i in range(6)]
+    writers = Writers(public, token, peers)
+    writers.start()
+    time.sleep(3)
+
+    # 6. docs/resharding.md: a third shard under writes.
+    (stack.folder / "docker-compose.shard-3.yaml").write_text(example(resharding, "compose-shard-3"))
+    stack.sh(example(resharding, "compose-shard-3-up"), timeout=600)
+    stack.wait_healthy(["shard-3", "worker-3a", "worker-3b"])
+    added = stack.sh(example(resharding, "compose-shard-3-add"), timeout=600)
+    assert "phase done" in added, added
+    say("shard-3 added with docs/resharding.md's steps: " + added.strip().splitlines()[-1])
+    wait_for("Prometheus scraping 6 workers", lambda: len(prometheus_targets(stack).get("dialogs-worker", [])) == 6)
+
+    # 7. A worker container killed: an operator's stop; the shard is served by the other.
+    subprocess.run(["docker", "kill", stack.container("worker-1a")], check=True, capture_output=True)
+    wait_for("shard-1 down to one live worker (DialogsShardWithOneWorker)", lambda: live_workers(stack, "shard-1") == 1)
+    time.sleep(5)
+    assert stack.inspect("worker-1a")["State"]["Status"] == "exited", "Docker restarted a container an operator killed"
+    say("worker-1a killed: stays down, shard-1 served by worker-1b, the metric behind the alert shows 1 worker")
+    stack.run_compose("up", "-d", "worker-1a")
+    stack.wait_healthy(["worker-1a"])
+    wait_for("shard-1 back to two live workers", lambda: live_workers(stack, "shard-1") == 2)
+
+    # A worker's process killed from the host: Docker restarts its container.
+    before = stack.inspect("worker-2a")["RestartCount"]
+    pid = stack.inspect("worker-2a")["State"]["Pid"]
+    os.kill(pid, 9)
+    wait_for("worker-2a restarted by Docker", lambda: stack.inspect("worker-2a")["RestartCount"] > before)
+    stack.wait_healthy(["worker-2a"])
+    say("worker-2a's process killed: Docker restarted its container")
+
+    time.sleep(3)
+    total = writers.finish()
+    assert writers.gave_up == [], f"sends never acknowledged: {writers.gave_up}"
+    writers.check()
+    say(f"{total} acknowledged sends, each listed once and in order ({writers.retries} retried sends)")
+
+    # 8. down and up keep every message.
+    stack.run_compose("down", "--timeout", "10", timeout=300)
+    stack.sh(up, timeout=600)
+    stack.wait_healthy(services + ["shard-3", "worker-3a", "worker-3b"])
+    writers.check()
+    say("after `down` and `up`: every message still there")
+    status, shards = call("GET", stack.url("DIALOGS_ADMIN_PORT") + "/admin/shards",
+                          token=_env_value(stack, "DIALOGS_ADMIN_TOKEN"))
+    assert status == 200 and sorted(s["shard_id"] for s in shards if s["in_map"]) == ["shard-1", "shard-2", "shard-3"]
+
+
+def _env_value(stack: Stack, name: str) -> str:
+    match = re.search(rf"^{name}=(.*)$", (stack.folder / ".env").read_text(), re.M)
+    assert match
+    return match.group(1)
+
+
+def main() -> int:
+    if shutil.which("docker") is None:
+        print("compose-check needs a Docker engine (docker, and docker compose or docker-compose)", file=sys.stderr)
+        return 2
+    stack = Stack()
+    started = time.monotonic()
+    try:
+        stack.copy_checkout()
+        check(stack)
+    except AssertionError as exc:
+        say(f"FAILED: {exc}")
+        subprocess.run(stack.compose + ["ps"], cwd=stack.folder, env=stack.env)
+        return 1
+    finally:
+        say("taking the stack down (containers, network, volumes)")
+        stack.teardown()
+    say(f"passed in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
