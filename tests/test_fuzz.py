@@ -61,8 +61,9 @@ def _fuzz(base_url: str, user_token: str) -> collections.Counter[str]:
 
 
 async def test_fuzzing_finds_no_server_error_and_no_undocumented_response(cluster: Cluster) -> None:
-    """Hundreds of generated valid and invalid requests on every operation: no 5xx but
-    documented 503s, and every status, header and body matches the OpenAPI document."""
+    """Hundreds of generated valid and invalid requests on every operation of a healthy
+    cluster: no 5xx at all (not even a 503: nothing here is down), and every status, header
+    and body matches the OpenAPI document."""
     _, token = await cluster.api.user("Fuzz")
     seen = await asyncio.to_thread(_fuzz, cluster.proxy_urls[0], token)
     statuses: collections.Counter[str] = collections.Counter()
@@ -72,4 +73,4 @@ async def test_fuzzing_finds_no_server_error_and_no_undocumented_response(cluste
     for key, count in sorted(seen.items()):
         print(f"  {count:4d}  {key}")
     assert sum(seen.values()) > 300
-    assert not any(status.startswith("5") and status != "503" for status in statuses)
+    assert not any(status.startswith("5") for status in statuses), statuses
