@@ -1,4 +1,5 @@
-"""The worker's place in the cluster: the shard map it routes by, and its registration."""
+"""The shard map a worker routes by, and its checks of each request's routing (its
+registration is in ``dialog_api/app.py``)."""
 
 from __future__ import annotations
 

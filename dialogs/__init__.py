@@ -1,5 +1,8 @@
-"""What the proxy and the workers share: hashing, the ring, shard maps, wire format, errors.
+"""What the proxy and the workers share: hashing, the ring, shard maps, migration planning,
+the wire format, errors, settings, and the metadata store.
 
-Nothing in this package talks to a network; ``metadata`` and ``embedded`` are the only
-modules that do I/O (the metadata database and the local PostgreSQL servers).
+Pure modules: ``keys``, ``ring``, ``shard_map``, ``migration_plan``, ``wire``, ``errors``.
+Those that do I/O: ``metastore/`` (the metadata database), ``schema/`` (upgrades of both
+databases), ``watch`` (LISTEN/NOTIFY with polling), ``heartbeat`` (registrations),
+``http`` and ``serve`` (aiohttp plumbing shared by both services).
 """

@@ -5,7 +5,7 @@ socket only, stopped at interpreter exit), each server here is a foreground chil
 listens on 127.0.0.1 at a chosen port, so the owner decides when it stops and every DSN
 is an ordinary TCP one. PostgreSQL refuses to run as root: then the server runs as the
 unprivileged ``embedded_postgres`` user, from binaries and a data directory placed where
-that user can reach them without widening anyone's folders (``dialogs/pg_home.py``).
+that user can reach them without widening anyone's folders (``dialogsctl/pg_home.py``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def scratch_folder(prefix: str) -> Path:
 
 class LocalPostgres:
     """One PostgreSQL server: ``datadir`` on disk, a child process on 127.0.0.1:``port``,
-    reachable over TCP as ``postgres`` with ``password`` only (see dialogs/pg_auth.py)."""
+    reachable over TCP as ``postgres`` with ``password`` only (see dialogsctl/pg_auth.py)."""
 
     def __init__(
         self,

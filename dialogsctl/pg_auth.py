@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 SUPERUSER = "postgres"
 
 HBA = """\
-# Written by dialogs (dialogs/pg_auth.py); rewritten if changed.
+# Written by dialogs (dialogsctl/pg_auth.py); rewritten if changed.
 # TCP from the loopback only, with a password. No Unix socket is opened.
 host    all    all    127.0.0.1/32    scram-sha-256
 host    all    all    ::1/128         scram-sha-256

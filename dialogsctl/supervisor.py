@@ -95,12 +95,8 @@ class Restarts:
 
 
 def proxy_processes() -> int:
-    """Proxy processes for a machine that also runs the workers and PostgreSQL: half its CPUs.
-
-    Measured under send load (bench/README.md): the proxy does ~45% of the service's CPU
-    work per send, so on 2 CPUs one process is best (two measured 20-30% slower: batches
-    halve and the processes fight the workers for the cores); on 8, four.
-    """
+    """Proxy processes for a machine that also runs the workers and PostgreSQL: half its CPUs
+    (why, with the measurements behind it: bench/README.md, "Send throughput")."""
     return max(1, (os.cpu_count() or 1) // 2)
 
 
@@ -358,7 +354,7 @@ class Supervisor:
         self.console.print(f"PostgreSQL {name} is back", highlight=False)
 
     def _placement_note(self) -> None:
-        """Say once, plainly, when the data is not where the user asked (see dialogs/pg_home.py)."""
+        """Say once, plainly, when the data is not where the user asked (see dialogsctl/pg_home.py)."""
         if not any(server.relocated for server in self.servers.values()):
             return
         pg_dir = self.layout.data_dir / "pg"

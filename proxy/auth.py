@@ -33,7 +33,7 @@ class TokenAuthority:
         self._secret = secret
         self._ttl = ttl_seconds
         # Verified tokens and their expiry: a client sends the same token many times, and
-        # a cache hit skips the HMAC and two JSON decodes (~0.15 ms of the proxy's time).
+        # a cache hit skips the HMAC and two JSON decodes.
         self._verified: collections.OrderedDict[str, tuple[uuid.UUID, float]] = collections.OrderedDict()
         self._cache_size = cache_size
 

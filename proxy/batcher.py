@@ -9,7 +9,7 @@ grow by themselves, as the worker's group commit does with transactions.
 
 What a send learns is per send, exactly as if it had gone alone: its stored message, or
 its own error (a stale map, a moving range, a reused key), decided by
-``proxy/forwarding.py``. A batch that never reached the worker is NotConnected for each of
+``proxy/retry_policy.py``. A batch that never reached the worker is NotConnected for each of
 its sends (another worker may take them); one that broke on the way is Broken for each
 (they may have been stored: the clients retry with their Idempotency-Keys).
 """
@@ -26,7 +26,7 @@ import orjson
 from yarl import URL
 
 from dialogs import errors, wire
-from proxy.forwarding import Answered, Attempt, Broken, NotConnected, worker_error
+from proxy.retry_policy import Answered, Attempt, Broken, NotConnected, worker_error
 
 
 @dataclass

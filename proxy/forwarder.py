@@ -1,7 +1,7 @@
 """Forward a dialog request to a live worker of the shard that owns it.
 
 The I/O half of forwarding: route by the current shard map, make each attempt, and
-carry out what the pure decisions of ``proxy/forwarding.py`` return (try the next
+carry out what the pure decisions of ``proxy/retry_policy.py`` return (try the next
 worker, reload the map and reroute, hold the request while its range is cut over, or
 fail). Every retry rule is there, with its reasons.
 """
@@ -18,9 +18,9 @@ from yarl import URL
 
 from dialogs import errors, wire
 from dialogs.watch import MetadataWatcher
-from proxy import forwarding
+from proxy import retry_policy
 from proxy.batcher import SendBatcher
-from proxy.forwarding import Answered, Attempt, Broken, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
+from proxy.retry_policy import Answered, Attempt, Broken, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
 from proxy.metrics import ProxyMetrics
 from proxy.topology import Topology
 
@@ -80,7 +80,7 @@ class Forwarder:
         return await self._route(dialog_key, "list", attempt)
 
     async def _route(self, dialog_key: int, operation: str, attempt: Attempter) -> Any:
-        """Route by the current map and carry out ``proxy/forwarding.py``'s decisions.
+        """Route by the current map and carry out ``proxy/retry_policy.py``'s decisions.
 
         A request whose range is being cut over is buffered: held here and retried when
         the next shard map arrives (or every few milliseconds), for at most
@@ -97,14 +97,14 @@ class Forwarder:
                 if isinstance(step, Deliver):
                     return step.body
                 self._metrics.stale_map_retries.inc()
-                next_step = forwarding.after_refusal(step.refusal, self._topology.map_version, reloads)
+                next_step = retry_policy.after_refusal(step.refusal, self._topology.map_version, reloads)
                 if isinstance(next_step, Reload):
                     reloads += 1
                     await self._watcher.refresh(timeout=next_step.timeout)
                     if self._topology.map_version > shard_map.map_version:
                         continue
                 now = time.monotonic()
-                held = forwarding.buffer_wait(
+                held = retry_policy.buffer_wait(
                     None if buffered_since is None else now - buffered_since,
                     self._cutover_wait, self._buffered, self._max_buffered,
                 )
@@ -136,7 +136,7 @@ class Forwarder:
                 self._topology.mark_up(url)
             else:
                 self._topology.mark_down(url)
-            step = forwarding.after_attempt(outcome, operation == "list", len(candidates) - index - 1)
+            step = retry_policy.after_attempt(outcome, operation == "list", len(candidates) - index - 1)
             if isinstance(step, NextWorker):
                 self._metrics.forward_errors.labels(shard_id, step.reason).inc()
                 continue
@@ -158,4 +158,4 @@ class Forwarder:
             return Broken()
         if response.status == 200:
             return Answered(answer)
-        return Answered(error=forwarding.worker_error(response.status, answer))
+        return Answered(error=retry_policy.worker_error(response.status, answer))

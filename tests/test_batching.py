@@ -7,7 +7,7 @@ import uuid
 
 from dialogs.keys import dialog_key
 from proxy.appkeys import FORWARDER, TOPOLOGY
-from proxy.forwarding import Answered
+from proxy.retry_policy import Answered
 from tests.support import Cluster, metric
 
 

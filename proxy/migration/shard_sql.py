@@ -17,7 +17,7 @@ from dialogs.metastore.migrations import Cursor, Watermark
 from dialogs.migration_plan import Holdings, Span
 
 # The advisory lock key every write takes shared inside its transaction (see
-# store_messages in dialogs/migrations/shard/0002_fencing.sql).
+# store_messages in dialogs/schema/shard/0002_fencing.sql).
 FENCE_LOCK = 7236281096744167283
 
 COLUMNS = ("dialog_key", "user_lo", "user_hi", "id", "from_lo", "text", "created_at", "idempotency_key")

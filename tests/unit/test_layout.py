@@ -60,12 +60,34 @@ _PATH = re.compile(r"`((?:dialogs|dialogsctl|proxy|dialog_api|tests|bench|config
 _LINK = re.compile(r"\]\((?!https?://|#)([^)#]+)")
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md", "docs/resharding.md", "bench/README.md"])
-def test_every_path_the_docs_name_exists(doc: str) -> None:
-    """`package/module.py` mentions and relative links point at files that exist."""
+# A path written bare, in code comments and docstrings: a folder of the project and a file name.
+_BARE_PATH = re.compile(
+    r"(?<![\w/.-])((?:dialogs|dialogsctl|proxy|dialog_api|tests|bench|configs|docs)/[\w/-]+\.(?:py|sql|md|ya?ml|json|toml))\b"
+)
+_TEXT = (".md", ".py", ".sql", ".yaml", ".yml", ".toml")
+
+
+def _text_files() -> list[str]:
+    """Every file of the project that people read: docs, code, SQL, configs."""
+    found = []
+    for folder in ("", "dialogs", "dialogsctl", "proxy", "dialog_api", "tests", "bench", "configs", "docs"):
+        base = ROOT / folder
+        pattern = "*" if not folder else "**/*"
+        for path in base.glob(pattern):
+            if path.is_file() and path.suffix in _TEXT and ".venv" not in path.parts and "results" not in path.parts:
+                found.append(str(path.relative_to(ROOT)))
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize("doc", _text_files())
+def test_every_path_the_project_names_exists(doc: str) -> None:
+    """`package/module.py` mentions (in docs, code comments, SQL, configs) and relative links
+    point at files that exist."""
     text = (ROOT / doc).read_text()
-    missing = [p for p in _PATH.findall(text) if not (ROOT / p).exists()]
-    missing += [p for p in _LINK.findall(text) if not (ROOT / doc).parent.joinpath(p).exists()]
+    mentions = set(_PATH.findall(text)) | set(_BARE_PATH.findall(text))
+    missing = [p for p in mentions if not (ROOT / p).exists()]
+    if doc.endswith(".md"):
+        missing += [p for p in _LINK.findall(text) if not (ROOT / doc).parent.joinpath(p).exists()]
     assert not missing, f"{doc} names paths that do not exist: {sorted(set(missing))}"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dialogs import errors
-from proxy import forwarding
-from proxy.forwarding import (
+from proxy import retry_policy
+from proxy.retry_policy import (
     Answered,
     Broken,
     Buffer,
@@ -70,19 +70,19 @@ def test_other_worker_errors_are_the_answer(error: errors.DialogsError) -> None:
 def test_a_newer_map_at_the_worker_means_reload_and_reroute() -> None:
     """The worker knows version 5, this proxy 4: reload; after MAX_RELOADS, hold instead."""
     assert after_refusal(errors.StaleMap(5), known_version=4, reloads=0) == Reload(timeout=2.0)
-    assert isinstance(after_refusal(errors.StaleMap(5), 4, forwarding.MAX_RELOADS), Buffer)
+    assert isinstance(after_refusal(errors.StaleMap(5), 4, retry_policy.MAX_RELOADS), Buffer)
     assert isinstance(after_refusal(errors.StaleMap(4), 4, 0), Buffer)  # nothing newer to load
 
 
 def test_a_moving_range_is_held_and_an_unserved_one_looked_up_first() -> None:
     """RangeMoving: buffer at once. RangeNotServed: a quick reload, then buffer."""
-    assert after_refusal(errors.RangeMoving(), known_version=4, reloads=0) == Buffer(forwarding.BUFFER_RETRY_SECONDS)
+    assert after_refusal(errors.RangeMoving(), known_version=4, reloads=0) == Buffer(retry_policy.BUFFER_RETRY_SECONDS)
     assert after_refusal(errors.RangeNotServed(), known_version=4, reloads=0) == Reload(timeout=0.5)
 
 
 def test_buffering_is_bounded_in_time_and_in_count() -> None:
     """Held at most cutover_wait seconds, at most max_buffered requests at once."""
-    assert buffer_wait(None, cutover_wait=6, buffered_now=0, max_buffered=10) == Buffer(forwarding.BUFFER_RETRY_SECONDS)
+    assert buffer_wait(None, cutover_wait=6, buffered_now=0, max_buffered=10) == Buffer(retry_policy.BUFFER_RETRY_SECONDS)
     assert buffer_wait(5.99, 6, 0, 10) == Buffer(pytest.approx(0.01))  # type: ignore[arg-type]
     too_long = buffer_wait(6.0, 6, 0, 10)
     assert isinstance(too_long, Fail) and isinstance(too_long.error, errors.ShardUnavailable)
