@@ -61,6 +61,7 @@ FROM bench_dialogs d, LATERAL (
 WHERE d.i = :i;
 """
 
+
 async def raw_inserts(dsn: str, clients: int, seconds: float) -> load.Load:
     """Single-row autocommit INSERTs into a scratch copy of the messages table (pgbench)."""
     await _sql(dsn, "DROP TABLE IF EXISTS bench_raw; CREATE TABLE bench_raw (LIKE messages INCLUDING ALL)")
@@ -85,8 +86,9 @@ def list_requests(dialogs: list[tuple[int, Any, Any]], count: int = 2000) -> lis
     for _, lo, hi in rng.sample(dialogs, min(count, len(dialogs))):
         viewer, other = (lo, hi) if rng.random() < 0.5 else (hi, lo)
         token = jwt.encode({"sub": str(viewer), "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256")
-        requests.append({"method": "GET", "path": f"/dialog/{other}/list",
-                         "headers": {"Authorization": f"Bearer {token}"}})
+        requests.append(
+            {"method": "GET", "path": f"/dialog/{other}/list", "headers": {"Authorization": f"Bearer {token}"}}
+        )
     return requests
 
 
@@ -95,7 +97,8 @@ def monolith_sends(dsn: str, requests: list[dict[str, object]], connections: int
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "bench.monolith", "--dsn", dsn, "--port", str(port), "--secret", JWT_SECRET],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -194,8 +197,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     # Once with headroom, once with the machine saturated (see steady_p99_ms).
                     pauses = [
                         await cutover_pause(client, users, args.pause_concurrency, "DELETE", "/admin/shards/shard-3"),
-                        await cutover_pause(client, users, args.concurrency, "POST", "/admin/shards",
-                                            {"shard_id": "shard-3", "dsn": cluster.dsn("shard-3")}),
+                        await cutover_pause(
+                            client,
+                            users,
+                            args.concurrency,
+                            "POST",
+                            "/admin/shards",
+                            {"shard_id": "shard-3", "dsn": cluster.dsn("shard-3")},
+                        ),
                     ]
                     runner_log = cluster.cutover_log()
         finally:
@@ -230,7 +239,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "throughput_ratio_at_32": round(list_runs["proxy_32"].per_second / list_runs["direct_32"].per_second, 3),
             "target": "added p50 <= 1.0 ms at 1 connection; >= 0.25x direct throughput at 32",
         },
-        "copy_rate": None if copy is None else {
+        "copy_rate": None
+        if copy is None
+        else {
             **{k: round(v, 3) if isinstance(v, float) else v for k, v in copy.items()},
             "ratio": round(copy["migration_rows_per_second"] / copy["baseline_rows_per_second"], 3),
             "target": ">= 0.5",
@@ -279,16 +290,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000, help="messages preloaded per shard")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent senders / inserters")
-    parser.add_argument("--pause-concurrency", type=int, default=8,
-                        help="senders during the first measured cutover (the second uses --concurrency)")
+    parser.add_argument(
+        "--pause-concurrency",
+        type=int,
+        default=8,
+        help="senders during the first measured cutover (the second uses --concurrency)",
+    )
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput run")
     parser.add_argument("--skip-resharding", action="store_true", help="no copy-rate and cutover figures")
     parser.add_argument("--skip-scaling", action="store_true", help="no write-scaling figures")
     parser.add_argument("--skip-growth", action="store_true", help="no growth-with-data figures")
-    parser.add_argument("--proxy-processes", type=int, default=proxy_processes(),
-                        help="DIALOGS_PROCESSES of the measured proxy (default: what `dialogs up` picks)")
-    parser.add_argument("--scaling-cores", type=float, default=0.03,
-                        help="CPU cap of each shard's PostgreSQL in the write-scaling runs, in cores")
+    parser.add_argument(
+        "--proxy-processes",
+        type=int,
+        default=proxy_processes(),
+        help="DIALOGS_PROCESSES of the measured proxy (default: what `dialogs up` picks)",
+    )
+    parser.add_argument(
+        "--scaling-cores",
+        type=float,
+        default=0.03,
+        help="CPU cap of each shard's PostgreSQL in the write-scaling runs, in cores",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latest.json")
     args = parser.parse_args()
     results = asyncio.run(run(args))
@@ -304,52 +327,94 @@ def summary(results: dict[str, Any]) -> str:
     """The figures against their baselines and targets, as a table."""
     rows: list[tuple[str, str, str, str]] = []
     sends = results["send_throughput"]
-    rows.append(("sends/s through a proxy vs the naive monolith",
-                 f"{sends['proxy']['per_second']:,.0f} / {sends['naive_monolith']['per_second']:,.0f}",
-                 f"{sends['ratio_to_monolith']:.2f}x", ">= 1.5x"))
-    rows.append(("sends/s through a proxy vs raw INSERTs (pgbench)",
-                 f"{sends['proxy']['per_second']:,.0f} / {sends['raw_insert_pgbench']['per_second']:,.0f}",
-                 f"{sends['ratio_to_raw_insert']:.3f}x", ">= 0.4x"))
+    rows.append(
+        (
+            "sends/s through a proxy vs the naive monolith",
+            f"{sends['proxy']['per_second']:,.0f} / {sends['naive_monolith']['per_second']:,.0f}",
+            f"{sends['ratio_to_monolith']:.2f}x",
+            ">= 1.5x",
+        )
+    )
+    rows.append(
+        (
+            "sends/s through a proxy vs raw INSERTs (pgbench)",
+            f"{sends['proxy']['per_second']:,.0f} / {sends['raw_insert_pgbench']['per_second']:,.0f}",
+            f"{sends['ratio_to_raw_insert']:.3f}x",
+            ">= 0.4x",
+        )
+    )
     lists = results["lists"]
-    rows.append(("list p50 added at 1 connection", f"{lists['proxy_1']['p50_ms']:.2f} - {lists['direct_1']['p50_ms']:.2f} ms",
-                 f"{lists['added_p50_ms_at_1']:.2f} ms", "<= 1.0 ms"))
-    rows.append(("lists/s at 32 vs the query directly",
-                 f"{lists['proxy_32']['per_second']:,.0f} / {lists['direct_32']['per_second']:,.0f}",
-                 f"{lists['throughput_ratio_at_32']:.3f}x", ">= 0.25x"))
+    rows.append(
+        (
+            "list p50 added at 1 connection",
+            f"{lists['proxy_1']['p50_ms']:.2f} - {lists['direct_1']['p50_ms']:.2f} ms",
+            f"{lists['added_p50_ms_at_1']:.2f} ms",
+            "<= 1.0 ms",
+        )
+    )
+    rows.append(
+        (
+            "lists/s at 32 vs the query directly",
+            f"{lists['proxy_32']['per_second']:,.0f} / {lists['direct_32']['per_second']:,.0f}",
+            f"{lists['throughput_ratio_at_32']:.3f}x",
+            ">= 0.25x",
+        )
+    )
     if results["copy_rate"]:
         copy = results["copy_rate"]
-        rows.append(("resharding copy vs COPY (rows/s)",
-                     f"{copy['migration_rows_per_second']:,.0f} / {copy['baseline_rows_per_second']:,.0f}",
-                     f"{copy['ratio']:.2f}x", ">= 0.5x"))
+        rows.append(
+            (
+                "resharding copy vs COPY (rows/s)",
+                f"{copy['migration_rows_per_second']:,.0f} / {copy['baseline_rows_per_second']:,.0f}",
+                f"{copy['ratio']:.2f}x",
+                ">= 0.5x",
+            )
+        )
     for run in results["cutover_pause"]["runs"]:
-        rows.append((f"cutover pause, {run['migration']}, {run['senders_in_flight']} senders",
-                     f"max {run['pause_max_ms']:.0f} ms, {run['failed']} failed", f"p99 {run['pause_p99_ms']:.0f} ms",
-                     "p99 < 250 ms"))
+        rows.append(
+            (
+                f"cutover pause, {run['migration']}, {run['senders_in_flight']} senders",
+                f"max {run['pause_max_ms']:.0f} ms, {run['failed']} failed",
+                f"p99 {run['pause_p99_ms']:.0f} ms",
+                "p99 < 250 ms",
+            )
+        )
     scaled = results.get("write_scaling") or {}
     grown = results.get("data_growth") or {}
     for run in scaled.get("runs", []):
-        rows.append((f"sends/s, {run['shards']} CPU-capped shard(s), {run['connections']} connections",
-                     f"{run['per_second']:,.0f}", f"{scaled['speedup'][str(run['shards']) + '_shards']:.2f}x",
-                     {1: "1x", 2: ">= 1.8x", 4: ">= 3.2x"}.get(run["shards"], "")))
+        rows.append(
+            (
+                f"sends/s, {run['shards']} CPU-capped shard(s), {run['connections']} connections",
+                f"{run['per_second']:,.0f}",
+                f"{scaled['speedup'][str(run['shards']) + '_shards']:.2f}x",
+                {1: "1x", 2: ">= 1.8x", 4: ">= 3.2x"}.get(run["shards"], ""),
+            )
+        )
     for problem in ("skipped", "error"):
         if problem in scaled:
             rows.append(("write scaling", problem, scaled[problem], ""))
         if problem in grown:
             rows.append(("growth with data", problem, grown[problem], ""))
     for run in grown.get("runs", []):
-        rows.append((f"add a shard over {run['stored_messages']:,} messages",
-                     f"{run['rows_copied']:,} rows in {run['copy_seconds']:.1f} s",
-                     f"pause p99 {run['pause_p99_ms']:.0f} ms", "pause flat"))
+        rows.append(
+            (
+                f"add a shard over {run['stored_messages']:,} messages",
+                f"{run['rows_copied']:,} rows in {run['copy_seconds']:.1f} s",
+                f"pause p99 {run['pause_p99_ms']:.0f} ms",
+                "pause flat",
+            )
+        )
     for name, mib in sends["peak_rss_mib"].items():
         rows.append((f"peak RSS under send load, {name}", f"{mib:.0f} MiB", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     header = ("figure", "measured", "ratio", "target")
     widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in [header, tuple("-" * w for w in widths), *rows]]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, tuple("-" * w for w in widths), *rows]
+    ]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     main()
-

@@ -28,8 +28,9 @@ async def add_shard_over(total_rows: int, senders: int) -> dict[str, Any]:
             client = Client(session, cluster.proxy_urls)
             users = [await client.user(f"u{i}") for i in range(64)]
             cluster.start_worker("shard-3")
-            pause = await cutover_pause(client, users, senders, "POST", "/admin/shards",
-                                        {"shard_id": "shard-3", "dsn": cluster.dsn("shard-3")})
+            pause = await cutover_pause(
+                client, users, senders, "POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.dsn("shard-3")}
+            )
         return {
             "stored_messages": total_rows,
             "rows_copied": pause["rows_copied"],

@@ -56,8 +56,9 @@ class BenchCluster:
         """The first proxy runs ``processes`` processes on its port (DIALOGS_PROCESSES)."""
         shard_ids = [f"shard-{number}" for number in range(1, self.shards + self.spares + 1)]
         for name in ["meta", *shard_ids]:
-            server = LocalPostgres(self.base / "pg" / name, free_port(), password=new_password(),
-                                   settings={"max_connections": "300"})
+            server = LocalPostgres(
+                self.base / "pg" / name, free_port(), password=new_password(), settings={"max_connections": "300"}
+            )
             server.start()
             self.servers[name] = server
             if name != "meta" and self.on_shard_server is not None:
@@ -139,16 +140,26 @@ class Client:
         self.session = session
         self.urls = urls
 
-    async def call(self, method: str, path: str, *, proxy: int = 0, token: str | None = None,
-                   body: Any = None, params: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        proxy: int = 0,
+        token: str | None = None,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with self.session.request(method, self.urls[proxy % len(self.urls)] + path, json=body,
-                                        params=params, headers=headers) as response:
+        async with self.session.request(
+            method, self.urls[proxy % len(self.urls)] + path, json=body, params=params, headers=headers
+        ) as response:
             return response.status, await response.json(content_type=None)
 
     async def user(self, name: str) -> tuple[str, str]:
-        _, created = await self.call("POST", "/user/register",
-                                     body={"first_name": name, "second_name": "Bench", "password": "bench-password"})
+        _, created = await self.call(
+            "POST", "/user/register", body={"first_name": name, "second_name": "Bench", "password": "bench-password"}
+        )
         _, login = await self.call("POST", "/login", body={"id": created["user_id"], "password": "bench-password"})
         return created["user_id"], login["token"]
 
@@ -176,8 +187,14 @@ def send_requests(users: list[tuple[str, str]], count: int = 2000) -> list[dict[
     requests = []
     for _ in range(count):
         (_, token), (other, _) = rng.sample(users, 2)
-        requests.append({"method": "POST", "path": f"/dialog/{other}/send", "body": SEND_BODY,
-                         "headers": {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}})
+        requests.append(
+            {
+                "method": "POST",
+                "path": f"/dialog/{other}/send",
+                "body": SEND_BODY,
+                "headers": {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            }
+        )
     return requests
 
 
@@ -210,7 +227,8 @@ async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 200
         con = await asyncpg.connect(cluster.dsn(shard_id))
         try:
             await con.copy_records_to_table(
-                "messages", records=rows,
+                "messages",
+                records=rows,
                 columns=["dialog_key", "user_lo", "user_hi", "id", "from_lo", "text", "created_at", "idempotency_key"],
             )
             await con.execute("ANALYZE messages")
@@ -227,8 +245,9 @@ async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 200
     return pairs
 
 
-async def cutover_pause(client: Client, users: list[tuple[str, str]], concurrency: int,
-                        method: str, path: str, body: Any = None) -> dict[str, Any]:
+async def cutover_pause(
+    client: Client, users: list[tuple[str, str]], concurrency: int, method: str, path: str, body: Any = None
+) -> dict[str, Any]:
     """Run a migration while `concurrency` senders write; latency of sends in flight at its cutover."""
     stop = asyncio.Event()
     samples: list[tuple[float, float, int]] = []
@@ -238,8 +257,9 @@ async def cutover_pause(client: Client, users: list[tuple[str, str]], concurrenc
         while not stop.is_set():
             (_, token), (other, _) = rng.sample(users, 2)
             started = time.monotonic()
-            status, _ = await client.call("POST", f"/dialog/{other}/send", proxy=index, token=token,
-                                          body={"text": "during the cutover"})
+            status, _ = await client.call(
+                "POST", f"/dialog/{other}/send", proxy=index, token=token, body={"text": "during the cutover"}
+            )
             samples.append((started, time.monotonic(), status))
 
     senders = [asyncio.ensure_future(send_forever(i)) for i in range(concurrency)]
@@ -287,9 +307,11 @@ def psql_copy(source_dsn: str, target_dsn: str, query: str, table: str) -> float
 
     psql = POSTGRES_BIN_PATH / "psql"
     started = time.monotonic()
-    out = subprocess.Popen([str(psql), source_dsn, "-qc", f"COPY ({query}) TO STDOUT WITH (FORMAT binary)"],
-                           stdout=subprocess.PIPE)
-    subprocess.run([str(psql), target_dsn, "-qc", f"COPY {table} FROM STDIN WITH (FORMAT binary)"],
-                   stdin=out.stdout, check=True)
+    out = subprocess.Popen(
+        [str(psql), source_dsn, "-qc", f"COPY ({query}) TO STDOUT WITH (FORMAT binary)"], stdout=subprocess.PIPE
+    )
+    subprocess.run(
+        [str(psql), target_dsn, "-qc", f"COPY {table} FROM STDIN WITH (FORMAT binary)"], stdin=out.stdout, check=True
+    )
     out.wait()
     return time.monotonic() - started

@@ -34,8 +34,13 @@ class Load:
     failed: int
 
     def to_json(self) -> dict[str, float | int]:
-        return {"per_second": round(self.per_second, 1), "p50_ms": round(self.p50_ms, 3),
-                "p99_ms": round(self.p99_ms, 3), "requests": self.requests, "failed": self.failed}
+        return {
+            "per_second": round(self.per_second, 1),
+            "p50_ms": round(self.p50_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+            "requests": self.requests,
+            "failed": self.failed,
+        }
 
 
 def ensure_wrk() -> str:
@@ -93,9 +98,20 @@ def wrk(url: str, requests: list[dict[str, object]], connections: int, seconds: 
         script.write(_LUA % _lua_table(requests))
     try:
         result = subprocess.run(
-            [binary, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-             "-s", script.name, url],
-            capture_output=True, text=True, timeout=seconds + 60,
+            [
+                binary,
+                f"-t{min(threads, connections)}",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
         )
     finally:
         Path(script.name).unlink()
@@ -112,8 +128,21 @@ def pgbench(dsn: str, script: str, clients: int, seconds: float, variables: dict
     binary = pg_home.WHEEL_BIN / "pgbench"
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as file:
         file.write(script)
-    args = [str(binary), "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)),
-            "-T", str(int(seconds)), "-f", file.name, "-r"]
+    args = [
+        str(binary),
+        "-n",
+        "-M",
+        "prepared",
+        "-c",
+        str(clients),
+        "-j",
+        str(min(clients, 2)),
+        "-T",
+        str(int(seconds)),
+        "-f",
+        file.name,
+        "-r",
+    ]
     for name, value in (variables or {}).items():
         args += ["-D", f"{name}={value}"]
     try:

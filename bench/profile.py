@@ -52,15 +52,31 @@ async def run(args: argparse.Namespace) -> None:
         targets = {"proxy": cluster.proxies[0], "worker": cluster.workers["shard-1"]}
         outputs = {name: tmp / f"{name}.txt" for name in targets}
         spies = [
-            subprocess.Popen([py_spy, "record", "-r", "200", "-d", str(int(args.seconds)), "-f", "raw", "-o",
-                              str(outputs[name]), "-p", str(child.process.pid)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.Popen(
+                [
+                    py_spy,
+                    "record",
+                    "-r",
+                    "200",
+                    "-d",
+                    str(int(args.seconds)),
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(outputs[name]),
+                    "-p",
+                    str(child.process.pid),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             for name, child in targets.items()
             if child.process is not None
         ]
         result: list[load.Load] = []
-        thread = threading.Thread(target=lambda: result.append(
-            load.wrk(cluster.proxy_urls[0], send_requests(users), 32, args.seconds + 1)))
+        thread = threading.Thread(
+            target=lambda: result.append(load.wrk(cluster.proxy_urls[0], send_requests(users), 32, args.seconds + 1))
+        )
         thread.start()
         for spy in spies:
             spy.wait()

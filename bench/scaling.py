@@ -102,8 +102,9 @@ async def sends_with(shards: int, cores: float, connections: int, seconds: float
         before = {name: c.stat() for name, c in caps.items()}
         result = load.wrk(cluster.proxy_urls[0], requests, connections, seconds)
         after = {name: c.stat() for name, c in caps.items()}
-        throttled = {name: (after[name][1] - before[name][1]) / max(1, after[name][0] - before[name][0])
-                     for name in caps}
+        throttled = {
+            name: (after[name][1] - before[name][1]) / max(1, after[name][0] - before[name][0]) for name in caps
+        }
         return {
             "shards": shards,
             "connections": connections,
@@ -128,7 +129,9 @@ async def scaling(cores: float, per_shard: int, seconds: float, counts: tuple[in
         return {"skipped": reason}
     runs = []
     for shards in counts:
-        print(f"   {shards} shard(s), each capped at {cores:g} of a core, {per_shard * shards} connections…", flush=True)
+        print(
+            f"   {shards} shard(s), each capped at {cores:g} of a core, {per_shard * shards} connections…", flush=True
+        )
         runs.append(await sends_with(shards, cores, per_shard * shards, seconds))
     one = runs[0]["per_second"]
     return {

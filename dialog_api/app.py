@@ -104,7 +104,9 @@ async def _group_commit(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: WorkerSettings) -> web.Application:
     metrics = WorkerMetrics(settings.shard_id)
-    app = web.Application(middlewares=[make_middleware(metrics.http)], client_max_size=64 * 1024**2)  # batches of sends from proxies
+    app = web.Application(
+        middlewares=[make_middleware(metrics.http)], client_max_size=64 * 1024**2
+    )  # batches of sends from proxies
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[MAP_VIEW] = MapView(settings.shard_id)

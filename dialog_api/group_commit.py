@@ -62,7 +62,7 @@ class GroupCommit:
                 await self._flush(batch)
 
     def _take(self) -> list[tuple[NewMessage, asyncio.Future[Stored]]]:
-        batch = []
+        batch: list[tuple[NewMessage, asyncio.Future[Stored]]] = []
         while self._pending and len(batch) < self._batch_max:
             message, future = self._pending.popleft()
             if not future.cancelled():

@@ -23,7 +23,7 @@ def _int64(value: object, name: str) -> int:
     if isinstance(value, bool):
         raise errors.InvalidInput(f"{name} must be a 64-bit integer")
     try:
-        number = int(value)  # type: ignore[call-overload]
+        number = int(value)  # type: ignore[call-overload]  # any JSON value; int() refusing it is the check
     except (TypeError, ValueError):
         raise errors.InvalidInput(f"{name} must be a 64-bit integer") from None
     if not INT64_MIN <= number <= INT64_MAX:
@@ -107,7 +107,9 @@ async def insert_batch(request: web.Request) -> web.Response:
     if log.isEnabledFor(logging.DEBUG):  # each send keeps the client's request id in the worker's log
         for item, result in zip(items, results, strict=True):
             status = result["status"] if result else None
-            log.debug("send in batch %s", status, extra={"request_id": _item_request_id(request, item), "status": status})
+            log.debug(
+                "send in batch %s", status, extra={"request_id": _item_request_id(request, item), "status": status}
+            )
     return json_response(results)
 
 
@@ -139,9 +141,7 @@ def _message(row: Record) -> dict[str, object]:
 async def health(request: web.Request) -> web.Response:
     view = request.app[MAP_VIEW]
     await request.app[STORE].ping()
-    return json_response(
-        {"status": "ok", "shard_id": request.app[SETTINGS].shard_id, "map_version": view.map_version}
-    )
+    return json_response({"status": "ok", "shard_id": request.app[SETTINGS].shard_id, "map_version": view.map_version})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -47,7 +47,9 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.info = Gauge(
-            "dialogs_worker_info", "Constant 1, labelled with the shard this worker serves", ["shard_id"],
+            "dialogs_worker_info",
+            "Constant 1, labelled with the shard this worker serves",
+            ["shard_id"],
             registry=self.registry,
         )
         self.info.labels(shard_id).set(1)

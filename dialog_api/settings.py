@@ -11,7 +11,8 @@ from dialogs.shard_map import validate_shard_id
 @environ.config(prefix=s.PREFIX, frozen=True)
 class WorkerSettings:
     shard_id: str = s.converted(
-        validate_shard_id, "a shard id (a lowercase letter, then lowercase letters, digits, '-' or '_')",
+        validate_shard_id,
+        "a shard id (a lowercase letter, then lowercase letters, digits, '-' or '_')",
         help="the shard it serves",
     )
     shard_dsn: str = s.dsn(help="its shard database")

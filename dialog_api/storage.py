@@ -134,11 +134,14 @@ class ShardStore:
                 [m.idempotency_key for m in batch],
             )
             self._observe("store", time.perf_counter() - started)
-            results = [_STATUS[row["status"]](row) for row in rows]
+            results: list[Stored | errors.DialogsError | None] = [_STATUS[row["status"]](row) for row in rows]
             repeated = [index for index, row in enumerate(rows) if row["status"] == "duplicate"]
             if repeated:
                 await self._resolve_repeats(con, batch, repeated, results)
-        return results
+        answered = [result for result in results if result is not None]
+        if len(answered) != len(batch):  # a duplicate whose stored row was not found: a bug, never a guess
+            raise RuntimeError("store_messages reported a duplicate that is not stored")
+        return answered
 
     async def _resolve_repeats(
         self,
@@ -177,7 +180,9 @@ class ShardStore:
     async def rows_estimate(self) -> int:
         """The planner's row count for messages: free to read, close enough for a dashboard."""
         async with translated(), self.pool.acquire() as con:
-            return await con.fetchval("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'messages'::regclass")
+            return await con.fetchval(
+                "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'messages'::regclass"
+            )
 
     async def ping(self) -> None:
         async with translated(), self.pool.acquire() as con:

@@ -145,7 +145,7 @@ class _RetryLater:
     """Mixed into errors that tell the client when to come back (``Retry-After``, seconds)."""
 
     def __init__(self, message: str | None = None, retry_after: int = 1) -> None:
-        super().__init__(message)  # type: ignore[call-arg]
+        super().__init__(message)  # type: ignore[call-arg]  # a mixin: the next class in the MRO is an Exception
         self.retry_after = retry_after
 
     def headers(self) -> dict[str, str]:

@@ -50,7 +50,9 @@ async def leave(pool: asyncpg.Pool, statement: Statement, who: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def registered(dsn: str, beat: Statement, leave_statement: Statement, interval: float, who: str) -> AsyncIterator[None]:
+async def registered(
+    dsn: str, beat: Statement, leave_statement: Statement, interval: float, who: str
+) -> AsyncIterator[None]:
     """Heartbeat with ``beat`` for the duration of the block (own small pool), then ``leave_statement``."""
     async with asyncpg.create_pool(dsn, min_size=0, max_size=1) as pool:
         async with background(heartbeat_forever(pool, beat, interval, who)):

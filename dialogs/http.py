@@ -120,8 +120,11 @@ async def _write_within(request: web.Request, response: web.Response, seconds: f
             await response.prepare(request)
             await response.write_eof()
     except TimeoutError:
-        log.warning("closed a connection that did not read its response within %.0f s", seconds,
-                    extra={"request_id": request_id_of(request)})
+        log.warning(
+            "closed a connection that did not read its response within %.0f s",
+            seconds,
+            extra={"request_id": request_id_of(request)},
+        )
         if request.transport is not None:
             request.transport.abort()  # drops the unsent bytes with the connection
     except ConnectionError:
@@ -161,12 +164,16 @@ def make_middleware(
         if log.isEnabledFor(logging.DEBUG) or response.status >= 500:
             log.log(
                 logging.ERROR if response.status >= 500 else logging.DEBUG,
-                "%s %s %s", request.method, route, response.status,
+                "%s %s %s",
+                request.method,
+                route,
+                response.status,
                 extra={"request_id": request_id, "status": response.status, "ms": round(elapsed * 1000, 3)},
             )
-        body = response.body if isinstance(response, web.Response) else None
-        if write_timeout is not None and isinstance(body, bytes) and len(body) > TIMED_WRITE_BYTES:
-            await _write_within(request, response, write_timeout)  # type: ignore[arg-type]
+        if write_timeout is not None and isinstance(response, web.Response):
+            body = response.body
+            if isinstance(body, bytes) and len(body) > TIMED_WRITE_BYTES:
+                await _write_within(request, response, write_timeout)
         return response
 
     return middleware
@@ -204,7 +211,9 @@ def bearer_token(request: web.Request, missing: str = "missing bearer token") ->
     scheme, _, token = header.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer":
-        raise errors.Unauthorized("the Authorization header must use the Bearer scheme: `Authorization: Bearer <token>`")
+        raise errors.Unauthorized(
+            "the Authorization header must use the Bearer scheme: `Authorization: Bearer <token>`"
+        )
     if not token:
         raise errors.Unauthorized("the bearer token is empty: `Authorization: Bearer <token>`")
     if not (token.isascii() and token.isprintable()):

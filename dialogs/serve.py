@@ -44,8 +44,13 @@ def serve(cls: type[S], create_app: Callable[[S], web.Application], service: str
     run(settings, create_app(settings), service)
 
 
-def run(settings: ServiceSettings, app: web.Application, service: str,
-        sockets: Sequence[socket.socket] | None = None, process: int | None = None) -> None:
+def run(
+    settings: ServiceSettings,
+    app: web.Application,
+    service: str,
+    sockets: Sequence[socket.socket] | None = None,
+    process: int | None = None,
+) -> None:
     """Serve ``app`` until SIGTERM/SIGINT: on HOST:PORT, or on ``sockets`` when given
     (``process``: which of several processes this is, for the logs)."""
     logs.configure(service, settings.log_level, process)
@@ -57,6 +62,11 @@ def run(settings: ServiceSettings, app: web.Application, service: str,
         pass
     where: dict[str, object] = {"sock": list(sockets)} if sockets else {"host": settings.host, "port": settings.port}
     web.run_app(
-        app, print=None, access_log=None, shutdown_timeout=10,
-        keepalive_timeout=settings.idle_timeout, lingering_time=LINGERING_SECONDS, **where,  # type: ignore[arg-type]
+        app,
+        print=None,
+        access_log=None,
+        shutdown_timeout=10,
+        keepalive_timeout=settings.idle_timeout,
+        lingering_time=LINGERING_SECONDS,
+        **where,  # type: ignore[arg-type]  # host/port or sock: run_app takes either, its stubs one set
     )

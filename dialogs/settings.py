@@ -34,7 +34,7 @@ class SettingsError(Exception):
     pass
 
 
-def variable(field: attrs.Attribute) -> str:  # type: ignore[type-arg]
+def variable(field: attrs.Attribute[Any]) -> str:
     return f"{PREFIX}_{field.name.upper()}"
 
 
@@ -51,18 +51,18 @@ def load(cls: type[T], env: Mapping[str, str] | None = None) -> T:
 # --- kinds ---------------------------------------------------------------------------------
 
 
-def _kind(description: str, parse: Callable[[Any], Any], *, secret: bool = False) -> attrs.Converter:  # type: ignore[type-arg]
+def _kind(description: str, parse: Callable[[Any], Any], *, secret: bool = False) -> attrs.Converter[Any, Any]:
     """A converter that names the variable and what it must be; a refused secret's value is
     never repeated (a real one a character short would end up in the logs), only its length."""
 
-    def convert(value: Any, field: attrs.Attribute) -> Any:  # type: ignore[type-arg]
+    def convert(value: Any, field: attrs.Attribute[Any]) -> Any:
         try:
             return parse(value)
         except (TypeError, ValueError):
             got = f"{len(value)} characters" if secret and isinstance(value, str) else repr(value)
             raise ValueError(f"{variable(field)} must be {description}, got {got}") from None
 
-    return attrs.Converter(convert, takes_field=True)  # type: ignore[call-overload]
+    return attrs.Converter(convert, takes_field=True)
 
 
 def _bounded(number: Any, low: float, high: float = float("inf")) -> Any:
@@ -106,13 +106,13 @@ def dsn(*, help: str) -> Any:
     """A required PostgreSQL URL. Its password must be URL-encoded (``%40`` for ``@``);
     a bad one is named without echoing the value (it holds a password)."""
 
-    def convert(value: Any, field: attrs.Attribute) -> str:  # type: ignore[type-arg]
+    def convert(value: Any, field: attrs.Attribute[Any]) -> str:
         problem = dsn_problem(value)
         if problem is not None:
             raise ValueError(f"{variable(field)} {problem}")
         return value
 
-    return _var(REQUIRED, attrs.Converter(convert, takes_field=True), help)  # type: ignore[call-overload]
+    return _var(REQUIRED, attrs.Converter(convert, takes_field=True), help)
 
 
 def secret(min_length: int, default: Any = REQUIRED, *, help: str, empty_ok: bool = False) -> Any:

@@ -23,6 +23,7 @@ INTERNAL_BATCH_PATH = "/internal/v1/messages/batch"
 # four-byte characters would be 16 MiB; typical pages are far below the bound.
 MAX_PAGE_TEXT_BYTES = 1 << 20
 
+
 class Phase(enum.StrEnum):
     """A resharding migration's phase: in the metadata database, the admin API and metrics.
 

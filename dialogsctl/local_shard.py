@@ -38,9 +38,7 @@ def refused(status: int) -> bool:
 
 def started_since(migrations: Iterable[dict[str, Any]], shard_id: str, known: set[int]) -> bool:
     """Whether ``migrations`` (the admin API's list) has an add of ``shard_id`` not in ``known``."""
-    return any(
-        m["kind"] == "add" and m["shard_id"] == shard_id and m["migration_id"] not in known for m in migrations
-    )
+    return any(m["kind"] == "add" and m["shard_id"] == shard_id and m["migration_id"] not in known for m in migrations)
 
 
 def start(data_dir: Path, shard_id: str | None, echo: Callable[[str], None]) -> tuple[ShardLayout, str]:
@@ -54,15 +52,16 @@ def start(data_dir: Path, shard_id: str | None, echo: Callable[[str], None]) -> 
         except ValueError as exc:
             raise LocalShardError(str(exc)) from None
     os.kill(pid, signal.SIGHUP)
-    echo(f"starting {new.shard_id}: PostgreSQL on 127.0.0.1:{new.pg_port} (a new server: initdb takes a few"
-         " seconds)…")
+    echo(f"starting {new.shard_id}: PostgreSQL on 127.0.0.1:{new.pg_port} (a new server: initdb takes a few seconds)…")
     started = time.monotonic()
     deadline = started + START_TIMEOUT
     said_worker = False
     while time.monotonic() < deadline:
         if not said_worker and _listening(new.pg_port):
-            echo(f"  PostgreSQL is up after {time.monotonic() - started:.1f} s; starting its worker on"
-                 f" :{new.worker_port}…")
+            echo(
+                f"  PostgreSQL is up after {time.monotonic() - started:.1f} s; starting its worker on"
+                f" :{new.worker_port}…"
+            )
             said_worker = True
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{new.worker_port}/health", timeout=1) as response:
@@ -73,8 +72,10 @@ def start(data_dir: Path, shard_id: str | None, echo: Callable[[str], None]) -> 
             pass
         time.sleep(0.2)
     take_back(data_dir, new, echo)
-    raise LocalShardError(f"the worker of {new.shard_id} did not start; see {layout.log_file('worker-' + new.shard_id)}"
-                          f" and {layout.log_file('pg-' + new.shard_id)}")
+    raise LocalShardError(
+        f"the worker of {new.shard_id} did not start; see {layout.log_file('worker-' + new.shard_id)}"
+        f" and {layout.log_file('pg-' + new.shard_id)}"
+    )
 
 
 def take_back(data_dir: Path, created: ShardLayout, echo: Callable[[str], None]) -> None:
@@ -97,8 +98,9 @@ def take_back(data_dir: Path, created: ShardLayout, echo: Callable[[str], None])
     deadline = time.monotonic() + STOP_TIMEOUT
     while _listening(created.worker_port) or postmaster.processes_on(datadir.resolve()):
         if time.monotonic() > deadline:
-            raise LocalShardError(f"{shard_id} was not added, but its server or worker did not stop;"
-                                  f" its data stays in {datadir}")
+            raise LocalShardError(
+                f"{shard_id} was not added, but its server or worker did not stop; its data stays in {datadir}"
+            )
         time.sleep(0.2)
     pg_home.remove_data_directory(datadir)
     echo(f"{shard_id} was not added: its server and worker are stopped and its data folder removed")

@@ -151,4 +151,3 @@ def end_orphans(datadir: Path, grace: float = ORPHAN_GRACE) -> int:
     while processes_on(datadir) and time.monotonic() < deadline:
         time.sleep(0.05)
     return count
-

@@ -34,8 +34,9 @@ def follow(client: AdminClient, migration_id: int, console: Console, poll: float
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("migration", total=None, phase="", ranges="", remaining=0, delta=0,
-                                 total_text="counting…")
+        task = progress.add_task(
+            "migration", total=None, phase="", ranges="", remaining=0, delta=0, total_text="counting…"
+        )
         while True:
             finished = migration["phase"] in FINISHED
             copied, counted = migration["rows_copied"], migration["rows_total"]

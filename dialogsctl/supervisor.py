@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import pwd
 import shutil
@@ -64,7 +65,7 @@ def running_pid(data_dir: Path) -> int | None:
 
 def acquire_lock(data_dir: Path) -> IO[str]:
     """Hold this open for the cluster's lifetime; the OS drops the lock if we die."""
-    handle = open(data_dir / LOCK_FILE, "a+")
+    handle = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open on purpose, closed by the caller
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -117,7 +118,7 @@ class Child:
     def start(self) -> None:
         self.restarts.started_at = time.monotonic()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_file, "ab")
+        self._log = open(self.log_file, "ab")  # noqa: SIM115 - the child's log, closed when it stops
         self.process = subprocess.Popen(
             self.argv or [sys.executable, "-m", self.command],
             env={**os.environ, **self.env},
@@ -156,7 +157,9 @@ class Child:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive:
-                raise StartFailed(f"{self.name} exited at start; last lines of {self.log_file}:\n{_tail(self.log_file)}")
+                raise StartFailed(
+                    f"{self.name} exited at start; last lines of {self.log_file}:\n{_tail(self.log_file)}"
+                )
             try:
                 with urllib.request.urlopen(self.health_url, timeout=1) as response:
                     if response.status == 200:
@@ -204,8 +207,12 @@ class Supervisor:
         self._reload = False
 
     def _server(self, name: str, port: int) -> LocalPostgres:
-        return LocalPostgres(self.layout.pg_dir(name), port, password=self.layout.server_password(name),
-                             log_file=self.layout.log_file(f"pg-{name}"))
+        return LocalPostgres(
+            self.layout.pg_dir(name),
+            port,
+            password=self.layout.server_password(name),
+            log_file=self.layout.log_file(f"pg-{name}"),
+        )
 
     def _worker(self, shard: ShardLayout) -> Child:
         layout = self.layout
@@ -229,7 +236,9 @@ class Supervisor:
         """Prometheus from the machine (Debian's package), scraping this cluster, or None."""
         binary = shutil.which("prometheus")
         if binary is None:
-            self.console.print("[yellow]prometheus is not installed (apt-get install prometheus); starting without it[/yellow]")
+            self.console.print(
+                "[yellow]prometheus is not installed (apt-get install prometheus); starting without it[/yellow]"
+            )
             return None
         layout = self.layout
         if layout.prometheus_port is None:
@@ -244,8 +253,12 @@ class Supervisor:
             env={},
             log_file=layout.log_file("prometheus"),
             health_url=f"http://127.0.0.1:{layout.prometheus_port}/-/ready",
-            argv=[binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-                  f"--web.listen-address=127.0.0.1:{layout.prometheus_port}"],
+            argv=[
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{layout.prometheus_port}",
+            ],
         )
 
     def _write_prometheus_config(self) -> None:
@@ -257,8 +270,12 @@ class Supervisor:
             # Targets from the registrations (proxy/discovery.py): every proxy process, and
             # the worker of a shard added later, without rewriting this file.
             "scrape_configs": [
-                {"job_name": f"dialogs-{role}", "http_sd_configs": [
-                    {"url": f"{layout.proxy_url}/discovery/prometheus?role={role}", "refresh_interval": "5s"}]}
+                {
+                    "job_name": f"dialogs-{role}",
+                    "http_sd_configs": [
+                        {"url": f"{layout.proxy_url}/discovery/prometheus?role={role}", "refresh_interval": "5s"}
+                    ],
+                }
                 for role in ("proxy", "worker")
             ],
         }
@@ -391,8 +408,9 @@ class Supervisor:
         if server is not None:
             server.stop()
         if self.layout.shard(shard_id) is not None:
-            self.console.print(f"stopped retired shard {shard_id} (its data stays in {self.layout.pg_dir(shard_id)})",
-                               highlight=False)
+            self.console.print(
+                f"stopped retired shard {shard_id} (its data stays in {self.layout.pg_dir(shard_id)})", highlight=False
+            )
         else:  # a refused `dialogs shard add` took it back; the CLI removes its empty data
             self.console.print(f"stopped shard {shard_id}: its addition was taken back", highlight=False)
 
@@ -427,14 +445,20 @@ class Supervisor:
             if self._reload:
                 self._apply_layout()
             for name, server in list(self.servers.items()):
-                self._keep_up(f"PostgreSQL {name}", server.running, server.process.returncode if server.process else None,
-                              self.server_restarts[name], lambda name=name, server=server: self._restart_server(name, server))
+                self._keep_up(
+                    f"PostgreSQL {name}",
+                    server.running,
+                    server.process.returncode if server.process else None,
+                    self.server_restarts[name],
+                    functools.partial(self._restart_server, name, server),
+                )
             for child in self.children:
                 self._keep_up(child.name, child.alive, child.exit_code, child.restarts, child.restart)
             time.sleep(0.2)
 
-    def _keep_up(self, name: str, alive: bool, exit_code: int | None, restarts: Restarts,
-                 restart: Callable[[], None]) -> None:
+    def _keep_up(
+        self, name: str, alive: bool, exit_code: int | None, restarts: Restarts, restart: Callable[[], None]
+    ) -> None:
         """Servers and children alike: an exit is noticed, then the restart waits its backoff."""
         if alive or self._stopping:
             return
@@ -469,8 +493,10 @@ class Supervisor:
         if any(c.name == "prometheus" for c in self.children):
             lines.append(f"  prometheus     http://127.0.0.1:{layout.prometheus_port}")
         lines.append(f"  logs           {layout.data_dir / 'logs'}")
-        lines.append(f"  secrets        {layout.data_dir / 'cluster.json'} (PostgreSQL passwords; the admin token:"
-                     " `dialogs admin-token`)")
+        lines.append(
+            f"  secrets        {layout.data_dir / 'cluster.json'} (PostgreSQL passwords; the admin token:"
+            " `dialogs admin-token`)"
+        )
         self.console.print("\n".join(lines), highlight=False, soft_wrap=True)
         self.console.print("\nTry it (copy and paste):", highlight=False)
         self.console.print(walkthrough(url), highlight=False, markup=False, soft_wrap=True)
@@ -478,14 +504,14 @@ class Supervisor:
 
 
 def walkthrough(url: str) -> str:
-    extract = "sed -E 's/.*\"{field}\": ?\"([^\"]+)\".*/\\1/'"
+    extract = 'sed -E \'s/.*"{field}": ?"([^"]+)".*/\\1/\''
     register = (
         "curl -s {url}/user/register -H 'Content-Type: application/json'"
-        " -d '{{\"first_name\":\"{name}\",\"second_name\":\"Test\",\"password\":\"password-{name}\"}}'"
+        ' -d \'{{"first_name":"{name}","second_name":"Test","password":"password-{name}"}}\''
     )
     login = (
         "curl -s {url}/login -H 'Content-Type: application/json'"
-        " -d \"{{\\\"id\\\":\\\"${var}\\\",\\\"password\\\":\\\"password-{name}\\\"}}\""
+        ' -d "{{\\"id\\":\\"${var}\\",\\"password\\":\\"password-{name}\\"}}"'
     )
     return "\n".join(
         [
@@ -493,10 +519,14 @@ def walkthrough(url: str) -> str:
             f"B=$({register.format(url=url, name='Boris')} | {extract.format(field='user_id')})",
             f"TA=$({login.format(url=url, var='A', name='Anna')} | {extract.format(field='token')})",
             f"TB=$({login.format(url=url, var='B', name='Boris')} | {extract.format(field='token')})",
-            f"curl -s -w '\\n' {url}/dialog/$B/send -H \"Authorization: Bearer $TA\" -H 'Content-Type: application/json'"
-            " -d '{\"text\":\"Hi Boris\"}'",
-            f"curl -s -w '\\n' {url}/dialog/$A/send -H \"Authorization: Bearer $TB\" -H 'Content-Type: application/json'"
-            " -d '{\"text\":\"Hi Anna\"}'",
+            (
+                f"curl -s -w '\\n' {url}/dialog/$B/send -H \"Authorization: Bearer $TA\""
+                " -H 'Content-Type: application/json' -d '{\"text\":\"Hi Boris\"}'"
+            ),
+            (
+                f"curl -s -w '\\n' {url}/dialog/$A/send -H \"Authorization: Bearer $TB\""
+                " -H 'Content-Type: application/json' -d '{\"text\":\"Hi Anna\"}'"
+            ),
             f"curl -s -w '\\n' {url}/dialog/$B/list -H \"Authorization: Bearer $TA\"",
             f"curl -s -w '\\n' {url}/dialog/$A/list -H \"Authorization: Bearer $TB\"",
         ]

@@ -1,4 +1,5 @@
-"""`python -m proxy`: run the proxy (one process, or DIALOGS_PROCESSES on one port), configured by DIALOGS_* variables."""
+"""`python -m proxy`: run the proxy (one process, or DIALOGS_PROCESSES on one port),
+configured by DIALOGS_* variables."""
 
 import sys
 

@@ -23,6 +23,7 @@ from proxy.migration import shard_sql
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 MAX_ROWS_PER_SECOND = 10_000_000
 CONNECT_TIMEOUT = 3.0  # seconds to reach a shard's database from the admin API
+_UNREACHABLE: tuple[type[BaseException], ...] = (*pg.FAILURES, ValueError)  # ValueError: a DSN asyncpg cannot parse
 
 
 def redact(dsn: str) -> str:
@@ -85,8 +86,13 @@ async def _migration_json(con: asyncpg.Connection, migration: migrations.Migrati
 
 
 async def _start(
-    request: web.Request, con: asyncpg.Connection, kind: str, shard_id: str,
-    target: shard_map.ShardMap, current: shard_map.ShardMap, throttle: tuple[int | None, int | None],
+    request: web.Request,
+    con: asyncpg.Connection,
+    kind: str,
+    shard_id: str,
+    target: shard_map.ShardMap,
+    current: shard_map.ShardMap,
+    throttle: tuple[int | None, int | None],
 ) -> web.Response:
     rows_per_second, batch_size = throttle
     migration = await migrations.create(con, kind, shard_id, target, current, rows_per_second or 0, batch_size or 5000)
@@ -107,18 +113,20 @@ async def list_shards(request: web.Request) -> web.Response:
         live = await members.workers(con)
     shares = current.ring.shares()
     ttl = request.app[SETTINGS].worker_ttl
-    return json_response([
-        {
-            "shard_id": row["shard_id"],
-            "dsn": redact(row["dsn"]),
-            "in_map": row["shard_id"] in current.weights,
-            "weight": current.weights.get(row["shard_id"]),
-            "share": round(shares.get(row["shard_id"], 0.0), 6),
-            "retired": row["retired_at"] is not None,
-            "workers": [w.url for w in live if w.shard_id == row["shard_id"] and w.age_seconds <= ttl],
-        }
-        for row in registry
-    ])
+    return json_response(
+        [
+            {
+                "shard_id": row["shard_id"],
+                "dsn": redact(row["dsn"]),
+                "in_map": row["shard_id"] in current.weights,
+                "weight": current.weights.get(row["shard_id"]),
+                "share": round(shares.get(row["shard_id"], 0.0), 6),
+                "retired": row["retired_at"] is not None,
+                "workers": [w.url for w in live if w.shard_id == row["shard_id"] and w.age_seconds <= ttl],
+            }
+            for row in registry
+        ]
+    )
 
 
 async def add_shard(request: web.Request) -> web.Response:
@@ -132,7 +140,7 @@ async def add_shard(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise errors.InvalidInput(str(exc)) from None
     problem = dsn_problem(dsn)
-    if problem is not None:
+    if problem is not None or not isinstance(dsn, str):
         raise errors.InvalidInput(f"dsn {problem}")
     weight = _int(data, "weight", 1, 1, shard_map.MAX_WEIGHT)
     throttle = _throttle(data)
@@ -150,7 +158,7 @@ async def add_shard(request: web.Request) -> web.Response:
 async def _holdings(dsn: str) -> Holdings:
     try:
         con = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
-    except (*pg.FAILURES, ValueError) as exc:
+    except _UNREACHABLE as exc:
         raise errors.InvalidInput(f"cannot connect to {redact(dsn)}: {exc}") from None
     try:
         return await shard_sql.holdings(con)

@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 async def _passwords(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[PASSWORDS] = Passwords(
-        settings.password_time_cost, settings.password_memory_kib,
-        settings.password_concurrency or max(1, (os.cpu_count() or 1) // settings.processes), settings.password_wait,
+        settings.password_time_cost,
+        settings.password_memory_kib,
+        settings.password_concurrency or max(1, (os.cpu_count() or 1) // settings.processes),
+        settings.password_wait,
     )
     yield
     app[PASSWORDS].close()
@@ -102,9 +104,16 @@ async def _forwarder(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
     async with aiohttp.ClientSession(connector=connector) as session:
         app[FORWARDER] = Forwarder(
-            session, app[TOPOLOGY], app[WATCHER], app[METRICS],
-            settings.forward_timeout, settings.cutover_wait, settings.max_buffered, settings.internal_secret,
-            settings.send_batch_max, settings.send_batches_in_flight,
+            session,
+            app[TOPOLOGY],
+            app[WATCHER],
+            app[METRICS],
+            settings.forward_timeout,
+            settings.cutover_wait,
+            settings.max_buffered,
+            settings.internal_secret,
+            settings.send_batch_max,
+            settings.send_batches_in_flight,
         )
         yield
         await app[FORWARDER].batcher.close()
@@ -157,6 +166,8 @@ def create_app(settings: ProxySettings, own_url: str | None = None, proxy_id: st
         per_pair=FailureLimit(settings.login_failures_per_user, settings.login_failure_window),
         per_user=FailureLimit(settings.login_failures_per_user_total, settings.login_failure_window),
     )
-    app.cleanup_ctx.extend([_passwords, _schema, _metadata_pool, _topology, _forwarder, _registration, _migration_driver])
+    app.cleanup_ctx.extend(
+        [_passwords, _schema, _metadata_pool, _topology, _forwarder, _registration, _migration_driver]
+    )
     handlers.setup_routes(app)
     return app

@@ -119,4 +119,3 @@ def _outcome(result: dict[str, Any]) -> Attempt:
     if status == 200:
         return Answered(result)
     return Answered(error=errors.from_json(status, result))
-

@@ -20,8 +20,8 @@ from dialogs import errors, wire
 from dialogs.watch import MetadataWatcher
 from proxy import retry_policy
 from proxy.batcher import SendBatcher
-from proxy.retry_policy import Answered, Attempt, Broken, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
 from proxy.metrics import ProxyMetrics
+from proxy.retry_policy import Answered, Attempt, Broken, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
 from proxy.topology import Topology
 
 Attempter = Callable[[str, int], Awaitable[Attempt]]  # (worker URL, map version) -> outcome
@@ -51,7 +51,11 @@ class Forwarder:
         self._max_buffered = max_buffered
         self._buffered = 0
         self.batcher = SendBatcher(
-            session, {"Authorization": self._authorization}, timeout, batch_max, batches_in_flight,
+            session,
+            {"Authorization": self._authorization},
+            timeout,
+            batch_max,
+            batches_in_flight,
             metrics.observe_send_batch,
         )
 
@@ -106,7 +110,9 @@ class Forwarder:
                 now = time.monotonic()
                 held = retry_policy.buffer_wait(
                     None if buffered_since is None else now - buffered_since,
-                    self._cutover_wait, self._buffered, self._max_buffered,
+                    self._cutover_wait,
+                    self._buffered,
+                    self._max_buffered,
                 )
                 if isinstance(held, Fail):
                     self._metrics.buffer_overflows.inc()

@@ -72,14 +72,15 @@ async def send_message(request: web.Request) -> web.Response:
     key = validation.idempotency_key(request.headers.get(wire.IDEMPOTENCY_KEY_HEADER))
     text = validation.send_text(await read_json(request), request.app[SETTINGS].max_text_length)
     await request.app[KNOWN_USERS].ensure(recipient)
+    dialog = dialog_key(sender, recipient)
     payload = {
-        "dialog_key": dialog_key(sender, recipient),
+        "dialog_key": dialog,
         "from": str(sender),
         "to": str(recipient),
         "text": text,
         "idempotency_key": key,
     }
-    stored = await request.app[FORWARDER].send(payload["dialog_key"], request_id_of(request), payload)
+    stored = await request.app[FORWARDER].send(dialog, request_id_of(request), payload)
     headers = {"Idempotent-Replayed": "true"} if stored["duplicate"] else None
     return json_response({"id": stored["id"], "created_at": stored["created_at"]}, headers=headers)
 

@@ -109,9 +109,7 @@ class LoginGuard:
         if self.per_pair.failures(pair):
             wait = max(wait, self.per_user.retry_after(user_key))
         if wait > 0:
-            raise errors.TooManyRequests(
-                "too many failed logins; retry later", retry_after=max(1, math.ceil(wait))
-            )
+            raise errors.TooManyRequests("too many failed logins; retry later", retry_after=max(1, math.ceil(wait)))
         self.per_address.failed(address)
         self.per_pair.failed(pair)
         self.per_user.failed(user_key)

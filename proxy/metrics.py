@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -24,7 +24,7 @@ class ShardCollector(Collector):
         self._live_workers = live_workers
         self._cached: tuple[int, dict[str, float]] = (0, {})
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         shares = GaugeMetricFamily("dialogs_shard_share", "Share of the key space per shard", labels=["shard_id"])
         workers = GaugeMetricFamily(
             "dialogs_shard_live_workers", "Live workers this proxy routes to, per shard of its map", labels=["shard_id"]
@@ -143,8 +143,11 @@ class ProxyMetrics:
             self.cutover_failures.inc()
 
     def watch(
-        self, map_version: Callable[[], float], metadata_up: Callable[[], float],
-        current: Callable[[], ShardMap | None], live_workers: Callable[[str], int],
+        self,
+        map_version: Callable[[], float],
+        metadata_up: Callable[[], float],
+        current: Callable[[], ShardMap | None],
+        live_workers: Callable[[str], int],
     ) -> None:
         self.map_version.set_function(map_version)
         self.metadata_up.set_function(metadata_up)

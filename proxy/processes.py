@@ -34,10 +34,12 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from dialogs import logs
+from dialogs.aio import background
 from dialogs.serve import run, settings_or_exit
 from proxy.app import create_app
 from proxy.settings import ProxySettings
@@ -85,20 +87,19 @@ def _child(settings: ProxySettings, index: int, proxy_id: str, heartbeat: int) -
     run(settings, app, "proxy", sockets=[shared, own], process=index)
 
 
-def _beating(fd: int):  # type: ignore[no-untyped-def]
+def _beating(fd: int) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context that writes to the parent's pipe from this process's event loop, so
     the beats stop when the loop does (a stopped process, a loop stuck in a call)."""
 
-    async def beat(app: web.Application):  # type: ignore[no-untyped-def]
+    async def beat(app: web.Application) -> AsyncIterator[None]:
         async def forever() -> None:
             while True:
                 with contextlib.suppress(BlockingIOError):  # the parent is behind: one beat is enough
                     os.write(fd, b".")
                 await asyncio.sleep(HEARTBEAT_SECONDS)
 
-        task = asyncio.ensure_future(forever())
-        yield
-        task.cancel()
+        async with background(forever()):
+            yield
 
     return beat
 
@@ -166,8 +167,12 @@ class Parent:
         for pid, last in list(self.last_beat.items()):
             if now - last > self.settings.process_stall_timeout:
                 index, _ = self.children[pid]
-                log.error("proxy process %d (pid %d) has not served for %.1f s (stopped or stuck); killing it",
-                          index, pid, now - last)
+                log.error(
+                    "proxy process %d (pid %d) has not served for %.1f s (stopped or stuck); killing it",
+                    index,
+                    pid,
+                    now - last,
+                )
                 del self.last_beat[pid]
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -216,7 +221,9 @@ class Parent:
             ran = time.monotonic() - started
             failures[index] = 0 if ran >= STABLE_SECONDS else failures.get(index, 0) + 1
             delay = min(MAX_BACKOFF, 0.5 * 2 ** failures[index]) if failures[index] else 0.0
-            log.warning("proxy process %d exited (%s) after %.1f s; starting it again in %.1f s", index, code, ran, delay)
+            log.warning(
+                "proxy process %d exited (%s) after %.1f s; starting it again in %.1f s", index, code, ran, delay
+            )
             restarts[index] = time.monotonic() + delay
         return result
 
@@ -225,8 +232,10 @@ def prefork(settings: ProxySettings) -> int:
     logs.configure("proxy", settings.log_level)
     last = settings.process_port + settings.processes - 1
     if settings.process_port and last > 65535:
-        print(f"configuration error: DIALOGS_PROCESS_PORT + DIALOGS_PROCESSES - 1 = {last} is not a TCP port",
-              file=sys.stderr)
+        print(
+            f"configuration error: DIALOGS_PROCESS_PORT + DIALOGS_PROCESSES - 1 = {last} is not a TCP port",
+            file=sys.stderr,
+        )
         return 2
     check_port_free(settings.host, settings.port)
     return Parent(settings).run()

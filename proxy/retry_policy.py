@@ -32,6 +32,7 @@ BUFFER_RETRY_SECONDS = 0.025
 
 # --- what happened ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Answered:
     """The worker answered: ``body`` (a list's JSON bytes, a send's result), or ``error``
@@ -55,6 +56,7 @@ Attempt = Answered | NotConnected | Broken
 
 
 # --- what to do ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
@@ -112,6 +114,7 @@ def _next_or_fail(reason: str, workers_left: int, error: errors.DialogsError | N
 
 # --- refusals: reroute, buffer or give up ----------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Reload:
     """Reload the shard map (waiting at most ``timeout``), then route again if it moved on,
@@ -141,9 +144,7 @@ def after_refusal(refusal: errors.Conflict, known_version: int, reloads: int) ->
     return Buffer(BUFFER_RETRY_SECONDS)
 
 
-def buffer_wait(
-    buffered_for: float | None, cutover_wait: float, buffered_now: int, max_buffered: int
-) -> Buffer | Fail:
+def buffer_wait(buffered_for: float | None, cutover_wait: float, buffered_now: int, max_buffered: int) -> Buffer | Fail:
     """How long to wait before the next try, or why not to wait any longer.
 
     ``buffered_for``: seconds this request has been held, None if it is not held yet.

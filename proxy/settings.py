@@ -13,15 +13,17 @@ INTERNAL_SECRET_HELP = "≥ 32 characters, the same on every proxy and worker: w
 # Declared once, used by the proxies (which run migrations) and by a runner of its own.
 def _cutover_deadline() -> float:
     return s.positive_float(
-        5.0, help="seconds a cutover may take: the lease on frozen ranges, after which their old owner serves them"
-        " again whatever the runner or the metadata database do"
+        5.0,
+        help="seconds a cutover may take: the lease on frozen ranges, after which their old owner serves them"
+        " again whatever the runner or the metadata database do",
     )
 
 
 def _worker_ttl() -> float:
     return s.positive_float(
-        10.0, help="seconds without a heartbeat before a worker gets no traffic (and a migration's cleanup"
-        " stops waiting for a process)"
+        10.0,
+        help="seconds without a heartbeat before a worker gets no traffic (and a migration's cleanup"
+        " stops waiting for a process)",
     )
 
 
@@ -33,19 +35,22 @@ class ProxySettings:
     host: str = s.text("127.0.0.1", help="listen address")
     port: int = s.port(8080, help="listen port")
     advertise_host: str = s.text(
-        "", help="the host name others (Prometheus, `dialogs status`) reach this proxy by, in its registration"
-        " (empty: HOST)"
+        "",
+        help="the host name others (Prometheus, `dialogs status`) reach this proxy by, in its registration"
+        " (empty: HOST)",
     )
     processes: int = s.positive_int(
         1, help="proxy processes sharing the listen port (`SO_REUSEPORT`), each a whole proxy on a core of its own"
     )
     process_port: int = s.count(
-        0, help="with several processes, process i also listens alone on this port + i for /metrics"
-        " (0: a free port); its registration names that URL"
+        0,
+        help="with several processes, process i also listens alone on this port + i for /metrics"
+        " (0: a free port); its registration names that URL",
     )
     process_stall_timeout: float = s.positive_float(
-        2.0, help="with several processes, one whose event loop has not run for this many seconds (stopped,"
-        " stuck) is killed and started again: it would keep getting its share of new connections"
+        2.0,
+        help="with several processes, one whose event loop has not run for this many seconds (stopped,"
+        " stuck) is killed and started again: it would keep getting its share of new connections",
     )
     admin_token: str = s.secret(16, "", empty_ok=True, help="admin API token; empty disables the admin API")
     log_level: str = s.log_level()
@@ -83,15 +88,18 @@ class ProxySettings:
         5, help="failed logins allowed per user id from one client address within the window; then 429 for that address"
     )
     login_failures_per_user_total: int = s.positive_int(
-        50, help="failed logins per user id from all addresses within the window; past it, an address that failed"
-        " for that user gets 429 while others (the owner's) still have a right password accepted"
+        50,
+        help="failed logins per user id from all addresses within the window; past it, an address that failed"
+        " for that user gets 429 while others (the owner's) still have a right password accepted",
     )
     login_failures_per_address: int = s.positive_int(
         20, help="failed logins allowed per client address within the window; then 429"
     )
     login_failure_window: float = s.positive_float(60.0, help="the window of the login limits, seconds")
     trusted_proxies: tuple[Network, ...] = s.converted(
-        parse_networks, "comma-separated IP addresses or networks", "",
+        parse_networks,
+        "comma-separated IP addresses or networks",
+        "",
         help="load balancers (addresses, CIDRs) whose `X-Forwarded-For` names the client",
     )
 

@@ -100,14 +100,16 @@ def registration(body: Any) -> NewUser:
             birthdate = datetime.date.fromisoformat(birthdate)
         except ValueError:
             raise errors.InvalidInput("birthdate must be a date (YYYY-MM-DD)") from None
-        if birthdate > datetime.date.today():
+        if birthdate > datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1):  # any time zone's today
             raise errors.InvalidInput("birthdate must not be in the future")
     password = text(data.get("password"), "password", MAX_PASSWORD_LENGTH)
     if len(password) < MIN_PASSWORD_LENGTH:
         raise errors.InvalidInput(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
     if "second_name" not in data and "last_name" in data:
-        raise errors.InvalidInput("second_name is required (the spec's name for the family name; last_name is only"
-                                  " a parameter of /user/search)")
+        raise errors.InvalidInput(
+            "second_name is required (the spec's name for the family name; last_name is only"
+            " a parameter of /user/search)"
+        )
     return NewUser(
         first_name=text(data.get("first_name"), "first_name", MAX_NAME_LENGTH),
         second_name=text(data.get("second_name"), "second_name", MAX_NAME_LENGTH),

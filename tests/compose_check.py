@@ -72,8 +72,9 @@ class Stack:
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="dialogs-compose-check-"))
         self.project = f"dialogscheck{uuid.uuid4().hex[:8]}"
-        self.ports = {name: free_port() for name in
-                      ("DIALOGS_HTTP_PORT", "DIALOGS_ADMIN_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT")}
+        self.ports = {
+            name: free_port() for name in ("DIALOGS_HTTP_PORT", "DIALOGS_ADMIN_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT")
+        }
         self.compose = ["docker", "compose"] if _has_compose_plugin() else ["docker-compose"]
         self.grafana = _image_present("grafana/grafana:11.3.0")
         self.shim = self.folder / ".shim"
@@ -83,8 +84,13 @@ class Stack:
 
     def copy_checkout(self) -> None:
         """The files git knows (and new ones not ignored), plus a link to the checkout's .venv."""
-        listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                                capture_output=True).stdout.decode().split("\0")
+        listed = (
+            subprocess.run(
+                ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
+            )
+            .stdout.decode()
+            .split("\0")
+        )
         for name in filter(None, listed):
             source = ROOT / name
             if source.is_file():
@@ -99,7 +105,8 @@ class Stack:
         self.shim.mkdir()
         compose = " ".join(self.compose)
         skip = "" if self.grafana else f" | grep -vx {GRAFANA}"
-        (self.shim / "docker").write_text(textwrap.dedent(f"""\
+        (self.shim / "docker").write_text(
+            textwrap.dedent(f"""\
             #!/bin/sh
             if [ "$1" = compose ]; then
                 shift
@@ -109,7 +116,8 @@ class Stack:
                 exec {compose} "$@"
             fi
             exec {shutil.which("docker")} "$@"
-            """))
+            """)
+        )
         (self.shim / "docker").chmod(0o755)
 
     def services(self, without_grafana: bool = False) -> list[str]:
@@ -121,8 +129,13 @@ class Stack:
         """What the README's comment asks: set every secret in .env (and the free ports)."""
         env = self.folder / ".env"
         text = env.read_text()
-        for name, length in (("POSTGRES_PASSWORD", 24), ("DIALOGS_JWT_SECRET", 48), ("DIALOGS_INTERNAL_SECRET", 32),
-                             ("DIALOGS_ADMIN_TOKEN", 32), ("GRAFANA_ADMIN_PASSWORD", 16)):
+        for name, length in (
+            ("POSTGRES_PASSWORD", 24),
+            ("DIALOGS_JWT_SECRET", 48),
+            ("DIALOGS_INTERNAL_SECRET", 32),
+            ("DIALOGS_ADMIN_TOKEN", 32),
+            ("GRAFANA_ADMIN_PASSWORD", 16),
+        ):
             text, replaced = re.subn(rf"^{name}=.*$", f"{name}={secrets.token_urlsafe(length)}", text, flags=re.M)
             assert replaced == 1, name
         text += "".join(f"{name}={port}\n" for name, port in self.ports.items())
@@ -133,15 +146,22 @@ class Stack:
 
     def sh(self, script: str, timeout: float = 600) -> str:
         """A documented block, run in bash with errors fatal, from the stack's folder."""
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=self.folder, env=self.env,
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=self.folder,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if result.returncode != 0:
             raise AssertionError(f"failed: {script}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result.stdout
 
     def run_compose(self, *args: str, capture: bool = False, timeout: float = 900) -> str:
-        result = subprocess.run(self.compose + list(args), cwd=self.folder, env=self.env, capture_output=True,
-                                text=True, timeout=timeout)
+        result = subprocess.run(
+            self.compose + list(args), cwd=self.folder, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if result.returncode != 0:
             raise AssertionError(f"{' '.join(args)}: {result.stderr[-3000:]}")
         return result.stdout
@@ -150,8 +170,9 @@ class Stack:
         return self.run_compose("ps", "-q", service, capture=True).strip()
 
     def inspect(self, service: str) -> dict[str, Any]:
-        out = subprocess.run(["docker", "inspect", self.container(service)], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            ["docker", "inspect", self.container(service)], capture_output=True, text=True, check=True
+        ).stdout
         return json.loads(out)[0]
 
     def wait_healthy(self, services: list[str], timeout: float = 300) -> None:
@@ -194,15 +215,17 @@ def _image_present(name: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode == 0
 
 
-def call(method: str, url: str, body: Any = None, token: str | None = None, key: str | None = None,
-         timeout: float = 15) -> tuple[int, Any]:
+def call(
+    method: str, url: str, body: Any = None, token: str | None = None, key: str | None = None, timeout: float = 15
+) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     if key:
         headers["Idempotency-Key"] = key
-    request = urllib.request.Request(url, method=method, headers=headers,
-                                     data=json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(
+        url, method=method, headers=headers, data=json.dumps(body).encode() if body is not None else None
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -242,8 +265,9 @@ class Writers:
             key = f"check-{peer[:8]}-{number}"
             for _attempt in range(60):
                 try:
-                    status, body = call("POST", f"{self.base}/dialog/{peer}/send", {"text": f"m{number}"},
-                                        self.token, key)
+                    status, body = call(
+                        "POST", f"{self.base}/dialog/{peer}/send", {"text": f"m{number}"}, self.token, key
+                    )
                 except (urllib.error.URLError, OSError):
                     status, body = 0, None
                 if status == 200:
@@ -306,8 +330,12 @@ def wait_for(what: str, probe: Any, timeout: float = 120, interval: float = 2) -
 
 
 def live_workers(stack: Stack, shard_id: str) -> float:
-    status, body = call("GET", stack.url("PROMETHEUS_PORT") + "/api/v1/query?query="
-                        + urllib.parse.quote(f'min(dialogs_shard_live_workers{{shard_id="{shard_id}"}})'))
+    status, body = call(
+        "GET",
+        stack.url("PROMETHEUS_PORT")
+        + "/api/v1/query?query="
+        + urllib.parse.quote(f'min(dialogs_shard_live_workers{{shard_id="{shard_id}"}})'),
+    )
     assert status == 200, body
     result = body["data"]["result"]
     return float(result[0]["value"][1]) if result else -1.0
@@ -348,8 +376,13 @@ def check(stack: Stack) -> None:
     say("Prometheus discovered and scrapes 2 proxies and 4 workers")
 
     # 5. Writers through nginx.
-    user = {"second_name": "Check", "password": "password-1", "birthdate": "1990-05-17", "city": "Tver",
-            "biography": "checks"}
+    user = {
+        "second_name": "Check",
+        "password": "password-1",
+        "birthdate": "1990-05-17",
+        "city": "Tver",
+        "biography": "checks",
+    }
     anna = call("POST", public + "/user/register", {"first_name": "Anna", **user})[1]["user_id"]
     token = call("POST", public + "/login", {"id": anna, "password": "password-1"})[1]["token"]
     peers = [call("POST", public + "/user/register", {"first_name": f"P{i}", **user})[1]["user_id"] for i in range(6)]
@@ -396,8 +429,9 @@ def check(stack: Stack) -> None:
     stack.wait_healthy(services + ["shard-3", "worker-3a", "worker-3b"])
     writers.check()
     say("after `down` and `up`: every message still there")
-    status, shards = call("GET", stack.url("DIALOGS_ADMIN_PORT") + "/admin/shards",
-                          token=_env_value(stack, "DIALOGS_ADMIN_TOKEN"))
+    status, shards = call(
+        "GET", stack.url("DIALOGS_ADMIN_PORT") + "/admin/shards", token=_env_value(stack, "DIALOGS_ADMIN_TOKEN")
+    )
     assert status == 200 and sorted(s["shard_id"] for s in shards if s["in_map"]) == ["shard-1", "shard-2", "shard-3"]
 
 

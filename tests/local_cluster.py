@@ -34,8 +34,9 @@ class LocalCluster:
     def start(self, timeout: float = 120) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.data_dir.parent / "up.out", "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "dialogsctl", "up"], env=self.env, stdout=out,
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dialogsctl", "up"], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, (self.data_dir.parent / "up.out").read_text()
@@ -57,7 +58,9 @@ class LocalCluster:
     async def shard_map(self) -> ShardMap:
         return await active_map(self.layout.metadata_dsn)
 
-    async def wait_workers(self, session: aiohttp.ClientSession, shard_id: str, count: int, timeout: float = 30) -> None:
+    async def wait_workers(
+        self, session: aiohttp.ClientSession, shard_id: str, count: int, timeout: float = 30
+    ) -> None:
         """Until the proxy routes to ``count`` workers of ``shard_id``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -44,5 +44,10 @@ def ensure(package: str, *binaries: str) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=300)
     with services_held():
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
-                       check=True, env=env, capture_output=True, timeout=600)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+            check=True,
+            env=env,
+            capture_output=True,
+            timeout=600,
+        )

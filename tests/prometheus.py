@@ -29,8 +29,14 @@ class Prometheus:
     """Scraping ``proxies`` and ``workers`` (host:port), or, given ``discovery`` (a proxy's
     URL), whatever that proxy's /discovery/prometheus names, as configs/prometheus does."""
 
-    def __init__(self, workdir: Path, rules: Path, proxies: list[str] | None = None,
-                 workers: list[str] | None = None, discovery: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        rules: Path,
+        proxies: list[str] | None = None,
+        workers: list[str] | None = None,
+        discovery: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -39,10 +45,18 @@ class Prometheus:
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": ["alerts.yml"],
             "scrape_configs": [
-                {"job_name": f"dialogs-{role}",
-                 **({"http_sd_configs": [{"url": f"{discovery}/discovery/prometheus?role={role}",
-                                          "refresh_interval": "1s"}]}
-                    if discovery else {"static_configs": [{"targets": targets or []}]})}
+                {
+                    "job_name": f"dialogs-{role}",
+                    **(
+                        {
+                            "http_sd_configs": [
+                                {"url": f"{discovery}/discovery/prometheus?role={role}", "refresh_interval": "1s"}
+                            ]
+                        }
+                        if discovery
+                        else {"static_configs": [{"targets": targets or []}]}
+                    ),
+                }
                 for role, targets in (("proxy", proxies), ("worker", workers))
             ],
         }
@@ -52,9 +66,14 @@ class Prometheus:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["prometheus", f"--config.file={self.workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=open(self.workdir / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
+            [
+                "prometheus",
+                f"--config.file={self.workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=open(self.workdir / "prometheus.log", "wb"),  # noqa: SIM115 - the child holds it
+            stderr=subprocess.STDOUT,
         )
 
     def stop(self) -> None:
@@ -86,4 +105,6 @@ class Prometheus:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.2)
-        raise AssertionError("prometheus did not become ready: " + (self.workdir / "prometheus.log").read_text()[-2000:])
+        raise AssertionError(
+            "prometheus did not become ready: " + (self.workdir / "prometheus.log").read_text()[-2000:]
+        )

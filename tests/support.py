@@ -62,8 +62,9 @@ _OPENAPI = OpenAPI.from_dict(document())
 # The course's spec (docs/spec/), as the clients generated from it read our answers.
 COURSE_SPEC = Path(__file__).resolve().parents[1] / "docs" / "spec" / "otus-highload-openapi.json"
 _COURSE = OpenAPI.from_dict(json.loads(COURSE_SPEC.read_text()))
-_COURSE_PATHS = [re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$")
-                 for path in json.loads(COURSE_SPEC.read_text())["paths"]]
+_COURSE_PATHS = [
+    re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$") for path in json.loads(COURSE_SPEC.read_text())["paths"]
+]
 
 
 @dataclass
@@ -112,8 +113,13 @@ class Api:
         return reply
 
     def validate(
-        self, method: str, path: str, params: dict[str, str] | None, headers: dict[str, str],
-        data: bytes | None, reply: Reply,
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        headers: dict[str, str],
+        data: bytes | None,
+        reply: Reply,
     ) -> None:
         request = MockRequest(self.base_url, method.lower(), path, args=params or {}, headers=headers, data=data)
         content_type = reply.headers.get("Content-Type", "").split(";")[0]
@@ -126,9 +132,16 @@ class Api:
 
     async def register(self, first_name: str = "Anna", second_name: str = "Test", password: str = "password-1") -> str:
         reply = await self.request(
-            "POST", "/user/register",
-            body={"first_name": first_name, "second_name": second_name, "password": password,
-                  "birthdate": "1990-05-17", "city": "Moscow", "biography": "reads"},
+            "POST",
+            "/user/register",
+            body={
+                "first_name": first_name,
+                "second_name": second_name,
+                "password": password,
+                "birthdate": "1990-05-17",
+                "city": "Moscow",
+                "biography": "reads",
+            },
         )
         assert reply.status == 200, reply.body
         return reply.json["user_id"]
@@ -243,14 +256,17 @@ class Cluster:
 
     async def start_worker(self, shard_id: str, **env: str) -> web.AppRunner:
         port = free_port()
-        settings = load(WorkerSettings, {
-            **WORKER_ENV,
-            "DIALOGS_SHARD_ID": shard_id,
-            "DIALOGS_SHARD_DSN": self.dsn(shard_id),
-            "DIALOGS_METADATA_DSN": self.metadata_dsn,
-            "DIALOGS_PORT": str(port),
-            **env,
-        })
+        settings = load(
+            WorkerSettings,
+            {
+                **WORKER_ENV,
+                "DIALOGS_SHARD_ID": shard_id,
+                "DIALOGS_SHARD_DSN": self.dsn(shard_id),
+                "DIALOGS_METADATA_DSN": self.metadata_dsn,
+                "DIALOGS_PORT": str(port),
+                **env,
+            },
+        )
         runner = await start_site(create_worker(settings), port, settings.idle_timeout)
         self.workers[f"{shard_id}@{port}"] = runner
         return runner
@@ -266,9 +282,15 @@ class Cluster:
 
     async def start_proxy(self, **env: str) -> web.AppRunner:
         port = free_port()
-        settings = load(ProxySettings, {
-            **PROXY_ENV, "DIALOGS_METADATA_DSN": self.metadata_dsn, "DIALOGS_PORT": str(port), **env,
-        })
+        settings = load(
+            ProxySettings,
+            {
+                **PROXY_ENV,
+                "DIALOGS_METADATA_DSN": self.metadata_dsn,
+                "DIALOGS_PORT": str(port),
+                **env,
+            },
+        )
         runner = await start_site(create_proxy(settings), port, settings.idle_timeout)
         self.proxies.append(runner)
         self.proxy_urls.append(f"http://127.0.0.1:{port}")
@@ -280,8 +302,9 @@ class Cluster:
             method, path, body=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
         )
 
-    async def wait_migration(self, migration_id: int, phases: tuple[str, ...] = ("done", "aborted"),
-                             timeout: float = 60.0) -> dict[str, Any]:
+    async def wait_migration(
+        self, migration_id: int, phases: tuple[str, ...] = ("done", "aborted"), timeout: float = 60.0
+    ) -> dict[str, Any]:
         """Poll the admin API until the migration reaches one of ``phases``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -20,11 +20,17 @@ def _error(reply, status: int, fragment: str) -> None:  # type: ignore[no-untype
         ({"Authorization": "Basic " + ADMIN_TOKEN}, 401, "must use the Bearer scheme"),
     ],
 )
-async def test_admin_api_needs_the_admin_token(cluster: Cluster, headers: dict[str, str], status: int,
-                                               fragment: str) -> None:
+async def test_admin_api_needs_the_admin_token(
+    cluster: Cluster, headers: dict[str, str], status: int, fragment: str
+) -> None:
     """No token or a wrong one: 401 on every admin route."""
-    for method, path in [("GET", "/admin/shards"), ("GET", "/admin/map"), ("POST", "/admin/shards"),
-                         ("DELETE", "/admin/shards/shard-1"), ("GET", "/admin/migrations")]:
+    for method, path in [
+        ("GET", "/admin/shards"),
+        ("GET", "/admin/map"),
+        ("POST", "/admin/shards"),
+        ("DELETE", "/admin/shards/shard-1"),
+        ("GET", "/admin/migrations"),
+    ]:
         _error(await cluster.api.request(method, path, headers=headers), status, fragment)
 
 
@@ -114,5 +120,6 @@ async def test_migration_lookups_and_throttle(bare_cluster: Cluster) -> None:
     assert started.json["rows_per_second"] == 50
     changed = await bare_cluster.admin("PATCH", f"/admin/migrations/{migration_id}", {"rows_per_second": 0})
     assert changed.status == 200 and changed.json["rows_per_second"] == 0
-    _error(await bare_cluster.admin("PATCH", f"/admin/migrations/{migration_id}", {"batch_size": 10}), 400,
-           "batch_size")
+    _error(
+        await bare_cluster.admin("PATCH", f"/admin/migrations/{migration_id}", {"batch_size": 10}), 400, "batch_size"
+    )

@@ -61,9 +61,7 @@ async def test_text_length_limit(cluster: Cluster, pair: tuple[str, str, str]) -
 async def test_oversized_body_is_413(cluster: Cluster, pair: tuple[str, str, str]) -> None:
     """A body past the proxy's limit (64 KiB) is refused before it is parsed."""
     anna, token, boris = pair
-    reply = await cluster.api.request(
-        "POST", f"/dialog/{boris}/send", token=token, body={"text": "x" * 70_000}
-    )
+    reply = await cluster.api.request("POST", f"/dialog/{boris}/send", token=token, body={"text": "x" * 70_000})
     _assert_error(reply, 413, "too large")
 
 
@@ -183,7 +181,10 @@ async def test_bad_idempotency_keys_are_400(cluster: Cluster, pair: tuple[str, s
     """Idempotency-Key must be 1 to 255 printable ASCII characters."""
     anna, token, boris = pair
     reply = await cluster.api.request(
-        "POST", f"/dialog/{boris}/send", token=token, body={"text": "hi"},
+        "POST",
+        f"/dialog/{boris}/send",
+        token=token,
+        body={"text": "hi"},
         headers={"Idempotency-Key": key.encode().decode("latin-1")},
     )
     _assert_error(reply, 400, "Idempotency-Key")
@@ -209,10 +210,16 @@ async def test_registration_validation(cluster: Cluster, body: dict[str, str], f
 async def test_login_failures(cluster: Cluster, pair: tuple[str, str, str]) -> None:
     """Unknown user: 404 (as the spec says); wrong password: 400; malformed body: 400."""
     anna, token, boris = pair
-    _assert_error(await cluster.api.request("POST", "/login", body={"id": str(uuid.uuid4()), "password": "password-1"}),
-                  404, "user not found")
-    _assert_error(await cluster.api.request("POST", "/login", body={"id": anna, "password": "wrong-password"}),
-                  400, "wrong password")
+    _assert_error(
+        await cluster.api.request("POST", "/login", body={"id": str(uuid.uuid4()), "password": "password-1"}),
+        404,
+        "user not found",
+    )
+    _assert_error(
+        await cluster.api.request("POST", "/login", body={"id": anna, "password": "wrong-password"}),
+        400,
+        "wrong password",
+    )
     _assert_error(await cluster.api.request("POST", "/login", body={"id": 5, "password": "x"}), 400, "id must be")
     _assert_error(await cluster.api.request("POST", "/login", body={"password": "x"}), 400, "id is required")
     _assert_error(await cluster.api.request("POST", "/login", body={"id": anna}), 400, "password is required")
@@ -258,7 +265,9 @@ async def test_authorization_header_that_is_not_utf8_is_401(
     anna, token, boris = pair
     method = b"POST" if path.endswith("send") else b"GET"
     head = b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer \xff\xfe%s" % (
-        method, path.format(boris=boris).encode(), token.encode()[:20]
+        method,
+        path.format(boris=boris).encode(),
+        token.encode()[:20],
     )
     status, body = await raw_http(cluster.proxy_urls[0], head, b'{"text": "hi"}')
     assert status == 401, body

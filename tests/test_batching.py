@@ -63,8 +63,15 @@ async def test_a_lone_send_is_not_held_back(cluster: Cluster) -> None:
         return await original(target, items)
 
     batcher._post = observed  # type: ignore[method-assign]
-    item = {"dialog_key": key, "from": anna, "to": boris, "idempotency_key": None, "text": "alone",
-            "map_version": topology.map_version, "request_id": "lone"}
+    item = {
+        "dialog_key": key,
+        "from": anna,
+        "to": boris,
+        "idempotency_key": None,
+        "text": "alone",
+        "map_version": topology.map_version,
+        "request_id": "lone",
+    }
     sending = asyncio.ensure_future(batcher.send(url, item))
     for _ in range(5):  # zero-delay yields: no timer can be due in between unless the loop stalls
         if posted:
@@ -86,8 +93,14 @@ async def test_a_send_right_after_a_batch_finished_is_not_stranded(cluster: Clus
     topology = proxy[TOPOLOGY]
     assert topology.map is not None
     url = topology.candidates(topology.map.owner(key))[0]
-    item = {"dialog_key": key, "from": anna, "to": boris, "idempotency_key": None,
-            "map_version": topology.map_version, "request_id": "direct"}
+    item = {
+        "dialog_key": key,
+        "from": anna,
+        "to": boris,
+        "idempotency_key": None,
+        "map_version": topology.map_version,
+        "request_id": "direct",
+    }
     for i in range(5):
         async with asyncio.timeout(5):  # awaited directly: no extra task between two sends
             outcome = await proxy[FORWARDER].batcher.send(url, {**item, "text": f"m{i}"})

@@ -15,11 +15,19 @@ from dialogsctl.supervisor import Supervisor
 def _earlier_version_file(data_dir: Path) -> None:
     """cluster.json as the version before passwords wrote it."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "cluster.json").write_text(json.dumps({
-        "data_dir": str(data_dir), "proxy_port": 8080, "meta_port": 41234, "jwt_secret": "j" * 48,
-        "admin_token": "a" * 32, "prometheus_port": None,
-        "shards": [{"shard_id": "shard-1", "pg_port": 41235, "worker_port": 41236, "retired": False}],
-    }))
+    (data_dir / "cluster.json").write_text(
+        json.dumps(
+            {
+                "data_dir": str(data_dir),
+                "proxy_port": 8080,
+                "meta_port": 41234,
+                "jwt_secret": "j" * 48,
+                "admin_token": "a" * 32,
+                "prometheus_port": None,
+                "shards": [{"shard_id": "shard-1", "pg_port": 41235, "worker_port": 41236, "retired": False}],
+            }
+        )
+    )
     (data_dir / "cluster.json").chmod(0o600)
 
 
@@ -36,7 +44,10 @@ def test_secrets_are_generated_once_for_an_earlier_file(tmp_path: Path) -> None:
     again = ClusterLayout.load(tmp_path)
     assert again is not None
     assert (again.meta_password, again.internal_secret, again.shards[0].pg_password) == (
-        first.meta_password, first.internal_secret, first.shards[0].pg_password)
+        first.meta_password,
+        first.internal_secret,
+        first.shards[0].pg_password,
+    )
     assert f":{first.meta_password}@" in again.metadata_dsn
 
 

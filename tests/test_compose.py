@@ -25,7 +25,10 @@ def compose() -> dict[str, Any]:
     packages.ensure("docker-compose", "docker-compose")
     result = subprocess.run(
         ["docker-compose", "--env-file", ".env.example", "-f", "docker-compose.yaml", "config"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
@@ -36,8 +39,14 @@ def test_missing_secrets_are_refused(compose: dict[str, Any], tmp_path: Path) ->
     empty = tmp_path / "empty.env"
     empty.write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "DIALOGS_", "GRAFANA_"))}
-    result = subprocess.run(["docker-compose", "--env-file", str(empty), "-f", "docker-compose.yaml", "config", "-q"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    result = subprocess.run(
+        ["docker-compose", "--env-file", str(empty), "-f", "docker-compose.yaml", "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert result.returncode != 0 and "set it in .env" in result.stderr
 
 
@@ -45,8 +54,18 @@ def test_services_and_start_order(compose: dict[str, Any]) -> None:
     """Databases, migrations, two workers per shard (each waiting for its shard), two proxies
     behind one port, Prometheus, Grafana; healthy starts."""
     services = compose["services"]
-    assert set(services) == {"meta", "shard-1", "shard-2", "bootstrap", *WORKERS, "proxy-1", "proxy-2",
-                             "lb", "prometheus", "grafana"}
+    assert set(services) == {
+        "meta",
+        "shard-1",
+        "shard-2",
+        "bootstrap",
+        *WORKERS,
+        "proxy-1",
+        "proxy-2",
+        "lb",
+        "prometheus",
+        "grafana",
+    }
     for name in ("meta", "shard-1", "shard-2", *WORKERS, "proxy-1", "proxy-2"):
         assert "healthcheck" in services[name], name
     assert services["bootstrap"]["depends_on"]["meta"]["condition"] == "service_healthy"

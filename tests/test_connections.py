@@ -73,7 +73,9 @@ async def test_a_body_that_arrives_too_slowly_is_408(proxy_url: str, monkeypatch
     monkeypatch.setattr(http, "BODY_READ_TIMEOUT", 0.5)
     reader, writer = await _connect(proxy_url)
     try:
-        writer.write(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        writer.write(
+            b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
         answer = await _closed_within(reader, 0.5 + http.LINGERING_SECONDS + 2)
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["code"] == 40801

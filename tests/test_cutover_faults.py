@@ -47,7 +47,9 @@ def stopped(server: LocalPostgres) -> Iterator[None]:
 
 @contextlib.asynccontextmanager
 async def writing(
-    cluster: Cluster, driver: bool = True, placed: tuple[str, ...] = ("shard-1", "shard-2", "shard-3"),
+    cluster: Cluster,
+    driver: bool = True,
+    placed: tuple[str, ...] = ("shard-1", "shard-2", "shard-3"),
 ) -> AsyncIterator[Traffic]:
     """shard-3 (spare) with its worker, two proxies with a 2 s cutover, and traffic on both;
     afterwards every acknowledged message is checked once, in order, where the map says
@@ -74,9 +76,15 @@ async def writing(
 
 
 async def _add_shard_3(cluster: Cluster, **throttle: int) -> int:
-    started = await cluster.admin("POST", "/admin/shards", {
-        "shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"], **throttle,
-    })
+    started = await cluster.admin(
+        "POST",
+        "/admin/shards",
+        {
+            "shard_id": "shard-3",
+            "dsn": cluster.spare_dsns["shard-3"],
+            **throttle,
+        },
+    )
     assert started.status == 202, started.body
     return int(started.json["migration_id"])
 
@@ -93,9 +101,12 @@ async def _prepared(cluster: Cluster, migration_id: int) -> None:
 async def _waiting_on_lock(dsn: str, query_like: str) -> bool:
     con = await asyncpg.connect(dsn)
     try:
-        return await con.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1", query_like
-        ) > 0
+        return (
+            await con.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1", query_like
+            )
+            > 0
+        )
     finally:
         await con.close()
 
@@ -186,7 +197,8 @@ async def test_the_runner_refuses_a_shards_database_even_past_the_admin_api(clus
 
 
 async def test_a_target_stopped_in_the_cutover_does_not_hold_the_sources(
-    bare_cluster: Cluster, running_servers: dict[str, LocalPostgres],
+    bare_cluster: Cluster,
+    running_servers: dict[str, LocalPostgres],
 ) -> None:
     """The target's server stops (SIGSTOP) while the runner waits on it in the cutover: the
     sources serve the ranges again within the lease, not when the target wakes (8 s later);
@@ -196,8 +208,9 @@ async def test_a_target_stopped_in_the_cutover_does_not_hold_the_sources(
         migration_id = await _add_shard_3(cluster, rows_per_second=400, batch_size=100)
         await _prepared(cluster, migration_id)
         # Hold the target's incoming ranges, so that the hand-over waits on the target...
-        async with holding(cluster.spare_dsns["shard-3"],
-                           "SELECT 1 FROM shard_ranges WHERE state = 'incoming' FOR UPDATE") as blocker:
+        async with holding(
+            cluster.spare_dsns["shard-3"], "SELECT 1 FROM shard_ranges WHERE state = 'incoming' FOR UPDATE"
+        ) as blocker:
             await _until(lambda: _waiting_on_lock(cluster.spare_dsns["shard-3"], "%set_range_states%"), timeout=60)
             # ...then stop the whole server there.
             with stopped(running_servers["shard-3"]):
@@ -218,8 +231,9 @@ async def at_the_flip(cluster: Cluster, migration_id: int) -> AsyncIterator[None
     meta = await asyncpg.connect(cluster.metadata_dsn)
     row = meta.transaction()
     try:
-        async with holding(cluster.spare_dsns["shard-3"],
-                           "SELECT 1 FROM shard_ranges WHERE state = 'incoming' FOR UPDATE"):
+        async with holding(
+            cluster.spare_dsns["shard-3"], "SELECT 1 FROM shard_ranges WHERE state = 'incoming' FOR UPDATE"
+        ):
             await _until(lambda: _waiting_on_lock(cluster.spare_dsns["shard-3"], "%set_range_states%"), timeout=60)
             await row.start()
             await meta.execute("SELECT 1 FROM migrations WHERE migration_id = $1 FOR UPDATE", migration_id)
@@ -232,7 +246,8 @@ async def at_the_flip(cluster: Cluster, migration_id: int) -> AsyncIterator[None
 
 
 async def test_a_locked_migration_row_at_the_flip_gives_the_ranges_back(
-    bare_cluster: Cluster, caplog: pytest.LogCaptureFixture,
+    bare_cluster: Cluster,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Someone holds the migration's row for 6 s just as the runner flips: the flip gives up
     within the lease with nothing written, the sources serve again, a later attempt completes,
@@ -251,7 +266,8 @@ async def test_a_locked_migration_row_at_the_flip_gives_the_ranges_back(
 
 
 async def test_a_metadata_server_stopped_at_the_flip_leaves_nothing_unserved(
-    bare_cluster: Cluster, running_servers: dict[str, LocalPostgres],
+    bare_cluster: Cluster,
+    running_servers: dict[str, LocalPostgres],
 ) -> None:
     """The metadata server stops (SIGSTOP, 8 s) while the flip waits for it: the sources'
     leases end on their own clocks and they serve again; once it is back, the migration is
@@ -279,10 +295,10 @@ async def test_a_runner_stopped_mid_cutover_leaves_nothing_frozen(bare_cluster: 
             migration_id = await _add_shard_3(cluster, rows_per_second=400, batch_size=100)
             runner = runners.start()
             await _prepared(cluster, migration_id)
-            async with holding(cluster.spare_dsns["shard-3"],
-                               "SELECT 1 FROM shard_ranges WHERE state = 'incoming' FOR UPDATE") as blocker:
-                await _until(lambda: _waiting_on_lock(cluster.spare_dsns["shard-3"], "%set_range_states%"),
-                             timeout=60)
+            async with holding(
+                cluster.spare_dsns["shard-3"], "SELECT 1 FROM shard_ranges WHERE state = 'incoming' FOR UPDATE"
+            ) as blocker:
+                await _until(lambda: _waiting_on_lock(cluster.spare_dsns["shard-3"], "%set_range_states%"), timeout=60)
                 runner.send_signal(signal.SIGSTOP)
                 await blocker.execute("SELECT 1")
             try:
@@ -298,7 +314,8 @@ async def test_a_runner_stopped_mid_cutover_leaves_nothing_frozen(bare_cluster: 
 
 
 async def test_a_target_gone_in_catchup_can_be_aborted(
-    bare_cluster: Cluster, running_servers: dict[str, LocalPostgres],
+    bare_cluster: Cluster,
+    running_servers: dict[str, LocalPostgres],
 ) -> None:
     """The target's server is gone during catch-up: an abort completes without it, the sources
     own their ranges again with an empty delta log, and the same database is refused as a

@@ -16,8 +16,9 @@ from tests.support import Cluster
 
 async def _store(con: asyncpg.Connection, text: str) -> None:
     a, b = sorted((uuid.uuid4(), uuid.uuid4()))
-    await con.fetch("SELECT * FROM store_messages($1, $2, $3, $4, $5, $6)",
-                    [dialog_key(a, b)], [a], [b], [True], [text], [None])
+    await con.fetch(
+        "SELECT * FROM store_messages($1, $2, $3, $4, $5, $6)", [dialog_key(a, b)], [a], [b], [True], [text], [None]
+    )
 
 
 async def test_late_commit_is_not_skipped(bare_cluster: Cluster) -> None:

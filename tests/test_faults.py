@@ -101,8 +101,13 @@ def _process(match: Callable[[psutil.Process], bool]) -> psutil.Process:
 
 def _postmaster(port: int) -> psutil.Process:
     """The postmaster listening on ``port`` (its children carry no -p argument)."""
-    return _process(lambda p: "-p" in (p.info["cmdline"] or []) and str(port) in (p.info["cmdline"] or [])
-                    and "postgres" in os.path.basename((p.info["cmdline"] or [""])[0]))
+    return _process(
+        lambda p: (
+            "-p" in (p.info["cmdline"] or [])
+            and str(port) in (p.info["cmdline"] or [])
+            and "postgres" in os.path.basename((p.info["cmdline"] or [""])[0])
+        )
+    )
 
 
 def _service(data_dir: Path, command: str, **env: str) -> psutil.Process:
@@ -111,8 +116,11 @@ def _service(data_dir: Path, command: str, **env: str) -> psutil.Process:
     def match(proc: psutil.Process) -> bool:
         cmdline = proc.info["cmdline"] or []
         environ = proc.info["environ"] or {}
-        return (cmdline[-2:] == ["-m", command] and environ.get("DIALOGS_DATA_DIR") == str(data_dir)
-                and all(environ.get(name) == value for name, value in env.items()))
+        return (
+            cmdline[-2:] == ["-m", command]
+            and environ.get("DIALOGS_DATA_DIR") == str(data_dir)
+            and all(environ.get(name) == value for name, value in env.items())
+        )
 
     return _process(match)
 
@@ -136,10 +144,10 @@ def extra_worker(local_cluster: LocalCluster) -> Iterator[Callable[[], subproces
             "DIALOGS_PORT": str(free_port()),
             "DIALOGS_WORKER_ID": "shard-1-second",
         }
-        log = open(local_cluster.data_dir / "logs" / "worker-shard-1-second.log", "ab")
-        process = subprocess.Popen([sys.executable, "-m", "dialog_api"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-        log.close()
+        with open(local_cluster.data_dir / "logs" / "worker-shard-1-second.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "dialog_api"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         started.append(process)
         return process
 
@@ -171,8 +179,11 @@ async def _users(session: aiohttp.ClientSession, base_url: str, shard_map: Shard
         shard_id = shard_map.owner(dialog_key(uuid.UUID(hub), uuid.UUID(peer)))
         if wanted[shard_id]:
             wanted[shard_id] -= 1
-            dialogs.append(Dialog(hub, hub_token, peer, peer_token, shard_id=shard_id) if i % 2 else
-                           Dialog(peer, peer_token, hub, hub_token, shard_id=shard_id))
+            dialogs.append(
+                Dialog(hub, hub_token, peer, peer_token, shard_id=shard_id)
+                if i % 2
+                else Dialog(peer, peer_token, hub, hub_token, shard_id=shard_id)
+            )
     raise AssertionError("400 peers did not give enough dialogs on each shard")
 
 
@@ -180,8 +191,9 @@ async def _whole_dialog(session: aiohttp.ClientSession, base_url: str, token: st
     messages: list[dict] = []
     params: dict[str, str] = {"limit": "1000"}
     while True:
-        async with session.get(f"{base_url}/dialog/{other}/list", params=params,
-                               headers={"Authorization": f"Bearer {token}"}) as response:
+        async with session.get(
+            f"{base_url}/dialog/{other}/list", params=params, headers={"Authorization": f"Bearer {token}"}
+        ) as response:
             assert response.status == 200, await response.text()
             page = await response.json()
         messages += page
@@ -206,8 +218,12 @@ async def test_every_fault_heals_and_loses_nothing(local_cluster: LocalCluster, 
         writing = asyncio.ensure_future(writers.run(stop))
         report: list[str] = []
 
-        async def fault(name: str, shard_id: str | None, act: Callable[[], None],
-                        healed: Callable[[], Awaitable[bool]] | None = None) -> None:
+        async def fault(
+            name: str,
+            shard_id: str | None,
+            act: Callable[[], None],
+            healed: Callable[[], Awaitable[bool]] | None = None,
+        ) -> None:
             """Inject; wait until a send begun after the fault succeeds (on ``shard_id``, or
             on every shard), and until ``healed`` says the faulty part is back."""
             await asyncio.sleep(1.0)  # traffic flows before each fault
@@ -242,22 +258,31 @@ async def test_every_fault_heals_and_loses_nothing(local_cluster: LocalCluster, 
             except aiohttp.ClientError:
                 return False
 
-        await fault("kill -9 a shard-1 worker (of two)", "shard-1",
-                    lambda: _service(data_dir, "dialog_api", DIALOGS_SHARD_ID="shard-1").kill(), restarted)
+        await fault(
+            "kill -9 a shard-1 worker (of two)",
+            "shard-1",
+            lambda: _service(data_dir, "dialog_api", DIALOGS_SHARD_ID="shard-1").kill(),
+            restarted,
+        )
         await fault("SIGSTOP the other for 5 s", "shard-1", stop_and_resume)
         await asyncio.sleep(5.0)  # let it resume before the next fault
         await fault("kill -9 the proxy", None, lambda: _service(data_dir, "proxy").kill())
         shard_2 = layout.shard("shard-2")
         assert shard_2 is not None
         await fault("kill -9 shard-2's PostgreSQL", "shard-2", lambda: _postmaster(shard_2.pg_port).kill())
+
         async def logins_work() -> bool:
             user = dialogs[0]
             body = {"id": user.sender, "password": "password-1"}
             async with session.post(f"{base_url}/login", json=body) as response:
                 return response.status == 200
 
-        await fault("restart the metadata server", None,
-                    lambda: _postmaster(layout.meta_port).send_signal(signal.SIGINT), logins_work)
+        await fault(
+            "restart the metadata server",
+            None,
+            lambda: _postmaster(layout.meta_port).send_signal(signal.SIGINT),
+            logins_work,
+        )
         await asyncio.sleep(1.0)
         stop.set()
         await writing

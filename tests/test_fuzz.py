@@ -42,12 +42,17 @@ def _fuzz(base_url: str, user_token: str) -> collections.Counter[str]:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
             @settings(
-                max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate],
+                max_examples=EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+                phases=[Phase.explicit, Phase.generate],
             )
             @given(case=operation.as_strategy(generation_mode=mode))
             def run(case: schemathesis.Case) -> None:
-                headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
+                # Called right below, in this iteration: the loop variable is the current one.
+                headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}  # noqa: B023
                 response = case.call(base_url=base_url, headers=headers, timeout=15)
                 seen[f"{case.method} {case.path} {response.status_code}"] += 1
                 case.validate_response(response, checks=CHECKS)

@@ -59,8 +59,10 @@ async def test_a_metadata_server_out_of_connections_is_503(cluster: Cluster) -> 
     async with _every_slot_taken(cluster.metadata_dsn):
         replies = await asyncio.gather(
             *(api.request("GET", f"/user/get/{user}") for user in users),
-            *(api.request("GET", "/user/search", params={"first_name": f"User{i}", "last_name": ""})
-              for i in range(30)),
+            *(
+                api.request("GET", "/user/search", params={"first_name": f"User{i}", "last_name": ""})
+                for i in range(30)
+            ),
             *(api.request("POST", "/login", body={"id": user, "password": "password-1"}) for user in users[:20]),
         )
         _no_500s(replies, "lookups, searches and logins")
@@ -107,9 +109,15 @@ async def _proxy_process(cluster: Cluster, log: Path, **env: str) -> tuple[subpr
     with log.open("ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "proxy"],
-            env={**os.environ, **PROXY_ENV, "DIALOGS_METADATA_DSN": cluster.metadata_dsn, "DIALOGS_PORT": str(port),
-                 **env},
-            stdout=out, stderr=subprocess.STDOUT,
+            env={
+                **os.environ,
+                **PROXY_ENV,
+                "DIALOGS_METADATA_DSN": cluster.metadata_dsn,
+                "DIALOGS_PORT": str(port),
+                **env,
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):

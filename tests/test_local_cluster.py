@@ -42,16 +42,22 @@ class Runner:
 
     def up(self, *args: str) -> subprocess.Popen[str]:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dialogsctl", "up", *args], env=self.env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-m", "dialogsctl", "up", *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.processes.append(process)
         return process
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "dialogsctl", *args], env={**self.env, **(env or {})}, capture_output=True,
-            text=True, timeout=60,
+            [sys.executable, "-m", "dialogsctl", *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     def wait_healthy(self, process: subprocess.Popen[str], timeout: float = 90) -> None:
@@ -68,7 +74,8 @@ class Runner:
 
     def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", method=method,
+            f"http://127.0.0.1:{self.port}{path}",
+            method=method,
             data=json.dumps(body).encode() if body is not None else None,
             headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
         )
@@ -115,9 +122,13 @@ def test_up_use_stop_and_start_again(runner: Runner) -> None:
     first = runner.up()
     runner.wait_healthy(first)
 
-    status, anna = runner.call("POST", "/user/register", {"first_name": "Anna", "second_name": "L", "password": "password-a"})
+    status, anna = runner.call(
+        "POST", "/user/register", {"first_name": "Anna", "second_name": "L", "password": "password-a"}
+    )
     assert status == 200
-    _, boris = runner.call("POST", "/user/register", {"first_name": "Boris", "second_name": "L", "password": "password-b"})
+    _, boris = runner.call(
+        "POST", "/user/register", {"first_name": "Boris", "second_name": "L", "password": "password-b"}
+    )
     _, login = runner.call("POST", "/login", {"id": anna["user_id"], "password": "password-a"})
     token = login["token"]
     assert runner.call("POST", f"/dialog/{boris['user_id']}/send", {"text": "persist me"}, token)[0] == 200
@@ -139,8 +150,15 @@ def test_up_use_stop_and_start_again(runner: Runner) -> None:
     admin_token = runner.run("admin-token").stdout.strip()
     assert admin_token == layout["admin_token"]
     # Any deployment, by URL and token, as JSON.
-    remote = runner.run("status", "--url", f"http://127.0.0.1:{runner.port}", "--token", admin_token, "--json",
-                        env={"DIALOGS_DATA_DIR": str(runner.data_dir / "elsewhere")})
+    remote = runner.run(
+        "status",
+        "--url",
+        f"http://127.0.0.1:{runner.port}",
+        "--token",
+        admin_token,
+        "--json",
+        env={"DIALOGS_DATA_DIR": str(runner.data_dir / "elsewhere")},
+    )
     assert remote.returncode == 0, remote.stderr
     assert json.loads(remote.stdout)["map_version"] == 1
 
@@ -186,11 +204,13 @@ def test_status_without_a_cluster(runner: Runner) -> None:
 
 def test_process_refuses_bad_configuration(runner: Runner) -> None:
     """A proxy started with a bad setting exits 2 with a sentence, not a traceback."""
-    env = {**runner.env, "DIALOGS_METADATA_DSN": "postgresql://x@127.0.0.1:1/db", "DIALOGS_JWT_SECRET": "short",
-           "DIALOGS_INTERNAL_SECRET": "i" * 32}
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy"], env=env, capture_output=True, text=True, timeout=30
-    )
+    env = {
+        **runner.env,
+        "DIALOGS_METADATA_DSN": "postgresql://x@127.0.0.1:1/db",
+        "DIALOGS_JWT_SECRET": "short",
+        "DIALOGS_INTERNAL_SECRET": "i" * 32,
+    }
+    result = subprocess.run([sys.executable, "-m", "proxy"], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "configuration error" in result.stderr and "DIALOGS_JWT_SECRET" in result.stderr
     assert "Traceback" not in result.stderr
@@ -232,9 +252,14 @@ def test_killed_postgres_servers_are_restarted(runner: Runner) -> None:
     shard = layout.shard("shard-1")
     assert shard is not None
     busy = subprocess.Popen(
-        [str(pg_home.WHEEL_BIN / "psql"), layout.shard_dsn(shard), "-c",
-         "SELECT count(*) FROM generate_series(1, 10000000000)"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(pg_home.WHEEL_BIN / "psql"),
+            layout.shard_dsn(shard),
+            "-c",
+            "SELECT count(*) FROM generate_series(1, 10000000000)",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         time.sleep(1)
@@ -253,8 +278,9 @@ def test_killed_postgres_servers_are_restarted(runner: Runner) -> None:
             time.sleep(0.5)
         for name, old in killed.items():
             assert postmaster.read_pid(layout.pg_dir(name).resolve()) not in (None, old)
-        status, _ = runner.call("POST", "/user/register", {"first_name": "After", "second_name": "Crash",
-                                                            "password": "password-c"})
+        status, _ = runner.call(
+            "POST", "/user/register", {"first_name": "After", "second_name": "Crash", "password": "password-c"}
+        )
         assert status == 200
     finally:
         busy.kill()
@@ -277,8 +303,9 @@ def test_refused_shard_add_leaves_nothing_running(runner: Runner) -> None:
     refused = runner.run("shard", "add", "--token", "not-the-admin-token-0123456789")
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "invalid admin token" in refused.stderr
-    started = re.search(r"starting shard-3: PostgreSQL on 127\.0\.0\.1:(\d+).*starting its worker on :(\d+)",
-                        refused.stdout, re.DOTALL)
+    started = re.search(
+        r"starting shard-3: PostgreSQL on 127\.0\.0\.1:(\d+).*starting its worker on :(\d+)", refused.stdout, re.DOTALL
+    )
     assert started is not None, refused.stdout
     assert _closed(int(started[1])) and _closed(int(started[2]))
     layout = ClusterLayout.load(runner.data_dir)
@@ -323,8 +350,13 @@ def test_two_shard_adds_at_once_lose_nothing(runner: Runner) -> None:
     shard it started, and every acknowledged message is readable exactly once after."""
     process = runner.up()
     runner.wait_healthy(process)
-    user = {"second_name": "Test", "password": "password-1", "birthdate": "1990-05-17", "city": "Moscow",
-            "biography": "reads"}
+    user = {
+        "second_name": "Test",
+        "password": "password-1",
+        "birthdate": "1990-05-17",
+        "city": "Moscow",
+        "biography": "reads",
+    }
     anna = runner.call("POST", "/user/register", {"first_name": "Anna", **user})[1]["user_id"]
     token = runner.call("POST", "/login", {"id": anna, "password": "password-1"})[1]["token"]
     peers = [runner.call("POST", "/user/register", {"first_name": f"P{i}", **user})[1]["user_id"] for i in range(12)]
@@ -346,8 +378,16 @@ def test_two_shard_adds_at_once_lose_nothing(runner: Runner) -> None:
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        adds = [subprocess.Popen([sys.executable, "-m", "dialogsctl", "shard", "add"], env=runner.env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        adds = [
+            subprocess.Popen(
+                [sys.executable, "-m", "dialogsctl", "shard", "add"],
+                env=runner.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         outputs = [add.communicate(timeout=180)[0] for add in adds]
     finally:
         stop.set()

@@ -181,9 +181,21 @@ async def test_trusting_data_dir_of_an_earlier_version_gets_the_password(server:
     """A data directory made with --auth=trust (before this version) keeps its data and requires the password."""
     server.prepare()
     made = subprocess.run(
-        [str(server.bin_dir / "initdb"), "-D", str(server.pgdata), "-U", "postgres", "--auth=trust",
-         "--encoding=UTF8", "--locale=C.UTF-8", "--no-instructions"],
-        user=SYSTEM_USER if os.geteuid() == 0 else None, cwd="/", capture_output=True, text=True,
+        [
+            str(server.bin_dir / "initdb"),
+            "-D",
+            str(server.pgdata),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+            "--no-instructions",
+        ],
+        user=SYSTEM_USER if os.geteuid() == 0 else None,
+        cwd="/",
+        capture_output=True,
+        text=True,
     )
     assert made.returncode == 0, made.stderr
     trusting = server.pgdata / "pg_hba.conf"

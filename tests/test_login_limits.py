@@ -38,8 +38,7 @@ async def test_failed_logins_from_one_address_are_limited(bare_cluster: Cluster)
         (await api.request("POST", "/login", body={"id": user, "password": "wrong-password"})).status
         for user in users[:2]
     ]
-    statuses.append((await api.request("POST", "/login", body={"id": users[0][:-4] + "0000",
-                                                                "password": "x"})).status)
+    statuses.append((await api.request("POST", "/login", body={"id": users[0][:-4] + "0000", "password": "x"})).status)
     assert statuses == [400, 400, 404]
     reply = await api.request("POST", "/login", body={"id": users[2], "password": "password-1"})
     assert reply.status == 429 and "Retry-After" in reply.headers
@@ -49,15 +48,18 @@ async def test_concurrent_logins_wait_for_a_turn_then_get_503(bare_cluster: Clus
     """One hash at a time, 50 ms of patience: a burst of 20 logins is some 400s and some 503s, never a 500."""
     await _workers(bare_cluster)
     await bare_cluster.start_proxy(
-        DIALOGS_PASSWORD_CONCURRENCY="1", DIALOGS_PASSWORD_WAIT="0.05",
-        DIALOGS_PASSWORD_TIME_COST="2", DIALOGS_PASSWORD_MEMORY_KIB="65536",
-        DIALOGS_LOGIN_FAILURES_PER_USER="100", DIALOGS_LOGIN_FAILURES_PER_ADDRESS="100",
+        DIALOGS_PASSWORD_CONCURRENCY="1",
+        DIALOGS_PASSWORD_WAIT="0.05",
+        DIALOGS_PASSWORD_TIME_COST="2",
+        DIALOGS_PASSWORD_MEMORY_KIB="65536",
+        DIALOGS_LOGIN_FAILURES_PER_USER="100",
+        DIALOGS_LOGIN_FAILURES_PER_ADDRESS="100",
     )
     api = bare_cluster.api
     anna = await api.register("Anna")
-    replies = await asyncio.gather(*(
-        api.request("POST", "/login", body={"id": anna, "password": f"wrong-{i}"}) for i in range(20)
-    ))
+    replies = await asyncio.gather(
+        *(api.request("POST", "/login", body={"id": anna, "password": f"wrong-{i}"}) for i in range(20))
+    )
     statuses = sorted(reply.status for reply in replies)
     assert set(statuses) == {400, 503}, statuses
     overloaded = next(reply for reply in replies if reply.status == 503)
@@ -72,9 +74,9 @@ async def test_concurrent_guesses_get_no_more_through_than_sequential_ones(bare_
     await bare_cluster.start_proxy(DIALOGS_LOGIN_FAILURES_PER_USER="5")
     api = bare_cluster.api
     anna = await api.register("Anna")
-    replies = await asyncio.gather(*(
-        api.request("POST", "/login", body={"id": anna, "password": f"guess-{i}"}) for i in range(20)
-    ))
+    replies = await asyncio.gather(
+        *(api.request("POST", "/login", body={"id": anna, "password": f"guess-{i}"}) for i in range(20))
+    )
     assert sorted(reply.status for reply in replies) == [400] * 5 + [429] * 15
 
 
@@ -83,15 +85,18 @@ async def test_a_stranger_cannot_lock_the_owner_out(bare_cluster: Cluster) -> No
     accepted from theirs; each guessing address is refused once it failed enough."""
     await _workers(bare_cluster)
     await bare_cluster.start_proxy(
-        DIALOGS_TRUSTED_PROXIES="127.0.0.1", DIALOGS_LOGIN_FAILURES_PER_USER="5",
-        DIALOGS_LOGIN_FAILURES_PER_USER_TOTAL="10", DIALOGS_LOGIN_FAILURES_PER_ADDRESS="100",
+        DIALOGS_TRUSTED_PROXIES="127.0.0.1",
+        DIALOGS_LOGIN_FAILURES_PER_USER="5",
+        DIALOGS_LOGIN_FAILURES_PER_USER_TOTAL="10",
+        DIALOGS_LOGIN_FAILURES_PER_ADDRESS="100",
     )
     api = bare_cluster.api
     anna = await api.register("Anna")
 
     async def login(password: str, address: str) -> int:
-        reply = await api.request("POST", "/login", body={"id": anna, "password": password},
-                                  headers={"X-Forwarded-For": address})
+        reply = await api.request(
+            "POST", "/login", body={"id": anna, "password": password}, headers={"X-Forwarded-For": address}
+        )
         return reply.status
 
     assert [await login("wrong-password", "203.0.113.1") for _ in range(6)] == [400] * 5 + [429]

@@ -31,7 +31,10 @@ async def test_request_id_reaches_the_worker_logs(cluster: Cluster) -> None:
         logger.setLevel(logging.DEBUG)
     try:
         reply = await cluster.api.request(
-            "POST", f"/dialog/{boris}/send", token=token, body={"text": "traced"},
+            "POST",
+            f"/dialog/{boris}/send",
+            token=token,
+            body={"text": "traced"},
             headers={"X-Request-ID": "trace-7f3a"},
         )
     finally:
@@ -54,8 +57,16 @@ def test_exceptions_and_extra_fields_are_fields() -> None:
     try:
         raise ValueError("boom")
     except ValueError:
-        record = logging.getLogger("x").makeRecord("x", logging.ERROR, "f", 1, "failed %s", ("once",),
-                                                   __import__("sys").exc_info(), extra={"shard_id": "shard-1"})
+        record = logging.getLogger("x").makeRecord(
+            "x",
+            logging.ERROR,
+            "f",
+            1,
+            "failed %s",
+            ("once",),
+            __import__("sys").exc_info(),
+            extra={"shard_id": "shard-1"},
+        )
     entry = json.loads(formatter.format(record))
     assert entry["message"] == "failed once" and entry["shard_id"] == "shard-1" and entry["service"] == "proxy"
     assert "ValueError: boom" in entry["exception"]

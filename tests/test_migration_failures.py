@@ -41,8 +41,12 @@ class Runners:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen([sys.executable, "-m", "proxy.migration"], env=self.env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy.migration"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.processes.append(process)
         return process
 
@@ -95,9 +99,16 @@ async def test_runner_killed_in_copy_resumes(bare_cluster: Cluster, runners: Run
             return sum(len(d.acked) for d in traffic.dialogs) >= 900
 
         await _until(enough, timeout=60, interval=0.1)
-        started = await cluster.admin("POST", "/admin/shards", {
-            "shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"], "rows_per_second": 50, "batch_size": 100,
-        })
+        started = await cluster.admin(
+            "POST",
+            "/admin/shards",
+            {
+                "shard_id": "shard-3",
+                "dsn": cluster.spare_dsns["shard-3"],
+                "rows_per_second": 50,
+                "batch_size": 100,
+            },
+        )
         migration_id = started.json["migration_id"]
         first = runners.start()
 
@@ -128,9 +139,16 @@ async def test_runner_killed_in_cutover_resumes(bare_cluster: Cluster, runners: 
     blocker = await asyncpg.connect(cluster.spare_dsns["shard-3"])
     monitor = await asyncpg.connect(cluster.spare_dsns["shard-3"])
     try:
-        started = await cluster.admin("POST", "/admin/shards", {
-            "shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"], "rows_per_second": 400, "batch_size": 100,
-        })
+        started = await cluster.admin(
+            "POST",
+            "/admin/shards",
+            {
+                "shard_id": "shard-3",
+                "dsn": cluster.spare_dsns["shard-3"],
+                "rows_per_second": 400,
+                "batch_size": 100,
+            },
+        )
         migration_id = started.json["migration_id"]
         first = runners.start()
 
@@ -172,9 +190,16 @@ async def test_abort_before_flip_restores_the_old_state(bare_cluster: Cluster) -
     cluster = bare_cluster
     traffic, stop, load = await _busy_cluster(cluster, driver=True)
     try:
-        started = await cluster.admin("POST", "/admin/shards", {
-            "shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"], "rows_per_second": 100, "batch_size": 100,
-        })
+        started = await cluster.admin(
+            "POST",
+            "/admin/shards",
+            {
+                "shard_id": "shard-3",
+                "dsn": cluster.spare_dsns["shard-3"],
+                "rows_per_second": 100,
+                "batch_size": 100,
+            },
+        )
         migration_id = started.json["migration_id"]
 
         async def copying() -> bool:
@@ -219,14 +244,22 @@ async def test_proxy_with_an_old_map_cannot_write_a_moved_range(bare_cluster: Cl
             break
     source = old_map.owner(key)
     assert (await api.send(token, peer, "before the move")).status == 200
-    started = await cluster.admin("POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]})
+    started = await cluster.admin(
+        "POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]}
+    )
     assert (await cluster.wait_migration(started.json["migration_id"]))["phase"] == "done"
 
     # The shard database itself refuses the write, whatever routed it there.
     lo, hi = sorted((uuid.UUID(anna), uuid.UUID(peer)))
     refused = await cluster.shard_fetch(
-        source, "SELECT status FROM store_messages($1, $2, $3, $4, $5, $6)",
-        [key], [lo], [hi], [True], ["forged"], [None],
+        source,
+        "SELECT status FROM store_messages($1, $2, $3, $4, $5, $6)",
+        [key],
+        [lo],
+        [hi],
+        [True],
+        ["forged"],
+        [None],
     )
     assert refused[0]["status"] == "not_served"
 
@@ -257,9 +290,16 @@ async def test_cutover_past_its_deadline_gives_the_ranges_back(bare_cluster: Clu
     monitor = await asyncpg.connect(cluster.spare_dsns["shard-3"])
     try:
         await asyncio.sleep(1.0)
-        started = await cluster.admin("POST", "/admin/shards", {
-            "shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"], "rows_per_second": 400, "batch_size": 100,
-        })
+        started = await cluster.admin(
+            "POST",
+            "/admin/shards",
+            {
+                "shard_id": "shard-3",
+                "dsn": cluster.spare_dsns["shard-3"],
+                "rows_per_second": 400,
+                "batch_size": 100,
+            },
+        )
         migration_id = started.json["migration_id"]
 
         async def prepared() -> bool:
@@ -271,9 +311,13 @@ async def test_cutover_past_its_deadline_gives_the_ranges_back(bare_cluster: Clu
         await blocker.execute("SELECT 1 FROM shard_ranges WHERE state = 'incoming' FOR UPDATE")
 
         async def handing_over() -> bool:
-            return await monitor.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%set_range_states%'"
-            ) > 0
+            return (
+                await monitor.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%set_range_states%'"
+                )
+                > 0
+            )
 
         await _until(handing_over)
         await asyncio.sleep(1.5)  # past the 1 s deadline: the runner gives the ranges back
@@ -339,7 +383,9 @@ async def test_a_target_that_lost_a_row_aborts_the_migration(bare_cluster: Clust
         assert (await api.send(token, peer, text)).status == 200
 
     # No worker on shard-3 yet: the runner copies, then waits in catch-up for one.
-    started = await cluster.admin("POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]})
+    started = await cluster.admin(
+        "POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]}
+    )
     migration_id = started.json["migration_id"]
 
     async def copied() -> bool:
@@ -347,8 +393,10 @@ async def test_a_target_that_lost_a_row_aborts_the_migration(bare_cluster: Clust
 
     await _until(copied)
     deleted = await cluster.shard_fetch(
-        "shard-3", "DELETE FROM messages WHERE dialog_key = $1 AND id = (SELECT min(id) FROM messages"
-        " WHERE dialog_key = $1) RETURNING text", key,
+        "shard-3",
+        "DELETE FROM messages WHERE dialog_key = $1 AND id = (SELECT min(id) FROM messages"
+        " WHERE dialog_key = $1) RETURNING text",
+        key,
     )
     assert [row["text"] for row in deleted] == ["old 0"]
 

@@ -30,8 +30,9 @@ def _later(seconds: float = 60.0) -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
 
 
-async def _flip(con: asyncpg.Connection, migration: migrations.Migration, by: datetime.datetime | None = None,
-                within: float = 5.0) -> None:
+async def _flip(
+    con: asyncpg.Connection, migration: migrations.Migration, by: datetime.datetime | None = None, within: float = 5.0
+) -> None:
     await migrations.flip(con, migration, by or _later(), within, {"shard-1": (7, 9)})
 
 

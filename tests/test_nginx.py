@@ -45,9 +45,17 @@ async def nginx(cluster: Cluster, tmp_path: Path) -> AsyncIterator[str]:
     # private tmp_path: keep them root rather than widen its permissions.
     user = "user root; " if os.geteuid() == 0 else ""
     process = subprocess.Popen(
-        [binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-         "-g", f"{user}daemon off; pid {tmp_path / 'nginx.pid'}; error_log {tmp_path / 'error.log'};"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        [
+            binary,
+            "-p",
+            str(tmp_path),
+            "-c",
+            str(tmp_path / "nginx.conf"),
+            "-g",
+            f"{user}daemon off; pid {tmp_path / 'nginx.pid'}; error_log {tmp_path / 'error.log'};",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -87,8 +95,7 @@ async def test_an_oversized_body_is_a_json_413(cluster: Cluster, nginx: str, siz
     boris = await cluster.api.register("Boris")
     body = b'{"text": "' + b"x" * size + b'"}'
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}", "X-Request-ID": "big-1"}
-    async with cluster.session.post(nginx + f"/dialog/{boris}/send", data=body,
-                                    headers=headers) as response:
+    async with cluster.session.post(nginx + f"/dialog/{boris}/send", data=body, headers=headers) as response:
         assert response.status == 413
         assert response.content_type == "application/json"
         error = await response.json()

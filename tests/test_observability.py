@@ -47,7 +47,9 @@ def test_dashboards_are_well_formed() -> None:
     for board in boards:
         assert board["panels"]
         for panel in board["panels"]:
-            assert panel["targets"] and all(t["expr"] and t["datasource"]["uid"] == "prometheus" for t in panel["targets"])
+            assert panel["targets"] and all(
+                t["expr"] and t["datasource"]["uid"] == "prometheus" for t in panel["targets"]
+            )
     provider = yaml.safe_load((CONFIGS / "grafana" / "provisioning" / "dashboards" / "dialogs.yaml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
 
@@ -85,8 +87,10 @@ def prometheus_installed() -> None:
 
 def test_promtool_accepts_the_config_and_rules(prometheus_installed: None) -> None:
     """promtool check config / check rules pass on configs/prometheus."""
-    for args in (["check", "config", str(CONFIGS / "prometheus" / "prometheus.yml")],
-                 ["check", "rules", str(CONFIGS / "prometheus" / "alerts.yml")]):
+    for args in (
+        ["check", "config", str(CONFIGS / "prometheus" / "prometheus.yml")],
+        ["check", "rules", str(CONFIGS / "prometheus" / "alerts.yml")],
+    ):
         result = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
 
@@ -109,8 +113,9 @@ async def test_real_prometheus_evaluates_every_panel_and_alert(
     configs/prometheus does, scrapes a cluster under traffic through a shard add (whose
     worker it finds by itself): every panel query and every alert expression (without its
     threshold) evaluates without error and returns data."""
-    prometheus = Prometheus(tmp_path / "prometheus", CONFIGS / "prometheus" / "alerts.yml",
-                            discovery=cluster.proxy_urls[0])
+    prometheus = Prometheus(
+        tmp_path / "prometheus", CONFIGS / "prometheus" / "alerts.yml", discovery=cluster.proxy_urls[0]
+    )
     prometheus.start()
     try:
         await prometheus.wait_ready(cluster.session)
@@ -130,7 +135,9 @@ async def test_real_prometheus_evaluates_every_panel_and_alert(
             await asyncio.sleep(0.5)
         # The new shard's worker is scraped without touching Prometheus' configuration.
         new_worker = await cluster.start_worker("shard-3")
-        added = await cluster.admin("POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]})
+        added = await cluster.admin(
+            "POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]}
+        )
         await _until_scraped(prometheus, cluster, ("dialogs-worker", f"127.0.0.1:{new_worker.addresses[0][1]}", "up"))
         assert (await cluster.wait_migration(added.json["migration_id"]))["phase"] == "done"
         for peer in peers:

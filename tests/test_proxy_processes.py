@@ -39,9 +39,17 @@ def _start(cluster: Cluster, log: Path, port: int, **env: str) -> subprocess.Pop
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "proxy"],
-            env={**os.environ, **PROXY_ENV, "DIALOGS_METADATA_DSN": cluster.metadata_dsn, "DIALOGS_PORT": str(port),
-                 "DIALOGS_PROXY_ID": "multi", "DIALOGS_PROCESSES": "2", **env},
-            stdout=out, stderr=subprocess.STDOUT,
+            env={
+                **os.environ,
+                **PROXY_ENV,
+                "DIALOGS_METADATA_DSN": cluster.metadata_dsn,
+                "DIALOGS_PORT": str(port),
+                "DIALOGS_PROXY_ID": "multi",
+                "DIALOGS_PROCESSES": "2",
+                **env,
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
 
@@ -65,8 +73,9 @@ async def multi(bare_cluster: Cluster, tmp_path: Path) -> AsyncIterator[MultiPro
     for shard_id in bare_cluster.shard_dsns:
         await bare_cluster.start_worker(shard_id)
     port = free_port()
-    proxy = MultiProxy(_start(bare_cluster, tmp_path / "proxy.log", port), f"http://127.0.0.1:{port}",
-                       tmp_path / "proxy.log")
+    proxy = MultiProxy(
+        _start(bare_cluster, tmp_path / "proxy.log", port), f"http://127.0.0.1:{port}", tmp_path / "proxy.log"
+    )
     seen: list[psutil.Process] = []
     try:
         await _until(lambda: _registered(bare_cluster, 2), "both processes registered", proxy)
@@ -105,7 +114,8 @@ async def _sends_served(url: str) -> float:
         assert response.status == 200
         text = await response.text()
     return sum(
-        float(line.rpartition(" ")[2]) for line in text.splitlines()
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
         if line.startswith("dialogs_proxy_requests_total{") and "/send" in line
     )
 
@@ -180,8 +190,9 @@ async def test_a_stopped_process_is_killed_and_replaced(bare_cluster: Cluster, m
     stopped_at = asyncio.get_running_loop().time()
     victim.suspend()
     try:
-        await _until(lambda: asyncio.to_thread(lambda: not victim.is_running()), "the stopped process killed", multi,
-                     timeout=10)
+        await _until(
+            lambda: asyncio.to_thread(lambda: not victim.is_running()), "the stopped process killed", multi, timeout=10
+        )
     finally:
         with contextlib.suppress(psutil.NoSuchProcess):
             victim.resume()

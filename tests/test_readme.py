@@ -42,8 +42,12 @@ async def test_the_admin_examples_run_as_written(cluster: Cluster) -> None:
     packages.ensure("curl", "curl")
     env = {"PATH": os.environ["PATH"], "DIALOGS_ADMIN_URL": cluster.proxy_urls[0], "DIALOGS_ADMIN_TOKEN": ADMIN_TOKEN}
     result = await asyncio.to_thread(
-        subprocess.run, ["bash", "-euo", "pipefail", "-c", _example("admin")], capture_output=True, text=True,
-        timeout=60, env=env,
+        subprocess.run,
+        ["bash", "-euo", "pipefail", "-c", _example("admin")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     shard_map, shards, migrations = (json.loads(line) for line in result.stdout.splitlines())
@@ -58,8 +62,11 @@ async def test_the_banners_walkthrough_runs_as_printed(cluster: Cluster) -> None
 
     packages.ensure("curl", "curl")
     result = await asyncio.to_thread(
-        subprocess.run, ["bash", "-euo", "pipefail", "-c", walkthrough(cluster.proxy_urls[0])], capture_output=True,
-        text=True, timeout=60,
+        subprocess.run,
+        ["bash", "-euo", "pipefail", "-c", walkthrough(cluster.proxy_urls[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     to_boris, to_anna, anna_sees, boris_sees = (json.loads(line) for line in result.stdout.splitlines())

@@ -31,7 +31,9 @@ async def test_add_then_remove_a_shard_under_load(bare_cluster: Cluster) -> None
     try:
         await asyncio.sleep(1.5)
         await cluster.start_worker("shard-3")
-        added = await cluster.admin("POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]})
+        added = await cluster.admin(
+            "POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]}
+        )
         assert added.status == 202, added.body
         assert added.json["kind"] == "add" and added.json["to_version"] == 2
         first = await cluster.wait_migration(added.json["migration_id"])
@@ -61,5 +63,7 @@ async def test_add_then_remove_a_shard_under_load(bare_cluster: Cluster) -> None
     assert shard_map["map_version"] == 3
     assert [s["shard_id"] for s in shard_map["shards"]] == ["shard-2", "shard-3"]
     waits = sum(metric(proxy, "dialogs_proxy_buffer_wait_seconds_sum") for proxy in cluster.proxies)
-    print(f"\nacked {total} messages, {traffic.reads} reads; pauses {first['last_pause_ms']:.1f} ms and"
-          f" {second['last_pause_ms']:.1f} ms; total buffered wait {waits:.3f} s")
+    print(
+        f"\nacked {total} messages, {traffic.reads} reads; pauses {first['last_pause_ms']:.1f} ms and"
+        f" {second['last_pause_ms']:.1f} ms; total buffered wait {waits:.3f} s"
+    )

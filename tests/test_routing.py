@@ -81,9 +81,7 @@ async def test_worker_refuses_a_dialog_it_does_not_own(cluster: Cluster) -> None
     assert shard_map is not None
     a, b, key = _owned_by(shard_map, "shard-2")
     body = {"dialog_key": key, "from": a, "to": b, "text": "misrouted", "idempotency_key": None}
-    misrouted, unversioned = await _send_batch(
-        cluster, url, [{**body, "map_version": shard_map.map_version}, body]
-    )
+    misrouted, unversioned = await _send_batch(cluster, url, [{**body, "map_version": shard_map.map_version}, body])
     assert misrouted["status"] == 409 and "not on this shard" in misrouted["message"]
     assert unversioned["status"] == 400 and "map_version" in unversioned["message"]
     rows = await cluster.shard_fetch("shard-1", "SELECT count(*) FROM messages")
@@ -99,8 +97,15 @@ async def test_a_mixed_batch_answers_each_send_on_its_own(cluster: Cluster) -> N
     url = _worker_url(cluster, "shard-1")
     a, b, key = _owned_by(shard_map, "shard-1")
     _, _, foreign = _owned_by(shard_map, "shard-2")
-    ok = {"dialog_key": key, "from": a, "to": b, "text": "first", "idempotency_key": "k-1", "map_version": version,
-          "request_id": "r-ok"}
+    ok = {
+        "dialog_key": key,
+        "from": a,
+        "to": b,
+        "text": "first",
+        "idempotency_key": "k-1",
+        "map_version": version,
+        "request_id": "r-ok",
+    }
     await _send_batch(cluster, url, [ok])
     items = [
         {**ok, "text": "second", "idempotency_key": "k-2", "request_id": "r-good"},
@@ -134,8 +139,14 @@ async def test_worker_answers_only_proxies(cluster: Cluster, authorization: str 
     headers = {"X-Map-Version": str(shard_map.map_version)}
     if authorization:
         headers["Authorization"] = authorization
-    forged = {"dialog_key": key, "from": boris, "to": anna, "text": "forged", "idempotency_key": None,
-              "map_version": shard_map.map_version}
+    forged = {
+        "dialog_key": key,
+        "from": boris,
+        "to": anna,
+        "text": "forged",
+        "idempotency_key": None,
+        "map_version": shard_map.map_version,
+    }
     async with cluster.session.post(url + wire.INTERNAL_BATCH_PATH, json=[forged], headers=headers) as r:
         assert r.status == 401, await r.text()
     query = {"dialog_key": str(key), "user_a": anna, "user_b": boris}

@@ -68,12 +68,10 @@ async def test_concurrent_sends_are_all_stored_once(cluster: Cluster) -> None:
     anna, token = await api.user("Anna")
     peers = [await api.register(f"Peer{i}") for i in range(10)]
     texts = {peer: [f"{peer[:8]}-{n}" for n in range(30)] for peer in peers}
-    replies = await asyncio.gather(
-        *(api.send(token, peer, text) for peer in peers for text in texts[peer])
-    )
+    replies = await asyncio.gather(*(api.send(token, peer, text) for peer in peers for text in texts[peer]))
     assert {r.status for r in replies} == {200}
     for index, peer in enumerate(peers):
-        ids = {r.json["id"] for r in replies[index * 30:(index + 1) * 30]}
+        ids = {r.json["id"] for r in replies[index * 30 : (index + 1) * 30]}
         assert len(ids) == 30
         listed = (await api.list(token, peer)).json
         assert sorted(m["text"] for m in listed) == sorted(texts[peer])
@@ -97,8 +95,12 @@ async def test_user_profile_and_search(cluster: Cluster) -> None:
     await api.register("An%", "Kar_")
     profile = (await api.request("GET", f"/user/get/{anna}")).json
     assert profile == {
-        "id": anna, "first_name": "Anna", "second_name": "Karenina", "birthdate": "1990-05-17",
-        "biography": "reads", "city": "Moscow",
+        "id": anna,
+        "first_name": "Anna",
+        "second_name": "Karenina",
+        "birthdate": "1990-05-17",
+        "biography": "reads",
+        "city": "Moscow",
     }
     found = await api.request("GET", "/user/search", params={"first_name": "An", "last_name": "Kar"})
     assert sorted(u["first_name"] for u in found.json) == ["An%", "Anatoly", "Anna"]

@@ -57,7 +57,8 @@ async def test_list_query_is_served_by_the_primary_key(cluster: Cluster) -> None
         shard_id,
         "INSERT INTO messages (dialog_key, user_lo, user_hi, id, from_lo, text, created_at)"
         " SELECT $1, $2, $3, g, true, 'long', now() FROM generate_series(1, 5000) AS g",
-        long_key, *ordered(uuid.UUID(anna), uuid.UUID(carl)),
+        long_key,
+        *ordered(uuid.UUID(anna), uuid.UUID(carl)),
     )
     await cluster.shard_fetch(shard_id, "ANALYZE messages")
 

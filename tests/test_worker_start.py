@@ -14,7 +14,8 @@ from tests.support import Cluster, metric
 
 
 async def test_the_first_schema_upgrade_waits_for_a_starting_server(
-    bare_cluster: Cluster, running_servers: dict[str, LocalPostgres],
+    bare_cluster: Cluster,
+    running_servers: dict[str, LocalPostgres],
 ) -> None:
     """A shard server that is down when its worker starts (compose starts them together):
     the schema upgrade retries until it is up, instead of the worker exiting."""
@@ -35,7 +36,8 @@ async def test_a_server_that_never_comes_is_an_error_in_time(bare_cluster: Clust
 
 
 async def test_a_worker_waits_for_its_shard_to_be_registered(
-    bare_cluster: Cluster, caplog: pytest.LogCaptureFixture,
+    bare_cluster: Cluster,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A worker of shard-3 before `shard add` registers it: no registration row and no failed
     insert (so no foreign-key error in the metadata server's log), one line saying it waits;
@@ -48,7 +50,9 @@ async def test_a_worker_waits_for_its_shard_to_be_registered(
     waiting = [r for r in caplog.records if "shard shard-3 is not registered yet" in r.getMessage()]
     assert len(waiting) == 1 and waiting[0].levelno == logging.INFO
     assert "foreign key" not in caplog.text
-    started = await cluster.admin("POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]})
+    started = await cluster.admin(
+        "POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]}
+    )
     assert (await cluster.wait_migration(started.json["migration_id"]))["phase"] == "done"
     assert await cluster.fetch_meta("SELECT count(*) FROM workers WHERE shard_id = 'shard-3'") == 1
     assert metric(cluster.proxies[0], "dialogs_shard_live_workers", shard_id="shard-3") == 1

@@ -45,7 +45,7 @@ class Traffic:
         await asyncio.gather(*tasks)
 
     async def _send(self, dialogs: list[Dialog], stop: asyncio.Event, index: int) -> None:
-        proxies = itertools.cycle(self.apis[index % len(self.apis):] + self.apis[:index % len(self.apis)])
+        proxies = itertools.cycle(self.apis[index % len(self.apis) :] + self.apis[: index % len(self.apis)])
         for turn in itertools.count():
             if stop.is_set():
                 return
@@ -121,7 +121,9 @@ async def check_placement(cluster: Cluster, shard_ids: list[str], total: int) ->
         rows = await cluster.shard_fetch(shard_id, "SELECT dialog_key, user_lo, user_hi FROM messages")
         for row in rows:
             assert row["dialog_key"] == dialog_key(row["user_lo"], row["user_hi"])
-            assert active.owner(row["dialog_key"]) == shard_id, f"a row of {active.owner(row['dialog_key'])} is on {shard_id}"
+            assert active.owner(row["dialog_key"]) == shard_id, (
+                f"a row of {active.owner(row['dialog_key'])} is on {shard_id}"
+            )
         seen += len(rows)
         leftovers = await cluster.shard_fetch(shard_id, "SELECT count(*) FROM migration_delta")
         assert leftovers[0][0] == 0

@@ -25,9 +25,9 @@ def _shard_map(row: asyncpg.Record | None) -> ShardMap | None:
 
 
 async def active_map(con: asyncpg.Connection) -> ShardMap | None:
-    return _shard_map(await con.fetchrow(
-        "SELECT map_version, shards, vnodes_base FROM shard_maps ORDER BY map_version DESC LIMIT 1"
-    ))
+    return _shard_map(
+        await con.fetchrow("SELECT map_version, shards, vnodes_base FROM shard_maps ORDER BY map_version DESC LIMIT 1")
+    )
 
 
 def activate_sql(condition: str = "true") -> str:
@@ -96,6 +96,8 @@ async def bootstrap(con: asyncpg.Connection, shards: dict[str, str]) -> ShardMap
 
 
 async def shard_map_version(con: asyncpg.Connection, map_version: int) -> ShardMap | None:
-    return _shard_map(await con.fetchrow(
-        "SELECT map_version, shards, vnodes_base FROM shard_maps WHERE map_version = $1", map_version
-    ))
+    return _shard_map(
+        await con.fetchrow(
+            "SELECT map_version, shards, vnodes_base FROM shard_maps WHERE map_version = $1", map_version
+        )
+    )

@@ -25,7 +25,6 @@ Watermark = tuple[int, int]
 START: Watermark = (0, 0)
 
 
-
 @dataclass(frozen=True)
 class Migration:
     migration_id: int
@@ -111,8 +110,13 @@ async def take_lease(con: asyncpg.Connection) -> bool:
 
 
 async def create(
-    con: asyncpg.Connection, kind: str, shard_id: str, target: ShardMap, current: ShardMap,
-    rows_per_second: int, batch_size: int,
+    con: asyncpg.Connection,
+    kind: str,
+    shard_id: str,
+    target: ShardMap,
+    current: ShardMap,
+    rows_per_second: int,
+    batch_size: int,
 ) -> Migration:
     """Record a migration from ``current`` to ``target`` with its planned moves; 409 if one is active."""
     plan = moves(current.ring, target.ring)
@@ -121,13 +125,21 @@ async def create(
             migration_id = await con.fetchval(
                 "INSERT INTO migrations (kind, shard_id, from_version, target_map, rows_per_second, batch_size)"
                 " VALUES ($1, $2, $3, $4::jsonb, $5, $6) RETURNING migration_id",
-                kind, shard_id, current.map_version, json.dumps(target.to_json()), rows_per_second, batch_size,
+                kind,
+                shard_id,
+                current.map_version,
+                json.dumps(target.to_json()),
+                rows_per_second,
+                batch_size,
             )
             await con.execute(
                 "INSERT INTO migration_ranges (migration_id, lo, hi, source, target)"
                 " SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[])",
-                migration_id, [m.lo for m in plan], [m.hi for m in plan],
-                [m.source for m in plan], [m.target for m in plan],
+                migration_id,
+                [m.lo for m in plan],
+                [m.hi for m in plan],
+                [m.source for m in plan],
+                [m.target for m in plan],
             )
     except asyncpg.UniqueViolationError:
         running = await active(con)
@@ -167,9 +179,7 @@ async def range_counts(con: asyncpg.Connection, migration_id: int) -> tuple[int,
 
 
 async def ranges(con: asyncpg.Connection, migration_id: int) -> list[RangeState]:
-    rows = await con.fetch(
-        "SELECT * FROM migration_ranges WHERE migration_id = $1 ORDER BY lo", migration_id
-    )
+    rows = await con.fetch("SELECT * FROM migration_ranges WHERE migration_id = $1 ORDER BY lo", migration_id)
     return [
         RangeState(
             Move(r["lo"], r["hi"], r["source"], r["target"]),
@@ -186,11 +196,14 @@ async def set_estimates(con: asyncpg.Connection, migration_id: int, estimates: d
         await con.execute(
             "UPDATE migration_ranges r SET rows_estimate = e.n"
             " FROM unnest($2::bigint[], $3::bigint[]) AS e(lo, n) WHERE r.migration_id = $1 AND r.lo = e.lo",
-            migration_id, list(estimates), list(estimates.values()),
+            migration_id,
+            list(estimates),
+            list(estimates.values()),
         )
         await con.execute(
             "UPDATE migrations SET rows_total = $2, updated_at = now() WHERE migration_id = $1",
-            migration_id, sum(estimates.values()),
+            migration_id,
+            sum(estimates.values()),
         )
 
 
@@ -203,11 +216,15 @@ async def checkpoint(
         await con.execute(
             "UPDATE migration_ranges SET copied = $3, cursor_key = $4, cursor_lo = $5, cursor_hi = $6,"
             " cursor_id = $7 WHERE migration_id = $1 AND lo = ANY($2::bigint[])",
-            migration_id, los, copied, *key,
+            migration_id,
+            los,
+            copied,
+            *key,
         )
         await con.execute(
             "UPDATE migrations SET rows_copied = rows_copied + $2, updated_at = now() WHERE migration_id = $1",
-            migration_id, rows,
+            migration_id,
+            rows,
         )
 
 
@@ -215,7 +232,9 @@ async def save_delta(con: asyncpg.Connection, migration_id: int, watermarks: dic
     await con.execute(
         "UPDATE migrations SET delta_watermark = $2::jsonb, delta_copied = delta_copied + $3, updated_at = now()"
         " WHERE migration_id = $1",
-        migration_id, _watermarks_json(watermarks), rows,
+        migration_id,
+        _watermarks_json(watermarks),
+        rows,
     )
 
 
@@ -227,7 +246,10 @@ async def set_phase(con: asyncpg.Connection, migration_id: int, phase: Phase, er
     await con.execute(
         "UPDATE migrations SET phase = $2, error = coalesce($3, error), updated_at = now(),"
         " finished_at = CASE WHEN $4 THEN now() END WHERE migration_id = $1",
-        migration_id, phase, error, phase.finished,
+        migration_id,
+        phase,
+        error,
+        phase.finished,
     )
 
 
@@ -235,12 +257,17 @@ async def cutover_failed(con: asyncpg.Connection, migration_id: int, reason: str
     return await con.fetchval(
         "UPDATE migrations SET cutover_attempts = cutover_attempts + 1, phase = $3, error = $2,"
         " updated_at = now() WHERE migration_id = $1 RETURNING cutover_attempts",
-        migration_id, reason, Phase.CATCHUP,
+        migration_id,
+        reason,
+        Phase.CATCHUP,
     )
 
 
 async def flip(
-    con: asyncpg.Connection, migration: Migration, by: datetime.datetime, within: float,
+    con: asyncpg.Connection,
+    migration: Migration,
+    by: datetime.datetime,
+    within: float,
     watermarks: dict[str, Watermark],
 ) -> None:
     """The point of no return: activate the target map (compare-and-swap) and enter cleanup,
@@ -267,7 +294,10 @@ async def flip(
             RETURNING migration_id
             """,
             *maps.activate_arguments(migration.target_map, f"migration {migration.migration_id}"),
-            migration.migration_id, _watermarks_json(watermarks), Phase.CLEANUP, by,
+            migration.migration_id,
+            _watermarks_json(watermarks),
+            Phase.CLEANUP,
+            by,
         )
     if not flipped:
         raise errors.MapVersionConflict(
@@ -285,7 +315,8 @@ async def request_abort(con: asyncpg.Connection, migration_id: int) -> Migration
     requested = await con.fetchval(
         "UPDATE migrations SET abort_requested = true, updated_at = now()"
         " WHERE migration_id = $1 AND phase = ANY($2::text[]) RETURNING migration_id",
-        migration_id, ABORTABLE_PHASES,
+        migration_id,
+        ABORTABLE_PHASES,
     )
     migration = await get(con, migration_id)
     if migration is None:
@@ -301,7 +332,9 @@ async def set_throttle(
     await con.execute(
         "UPDATE migrations SET rows_per_second = coalesce($2, rows_per_second),"
         " batch_size = coalesce($3, batch_size), updated_at = now() WHERE migration_id = $1",
-        migration_id, rows_per_second, batch_size,
+        migration_id,
+        rows_per_second,
+        batch_size,
     )
     migration = await get(con, migration_id)
     if migration is None:

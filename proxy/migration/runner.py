@@ -40,7 +40,6 @@ MAX_CLOCK_MARGIN = 1.0
 DELTA_BATCH = 5000
 
 
-
 class _Interrupted(Exception):
     """The operator asked to abort: leave the phase, the loop will enter 'aborting'."""
 
@@ -51,6 +50,10 @@ class _VerificationFailed(Exception):
 
 class _LeaseLost(Exception):
     """A source's lease on its frozen ranges ran out before the hand-over."""
+
+
+# A cutover that fails before the flip: the ranges go back to the sources.
+_CUTOVER_FAILED: tuple[type[BaseException], ...] = (_VerificationFailed, _LeaseLost, *pg.FAILURES)
 
 
 @dataclass
@@ -94,8 +97,13 @@ async def run_active(metadata_dsn: str, settings: RunnerSettings) -> Migration |
         migration = await migrations.active(lease)
         if migration is None:
             return None
-        log.info("running migration %s (%s %s) from phase %s",
-                 migration.migration_id, migration.kind, migration.shard_id, migration.phase)
+        log.info(
+            "running migration %s (%s %s) from phase %s",
+            migration.migration_id,
+            migration.kind,
+            migration.shard_id,
+            migration.phase,
+        )
         return await _Run(lease, migration, settings).run()
     finally:
         await lease.close()
@@ -141,7 +149,7 @@ class _Run:
             async with asyncio.timeout(self.settings.cutover_deadline):
                 await step
             return True
-        except (TimeoutError, *pg.FAILURES) as exc:
+        except pg.FAILURES as exc:  # TimeoutError included
             log.warning("migration %s: could not %s: %s", self.migration.migration_id, what, exc or type(exc).__name__)
             return False
 
@@ -190,7 +198,10 @@ class _Run:
                 # min_size=0: nothing connects until used, so a shard that is gone fails only
                 # the steps that need it (an abort restores the sources without a lost target).
                 self.pools[shard_id] = await asyncpg.create_pool(
-                    dsns[shard_id], min_size=0, max_size=4, timeout=self.settings.cutover_deadline,
+                    dsns[shard_id],
+                    min_size=0,
+                    max_size=4,
+                    timeout=self.settings.cutover_deadline,
                     server_settings={"lock_timeout": f"{int(self.settings.cutover_deadline * 1000)}ms"},
                 )
             return await self._phases()
@@ -239,8 +250,9 @@ class _Run:
         active = await maps.active_map(self.meta)
         old = await maps.shard_map_version(self.meta, migration.from_version)
         if active is None or old is None or active.map_version != migration.from_version:
-            await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTING,
-                                  "the shard map changed before the migration started")
+            await migrations.set_phase(
+                self.meta, migration.migration_id, Phase.ABORTING, "the shard map changed before the migration started"
+            )
             return
         problem = await self._new_shard_problem(migration)
         if problem is not None:
@@ -308,7 +320,9 @@ class _Run:
             return
         started = time.monotonic()
         rows = await shard_sql.copy_rows(src, tgt, [s.move.span for s in chunk])
-        await migrations.checkpoint(self.meta, self.migration.migration_id, [s.move.lo for s in chunk], None, True, rows)
+        await migrations.checkpoint(
+            self.meta, self.migration.migration_id, [s.move.lo for s in chunk], None, True, rows
+        )
         await self._after_batch(rows, started)
 
     async def _copy_large(self, src: asyncpg.Connection, tgt: asyncpg.Connection, state: RangeState) -> None:
@@ -559,7 +573,7 @@ class _Run:
                 if not await self._hand_over():
                     raise _LeaseLost("a source's lease ran out before the hand-over")
                 steps.append(time.monotonic())
-        except (TimeoutError, _VerificationFailed, _LeaseLost, *pg.FAILURES) as exc:
+        except _CUTOVER_FAILED as exc:
             reason = "cutover deadline passed" if isinstance(exc, TimeoutError) else f"cutover failed: {exc}"
             await self._cutover_failed(migration, reason, fatal=isinstance(exc, _VerificationFailed))
             self.observer.cutover(time.monotonic() - started, False)
@@ -578,27 +592,38 @@ class _Run:
             await self._cutover_failed(migration, reason, fatal=current.abort_requested)
             self.observer.cutover(time.monotonic() - started, False)
             return
-        except (TimeoutError, *pg.UNAVAILABLE):
+        except pg.UNAVAILABLE:  # TimeoutError included
             # No answer: the flip may or may not have committed, and only the metadata
             # database can tell. The sources' leases end on their own; give up the run
             # (and with it the lease on the migration, whose connection goes) so that the
             # next runner reads the outcome from the phase.
-            log.warning("migration %s: no answer from the metadata database to the flip; the sources' leases"
-                        " end by themselves", migration.migration_id)
+            log.warning(
+                "migration %s: no answer from the metadata database to the flip; the sources' leases end by themselves",
+                migration.migration_id,
+            )
             self.meta.terminate()
             self.observer.cutover(time.monotonic() - started, False)
             raise
         pause = time.monotonic() - started
         steps.append(time.monotonic())
-        await self._best_effort("release the moved ranges on the sources (cleanup does it again)",
-                                self._release_sources())
+        await self._best_effort(
+            "release the moved ranges on the sources (cleanup does it again)", self._release_sources()
+        )
         self.observer.cutover(pause, True)
         await migrations.record_pause(self.meta, migration.migration_id, pause * 1000)
-        took = [f"{name} {(b - a) * 1000:.1f}"
-                for name, a, b in zip(("freeze", "verify", "hand-over", "flip"), steps, steps[1:], strict=False)]
+        took = [
+            f"{name} {(b - a) * 1000:.1f}"
+            for name, a, b in zip(("freeze", "verify", "hand-over", "flip"), steps, steps[1:], strict=False)
+        ]
         ranges, dialogs = self._verified_at_cutover
-        log.info("migration %s cut over in %.1f ms (%s ms; verified %d ranges whole and %d dialogs)",
-                 migration.migration_id, pause * 1000, ", ".join(took), ranges, dialogs)
+        log.info(
+            "migration %s cut over in %.1f ms (%s ms; verified %d ranges whole and %d dialogs)",
+            migration.migration_id,
+            pause * 1000,
+            ", ".join(took),
+            ranges,
+            dialogs,
+        )
 
     async def _freeze(self, watermarks: dict[str, Watermark], lease: float) -> _Frozen:
         """Sources stop taking writes in moving ranges for ``lease`` seconds (in-flight ones
@@ -638,8 +663,8 @@ class _Run:
         if self._verified_from is not None:
             for pair, keys in (await self._written(self._verified_from)).items():
                 keys_by_pair[pair].extend(keys)
-            for source, keys in self._suspect_dialogs.items():
-                for key in keys:
+            for source, suspects in self._suspect_dialogs.items():
+                for key in suspects:
                     move = self._move_of(source, key)
                     if move.lo not in self._suspects:
                         keys_by_pair[(source, move.target)].append(key)
@@ -701,8 +726,10 @@ class _Run:
         on a best-effort basis; the next freeze resets them again before anything else.
         """
         log.warning("migration %s: %s", migration.migration_id, reason)
-        await self._best_effort("give the moving ranges back to the sources (their leases will)",
-                                self._set("migrating", self.sources, self.leaving))
+        await self._best_effort(
+            "give the moving ranges back to the sources (their leases will)",
+            self._set("migrating", self.sources, self.leaving),
+        )
         attempts = await migrations.cutover_failed(self.meta, migration.migration_id, reason)
         self._targets_incoming = await self._best_effort(
             "reset the targets (the next freeze does it first)", self._set("incoming", self.targets, self.arriving)
@@ -740,8 +767,12 @@ class _Run:
         while copied := await self._copy_delta(seq, DELTA_BATCH):
             late += copied
         if late:
-            log.error("migration %s: %d message(s) reached a source after the flip (its lease ran out before it"
-                      " was released); copied to their new shard", migration.migration_id, late)
+            log.error(
+                "migration %s: %d message(s) reached a source after the flip (its lease ran out before it"
+                " was released); copied to their new shard",
+                migration.migration_id,
+                late,
+            )
 
     # --- abort: before the flip, the old owners keep everything ---------------------------
 
@@ -765,8 +796,9 @@ class _Run:
                 await shard_sql.clear_delta(con)
         sources = await self._identities(self.sources)
         for shard_id in self.targets:
-            await self._best_effort(f"remove the copies on {shard_id} (they are served by no one)",
-                                    self._drop_copies(shard_id, sources))
+            await self._best_effort(
+                f"remove the copies on {shard_id} (they are served by no one)", self._drop_copies(shard_id, sources)
+            )
         await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTED)
 
     async def _drop_copies(self, target: str, sources: dict[str, str]) -> None:

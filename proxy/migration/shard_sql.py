@@ -110,10 +110,14 @@ async def hand_over(con: asyncpg.Connection, spans: Sequence[Span]) -> bool:
 async def delta_keys(con: asyncpg.Connection, after: Watermark, until: Watermark | None = None) -> list[int]:
     """The dialog keys of delta rows in (after, until] (or past ``after``), finished or not."""
     until = until or (2**63 - 1, 2**63 - 1)
-    return [row[0] for row in await con.fetch(
-        "SELECT DISTINCT dialog_key FROM migration_delta WHERE (xid, seq) > ($1, $2) AND (xid, seq) <= ($3, $4)",
-        *after, *until,
-    )]
+    return [
+        row[0]
+        for row in await con.fetch(
+            "SELECT DISTINCT dialog_key FROM migration_delta WHERE (xid, seq) > ($1, $2) AND (xid, seq) <= ($3, $4)",
+            *after,
+            *until,
+        )
+    ]
 
 
 async def delta_head(con: asyncpg.Connection) -> Watermark:
@@ -136,7 +140,10 @@ async def batch_end(con: asyncpg.Connection, span: Span, cursor: Cursor, batch: 
     row = await con.fetchrow(
         f"SELECT {_KEY.strip('()')} FROM messages WHERE dialog_key BETWEEN $1 AND $2 AND {condition}"
         f" ORDER BY {_KEY.strip('()')} OFFSET $3 LIMIT 1",
-        span.lo, span.hi, batch - 1, *args,
+        span.lo,
+        span.hi,
+        batch - 1,
+        *args,
     )
     return None if row is None else (row[0], row[1], row[2], row[3])
 
@@ -275,10 +282,13 @@ async def digests(con: asyncpg.Connection, spans: Sequence[Span]) -> Digests:
     """Per span: (row count, sum of row hashes). Equal on both sides means equal rows."""
     if not spans:
         return {}
-    return _digests(await con.fetch(
-        "SELECT lo, rows, checksum FROM range_digests($1::bigint[], $2::bigint[])",
-        [s.lo for s in spans], [s.hi for s in spans],
-    ))
+    return _digests(
+        await con.fetch(
+            "SELECT lo, rows, checksum FROM range_digests($1::bigint[], $2::bigint[])",
+            [s.lo for s in spans],
+            [s.hi for s in spans],
+        )
+    )
 
 
 async def freeze(
@@ -288,10 +298,14 @@ async def freeze(
     row past ``after``, with the moment the lease ends by this server's clock."""
     rows = await con.fetch(
         "SELECT * FROM freeze_ranges($1::bigint[], $2::bigint[], $3, $4, $5)",
-        [s.lo for s in spans], [s.hi for s in spans], *after, datetime.timedelta(seconds=lease),
+        [s.lo for s in spans],
+        [s.hi for s in spans],
+        *after,
+        datetime.timedelta(seconds=lease),
     )
-    ends = await con.fetchval("SELECT min(lease_until) FROM shard_ranges WHERE lo = ANY($1::bigint[])",
-                              [s.lo for s in spans])
+    ends = await con.fetchval(
+        "SELECT min(lease_until) FROM shard_ranges WHERE lo = ANY($1::bigint[])", [s.lo for s in spans]
+    )
     return rows, ends
 
 
@@ -305,10 +319,14 @@ def _mixed(rows: Sequence[asyncpg.Record]) -> MixedDigests:
 
 async def mixed_digests(con: asyncpg.Connection, spans: Sequence[Span], keys: Sequence[int]) -> MixedDigests:
     """Digests of whole ``spans`` and of the single dialogs ``keys``, in one round trip."""
-    return _mixed(await con.fetch(
-        "SELECT kind, key, rows, checksum FROM digests($1::bigint[], $2::bigint[], $3::bigint[])",
-        [s.lo for s in spans], [s.hi for s in spans], list(keys),
-    ))
+    return _mixed(
+        await con.fetch(
+            "SELECT kind, key, rows, checksum FROM digests($1::bigint[], $2::bigint[], $3::bigint[])",
+            [s.lo for s in spans],
+            [s.hi for s in spans],
+            list(keys),
+        )
+    )
 
 
 async def apply_and_digest(
@@ -316,18 +334,24 @@ async def apply_and_digest(
 ) -> MixedDigests:
     """Insert copied ``rows`` (idempotently), then digest ``spans`` and dialogs ``keys``, in one round trip."""
     columns = [[row[c] for row in rows] for c in COLUMNS]
-    return _mixed(await con.fetch(
-        "SELECT kind, key, rows, checksum FROM apply_and_digest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[],"
-        " $5::boolean[], $6::text[], $7::timestamptz[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[])",
-        *columns, [s.lo for s in spans], [s.hi for s in spans], list(keys),
-    ))
+    return _mixed(
+        await con.fetch(
+            "SELECT kind, key, rows, checksum FROM apply_and_digest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[],"
+            " $5::boolean[], $6::text[], $7::timestamptz[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[])",
+            *columns,
+            [s.lo for s in spans],
+            [s.hi for s in spans],
+            list(keys),
+        )
+    )
 
 
 async def delete_span_batch(con: asyncpg.Connection, span: Span, batch: int) -> int:
     status = await con.execute(
-        "DELETE FROM messages WHERE ctid IN"
-        " (SELECT ctid FROM messages WHERE dialog_key BETWEEN $1 AND $2 LIMIT $3)",
-        span.lo, span.hi, batch,
+        "DELETE FROM messages WHERE ctid IN (SELECT ctid FROM messages WHERE dialog_key BETWEEN $1 AND $2 LIMIT $3)",
+        span.lo,
+        span.hi,
+        batch,
     )
     return int(status.split()[-1])
 

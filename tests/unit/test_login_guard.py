@@ -21,7 +21,7 @@ def test_limit_refuses_after_n_failures_until_the_oldest_leaves_the_window() -> 
     """Three failures in 60 s lock the key; it opens when the first one is 60 s old."""
     clock = Clock()
     limit = FailureLimit(3, 60, clock=clock)
-    for step in range(3):
+    for _ in range(3):
         assert limit.retry_after("u") == 0
         limit.failed("u")
         clock.now += 10

@@ -21,5 +21,5 @@ def test_the_enum_is_the_databases_set_of_phases() -> None:
 
 def test_only_phases_before_the_flip_are_abortable() -> None:
     """Once cleanup began the new map is active: the way back is another migration."""
-    assert ABORTABLE_PHASES == sorted([Phase.PREPARE, Phase.COPY, Phase.CATCHUP, Phase.CUTOVER])
+    assert sorted([Phase.PREPARE, Phase.COPY, Phase.CATCHUP, Phase.CUTOVER]) == ABORTABLE_PHASES
     assert not Phase.CLEANUP.abortable and Phase.DONE.finished and not Phase.ABORTING.finished

@@ -20,7 +20,7 @@ def _keys(count: int = 20000) -> list[int]:
 
 def _check_plan(old: ShardMap, new: ShardMap) -> list:  # type: ignore[type-arg]
     plan = moves(old.ring, new.ring)
-    for before, after in zip(plan, plan[1:]):
+    for before, after in zip(plan, plan[1:], strict=False):
         assert before.hi < after.lo
     for key in _keys():
         move = next((m for m in plan if m.lo <= key <= m.hi), None)
@@ -68,7 +68,7 @@ def test_split_keeps_the_rest_of_the_source() -> None:
         kept = owned_after_split(TWO.ring, shard_id, plan)
         leaving = [m.span for m in plan if m.source == shard_id]
         pieces = sorted([(s.lo, s.hi) for s in kept] + [(s.lo, s.hi) for s in leaving])
-        for (_, hi), (lo, _) in zip(pieces, pieces[1:]):
+        for (_, hi), (lo, _) in zip(pieces, pieces[1:], strict=False):
             assert hi < lo
         owned = sum(r.size for r in TWO.ring.ranges() if r.shard_id == shard_id)
         assert sum(hi - lo + 1 for lo, hi in pieces) == owned

@@ -21,9 +21,21 @@ class Replay:
 
 
 def _state(phase: str, copied: int, total: int, **extra: Any) -> dict[str, Any]:
-    return {"migration_id": 7, "kind": "add", "shard_id": "shard-3", "from_version": 1, "to_version": 2,
-            "phase": phase, "rows_copied": copied, "rows_total": total, "rows_remaining": max(total - copied, 0),
-            "ranges_copied": 0, "ranges_total": 4, "delta_copied": 0, **extra}
+    return {
+        "migration_id": 7,
+        "kind": "add",
+        "shard_id": "shard-3",
+        "from_version": 1,
+        "to_version": 2,
+        "phase": phase,
+        "rows_copied": copied,
+        "rows_total": total,
+        "rows_remaining": max(total - copied, 0),
+        "ranges_copied": 0,
+        "ranges_total": 4,
+        "delta_copied": 0,
+        **extra,
+    }
 
 
 def _shown(states: list[dict[str, Any]]) -> str:

@@ -82,7 +82,9 @@ def test_a_moving_range_is_held_and_an_unserved_one_looked_up_first() -> None:
 
 def test_buffering_is_bounded_in_time_and_in_count() -> None:
     """Held at most cutover_wait seconds, at most max_buffered requests at once."""
-    assert buffer_wait(None, cutover_wait=6, buffered_now=0, max_buffered=10) == Buffer(retry_policy.BUFFER_RETRY_SECONDS)
+    assert buffer_wait(None, cutover_wait=6, buffered_now=0, max_buffered=10) == Buffer(
+        retry_policy.BUFFER_RETRY_SECONDS
+    )
     assert buffer_wait(5.99, 6, 0, 10) == Buffer(pytest.approx(0.01))  # type: ignore[arg-type]
     too_long = buffer_wait(6.0, 6, 0, 10)
     assert isinstance(too_long, Fail) and isinstance(too_long.error, errors.ShardUnavailable)

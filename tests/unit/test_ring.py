@@ -23,8 +23,14 @@ def test_golden_keys_map_to_fixed_shards() -> None:
     ring = Ring(THREE)
     pairs = {
         (uuid.UUID(int=1), uuid.UUID(int=2)): "shard-2",
-        (uuid.UUID("e4d2e6b0-cde2-42c5-aac3-0b8316f21e58"), uuid.UUID("1d535fd6-7521-4cb1-aa6d-031be7123c4d")): "shard-1",
-        (uuid.UUID("b107cb86-5493-43e6-9b98-ef306fe060ae"), uuid.UUID("5772121f-c936-4d1f-af59-e22c0eba0804")): "shard-1",
+        (
+            uuid.UUID("e4d2e6b0-cde2-42c5-aac3-0b8316f21e58"),
+            uuid.UUID("1d535fd6-7521-4cb1-aa6d-031be7123c4d"),
+        ): "shard-1",
+        (
+            uuid.UUID("b107cb86-5493-43e6-9b98-ef306fe060ae"),
+            uuid.UUID("5772121f-c936-4d1f-af59-e22c0eba0804"),
+        ): "shard-1",
     }
     for (a, b), shard in pairs.items():
         assert ring.lookup(dialog_key(a, b)) == shard
@@ -39,7 +45,7 @@ def test_lookup_agrees_with_ranges() -> None:
     ring = Ring(THREE)
     ranges = ring.ranges()
     assert ranges[0].lo == INT64_MIN and ranges[-1].hi == INT64_MAX
-    for before, after in zip(ranges, ranges[1:]):
+    for before, after in zip(ranges, ranges[1:], strict=False):
         assert after.lo == before.hi + 1
         assert after.shard_id != before.shard_id  # neighbours with one owner are merged
     for key in _keys(2000):

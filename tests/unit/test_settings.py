@@ -76,8 +76,11 @@ def test_bad_shard_id_is_refused() -> None:
 
 def test_a_separate_migration_runner_reads_the_proxies_migration_settings() -> None:
     """`dialogs run-migration` honours DIALOGS_CUTOVER_DEADLINE and DIALOGS_WORKER_TTL like a proxy."""
-    env = {"DIALOGS_METADATA_DSN": "postgresql://u@h/meta", "DIALOGS_CUTOVER_DEADLINE": "2.5",
-           "DIALOGS_WORKER_TTL": "4"}
+    env = {
+        "DIALOGS_METADATA_DSN": "postgresql://u@h/meta",
+        "DIALOGS_CUTOVER_DEADLINE": "2.5",
+        "DIALOGS_WORKER_TTL": "4",
+    }
     settings = load(MigrationRunnerSettings, env)
     assert (settings.cutover_deadline, settings.worker_ttl) == (2.5, 4.0)
     with pytest.raises(SettingsError, match="DIALOGS_CUTOVER_DEADLINE"):

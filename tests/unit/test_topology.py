@@ -14,7 +14,8 @@ def test_fresh_heartbeats_are_live_and_stale_ones_are_not() -> None:
     """Long connected: a heartbeat older than the TTL means the worker is gone."""
     workers = [_worker("a", 1.0), _worker("b", 11.0), _worker("c", 2.0, "shard-2")]
     assert live_workers(workers, ttl=10, healthy_for=100, previously_live={"a", "b"}) == {
-        "shard-1": ["a"], "shard-2": ["c"]
+        "shard-1": ["a"],
+        "shard-2": ["c"],
     }
 
 

@@ -69,7 +69,8 @@ def test_registration_checks_dates_and_passwords() -> None:
     body = {"first_name": "Anna", "second_name": "L", "password": "password-1", "birthdate": "1990-05-17"}
     user = validation.registration(body)
     assert user.birthdate == datetime.date(1990, 5, 17) and user.city == ""
-    future = (datetime.date.today() + datetime.timedelta(days=1)).isoformat()
+    # Past tomorrow in UTC: the future in every time zone (today somewhere is tomorrow in UTC).
+    future = (datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=2)).isoformat()
     with pytest.raises(errors.InvalidInput, match="future"):
         validation.registration({**body, "birthdate": future})
     with pytest.raises(errors.InvalidInput, match="at least 8"):

