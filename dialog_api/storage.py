@@ -92,8 +92,6 @@ SELECT own.state, page.*
 FROM own LEFT JOIN LATERAL ({_LIST}) AS page ON own.state IN ('owned', 'migrating', 'frozen')
 """
 
-_READABLE = {"owned", "migrating", "frozen"}
-
 
 _STATUS = {
     "inserted": lambda row: Stored(row["id"], row["created_at"], duplicate=False),
@@ -173,7 +171,7 @@ class ShardStore:
                 LIST_QUERY, dialog_key, *ordered(user_a, user_b), before, limit, wire.MAX_PAGE_TEXT_BYTES
             )
             self._observe("list", time.perf_counter() - started)
-        if rows[0]["state"] not in _READABLE:
+        if rows[0]["state"] not in wire.READABLE:
             raise errors.RangeNotServed()
         return [row for row in rows if row["id"] is not None]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dialogs.ring import HashRange, Ring
+from dialogs.wire import Ownership
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,9 @@ def target_problem(target: Holdings, others: dict[str, str], resuming: bool = Fa
     same = same_database(target.identity, others)
     if same is not None:
         return same
-    serving = {state: n for state, n in target.range_states.items() if n and not (resuming and state == "incoming")}
+    serving = {
+        state: n for state, n in target.range_states.items() if n and not (resuming and state == Ownership.INCOMING)
+    }
     if serving:
         states = ", ".join(f"{n} {state}" for state, n in sorted(serving.items()))
         return f"it already has shard ranges ({states}): it is, or was, another shard's database"

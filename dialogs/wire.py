@@ -24,6 +24,22 @@ INTERNAL_BATCH_PATH = "/internal/v1/messages/batch"
 MAX_PAGE_TEXT_BYTES = 1 << 20
 
 
+class Ownership(enum.StrEnum):
+    """How a shard database serves a range of the ring (``shard_ranges.state``; the SQL CHECK
+    in dialogs/schema/shard/ names the same set). docs/resharding.md has the table."""
+
+    OWNED = "owned"  # reads and writes
+    MIGRATING = "migrating"  # reads and writes, each write logged for the copy
+    FROZEN = "frozen"  # reads; writes refused, on the cutover's lease
+    LEAVING = "leaving"  # handed over: neither, on the same lease, until the flip
+    INCOMING = "incoming"  # a copy target's: neither, until the flip
+
+
+# Not a state: what set_range_states() is told to make a shard stop serving ranges (their rows go).
+ABSENT = "absent"
+READABLE = frozenset({Ownership.OWNED, Ownership.MIGRATING, Ownership.FROZEN})
+
+
 class Phase(enum.StrEnum):
     """A resharding migration's phase: in the metadata database, the admin API and metrics.
 

@@ -346,7 +346,11 @@ def shard() -> None:
 
 @shard.command("add")
 @click.argument("shard_id", required=False)
-@click.option("--dsn", help="An existing shard database. Without it, the local cluster starts a new one.")
+@click.option(
+    "--dsn",
+    help="An empty database of its own for the new shard (never another shard's). Without it, the local cluster"
+    " starts a new server.",
+)
 @click.option("--weight", type=click.IntRange(1, 100), default=1, show_default=True)
 @_throttle_options
 @_admin_options

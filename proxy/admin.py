@@ -26,8 +26,12 @@ CONNECT_TIMEOUT = 3.0  # seconds to reach a shard's database from the admin API
 _UNREACHABLE: tuple[type[BaseException], ...] = (*pg.FAILURES, ValueError)  # ValueError: a DSN asyncpg cannot parse
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")
+
+
 def redact(dsn: str) -> str:
-    return _PASSWORD.sub(r"\1***@", dsn)
+    """The DSN with its password, in the user part or the query, as ***."""
+    return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1***@", dsn))
 
 
 def _require_admin(request: web.Request) -> None:

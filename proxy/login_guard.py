@@ -104,6 +104,7 @@ class LoginGuard:
         """Let a login attempt through, counted as a failure until ``succeeded``; or raise
         TooManyRequests if a limit applies. No await between the check and the count, so
         concurrent attempts are counted one by one."""
+        address = source_of(address)
         pair = _pair(user_key, address)
         wait = max(self.per_address.retry_after(address), self.per_pair.retry_after(pair))
         if self.per_pair.failures(pair):
@@ -116,15 +117,31 @@ class LoginGuard:
 
     def succeeded(self, user_key: str, address: str) -> None:
         """A right password forgives this address its typos for this user; others' failures stay."""
+        address = source_of(address)
         self.per_pair.succeeded(_pair(user_key, address))
         self.per_user.take_back(user_key)
         self.per_address.take_back(address)
 
     def not_judged(self, user_key: str, address: str) -> None:
         """The attempt ended before its password was judged (a 503): it does not count."""
+        address = source_of(address)
         self.per_pair.take_back(_pair(user_key, address))
         self.per_user.take_back(user_key)
         self.per_address.take_back(address)
+
+
+def source_of(address: str) -> str:
+    """What the limits count an address as: an IPv4 address itself, an IPv6 address's /64
+    (one subscriber's network: it could otherwise use a new address for every guess)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def _pair(user_key: str, address: str) -> str:

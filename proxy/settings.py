@@ -48,7 +48,7 @@ class ProxySettings:
         " (0: a free port); its registration names that URL",
     )
     process_stall_timeout: float = s.positive_float(
-        2.0,
+        5.0,
         help="with several processes, one whose event loop has not run for this many seconds (stopped,"
         " stuck) is killed and started again: it would keep getting its share of new connections",
     )

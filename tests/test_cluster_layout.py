@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import stat
+import threading
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -68,3 +70,55 @@ def test_workers_and_proxy_get_the_internal_secret(tmp_path: Path) -> None:
     for child in children:
         assert child.env["DIALOGS_INTERNAL_SECRET"] == layout.internal_secret
         assert child.env["DIALOGS_METADATA_DSN"] == layout.metadata_dsn
+
+
+def test_edits_of_cluster_json_take_turns(tmp_path: Path) -> None:
+    """Two commands that add a shard at once: the second waits for the first's edit, then sees
+    it, so they take two names and neither writes over the other."""
+    ClusterLayout.create(tmp_path, 8080, 2).save()
+    inside, release = threading.Event(), threading.Event()
+    names: list[str] = []
+
+    def add(hold: bool) -> None:
+        with ClusterLayout.edit(tmp_path) as layout:
+            assert layout is not None
+            names.append(layout.add_shard().shard_id)
+            if hold:
+                inside.set()
+                release.wait(10)
+
+    first = threading.Thread(target=add, args=(True,))
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(target=add, args=(False,))
+    second.start()
+    time.sleep(0.3)
+    assert names == ["shard-3"]  # the second is still waiting for the lock
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert names == ["shard-3", "shard-4"]
+    layout = ClusterLayout.load(tmp_path)
+    assert layout is not None and [s.shard_id for s in layout.shards] == ["shard-1", "shard-2", "shard-3", "shard-4"]
+
+
+def test_a_take_back_leaves_a_shard_it_did_not_start(tmp_path: Path) -> None:
+    """`shard add`'s take-back removes only the entry it wrote: another command's shard under
+    the same name (other ports, password) stays, and so does its data folder."""
+    from dialogsctl import local_shard
+
+    layout = ClusterLayout.create(tmp_path, 8080, 2)
+    ours = layout.add_shard("shard-3")
+    layout.save()
+    theirs = ClusterLayout.load(tmp_path)
+    assert theirs is not None
+    theirs.forget_shard("shard-3")
+    other = theirs.add_shard("shard-3")  # another command's shard-3, written over ours
+    theirs.save()
+    (tmp_path / "pg" / "shard-3").mkdir(parents=True)
+    said: list[str] = []
+    local_shard.take_back(tmp_path, ours, said.append)
+    kept = ClusterLayout.load(tmp_path)
+    assert kept is not None and kept.shard("shard-3") == other
+    assert (tmp_path / "pg" / "shard-3").is_dir()
+    assert said == ["shard-3 in cluster.json is not the one this command started; leaving it alone"]

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import signal
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
@@ -343,3 +344,67 @@ async def test_a_target_gone_in_catchup_can_be_aborted(
     running_servers["shard-3"].start()
     again = await cluster.admin("POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]})
     assert again.status == 409 and "incoming" in again.json["message"], again.body
+
+
+async def test_writes_a_source_takes_after_the_flip_reach_the_new_owner(
+    bare_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window the lease leaves open: the flip committed, but the sources were not released
+    before their lease ran out (runner and metadata server stopped right after the flip). A
+    write a source takes then (from a worker that has not seen the new map yet) is in its
+    delta log, and cleanup copies it to the new owner before it deletes anything."""
+    from dialogs.keys import dialog_key
+    from proxy.migration import runner as runner_module
+    from proxy.migration.runner import RunnerSettings, run_active
+
+    cluster = bare_cluster
+    for shard_id in ("shard-1", "shard-2", "shard-3"):
+        await cluster.start_worker(shard_id)
+    await cluster.start_proxy(DIALOGS_MIGRATION_DRIVER="false")
+    api = cluster.api
+    anna, token = await api.user("Anna")
+    old_map = await cluster.active_map()
+    new_map = old_map.with_shard("shard-3")
+    while True:  # a peer whose dialog with Anna moves to shard-3
+        peer = await api.register("Peer")
+        key = dialog_key(uuid.UUID(anna), uuid.UUID(peer))
+        if new_map.owner(key) == "shard-3":
+            break
+    source = old_map.owner(key)
+    assert (await api.send(token, peer, "before")).status == 200
+    lo, hi = sorted((uuid.UUID(anna), uuid.UUID(peer)))
+    late: list[str] = []
+    release = runner_module._Run._release_sources
+
+    async def too_late(self: runner_module._Run) -> None:
+        if late:
+            return await release(self)
+        # The flip has committed; wait out the source's lease, then a stale worker writes there.
+        while (await cluster.shard_fetch(source, "SELECT bool_or(lease_until > clock_timestamp()) FROM shard_ranges"))[
+            0
+        ][0]:
+            await asyncio.sleep(0.05)
+        stored = await cluster.shard_fetch(
+            source,
+            "SELECT status FROM store_messages($1, $2, $3, $4, $5, $6)",
+            [key],
+            [lo],
+            [hi],
+            [True],
+            ["after the flip"],
+            [None],
+        )
+        late.append(stored[0]["status"])
+        return None
+
+    monkeypatch.setattr(runner_module._Run, "_release_sources", too_late)
+    started = await cluster.admin(
+        "POST", "/admin/shards", {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"]}
+    )
+    result = await run_active(cluster.metadata_dsn, RunnerSettings(cutover_deadline=LEASE, liveness_ttl=3))
+    assert result is not None and result.phase == "done", result
+    assert result.migration_id == started.json["migration_id"]
+    assert late == ["inserted"]  # the source took it: its lease had run out
+    texts = [m["text"] for m in await api.whole_dialog(token, peer)]
+    assert texts == ["after the flip", "before"]
+    assert (await cluster.shard_fetch(source, "SELECT count(*) FROM messages WHERE dialog_key = $1", key))[0][0] == 0

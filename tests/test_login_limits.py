@@ -106,3 +106,15 @@ async def test_a_stranger_cannot_lock_the_owner_out(bare_cluster: Cluster) -> No
     assert [await login("wrong-password", f"203.0.113.{n}") for n in range(10, 16)] == [400] * 6
     assert await login("wrong-password", "203.0.113.10") == 429
     assert await login("password-1", "198.51.100.8") == 200
+
+
+async def test_a_password_that_is_not_unicode_is_a_400(bare_cluster: Cluster) -> None:
+    """A login whose password holds a lone surrogate (valid JSON, not valid Unicode) is refused
+    like any other bad text, never a 500 from the hasher."""
+    await _workers(bare_cluster)
+    await bare_cluster.start_proxy()
+    api = bare_cluster.api
+    anna = await api.register("Anna")
+    reply = await api.request("POST", "/login", raw=b'{"id": "' + anna.encode() + b'", "password": "\\ud800"}')
+    assert reply.status == 400 and "password must be valid Unicode" in reply.json["message"], reply.body
+    assert (await api.request("POST", "/login", body={"id": anna, "password": "password-1"})).status == 200

@@ -254,13 +254,19 @@ async def set_phase(con: asyncpg.Connection, migration_id: int, phase: Phase, er
 
 
 async def cutover_failed(con: asyncpg.Connection, migration_id: int, reason: str) -> int:
-    return await con.fetchval(
+    """Back to catch-up after a failed cutover; the attempts so far. Only from the cutover
+    phase: a flip that did commit (its answer lost) must never be undone here."""
+    attempts = await con.fetchval(
         "UPDATE migrations SET cutover_attempts = cutover_attempts + 1, phase = $3, error = $2,"
-        " updated_at = now() WHERE migration_id = $1 RETURNING cutover_attempts",
+        " updated_at = now() WHERE migration_id = $1 AND phase = $4 RETURNING cutover_attempts",
         migration_id,
         reason,
         Phase.CATCHUP,
+        Phase.CUTOVER,
     )
+    if attempts is None:
+        raise errors.Conflict(f"migration {migration_id} is no longer in its cutover")
+    return int(attempts)
 
 
 async def flip(

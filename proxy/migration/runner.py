@@ -23,7 +23,7 @@ from dialogs import errors, pg, schema
 from dialogs.metastore import maps, members, migrations
 from dialogs.metastore.migrations import START, Migration, RangeState, Watermark
 from dialogs.migration_plan import Move, Span, owned_after_split, same_database, target_problem
-from dialogs.wire import Phase
+from dialogs.wire import ABSENT, Ownership, Phase
 from proxy.migration import shard_sql
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,13 @@ class _Run:
                     min_size=0,
                     max_size=4,
                     timeout=self.settings.cutover_deadline,
-                    server_settings={"lock_timeout": f"{int(self.settings.cutover_deadline * 1000)}ms"},
+                    # client_connection_check_interval: a statement whose connection this
+                    # runner closed (a deadline) notices while it waits, and gives up its
+                    # place in the fence's queue instead of freezing ranges later.
+                    server_settings={
+                        "lock_timeout": f"{int(self.settings.cutover_deadline * 1000)}ms",
+                        "client_connection_check_interval": "250ms",
+                    },
                 )
             return await self._phases()
         finally:
@@ -261,14 +267,14 @@ class _Run:
         for shard_id in self.targets:
             async with self._on(shard_id) as con:
                 await schema.upgrade_shard(con)
-        await self._set("incoming", self.targets, self.arriving)
+        await self._set(Ownership.INCOMING, self.targets, self.arriving)
         self._targets_incoming = True
         estimates: dict[int, int] = {}
         for shard_id in self.sources:
             async with self._on(shard_id) as con:
                 await shard_sql.clear_delta(con)
                 kept = owned_after_split(old.ring, shard_id, self.moves)
-                await shard_sql.fenced(con, kept, {"migrating": self.leaving(shard_id)})
+                await shard_sql.fenced(con, kept, {Ownership.MIGRATING: self.leaving(shard_id)})
                 estimates.update(await shard_sql.span_counts(con, self.leaving(shard_id)))
         await migrations.set_estimates(self.meta, migration.migration_id, estimates)
         self.ranges = await migrations.ranges(self.meta, migration.migration_id)
@@ -530,12 +536,12 @@ class _Run:
         live = {w.shard_id for w in await members.workers(self.meta) if w.age_seconds <= self.settings.liveness_ttl}
         return [t for t in self.targets if t not in live]
 
-    async def _copy_delta(self, seq: dict[str, Watermark], limit: int) -> int:
+    async def _copy_delta(self, seq: dict[str, Watermark], limit: int, finished_only: bool = True) -> int:
         """One round of delta copying from every source; advances the watermarks. Returns rows copied."""
         copied = 0
         for source in self.sources:
             async with self._on(source) as src:
-                rows = await shard_sql.read_delta(src, seq.get(source, START), limit)
+                rows = await shard_sql.read_delta(src, seq.get(source, START), limit, finished_only)
             if not rows:
                 continue
             by_target: dict[str, list[asyncpg.Record]] = {}
@@ -586,10 +592,21 @@ class _Run:
             async with asyncio.timeout(within + margin):
                 await migrations.flip(self.meta, migration, by, within, frozen.watermarks)
         except (errors.Conflict, asyncpg.PostgresError) as exc:
-            # The server answered: nothing was written. Give the ranges back now.
+            # The server answered. Almost always: nothing was written. But an error can come
+            # after a durable commit (the server shut down right after it): the phase says.
             current = await self._reload()
-            reason = "aborted by the operator" if current.abort_requested else f"could not activate the new map: {exc}"
-            await self._cutover_failed(migration, reason, fatal=current.abort_requested)
+            if current.phase == Phase.CLEANUP:
+                log.warning("migration %s: the flip committed, then: %s", migration.migration_id, exc)
+                return  # cleanup releases the sources
+            active = await maps.active_map(self.meta)
+            map_changed = active is not None and active.map_version != migration.from_version
+            if current.abort_requested:
+                reason = "aborted by the operator"
+            elif map_changed:
+                reason = "the shard map changed under the migration"
+            else:  # the leases ran out first, or the row could not be had in time: try again
+                reason = f"could not activate the new map: {exc}"
+            await self._cutover_failed(migration, reason, fatal=current.abort_requested or map_changed)
             self.observer.cutover(time.monotonic() - started, False)
             return
         except pg.UNAVAILABLE:  # TimeoutError included
@@ -629,7 +646,7 @@ class _Run:
         """Sources stop taking writes in moving ranges for ``lease`` seconds (in-flight ones
         commit first: the fence) and hand back the rest of their delta log, in one call each."""
         if not self._targets_incoming:
-            await self._set("incoming", self.targets, self.arriving)
+            await self._set(Ownership.INCOMING, self.targets, self.arriving)
             self._targets_incoming = True
 
         async def one(source: str) -> tuple[str, list[asyncpg.Record], datetime.datetime]:
@@ -708,14 +725,14 @@ class _Run:
 
         handed, _ = await asyncio.gather(
             asyncio.gather(*(source(shard_id) for shard_id in self.sources)),
-            self._set("owned", self.targets, self.arriving),
+            self._set(Ownership.OWNED, self.targets, self.arriving),
         )
         self._targets_incoming = False
         return all(handed)
 
     async def _release_sources(self) -> None:
         """After the flip: sources drop the moved ranges for good (no lease to run out)."""
-        await self._set("absent", self.sources, self.leaving)
+        await self._set(ABSENT, self.sources, self.leaving)
 
     async def _cutover_failed(self, migration: Migration, reason: str, fatal: bool) -> None:
         """Give the ranges back to their sources (writable again) and go back to catch-up, or abort.
@@ -728,11 +745,12 @@ class _Run:
         log.warning("migration %s: %s", migration.migration_id, reason)
         await self._best_effort(
             "give the moving ranges back to the sources (their leases will)",
-            self._set("migrating", self.sources, self.leaving),
+            self._set(Ownership.MIGRATING, self.sources, self.leaving),
         )
         attempts = await migrations.cutover_failed(self.meta, migration.migration_id, reason)
         self._targets_incoming = await self._best_effort(
-            "reset the targets (the next freeze does it first)", self._set("incoming", self.targets, self.arriving)
+            "reset the targets (the next freeze does it first)",
+            self._set(Ownership.INCOMING, self.targets, self.arriving),
         )
         if fatal or attempts >= MAX_CUTOVER_ATTEMPTS:
             await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTING, reason)
@@ -741,7 +759,7 @@ class _Run:
 
     async def _cleanup(self, migration: Migration) -> None:
         # Idempotent: makes sure the flip's states hold after any crash.
-        await asyncio.gather(self._release_sources(), self._set("owned", self.targets, self.arriving))
+        await asyncio.gather(self._release_sources(), self._set(Ownership.OWNED, self.targets, self.arriving))
         await self._copy_late_writes(migration)
         version = migration.target_map.map_version
         while laggards := await members.laggards(self.meta, version, self.settings.liveness_ttl):
@@ -764,8 +782,15 @@ class _Run:
         """
         seq = dict(migration.delta_watermark)
         late = 0
-        while copied := await self._copy_delta(seq, DELTA_BATCH):
+        # The sources were just released behind the fence: every write to the moved ranges
+        # has finished, so every delta row is final (finished_only=False: see read_delta).
+        while copied := await self._copy_delta(seq, DELTA_BATCH, finished_only=False):
             late += copied
+        for source in self.sources:
+            async with self._on(source) as con:
+                left = await shard_sql.delta_backlog(con, seq.get(source, START))
+            if left:  # a row logged without its message: never delete what was not copied
+                raise RuntimeError(f"{left} delta rows of {source} past the copied watermark; cleanup stops here")
         if late:
             log.error(
                 "migration %s: %d message(s) reached a source after the flip (its lease ran out before it"
@@ -805,13 +830,17 @@ class _Run:
         async with self._on(target) as con:
             holdings = await shard_sql.holdings(con)
             problem = same_database(holdings.identity, sources)
-            if problem is None and self.migration.kind == "add" and set(holdings.range_states) - {"incoming"}:
+            if (
+                problem is None
+                and self.migration.kind == "add"
+                and await shard_sql.ranges_besides(con, self.arriving(target))
+            ):
                 problem = "it serves ranges of its own (it was refused as a new shard)"
             if problem is not None:
                 log.error("migration %s: not touching %s: %s", self.migration.migration_id, target, problem)
                 return
             await schema.upgrade_shard(con)  # an abort may come before prepare reached it
-            await shard_sql.set_state(con, self.arriving(target), "absent")
+            await shard_sql.set_state(con, self.arriving(target), ABSENT)
             await shard_sql.delete_spans(con, self.arriving(target))
 
     async def _identities(self, shard_ids: list[str]) -> dict[str, str]:

@@ -15,6 +15,7 @@ import asyncpg
 
 from dialogs.metastore.migrations import Cursor, Watermark
 from dialogs.migration_plan import Holdings, Span
+from dialogs.wire import Ownership
 
 # The advisory lock key every write takes shared inside its transaction (see
 # store_messages in dialogs/schema/shard/0002_fencing.sql).
@@ -47,6 +48,13 @@ async def identity(con: asyncpg.Connection) -> str:
     return f"{row[0]}/{row[1]}/{row[2]}"
 
 
+async def ranges_besides(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
+    """Ranges this database has other than ``spans`` (a target's own, not a migration's)."""
+    return await con.fetchval(
+        "SELECT count(*) FROM shard_ranges WHERE NOT lo = ANY($1::bigint[])", [s.lo for s in spans]
+    )
+
+
 async def holdings(con: asyncpg.Connection) -> Holdings:
     """What the database already holds, for ``migration_plan.target_problem`` (a fresh one: nothing)."""
     states: dict[str, int] = {}
@@ -64,7 +72,7 @@ async def claim_if_empty(con: asyncpg.Connection, spans: Sequence[Span]) -> bool
         await con.execute("LOCK TABLE shard_ranges IN EXCLUSIVE MODE")
         if await con.fetchval("SELECT EXISTS (SELECT 1 FROM shard_ranges)"):
             return False
-        await set_state(con, spans, "owned")
+        await set_state(con, spans, Ownership.OWNED)
         return True
 
 
@@ -88,7 +96,7 @@ async def fenced(con: asyncpg.Connection, owned: Sequence[Span], states: dict[st
                 [s.lo for s in covered],
                 [s.hi for s in covered],
             )
-            await set_state(con, owned, "owned")
+            await set_state(con, owned, Ownership.OWNED)
         for state, spans in states.items():
             await set_state(con, spans, state)
 
@@ -230,14 +238,23 @@ async def delete_spans(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
     return int(status.split()[-1])
 
 
-async def read_delta(con: asyncpg.Connection, after: Watermark, limit: int) -> list[asyncpg.Record]:
-    """Up to ``limit`` finished delta rows past ``after``, in (xid, seq) order, with their messages."""
+async def read_delta(
+    con: asyncpg.Connection, after: Watermark, limit: int, finished_only: bool = True
+) -> list[asyncpg.Record]:
+    """Up to ``limit`` delta rows past ``after``, in (xid, seq) order, with their messages.
+
+    ``finished_only``: only rows of transactions older than this snapshot's xmin (while
+    writes flow, see catch-up). False once the ranges are no longer writable here and the
+    fence has waited for every writer: then every row is final, and a long transaction
+    elsewhere on the server (an operator's open BEGIN) must not hide any of them.
+    """
+    horizon = f"AND d.xid < {_HORIZON}" if finished_only else ""
     return await con.fetch(
         f"""
         SELECT d.xid, d.seq, {_M_COLUMNS}
         FROM migration_delta d
         JOIN messages m USING (dialog_key, user_lo, user_hi, id)
-        WHERE (d.xid, d.seq) > ($1, $2) AND d.xid < {_HORIZON}
+        WHERE (d.xid, d.seq) > ($1, $2) {horizon}
         ORDER BY d.xid, d.seq LIMIT $3
         """,
         *after,

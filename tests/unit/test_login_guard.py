@@ -146,3 +146,13 @@ def test_client_address(peer: str, forwarded: str | None, trusted: str, expected
     headers = {"X-Forwarded-For": forwarded} if forwarded else {}
     request = make_mocked_request("POST", "/login", headers=headers, transport=_Transport(peer))
     assert client_address(request, parse_networks(trusted)) == expected
+
+
+def test_an_ipv6_network_counts_as_one_address() -> None:
+    """Guesses from many addresses of one IPv6 /64 count together; another /64 is another source."""
+    guard = _guard(per_address=3, per_pair=100, per_user=100)
+    for n in range(3):
+        guard.attempt(f"u{n}", f"2001:db8:1:2::{n + 1}")
+    with pytest.raises(errors.TooManyRequests):
+        guard.attempt("u9", "2001:db8:1:2:ffff::9")
+    guard.attempt("u9", "2001:db8:1:3::1")

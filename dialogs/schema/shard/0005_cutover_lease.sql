@@ -8,6 +8,16 @@
 -- The flip to the new map is only made while every source's lease has time left (the
 -- runner checks in the metadata database, with a margin for clock difference), and a
 -- source is told to stop serving for good ('absent') right after it.
+-- A range frozen by a cutover of the previous version has no lease, and its runner (old
+-- code) would flip without one: let that migration end first (it finishes, or the operator
+-- aborts it) rather than invent a lease for it.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM shard_ranges WHERE state = 'frozen') THEN
+        RAISE EXCEPTION 'a migration of the previous version is in its cutover on this shard (frozen ranges):'
+            ' let it finish, or abort it, before upgrading';
+    END IF;
+END $$;
 ALTER TABLE shard_ranges DROP CONSTRAINT shard_ranges_state_check;
 ALTER TABLE shard_ranges ADD CONSTRAINT shard_ranges_state_check
     CHECK (state IN ('owned', 'migrating', 'frozen', 'leaving', 'incoming'));
