@@ -7,6 +7,7 @@ moves out of it; a weight change, moves to or from the reweighted shard.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from dialogs.ring import HashRange, Ring
@@ -127,3 +128,58 @@ def same_database(identity: str, others: dict[str, str]) -> str | None:
         if other == identity:
             return f"it is the database of shard {shard_id} (the same server, database and schema)"
     return None
+
+
+Pair = tuple[str, str]  # (source, target)
+
+
+class MovePlan:
+    """The geometry of one migration, pure: who gives what to whom.
+
+    Built once from the migration's moves; every question the runner asks about them
+    (which shards are sources or targets, which spans leave or arrive at a shard, which
+    move a dialog key of a source falls in) is answered here without I/O.
+    """
+
+    def __init__(self, moves: list[Move]) -> None:
+        self.moves = list(moves)
+        self.sources = sorted({m.source for m in self.moves})
+        self.targets = sorted({m.target for m in self.moves})
+        self._by_source: dict[str, tuple[list[Move], list[int]]] = {}
+        for source in self.sources:
+            out = sorted((m for m in self.moves if m.source == source), key=lambda m: m.lo)
+            self._by_source[source] = (out, [m.lo for m in out])
+
+    def leaving(self, shard_id: str) -> list[Span]:
+        return [m.span for m in self.moves if m.source == shard_id]
+
+    def arriving(self, shard_id: str) -> list[Span]:
+        return [m.span for m in self.moves if m.target == shard_id]
+
+    def pairs(self) -> dict[Pair, list[Span]]:
+        """The moving spans of each (source, target)."""
+        pairs: dict[Pair, list[Span]] = {}
+        for move in self.moves:
+            pairs.setdefault((move.source, move.target), []).append(move.span)
+        return pairs
+
+    def move_of(self, source: str, key: int) -> Move:
+        """The move out of ``source`` that holds dialog ``key`` (a bisect over its moves)."""
+        moves, starts = self._by_source[source]
+        index = bisect.bisect_right(starts, key) - 1
+        if index < 0 or not moves[index].lo <= key <= moves[index].hi:
+            raise KeyError(f"dialog key {key} does not leave {source} in this migration")
+        return moves[index]
+
+    def by_pair(
+        self, keys_by_source: dict[str, list[int]], skip_moves: set[int] | frozenset[int] = frozenset()
+    ) -> dict[Pair, list[int]]:
+        """Dialog keys of each source grouped by (source, target), leaving out those in the
+        moves whose ``lo`` is in ``skip_moves``."""
+        grouped: dict[Pair, list[int]] = {}
+        for source, keys in keys_by_source.items():
+            for key in keys:
+                move = self.move_of(source, key)
+                if move.lo not in skip_moves:
+                    grouped.setdefault((source, move.target), []).append(key)
+        return grouped

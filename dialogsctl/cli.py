@@ -150,7 +150,7 @@ def status(data_dir: Path, url: str | None, token: str | None, as_json: bool) ->
                 {
                     "proxy": layout.proxy_url,
                     "map_version": shard_map.map_version,
-                    "migration": running.to_json() if running else None,
+                    "migration": running,
                     "shards": entries,
                 },
                 indent=2,
@@ -158,7 +158,7 @@ def status(data_dir: Path, url: str | None, token: str | None, as_json: bool) ->
         )
         return
     console.print(f"proxy {layout.proxy_url}   active map version [bold]{shard_map.map_version}[/bold]")
-    _print_running(console, running.to_json() if running is not None else None)
+    _print_running(console, running)
     table = Table("shard", "weight", "share of keys", "rows", "workers", "dsn")
     for entry in entries:
         table.add_row(
@@ -215,7 +215,12 @@ async def _status(metadata_dsn: str) -> tuple[Any, Any, Any, Any, Any]:
         shard_map = await maps.active_map(con)
         shards = await maps.shard_dsns(con)
         workers = await members.workers(con)
-        running = await migrations.active(con)
+        active = await migrations.active(con)
+        running = None
+        if active is not None:
+            from proxy.admin import migration_json
+
+            running = migration_json(active, *await migrations.range_counts(con, active.migration_id))
     finally:
         await con.close()
     if shard_map is None:

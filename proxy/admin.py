@@ -13,11 +13,11 @@ from aiohttp import web
 from dialogs import errors, pg, shard_map
 from dialogs.http import bearer_token, json_response, read_json
 from dialogs.keys import INT64_MAX
-from dialogs.metastore import maps, members, migrations
-from dialogs.metastore.users import translated
+from dialogs.metastore import migrations
+from dialogs.metastore.store import MetadataStore
 from dialogs.migration_plan import Holdings, target_problem
 from dialogs.pg import dsn_problem
-from proxy.appkeys import SETTINGS, TOKENS, USERS
+from proxy.appkeys import METADATA, SETTINGS, TOKENS
 from proxy.migration import shard_sql
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
@@ -73,25 +73,42 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _pool(request: web.Request) -> asyncpg.Pool:
-    return request.app[USERS].pool
+def _store(request: web.Request) -> MetadataStore:
+    return request.app[METADATA]
 
 
-async def _active_map(con: asyncpg.Connection) -> shard_map.ShardMap:
-    current = await maps.active_map(con)
-    if current is None:
-        raise errors.Unavailable("the cluster has no shard map yet")
-    return current
+def migration_json(migration: migrations.Migration, ranges_total: int, ranges_copied: int) -> dict[str, Any]:
+    """A migration as the admin API (and `dialogs status --json`) shows it."""
+    return {
+        "migration_id": migration.migration_id,
+        "kind": migration.kind,
+        "shard_id": migration.shard_id,
+        "from_version": migration.from_version,
+        "to_version": migration.target_map.map_version,
+        "phase": migration.phase,
+        "abort_requested": migration.abort_requested,
+        "rows_per_second": migration.rows_per_second,
+        "batch_size": migration.batch_size,
+        "rows_total": migration.rows_total,
+        "rows_copied": migration.rows_copied,
+        "rows_remaining": max(migration.rows_total - migration.rows_copied, 0),
+        "delta_copied": migration.delta_copied,
+        "ranges_total": ranges_total,
+        "ranges_copied": ranges_copied,
+        "cutover_attempts": migration.cutover_attempts,
+        "last_pause_ms": migration.last_pause_ms,
+        "error": migration.error,
+        "elapsed_seconds": round(migration.elapsed_seconds, 3),
+    }
 
 
-async def _migration_json(con: asyncpg.Connection, migration: migrations.Migration) -> dict[str, Any]:
-    total, copied = await migrations.range_counts(con, migration.migration_id)
-    return migration.to_json(total, copied)
+async def _migration_response(request: web.Request, migration: migrations.Migration, status: int = 200) -> web.Response:
+    total, copied = await _store(request).range_counts(migration.migration_id)
+    return json_response(migration_json(migration, total, copied), status=status)
 
 
 async def _start(
     request: web.Request,
-    con: asyncpg.Connection,
     kind: str,
     shard_id: str,
     target: shard_map.ShardMap,
@@ -99,22 +116,24 @@ async def _start(
     throttle: tuple[int | None, int | None],
 ) -> web.Response:
     rows_per_second, batch_size = throttle
-    migration = await migrations.create(con, kind, shard_id, target, current, rows_per_second or 0, batch_size or 5000)
-    return json_response(await _migration_json(con, migration), status=202)
+    migration = await _store(request).start_migration(
+        kind, shard_id, target, current, rows_per_second or 0, batch_size or 5000
+    )
+    return await _migration_response(request, migration, status=202)
 
 
-async def _refuse_if_busy(con: asyncpg.Connection) -> None:
-    running = await migrations.active(con)
+async def _refuse_if_busy(request: web.Request) -> None:
+    running = await _store(request).active_migration()
     if running is not None:
         raise errors.Conflict(f"migration {running.migration_id} is still running; one at a time")
 
 
 async def list_shards(request: web.Request) -> web.Response:
     _require_admin(request)
-    async with translated(), _pool(request).acquire() as con:
-        current = await _active_map(con)
-        registry = await maps.registered_shards(con)
-        live = await members.workers(con)
+    store = _store(request)
+    current = await store.active_map()
+    registry = await store.registered_shards()
+    live = await store.workers()
     shares = current.ring.shares()
     ttl = request.app[SETTINGS].worker_ttl
     return json_response(
@@ -148,15 +167,14 @@ async def add_shard(request: web.Request) -> web.Response:
         raise errors.InvalidInput(f"dsn {problem}")
     weight = _int(data, "weight", 1, 1, shard_map.MAX_WEIGHT)
     throttle = _throttle(data)
-    async with translated(), _pool(request).acquire() as con:
-        current = await _active_map(con)
-        if shard_id in current.weights:
-            raise errors.Conflict(f"shard {shard_id} is already in the shard map")
-        await _refuse_if_busy(con)
-        await _check_new_database(con, shard_id, dsn)
-        await maps.register_shard(con, shard_id, dsn, reactivate=True)
-        target = current.with_shard(shard_id, weight or 1)
-        return await _start(request, con, "add", shard_id, target, current, throttle)
+    store = _store(request)
+    current = await store.active_map()
+    if shard_id in current.weights:
+        raise errors.Conflict(f"shard {shard_id} is already in the shard map")
+    await _refuse_if_busy(request)
+    await _check_new_database(store, shard_id, dsn)
+    await store.register_shard(shard_id, dsn)
+    return await _start(request, "add", shard_id, current.with_shard(shard_id, weight or 1), current, throttle)
 
 
 async def _holdings(dsn: str) -> Holdings:
@@ -170,7 +188,7 @@ async def _holdings(dsn: str) -> Holdings:
         await con.close()
 
 
-async def _check_new_database(meta: asyncpg.Connection, shard_id: str, dsn: str) -> None:
+async def _check_new_database(store: MetadataStore, shard_id: str, dsn: str) -> None:
     """Refuse a database that is already a shard's, or serves ranges, or holds messages: a copy
     target deletes rows in the ranges it receives (docs/resharding.md, "Choosing a target").
 
@@ -179,7 +197,7 @@ async def _check_new_database(meta: asyncpg.Connection, shard_id: str, dsn: str)
     holdings check refuses it all the same, and the runner checks again before it copies.
     """
     target = await _holdings(dsn)
-    rows = [r for r in await maps.registered_shards(meta) if r["retired_at"] is None and r["shard_id"] != shard_id]
+    rows = [r for r in await store.registered_shards() if r["retired_at"] is None and r["shard_id"] != shard_id]
     found = await asyncio.gather(*(_holdings(row["dsn"]) for row in rows), return_exceptions=True)
     others = {row["shard_id"]: h.identity for row, h in zip(rows, found, strict=True) if isinstance(h, Holdings)}
     problem = target_problem(target, others)
@@ -191,14 +209,13 @@ async def remove_shard(request: web.Request) -> web.Response:
     _require_admin(request)
     shard_id = request.match_info["shard_id"]
     throttle = _throttle(dict(_query_ints(request)))
-    async with translated(), _pool(request).acquire() as con:
-        current = await _active_map(con)
-        if shard_id not in current.weights:
-            raise errors.ShardNotFound(f"shard {shard_id} is not in the shard map")
-        if len(current.weights) == 1:
-            raise errors.Conflict("cannot remove the last shard")
-        await _refuse_if_busy(con)
-        return await _start(request, con, "remove", shard_id, current.without_shard(shard_id), current, throttle)
+    current = await _store(request).active_map()
+    if shard_id not in current.weights:
+        raise errors.ShardNotFound(f"shard {shard_id} is not in the shard map")
+    if len(current.weights) == 1:
+        raise errors.Conflict("cannot remove the last shard")
+    await _refuse_if_busy(request)
+    return await _start(request, "remove", shard_id, current.without_shard(shard_id), current, throttle)
 
 
 def _query_ints(request: web.Request) -> dict[str, int]:
@@ -220,20 +237,18 @@ async def set_weight(request: web.Request) -> web.Response:
     if weight is None:
         raise errors.InvalidInput(f"weight must be an integer from 1 to {shard_map.MAX_WEIGHT}")
     throttle = _throttle(data)
-    async with translated(), _pool(request).acquire() as con:
-        current = await _active_map(con)
-        if shard_id not in current.weights:
-            raise errors.ShardNotFound(f"shard {shard_id} is not in the shard map")
-        if current.weights[shard_id] == weight:
-            raise errors.Conflict(f"shard {shard_id} already has weight {weight}")
-        await _refuse_if_busy(con)
-        return await _start(request, con, "weight", shard_id, current.with_weight(shard_id, weight), current, throttle)
+    current = await _store(request).active_map()
+    if shard_id not in current.weights:
+        raise errors.ShardNotFound(f"shard {shard_id} is not in the shard map")
+    if current.weights[shard_id] == weight:
+        raise errors.Conflict(f"shard {shard_id} already has weight {weight}")
+    await _refuse_if_busy(request)
+    return await _start(request, "weight", shard_id, current.with_weight(shard_id, weight), current, throttle)
 
 
 async def get_map(request: web.Request) -> web.Response:
     _require_admin(request)
-    async with translated(), _pool(request).acquire() as con:
-        current = await _active_map(con)
+    current = await _store(request).active_map()
     shares = current.ring.shares()
     body = current.to_json()
     for entry in body["shards"]:
@@ -243,8 +258,12 @@ async def get_map(request: web.Request) -> web.Response:
 
 async def list_migrations(request: web.Request) -> web.Response:
     _require_admin(request)
-    async with translated(), _pool(request).acquire() as con:
-        return json_response([await _migration_json(con, m) for m in await migrations.recent(con)])
+    store = _store(request)
+    shown = []
+    for migration in await store.recent_migrations():
+        total, copied = await store.range_counts(migration.migration_id)
+        shown.append(migration_json(migration, total, copied))
+    return json_response(shown)
 
 
 def _migration_id(request: web.Request) -> int:
@@ -259,26 +278,20 @@ def _migration_id(request: web.Request) -> int:
 
 async def get_migration(request: web.Request) -> web.Response:
     _require_admin(request)
-    async with translated(), _pool(request).acquire() as con:
-        migration = await migrations.get(con, _migration_id(request))
-        if migration is None:
-            raise errors.MigrationNotFound(f"no migration {request.match_info['migration_id']}")
-        return json_response(await _migration_json(con, migration))
+    return await _migration_response(request, await _store(request).migration(_migration_id(request)))
 
 
 async def abort_migration(request: web.Request) -> web.Response:
     _require_admin(request)
-    async with translated(), _pool(request).acquire() as con:
-        migration = await migrations.request_abort(con, _migration_id(request))
-        return json_response(await _migration_json(con, migration), status=202)
+    migration = await _store(request).request_abort(_migration_id(request))
+    return await _migration_response(request, migration, status=202)
 
 
 async def throttle_migration(request: web.Request) -> web.Response:
     _require_admin(request)
     rows_per_second, batch_size = _throttle(await _body(request), defaults=False)
-    async with translated(), _pool(request).acquire() as con:
-        migration = await migrations.set_throttle(con, _migration_id(request), rows_per_second, batch_size)
-        return json_response(await _migration_json(con, migration))
+    migration = await _store(request).set_throttle(_migration_id(request), rows_per_second, batch_size)
+    return await _migration_response(request, migration)
 
 
 def setup_routes(app: web.Application) -> None:

@@ -15,13 +15,14 @@ from dialogs import heartbeat, pg, schema, wire
 from dialogs.aio import background
 from dialogs.http import make_middleware
 from dialogs.metastore import members
-from dialogs.metastore.users import UserStore
+from dialogs.metastore.store import MetadataStore
 from dialogs.watch import MetadataWatcher
 from proxy import handlers
 from proxy.appkeys import (
     FORWARDER,
     KNOWN_USERS,
     LOGIN_GUARD,
+    METADATA,
     METRICS,
     OWN_URL,
     PASSWORDS,
@@ -29,7 +30,6 @@ from proxy.appkeys import (
     SETTINGS,
     TOKENS,
     TOPOLOGY,
-    USERS,
     WATCHER,
 )
 from proxy.auth import Passwords, TokenAuthority
@@ -76,8 +76,8 @@ async def _schema(app: web.Application) -> AsyncIterator[None]:
 
 async def _metadata_pool(app: web.Application) -> AsyncIterator[None]:
     async with asyncpg.create_pool(app[SETTINGS].metadata_dsn, min_size=0, max_size=10, timeout=5) as pool:
-        app[USERS] = UserStore(pool)
-        app[KNOWN_USERS] = KnownUsers(app[USERS])
+        app[METADATA] = MetadataStore(pool)
+        app[KNOWN_USERS] = KnownUsers(app[METADATA])
         yield
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dialogs.metastore.users import UserStore
+from dialogs.metastore.store import MetadataStore
 from dialogs.watch import MetadataWatcher
 from proxy.auth import Passwords, TokenAuthority
 from proxy.forwarder import Forwarder
@@ -19,7 +19,7 @@ METRICS = web.AppKey("metrics", ProxyMetrics)
 TOKENS = web.AppKey("tokens", TokenAuthority)
 PASSWORDS = web.AppKey("passwords", Passwords)
 LOGIN_GUARD = web.AppKey("login_guard", LoginGuard)
-USERS = web.AppKey("users", UserStore)
+METADATA = web.AppKey("metadata", MetadataStore)  # every query of the metadata database
 KNOWN_USERS = web.AppKey("known_users", KnownUsers)
 TOPOLOGY = web.AppKey("topology", Topology)
 WATCHER = web.AppKey("watcher", MetadataWatcher)

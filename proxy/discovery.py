@@ -15,9 +15,7 @@ from aiohttp import web
 
 from dialogs import errors
 from dialogs.http import json_response
-from dialogs.metastore import members
-from dialogs.metastore.users import translated
-from proxy.appkeys import SETTINGS, USERS
+from proxy.appkeys import METADATA, SETTINGS
 
 ROLES = ("proxy", "worker")
 
@@ -26,7 +24,6 @@ async def prometheus_targets(request: web.Request) -> web.Response:
     role = request.query.get("role", "")
     if role not in ROLES:
         raise errors.InvalidInput(f"role must be one of: {', '.join(ROLES)}")
-    async with translated(), request.app[USERS].pool.acquire() as con:
-        urls = await members.live_urls(con, role, request.app[SETTINGS].worker_ttl)
+    urls = await request.app[METADATA].live_urls(role, request.app[SETTINGS].worker_ttl)
     targets = sorted({urlsplit(url).netloc for url in urls})
     return json_response([{"targets": targets, "labels": {}}] if targets else [])

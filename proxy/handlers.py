@@ -2,33 +2,50 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dialogs import errors, wire
 from dialogs.http import json_response, read_json, request_id_of
 from dialogs.keys import dialog_key
-from dialogs.metastore.users import user_json
 from proxy import admin, discovery, openapi, validation
 from proxy.appkeys import (
     FORWARDER,
     KNOWN_USERS,
     LOGIN_GUARD,
+    METADATA,
     METRICS,
     PASSWORDS,
     SETTINGS,
     TOKENS,
     TOPOLOGY,
-    USERS,
     WATCHER,
 )
-from proxy.login_guard import client_address
+from proxy.clients import client_address
+
+
+def user_json(row: asyncpg.Record) -> dict[str, Any]:
+    """A user as the spec types it: a birthdate never given is left out, never null
+    (``User.birthdate`` is a non-nullable date; generated clients reject null)."""
+    user = {
+        "id": str(row["id"]),
+        "first_name": row["first_name"],
+        "second_name": row["second_name"],
+        "biography": row["biography"],
+        "city": row["city"],
+    }
+    if row["birthdate"] is not None:
+        user["birthdate"] = row["birthdate"].isoformat()
+    return user
 
 
 async def register(request: web.Request) -> web.Response:
     new_user = validation.registration(await read_json(request))
     password_hash = await request.app[PASSWORDS].hash(new_user.password)
-    user_id = await request.app[USERS].create(new_user, password_hash)
+    user_id = await request.app[METADATA].create_user(new_user, password_hash)
     request.app[KNOWN_USERS].add(user_id)
     return json_response({"user_id": str(user_id)})
 
@@ -39,7 +56,7 @@ async def login(request: web.Request) -> web.Response:
     address = client_address(request, request.app[SETTINGS].trusted_proxies)
     guard.attempt(user_key, address)  # counted before any hashing; a refused attempt costs nothing
     try:
-        password_hash = await request.app[USERS].password_hash(user_id)
+        password_hash = await request.app[METADATA].password_hash(user_id)
         right = password_hash is not None and await request.app[PASSWORDS].verify(password_hash, password)
     except errors.Unavailable:
         guard.not_judged(user_key, address)
@@ -54,7 +71,7 @@ async def login(request: web.Request) -> web.Response:
 
 async def get_user(request: web.Request) -> web.Response:
     user_id = validation.user_id(request.match_info["id"], "id")
-    row = await request.app[USERS].get(user_id)
+    row = await request.app[METADATA].user(user_id)
     if row is None:
         raise errors.UserNotFound()
     return json_response(user_json(row))
@@ -62,7 +79,7 @@ async def get_user(request: web.Request) -> web.Response:
 
 async def search_users(request: web.Request) -> web.Response:
     first_name, last_name, limit = validation.search(request.query)
-    rows = await request.app[USERS].search(first_name, last_name, limit)
+    rows = await request.app[METADATA].search_users(first_name, last_name, limit)
     return json_response([user_json(row) for row in rows])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import environ
 
 from dialogs import settings as s
-from proxy.login_guard import Network, parse_networks
+from proxy.clients import Network, parse_networks
 
 INTERNAL_SECRET_HELP = "≥ 32 characters, the same on every proxy and worker: workers answer only callers presenting it"
 

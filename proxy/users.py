@@ -7,7 +7,7 @@ import logging
 import uuid
 
 from dialogs import errors
-from dialogs.metastore.users import UserStore
+from dialogs.metastore.store import MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class KnownUsers:
     database (see docs/architecture.md).
     """
 
-    def __init__(self, store: UserStore, capacity: int = 100_000) -> None:
+    def __init__(self, store: MetadataStore, capacity: int = 100_000) -> None:
         self._store = store
         self._capacity = capacity
         self._known: collections.OrderedDict[uuid.UUID, None] = collections.OrderedDict()
@@ -36,7 +36,7 @@ class KnownUsers:
             self._known.move_to_end(user_id)
             return
         try:
-            exists = await self._store.exists(user_id)
+            exists = await self._store.user_exists(user_id)
         except errors.MetadataUnavailable:
             log.warning("metadata database down: cannot check that user %s exists; answering as if it does", user_id)
             return

@@ -19,19 +19,74 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ("worker-1a", "worker-1b", "worker-2a", "worker-2b")
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    """The stack as docker-compose resolves it with .env.example (Debian's docker-compose)."""
+def _filled_env(folder: Path) -> Path:
+    """.env.example with every secret set, as the README asks."""
+    text = (ROOT / ".env.example").read_text()
+    filled = re.sub(
+        r"^([A-Z_]+)=$", lambda m: f"{m[1]}=set-{m[1].lower()}-0123456789abcdef0123456789", text, flags=re.M
+    )
+    path = folder / "filled.env"
+    path.write_text(filled)
+    return path
+
+
+def _config(env_file: Path, *files: Path) -> dict[str, Any]:
+    """The stack as docker-compose resolves it (Debian's docker-compose)."""
     packages.ensure("docker-compose", "docker-compose")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "DIALOGS_", "GRAFANA_", "COMPOSE_"))}
+    args = [arg for file in files for arg in ("-f", str(file))]
     result = subprocess.run(
-        ["docker-compose", "--env-file", ".env.example", "-f", "docker-compose.yaml", "config"],
+        ["docker-compose", "--env-file", str(env_file), *args, "config"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The stack as docker-compose resolves it with .env.example, its secrets set."""
+    return _config(_filled_env(tmp_path_factory.mktemp("env")), ROOT / "docker-compose.yaml")
+
+
+def test_the_example_env_has_no_usable_placeholders() -> None:
+    """Every secret in .env.example is empty: compose refuses to start until each is set, so a
+    placeholder cannot be left in by mistake."""
+    text = (ROOT / ".env.example").read_text()
+    for name in (
+        "POSTGRES_PASSWORD",
+        "DIALOGS_JWT_SECRET",
+        "DIALOGS_INTERNAL_SECRET",
+        "DIALOGS_ADMIN_TOKEN",
+        "GRAFANA_ADMIN_PASSWORD",
+    ):
+        assert re.search(rf"^{name}=$", text, re.M), name
+
+
+def test_the_docs_shard_file_adds_a_shard_like_the_first_ones(tmp_path: Path) -> None:
+    """docs/resharding.md's docker-compose.shard-3.yaml, with the stack's file: valid, and its
+    workers configured as the stack's own (same variables, healthcheck, restart policy,
+    waiting for their database), each registering under its own name."""
+    from tests.compose_check import example
+
+    shard_file = tmp_path / "docker-compose.shard-3.yaml"
+    shard_file.write_text(example(ROOT / "docs" / "resharding.md", "compose-shard-3"))
+    stack = _config(_filled_env(tmp_path), ROOT / "docker-compose.yaml", shard_file)["services"]
+    for name in ("worker-3a", "worker-3b"):
+        worker, model = stack[name], stack["worker-1a"]
+        assert set(worker["environment"]) == set(model["environment"]), name
+        assert worker["environment"]["DIALOGS_SHARD_ID"] == "shard-3"
+        assert worker["environment"]["DIALOGS_WORKER_ID"] == name
+        assert worker["environment"]["DIALOGS_ADVERTISE_URL"] == f"http://{name}:8081"
+        assert worker["healthcheck"] == model["healthcheck"] and worker["restart"] == model["restart"]
+        assert worker["image"] == model["image"] and worker["command"] == model["command"]
+        assert worker["depends_on"]["shard-3"]["condition"] == "service_healthy"
+    assert stack["shard-3"]["image"] == stack["shard-1"]["image"]
+    assert stack["shard-3"]["healthcheck"] == stack["shard-1"]["healthcheck"]
 
 
 def test_missing_secrets_are_refused(compose: dict[str, Any], tmp_path: Path) -> None:

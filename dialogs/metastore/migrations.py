@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 
@@ -45,32 +44,12 @@ class Migration:
     error: str | None
     elapsed_seconds: float
 
-    def to_json(self, ranges_total: int = 0, ranges_copied: int = 0) -> dict[str, Any]:
-        return {
-            "migration_id": self.migration_id,
-            "kind": self.kind,
-            "shard_id": self.shard_id,
-            "from_version": self.from_version,
-            "to_version": self.target_map.map_version,
-            "phase": self.phase,
-            "abort_requested": self.abort_requested,
-            "rows_per_second": self.rows_per_second,
-            "batch_size": self.batch_size,
-            "rows_total": self.rows_total,
-            "rows_copied": self.rows_copied,
-            "rows_remaining": max(self.rows_total - self.rows_copied, 0),
-            "delta_copied": self.delta_copied,
-            "ranges_total": ranges_total,
-            "ranges_copied": ranges_copied,
-            "cutover_attempts": self.cutover_attempts,
-            "last_pause_ms": self.last_pause_ms,
-            "error": self.error,
-            "elapsed_seconds": round(self.elapsed_seconds, 3),
-        }
-
 
 @dataclass
-class RangeState:
+class RangeCopy:
+    """How far one moving range is copied (its checkpoint); the range's ownership on a shard
+    is another thing (``wire.Ownership``)."""
+
     move: Move
     rows_estimate: int
     cursor: Cursor
@@ -178,10 +157,10 @@ async def range_counts(con: asyncpg.Connection, migration_id: int) -> tuple[int,
     return row["total"], row["copied"]
 
 
-async def ranges(con: asyncpg.Connection, migration_id: int) -> list[RangeState]:
+async def ranges(con: asyncpg.Connection, migration_id: int) -> list[RangeCopy]:
     rows = await con.fetch("SELECT * FROM migration_ranges WHERE migration_id = $1 ORDER BY lo", migration_id)
     return [
-        RangeState(
+        RangeCopy(
             Move(r["lo"], r["hi"], r["source"], r["target"]),
             r["rows_estimate"],
             None if r["cursor_key"] is None else (r["cursor_key"], r["cursor_lo"], r["cursor_hi"], r["cursor_id"]),

@@ -9,7 +9,6 @@ Every phase is safe to run again from its start; docs/resharding.md argues each 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import datetime
 import logging
@@ -21,18 +20,16 @@ import asyncpg
 
 from dialogs import errors, pg, schema
 from dialogs.metastore import maps, members, migrations
-from dialogs.metastore.migrations import START, Migration, RangeState, Watermark
-from dialogs.migration_plan import Move, Span, owned_after_split, same_database, target_problem
+from dialogs.metastore.migrations import START, Migration, RangeCopy, Watermark
+from dialogs.migration_plan import MovePlan, Span, owned_after_split, same_database, target_problem
 from dialogs.wire import ABSENT, Ownership, Phase
 from proxy.migration import shard_sql
+from proxy.migration.verification import DIALOG_ROUNDS, MAX_VERIFY_ROUNDS, Verified, rounds_done
 
 log = logging.getLogger(__name__)
 
 CUTOVER_BACKLOG = 200  # catch up until at most this many delta rows remain, then cut over
 MAX_STALLED_ROUNDS = 20  # ...or until the backlog has stopped shrinking for this many rounds
-MAX_VERIFY_ROUNDS = 6  # pre-verification rounds before the cutover...
-SETTLED_RANGES = 16  # ...stop once at most this many ranges are left for the cutover to re-check
-DIALOG_ROUNDS = 2  # then rounds that verify, one by one, the dialogs written since (_settle_dialogs)
 MAX_CUTOVER_ATTEMPTS = 5
 # The flip must commit this long before the sources' leases end (at most a fifth of the
 # lease): room for the clocks of the metadata and shard servers to differ, and for the commit.
@@ -115,18 +112,15 @@ class _Run:
         self.migration = migration
         self.settings = settings
         self.observer = settings.observer
-        self.ranges: list[RangeState] = []
+        self.ranges: list[RangeCopy] = []
         self.pools: dict[str, asyncpg.Pool] = {}
-        self._lookup: dict[str, tuple[list[Move], list[int]]] = {}
+        self.plan = MovePlan([])  # set once the moves are read (run)
         # Whether this run itself put the targets' ranges in 'incoming' (a resumed run
         # cannot know what a crashed cutover left, so it resets them).
         self._targets_incoming = False
-        # Pre-verification (in memory; a resumed run verifies everything): per source, the
-        # delta head before its digests, and the ranges that differed.
-        self._verified_from: dict[str, Watermark] | None = None
-        self._suspects: set[int] = set()
-        self._suspect_dialogs: dict[str, set[int]] = {}  # per source: dialogs that differed in a settling round
-        self._verified_at_cutover = (0, 0)  # (ranges digested whole, single dialogs) at the last cutover
+        # Pre-verification, in memory: a resumed run has verified nothing and checks all.
+        self.verified = Verified()
+        self._checked_at_cutover = (0, 0)  # (ranges digested whole, single dialogs), for the log
 
     @contextlib.asynccontextmanager
     async def _on(self, shard_id: str) -> AsyncIterator[asyncpg.Connection]:
@@ -164,35 +158,12 @@ class _Run:
 
         await asyncio.gather(*(one(shard_id) for shard_id in shards))
 
-    def _pairs(self) -> dict[tuple[str, str], list[Span]]:
-        pairs: dict[tuple[str, str], list[Span]] = {}
-        for move in self.moves:
-            pairs.setdefault((move.source, move.target), []).append(move.span)
-        return pairs
-
-    @property
-    def moves(self) -> list[Move]:
-        return [r.move for r in self.ranges]
-
-    def leaving(self, shard_id: str) -> list[Span]:
-        return [m.span for m in self.moves if m.source == shard_id]
-
-    def arriving(self, shard_id: str) -> list[Span]:
-        return [m.span for m in self.moves if m.target == shard_id]
-
-    @property
-    def sources(self) -> list[str]:
-        return sorted({m.source for m in self.moves})
-
-    @property
-    def targets(self) -> list[str]:
-        return sorted({m.target for m in self.moves})
-
     async def run(self) -> Migration:
         self.ranges = await migrations.ranges(self.meta, self.migration.migration_id)
+        self.plan = MovePlan([r.move for r in self.ranges])  # the moves never change; their checkpoints do
         dsns = await maps.shard_dsns(self.meta)
         try:
-            for shard_id in sorted(set(self.sources) | set(self.targets)):
+            for shard_id in sorted(set(self.plan.sources) | set(self.plan.targets)):
                 # lock_timeout bounds how long a statement of a runner that died while it
                 # waited can linger and still commit (a new runner's changes queue behind it).
                 # min_size=0: nothing connects until used, so a shard that is gone fails only
@@ -264,18 +235,18 @@ class _Run:
         if problem is not None:
             await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTING, problem)
             return
-        for shard_id in self.targets:
+        for shard_id in self.plan.targets:
             async with self._on(shard_id) as con:
                 await schema.upgrade_shard(con)
-        await self._set(Ownership.INCOMING, self.targets, self.arriving)
+        await self._set(Ownership.INCOMING, self.plan.targets, self.plan.arriving)
         self._targets_incoming = True
         estimates: dict[int, int] = {}
-        for shard_id in self.sources:
+        for shard_id in self.plan.sources:
             async with self._on(shard_id) as con:
                 await shard_sql.clear_delta(con)
-                kept = owned_after_split(old.ring, shard_id, self.moves)
-                await shard_sql.fenced(con, kept, {Ownership.MIGRATING: self.leaving(shard_id)})
-                estimates.update(await shard_sql.span_counts(con, self.leaving(shard_id)))
+                kept = owned_after_split(old.ring, shard_id, self.plan.moves)
+                await shard_sql.fenced(con, kept, {Ownership.MIGRATING: self.plan.leaving(shard_id)})
+                estimates.update(await shard_sql.span_counts(con, self.plan.leaving(shard_id)))
         await migrations.set_estimates(self.meta, migration.migration_id, estimates)
         self.ranges = await migrations.ranges(self.meta, migration.migration_id)
         await migrations.set_phase(self.meta, migration.migration_id, Phase.COPY)
@@ -284,7 +255,7 @@ class _Run:
 
     async def _copy(self, migration: Migration) -> None:
         pending = [r for r in self.ranges if not r.copied]
-        pairs: dict[tuple[str, str], list[RangeState]] = {}
+        pairs: dict[tuple[str, str], list[RangeCopy]] = {}
         for state in pending:
             pairs.setdefault((state.move.source, state.move.target), []).append(state)
         for (source, target), states in pairs.items():
@@ -294,7 +265,7 @@ class _Run:
         self.ranges = await migrations.ranges(self.meta, migration.migration_id)
         await migrations.set_phase(self.meta, migration.migration_id, Phase.CATCHUP)
 
-    async def _forget_uncheckpointed(self, tgt: asyncpg.Connection, states: list[RangeState]) -> None:
+    async def _forget_uncheckpointed(self, tgt: asyncpg.Connection, states: list[RangeCopy]) -> None:
         """A crash may have committed a batch on the target without its checkpoint: drop those rows.
 
         Only the initial pass writes here before catch-up starts, so every target row past
@@ -304,8 +275,8 @@ class _Run:
         for state in (s for s in states if s.cursor is not None):
             await shard_sql.delete_after(tgt, state.move.span, state.cursor)
 
-    async def _copy_pair(self, src: asyncpg.Connection, tgt: asyncpg.Connection, states: list[RangeState]) -> None:
-        chunk: list[RangeState] = []
+    async def _copy_pair(self, src: asyncpg.Connection, tgt: asyncpg.Connection, states: list[RangeCopy]) -> None:
+        chunk: list[RangeCopy] = []
         estimate = 0
         for state in states:
             batch_size = self.migration.batch_size
@@ -321,7 +292,7 @@ class _Run:
                 chunk, estimate = [], 0
         await self._flush(src, tgt, chunk)
 
-    async def _flush(self, src: asyncpg.Connection, tgt: asyncpg.Connection, chunk: list[RangeState]) -> None:
+    async def _flush(self, src: asyncpg.Connection, tgt: asyncpg.Connection, chunk: list[RangeCopy]) -> None:
         if not chunk:
             return
         started = time.monotonic()
@@ -331,7 +302,7 @@ class _Run:
         )
         await self._after_batch(rows, started)
 
-    async def _copy_large(self, src: asyncpg.Connection, tgt: asyncpg.Connection, state: RangeState) -> None:
+    async def _copy_large(self, src: asyncpg.Connection, tgt: asyncpg.Connection, state: RangeCopy) -> None:
         cursor = state.cursor
         while True:
             migration = await self._check_abort()
@@ -361,7 +332,7 @@ class _Run:
         while True:
             migration = await self._check_abort()
             backlog = 0
-            for shard_id in self.sources:
+            for shard_id in self.plan.sources:
                 async with self._on(shard_id) as con:
                     backlog += await shard_sql.delta_backlog(con, seq.get(shard_id, START))
             # Under a write rate the copy cannot outrun, the backlog stops shrinking: cut
@@ -384,7 +355,7 @@ class _Run:
         """The targets' tables were filled in bulk, faster than autovacuum follows: without
         fresh statistics the planner scans whole tables for the digests that verify single
         dialogs, and the cutover pause grows with the data copied."""
-        for target in self.targets:
+        for target in self.plan.targets:
             async with self._on(target) as tgt:
                 await shard_sql.analyze(tgt)
 
@@ -399,18 +370,18 @@ class _Run:
         ranges remain unverified; the cutover re-checks those and whatever is written after
         the last head. By induction every other range matched as of the last head.
         """
-        self._suspect_dialogs = {}
+        self.verified = Verified()
         heads = await self._delta_heads()
         check: set[int] | None = None  # None: every range
-        for _ in range(MAX_VERIFY_ROUNDS):
+        for round_index in range(MAX_VERIFY_ROUNDS):
             # Everything logged up to the head is on the target before the digests: what
             # differs then was written past the head (see _beyond_writes) or is wrong.
             await self._copy_pending(seq)
             suspects = await self._beyond_writes(await self._mismatched(check), heads)
-            self._verified_from, self._suspects = heads, suspects
+            self.verified = self.verified.after_round(heads, suspects)
             newer = await self._delta_heads()
             check = suspects | await self._touched(heads, newer)
-            if len(check) <= SETTLED_RANGES:
+            if rounds_done(round_index, check):
                 break
             heads = newer
         await self._settle_dialogs(seq)
@@ -427,19 +398,20 @@ class _Run:
         the writes it covers cost, so a few of them leave the cutover a few dialogs,
         however much data the ranges hold.
         """
-        assert self._verified_from is not None
         for _ in range(DIALOG_ROUNDS):
+            assert self.verified.head is not None
             newer = await self._delta_heads()
             await self._copy_pending(seq)
-            for (source, target), keys in (await self._written(self._verified_from, newer)).items():
+            differing: dict[str, set[int]] = {}
+            for (source, target), keys in (await self._written(self.verified.head, newer)).items():
                 async with self._on(source) as src, self._on(target) as tgt:
                     theirs, ours = await asyncio.gather(
                         shard_sql.mixed_digests(src, [], keys), shard_sql.mixed_digests(tgt, [], keys)
                     )
-                self._suspect_dialogs.setdefault(source, set()).update(
+                differing.setdefault(source, set()).update(
                     key for key in keys if theirs.get(("dialog", key)) != ours.get(("dialog", key))
                 )
-            self._verified_from = newer
+            self.verified = self.verified.settled(newer, differing)
 
     async def _copy_pending(self, seq: dict[str, Watermark]) -> None:
         """Copy every delta row logged so far (advancing ``seq``) and save the watermarks."""
@@ -452,17 +424,11 @@ class _Run:
         self, since: dict[str, Watermark], until: dict[str, Watermark] | None = None
     ) -> dict[tuple[str, str], list[int]]:
         """Dialogs with a delta entry in (since, until] outside the suspect ranges, by (source, target)."""
-        written: dict[tuple[str, str], list[int]] = {}
-        for source, keys in (await self._delta_keys(since, until)).items():
-            for key in keys:
-                move = self._move_of(source, key)
-                if move.lo not in self._suspects:
-                    written.setdefault((source, move.target), []).append(key)
-        return written
+        return self.plan.by_pair(await self._delta_keys(since, until), self.verified.suspect_ranges)
 
     async def _delta_heads(self) -> dict[str, Watermark]:
         heads = {}
-        for source in self.sources:
+        for source in self.plan.sources:
             async with self._on(source) as con:
                 heads[source] = await shard_sql.delta_head(con)
         return heads
@@ -470,7 +436,7 @@ class _Run:
     async def _touched(self, since: dict[str, Watermark], until: dict[str, Watermark] | None = None) -> set[int]:
         """Moves with a delta entry in (since, until] (or past ``since`` when ``until`` is None)."""
         written = await self._delta_keys(since, until)
-        return {self._move_of(source, key).lo for source, keys in written.items() for key in keys}
+        return {self.plan.move_of(source, key).lo for source, keys in written.items() for key in keys}
 
     async def _delta_keys(
         self, since: dict[str, Watermark], until: dict[str, Watermark] | None = None
@@ -485,7 +451,7 @@ class _Run:
     async def _mismatched(self, check: set[int] | None) -> set[int]:
         """Digest the moves whose ``lo`` is in ``check`` (all when None) on both sides; return those that differ."""
         bad: set[int] = set()
-        for (source, target), spans in self._pairs().items():
+        for (source, target), spans in self.plan.pairs().items():
             spans = spans if check is None else [s for s in spans if s.lo in check]
             if not spans:
                 continue
@@ -513,11 +479,11 @@ class _Run:
         inside: dict[int, list[int]] = {}  # move lo -> its dialogs written past the heads
         for source, keys in (await self._delta_keys(heads)).items():
             for key in keys:
-                lo = self._move_of(source, key).lo
+                lo = self.plan.move_of(source, key).lo
                 if lo in bad:
                     inside.setdefault(lo, []).append(key)
         still: set[int] = set()
-        for (source, target), spans in self._pairs().items():
+        for (source, target), spans in self.plan.pairs().items():
             spans = [s for s in spans if s.lo in bad]
             if not spans:
                 continue
@@ -534,19 +500,19 @@ class _Run:
 
     async def _targets_without_workers(self) -> list[str]:
         live = {w.shard_id for w in await members.workers(self.meta) if w.age_seconds <= self.settings.liveness_ttl}
-        return [t for t in self.targets if t not in live]
+        return [t for t in self.plan.targets if t not in live]
 
     async def _copy_delta(self, seq: dict[str, Watermark], limit: int, finished_only: bool = True) -> int:
         """One round of delta copying from every source; advances the watermarks. Returns rows copied."""
         copied = 0
-        for source in self.sources:
+        for source in self.plan.sources:
             async with self._on(source) as src:
                 rows = await shard_sql.read_delta(src, seq.get(source, START), limit, finished_only)
             if not rows:
                 continue
             by_target: dict[str, list[asyncpg.Record]] = {}
             for row in rows:
-                by_target.setdefault(self._move_of(source, row["dialog_key"]).target, []).append(row)
+                by_target.setdefault(self.plan.move_of(source, row["dialog_key"]).target, []).append(row)
             for target, target_rows in by_target.items():
                 async with self._on(target) as tgt:
                     await shard_sql.insert_rows(tgt, target_rows)
@@ -632,7 +598,7 @@ class _Run:
             f"{name} {(b - a) * 1000:.1f}"
             for name, a, b in zip(("freeze", "verify", "hand-over", "flip"), steps, steps[1:], strict=False)
         ]
-        ranges, dialogs = self._verified_at_cutover
+        ranges, dialogs = self._checked_at_cutover
         log.info(
             "migration %s cut over in %.1f ms (%s ms; verified %d ranges whole and %d dialogs)",
             migration.migration_id,
@@ -646,16 +612,18 @@ class _Run:
         """Sources stop taking writes in moving ranges for ``lease`` seconds (in-flight ones
         commit first: the fence) and hand back the rest of their delta log, in one call each."""
         if not self._targets_incoming:
-            await self._set(Ownership.INCOMING, self.targets, self.arriving)
+            await self._set(Ownership.INCOMING, self.plan.targets, self.plan.arriving)
             self._targets_incoming = True
 
         async def one(source: str) -> tuple[str, list[asyncpg.Record], datetime.datetime]:
             async with self._on(source) as con:
-                rows, ends = await shard_sql.freeze(con, self.leaving(source), watermarks.get(source, START), lease)
+                rows, ends = await shard_sql.freeze(
+                    con, self.plan.leaving(source), watermarks.get(source, START), lease
+                )
                 return source, rows, ends
 
         frozen = _Frozen()
-        for source, rows, ends in await asyncio.gather(*(one(source) for source in self.sources)):
+        for source, rows, ends in await asyncio.gather(*(one(source) for source in self.plan.sources)):
             frozen.rows[source] = rows
             frozen.lease_ends[source] = ends
             frozen.watermarks[source] = shard_sql.watermark_of(rows[-1]) if rows else watermarks.get(source, START)
@@ -671,22 +639,14 @@ class _Run:
         it arriving later changes nothing), so such a range can differ only in dialogs
         logged after the head.
         """
-        pairs = self._pairs()
-        rows_by_pair: dict[tuple[str, str], list[asyncpg.Record]] = {pair: [] for pair in pairs}
+        rows_by_pair: dict[tuple[str, str], list[asyncpg.Record]] = {pair: [] for pair in self.plan.pairs()}
         for source, rows in left.items():
             for row in rows:
-                rows_by_pair[(source, self._move_of(source, row["dialog_key"]).target)].append(row)
-        keys_by_pair: dict[tuple[str, str], list[int]] = {pair: [] for pair in pairs}
-        if self._verified_from is not None:
-            for pair, keys in (await self._written(self._verified_from)).items():
-                keys_by_pair[pair].extend(keys)
-            for source, suspects in self._suspect_dialogs.items():
-                for key in suspects:
-                    move = self._move_of(source, key)
-                    if move.lo not in self._suspects:
-                        keys_by_pair[(source, move.target)].append(key)
-            keys_by_pair = {pair: sorted(set(keys)) for pair, keys in keys_by_pair.items()}
-            pairs = {pair: [s for s in spans if s.lo in self._suspects] for pair, spans in pairs.items()}
+                rows_by_pair[(source, self.plan.move_of(source, row["dialog_key"]).target)].append(row)
+        head = self.verified.head
+        written = await self._delta_keys(head) if head is not None else {}
+        checks = self.verified.cutover_checks(self.plan, written)
+        pairs, keys_by_pair = checks.spans, checks.keys
 
         async def compare(source: str, target: str) -> None:
             spans, rows, keys = pairs[(source, target)], rows_by_pair[(source, target)], keys_by_pair[(source, target)]
@@ -703,16 +663,8 @@ class _Run:
                     f" source {theirs[bad[0]]}, target {ours.get(bad[0])}"
                 )
 
-        self._verified_at_cutover = (sum(len(s) for s in pairs.values()), sum(len(k) for k in keys_by_pair.values()))
+        self._checked_at_cutover = checks.counts
         await asyncio.gather(*(compare(source, target) for source, target in pairs))
-
-    def _move_of(self, source: str, key: int) -> Move:
-        """The move out of ``source`` that holds ``key`` (a bisect over its sorted moves)."""
-        if source not in self._lookup:
-            moves = [m for m in self.moves if m.source == source]
-            self._lookup[source] = (moves, [m.lo for m in moves])
-        moves, starts = self._lookup[source]
-        return moves[bisect.bisect_right(starts, key) - 1]
 
     async def _hand_over(self) -> bool:
         """Sources stop serving reads too (on the freeze's lease) and targets start. No proxy
@@ -721,18 +673,18 @@ class _Run:
 
         async def source(shard_id: str) -> bool:
             async with self._on(shard_id) as con:
-                return await shard_sql.hand_over(con, self.leaving(shard_id))
+                return await shard_sql.hand_over(con, self.plan.leaving(shard_id))
 
         handed, _ = await asyncio.gather(
-            asyncio.gather(*(source(shard_id) for shard_id in self.sources)),
-            self._set(Ownership.OWNED, self.targets, self.arriving),
+            asyncio.gather(*(source(shard_id) for shard_id in self.plan.sources)),
+            self._set(Ownership.OWNED, self.plan.targets, self.plan.arriving),
         )
         self._targets_incoming = False
         return all(handed)
 
     async def _release_sources(self) -> None:
         """After the flip: sources drop the moved ranges for good (no lease to run out)."""
-        await self._set(ABSENT, self.sources, self.leaving)
+        await self._set(ABSENT, self.plan.sources, self.plan.leaving)
 
     async def _cutover_failed(self, migration: Migration, reason: str, fatal: bool) -> None:
         """Give the ranges back to their sources (writable again) and go back to catch-up, or abort.
@@ -745,12 +697,12 @@ class _Run:
         log.warning("migration %s: %s", migration.migration_id, reason)
         await self._best_effort(
             "give the moving ranges back to the sources (their leases will)",
-            self._set(Ownership.MIGRATING, self.sources, self.leaving),
+            self._set(Ownership.MIGRATING, self.plan.sources, self.plan.leaving),
         )
         attempts = await migrations.cutover_failed(self.meta, migration.migration_id, reason)
         self._targets_incoming = await self._best_effort(
             "reset the targets (the next freeze does it first)",
-            self._set(Ownership.INCOMING, self.targets, self.arriving),
+            self._set(Ownership.INCOMING, self.plan.targets, self.plan.arriving),
         )
         if fatal or attempts >= MAX_CUTOVER_ATTEMPTS:
             await migrations.set_phase(self.meta, migration.migration_id, Phase.ABORTING, reason)
@@ -759,15 +711,15 @@ class _Run:
 
     async def _cleanup(self, migration: Migration) -> None:
         # Idempotent: makes sure the flip's states hold after any crash.
-        await asyncio.gather(self._release_sources(), self._set(Ownership.OWNED, self.targets, self.arriving))
+        await asyncio.gather(self._release_sources(), self._set(Ownership.OWNED, self.plan.targets, self.plan.arriving))
         await self._copy_late_writes(migration)
         version = migration.target_map.map_version
         while laggards := await members.laggards(self.meta, version, self.settings.liveness_ttl):
             log.info("waiting for %s to acknowledge map version %s", ", ".join(laggards), version)
             await asyncio.sleep(self.settings.poll_interval)
-        for shard_id in self.sources:
+        for shard_id in self.plan.sources:
             async with self._on(shard_id) as con:
-                for span in self.leaving(shard_id):
+                for span in self.plan.leaving(shard_id):
                     while await shard_sql.delete_span_batch(con, span, migration.batch_size):
                         pass
                 await shard_sql.clear_delta(con)
@@ -786,7 +738,7 @@ class _Run:
         # has finished, so every delta row is final (finished_only=False: see read_delta).
         while copied := await self._copy_delta(seq, DELTA_BATCH, finished_only=False):
             late += copied
-        for source in self.sources:
+        for source in self.plan.sources:
             async with self._on(source) as con:
                 left = await shard_sql.delta_backlog(con, seq.get(source, START))
             if left:  # a row logged without its message: never delete what was not copied
@@ -813,14 +765,14 @@ class _Run:
         """
         old = await maps.shard_map_version(self.meta, migration.from_version)
         assert old is not None, "a migration's first map is never deleted"
-        for shard_id in self.sources:
+        for shard_id in self.plan.sources:
             async with self._on(shard_id) as con:
                 # Its ranges in the old map, whole, replacing whatever covers them now (split
                 # pieces, or nothing yet if prepare never came this far).
                 await shard_sql.fenced(con, owned_after_split(old.ring, shard_id, []), {})
                 await shard_sql.clear_delta(con)
-        sources = await self._identities(self.sources)
-        for shard_id in self.targets:
+        sources = await self._identities(self.plan.sources)
+        for shard_id in self.plan.targets:
             await self._best_effort(
                 f"remove the copies on {shard_id} (they are served by no one)", self._drop_copies(shard_id, sources)
             )
@@ -833,15 +785,15 @@ class _Run:
             if (
                 problem is None
                 and self.migration.kind == "add"
-                and await shard_sql.ranges_besides(con, self.arriving(target))
+                and await shard_sql.ranges_besides(con, self.plan.arriving(target))
             ):
                 problem = "it serves ranges of its own (it was refused as a new shard)"
             if problem is not None:
                 log.error("migration %s: not touching %s: %s", self.migration.migration_id, target, problem)
                 return
             await schema.upgrade_shard(con)  # an abort may come before prepare reached it
-            await shard_sql.set_state(con, self.arriving(target), ABSENT)
-            await shard_sql.delete_spans(con, self.arriving(target))
+            await shard_sql.set_state(con, self.plan.arriving(target), ABSENT)
+            await shard_sql.delete_spans(con, self.plan.arriving(target))
 
     async def _identities(self, shard_ids: list[str]) -> dict[str, str]:
         """Where each shard's tables live (``shard_sql.identity``)."""
@@ -862,7 +814,7 @@ class _Run:
             return None  # the targets of a remove or weight change are shards of the map
         async with self._on(migration.shard_id) as con:
             holdings = await shard_sql.holdings(con)
-        problem = target_problem(holdings, await self._identities(self.sources), resuming=True)
+        problem = target_problem(holdings, await self._identities(self.plan.sources), resuming=True)
         return None if problem is None else f"{migration.shard_id} cannot be a new shard: {problem}"
 
 

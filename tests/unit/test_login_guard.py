@@ -6,7 +6,8 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from dialogs import errors
-from proxy.login_guard import FailureLimit, LoginGuard, client_address, parse_networks
+from proxy.clients import client_address, parse_networks
+from proxy.login_guard import FailureLimit, LoginGuard
 
 
 class Clock:
