@@ -73,8 +73,10 @@ async def multi(bare_cluster: Cluster, tmp_path: Path) -> AsyncIterator[MultiPro
     for shard_id in bare_cluster.shard_dsns:
         await bare_cluster.start_worker(shard_id)
     port = free_port()
+    # A stall timeout of 2 s (5 by default): a stopped process is replaced sooner in the test.
+    log = tmp_path / "proxy.log"
     proxy = MultiProxy(
-        _start(bare_cluster, tmp_path / "proxy.log", port), f"http://127.0.0.1:{port}", tmp_path / "proxy.log"
+        _start(bare_cluster, log, port, DIALOGS_PROCESS_STALL_TIMEOUT="2"), f"http://127.0.0.1:{port}", log
     )
     seen: list[psutil.Process] = []
     try:
