@@ -185,8 +185,12 @@ async def test_clients_that_never_read_large_pages_hold_bounded_memory(cluster: 
             await asyncio.sleep(0.1)
             peak = max(peak, proxy.memory_info().rss)
         grown = (peak - before) / 2**20
-        # ~40 MiB of pages (and a copy each while they are built); without the bound, 660 MiB and more.
-        assert grown < 200, f"proxy RSS grew {grown:.0f} MiB"
+        print(
+            f"proxy RSS {before / 2**20:.0f} MiB before, {peak / 2**20:.0f} MiB at the peak with 40 readers that never read"
+        )
+        # About 1 MiB of page per connection and a copy or two while it is built (measured:
+        # 128 MiB); without the bound, 450 MiB here, and the issue saw 1.3 GiB.
+        assert grown < 260, f"proxy RSS grew {grown:.0f} MiB"
         await asyncio.sleep(2 + 1.5)  # past the write timeout, still without reading
         # A response the kernel's buffers could take whole was written: its connection then
         # closes when idle (3 s). The others were cut at the write timeout.
