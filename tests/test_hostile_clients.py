@@ -185,9 +185,7 @@ async def test_clients_that_never_read_large_pages_hold_bounded_memory(cluster: 
             await asyncio.sleep(0.1)
             peak = max(peak, proxy.memory_info().rss)
         grown = (peak - before) / 2**20
-        print(
         print(f"proxy RSS {before / 2**20:.0f} MiB before, {peak / 2**20:.0f} MiB at the peak, 40 silent readers")
-        )
         # About 1 MiB of page per connection and a copy or two while it is built (measured:
         # 128 MiB); without the bound, 450 MiB here, and the issue saw 1.3 GiB.
         assert grown < 260, f"proxy RSS grew {grown:.0f} MiB"
