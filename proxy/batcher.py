@@ -35,6 +35,19 @@ class _Queue:
     flushers: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+# How long a connection to a worker may take to be made. A worker whose host is gone (a
+# killed container: its address answers nothing) must cost this, not the whole call's
+# timeout, and count as never connected: the request then goes to the next worker.
+CONNECT_TIMEOUT = 1.0
+# Failures that happen before a request is sent: nothing can have been applied.
+NOT_CONNECTED: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+def worker_timeout(total: float) -> aiohttp.ClientTimeout:
+    """The client timeout of one proxy→worker call of ``total`` seconds."""
+    return aiohttp.ClientTimeout(total=total, sock_connect=min(CONNECT_TIMEOUT, total))
+
+
 class SendBatcher:
     def __init__(
         self,
@@ -47,7 +60,7 @@ class SendBatcher:
     ) -> None:
         self._session = session
         self._headers = {**headers, "Content-Type": "application/json"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = worker_timeout(timeout)
         self._batch_max = batch_max
         self._in_flight = in_flight
         self._observe = observe
@@ -98,7 +111,7 @@ class SendBatcher:
                 url, data=orjson.dumps(items), headers=self._headers, timeout=self._timeout
             ) as response:
                 body = await response.read()
-        except aiohttp.ClientConnectorError:
+        except NOT_CONNECTED:
             return [NotConnected()] * len(items)
         except (aiohttp.ClientError, TimeoutError):
             return [Broken()] * len(items)

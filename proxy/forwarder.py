@@ -19,7 +19,7 @@ from yarl import URL
 from dialogs import errors, wire
 from dialogs.watch import MetadataWatcher
 from proxy import retry_policy
-from proxy.batcher import SendBatcher
+from proxy.batcher import NOT_CONNECTED, SendBatcher, worker_timeout
 from proxy.metrics import ProxyMetrics
 from proxy.retry_policy import Answered, Attempt, Broken, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
 from proxy.topology import Topology
@@ -46,7 +46,7 @@ class Forwarder:
         self._topology = topology
         self._watcher = watcher
         self._metrics = metrics
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = worker_timeout(timeout)
         self._cutover_wait = cutover_wait
         self._max_buffered = max_buffered
         self._buffered = 0
@@ -158,7 +158,7 @@ class Forwarder:
             # the rest of the proxy's work per request.
             async with self._session.get(URL(url, encoded=True), headers=headers, timeout=self._timeout) as response:
                 answer = await response.read()
-        except aiohttp.ClientConnectorError:
+        except NOT_CONNECTED:
             return NotConnected()
         except (aiohttp.ClientError, TimeoutError):
             return Broken()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
 import uuid
 
 import asyncpg
@@ -16,7 +18,7 @@ from dialogs.watch import MetadataWatcher
 from dialogsctl.embedded import LocalPostgres
 from dialogsctl.net import free_port
 from proxy.appkeys import TOPOLOGY
-from tests.support import Api, Cluster
+from tests.support import Api, Cluster, metric
 
 
 async def _peers_by_shard(cluster: Cluster, hub: str, each: int = 4) -> dict[str, list[str]]:
@@ -248,3 +250,54 @@ async def test_watcher_survives_an_unexpected_error(databases: dict[str, str]) -
         assert watcher.connected
     assert len(calls) >= 2
     assert calls[:2] == [False, False]  # not "up" before a load worked, nor after one failed
+
+
+async def test_a_worker_whose_host_is_gone_costs_a_connect_timeout_not_an_error(cluster: Cluster) -> None:
+    """A registered worker whose address answers nothing (a killed container's: its SYNs go
+    unanswered) is "never connected", not "broken": after the connect timeout (1 s) the
+    send goes to the shard's other worker, and no client sees a 503."""
+    api = cluster.api
+    hub, token = await api.user("Hub")
+    peer = (await _peers_by_shard(cluster, hub, each=1))["shard-1"][0]
+    hole = socket.socket()  # accepts nothing: its one-connection queue is filled below
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(hole.getsockname())
+        fillers.append(filler)
+    stop = asyncio.Event()
+
+    async def registered_as_a_worker() -> None:
+        con = await asyncpg.connect(cluster.metadata_dsn)
+        try:
+            while not stop.is_set():
+                await members.upsert_worker(con, "gone", "shard-1", f"http://127.0.0.1:{hole.getsockname()[1]}", 1)
+                await asyncio.sleep(0.3)
+        finally:
+            await con.close()
+
+    proxy = cluster.proxies[0]
+    try:
+        async with background(registered_as_a_worker()):
+            for _ in range(100):
+                if proxy.app[TOPOLOGY].worker_count("shard-1") == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert proxy.app[TOPOLOGY].worker_count("shard-1") == 2
+            before = metric(proxy, "dialogs_proxy_forward_errors_total", shard_id="shard-1", reason="connect")
+            statuses = []
+            for number in range(12):  # round-robin: the gone worker comes first now and then
+                statuses.append((await api.send(token, peer, f"m{number}")).status)
+                if metric(proxy, "dialogs_proxy_forward_errors_total", shard_id="shard-1", reason="connect") > before:
+                    break
+            stop.set()
+    finally:
+        for sock in [hole, *fillers]:
+            sock.close()
+    assert metric(proxy, "dialogs_proxy_forward_errors_total", shard_id="shard-1", reason="connect") > before
+    assert set(statuses) == {200}, statuses
+    assert len((await api.list(token, peer)).json) == len(statuses)
