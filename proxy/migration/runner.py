@@ -24,16 +24,20 @@ from dialogs.metastore.migrations import START, Migration, RangeCopy, Watermark
 from dialogs.migration_plan import MovePlan, Span, owned_after_split, same_database, target_problem
 from dialogs.wire import ABSENT, Ownership, Phase
 from proxy.migration import shard_sql
-from proxy.migration.verification import DIALOG_ROUNDS, MAX_VERIFY_ROUNDS, Verified, rounds_done
+from proxy.migration.verification import (
+    DIALOG_ROUNDS,
+    MAX_VERIFY_ROUNDS,
+    CutoverBudget,
+    Verified,
+    rounds_done,
+    without,
+)
 
 log = logging.getLogger(__name__)
 
 CUTOVER_BACKLOG = 200  # catch up until at most this many delta rows remain, then cut over
 MAX_STALLED_ROUNDS = 20  # ...or until the backlog has stopped shrinking for this many rounds
 MAX_CUTOVER_ATTEMPTS = 5
-# The flip must commit this long before the sources' leases end (at most a fifth of the
-# lease): room for the clocks of the metadata and shard servers to differ, and for the commit.
-MAX_CLOCK_MARGIN = 1.0
 DELTA_BATCH = 5000
 
 
@@ -494,7 +498,7 @@ class _Run:
                 )
             for span in spans:
                 excluded = inside.get(span.lo, [])
-                if _without(theirs, span, excluded) != _without(ours, span, excluded):
+                if without(theirs, span, excluded) != without(ours, span, excluded):
                     still.add(span.lo)
         return still
 
@@ -533,11 +537,11 @@ class _Run:
         the freeze until the flip committed.
         """
         lease = self.settings.cutover_deadline
-        margin = min(MAX_CLOCK_MARGIN, lease / 5)
+        budget = CutoverBudget(lease)
         started = time.monotonic()
         steps = [started]
         try:
-            async with asyncio.timeout(lease - margin):
+            async with asyncio.timeout(budget.until_flip):
                 frozen = await self._freeze(migration.delta_watermark, lease)
                 steps.append(time.monotonic())
                 await self._apply_and_verify(frozen.rows)
@@ -550,12 +554,12 @@ class _Run:
             await self._cutover_failed(migration, reason, fatal=isinstance(exc, _VerificationFailed))
             self.observer.cutover(time.monotonic() - started, False)
             return
-        by = min(frozen.lease_ends.values()) - datetime.timedelta(seconds=margin)
-        within = max(0.0, lease - margin - (time.monotonic() - started))
+        by = budget.flip_by(frozen.lease_ends)
+        within = budget.left(time.monotonic() - started)
         try:
             # The server bounds its own wait (statement and lock timeouts); this bounds ours
             # when the server does not answer at all.
-            async with asyncio.timeout(within + margin):
+            async with asyncio.timeout(within + budget.margin):
                 await migrations.flip(self.meta, migration, by, within, frozen.watermarks)
         except (errors.Conflict, asyncpg.PostgresError) as exc:
             # The server answered. Almost always: nothing was written. But an error can come
@@ -816,12 +820,3 @@ class _Run:
             holdings = await shard_sql.holdings(con)
         problem = target_problem(holdings, await self._identities(self.plan.sources), resuming=True)
         return None if problem is None else f"{migration.shard_id} cannot be a new shard: {problem}"
-
-
-def _without(digests: shard_sql.MixedDigests, span: Span, keys: list[int]) -> tuple[int, int]:
-    """The digest of ``span`` with the dialogs ``keys`` taken out (digests are sums)."""
-    rows, checksum = digests.get(("range", span.lo), (0, 0))
-    for key in keys:
-        key_rows, key_checksum = digests.get(("dialog", key), (0, 0))
-        rows, checksum = rows - key_rows, checksum - key_checksum
-    return rows, checksum

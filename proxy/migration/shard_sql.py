@@ -326,7 +326,7 @@ async def freeze(
     return rows, ends
 
 
-# Digests keyed by ("range", lo) or ("dialog", dialog_key).
+# Digests keyed by ("range", lo) or ("dialog", dialog_key) (compared in verification.py).
 MixedDigests = dict[tuple[str, int], tuple[int, int]]
 
 

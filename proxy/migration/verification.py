@@ -18,10 +18,14 @@ to do next; the decisions are tested in ``tests/unit/test_verification.py``.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 
 from dialogs.metastore.migrations import Watermark
 from dialogs.migration_plan import MovePlan, Pair, Span
+
+# Digests keyed by ("range", lo) or ("dialog", dialog_key): (rows, sum of row hashes).
+MixedDigests = dict[tuple[str, int], tuple[int, int]]
 
 MAX_VERIFY_ROUNDS = 6  # pre-verification rounds before the cutover...
 SETTLED_RANGES = 16  # ...stop once at most this many ranges are left for the cutover to re-check
@@ -87,3 +91,42 @@ class Verified:
             {pair: [s for s in spans if s.lo in self.suspect_ranges] for pair, spans in pairs.items()},
             {pair: sorted(k) for pair, k in keys.items()},
         )
+
+
+def without(digests: MixedDigests, span: Span, keys: list[int]) -> tuple[int, int]:
+    """The digest of ``span`` with the dialogs ``keys`` taken out (digests are sums): two
+    sides that agree on this differ at most in those dialogs, which are checked one by one."""
+    rows, checksum = digests.get(("range", span.lo), (0, 0))
+    for key in keys:
+        key_rows, key_checksum = digests.get(("dialog", key), (0, 0))
+        rows, checksum = rows - key_rows, checksum - key_checksum
+    return rows, checksum
+
+
+# The flip must commit this long before the sources' leases end (at most a fifth of the
+# lease): room for the clocks of the metadata and shard servers to differ, and for the commit.
+MAX_CLOCK_MARGIN = 1.0
+
+
+@dataclass(frozen=True)
+class CutoverBudget:
+    """The time a cutover has, from its lease (``DIALOGS_CUTOVER_DEADLINE``)."""
+
+    lease: float
+
+    @property
+    def margin(self) -> float:
+        return min(MAX_CLOCK_MARGIN, self.lease / 5)
+
+    @property
+    def until_flip(self) -> float:
+        """Seconds from the freeze by which the flip must have committed, by this runner's clock."""
+        return self.lease - self.margin
+
+    def flip_by(self, lease_ends: dict[str, datetime.datetime]) -> datetime.datetime:
+        """The moment, by the servers' clocks, after which the metadata server refuses the flip."""
+        return min(lease_ends.values()) - datetime.timedelta(seconds=self.margin)
+
+    def left(self, elapsed: float) -> float:
+        """Seconds left for the flip after ``elapsed`` seconds of cutover (never negative)."""
+        return max(0.0, self.until_flip - elapsed)
