@@ -123,6 +123,7 @@ async def _start(
 
 
 async def _refuse_if_busy(request: web.Request) -> None:
+    """The same 409 ``start_migration`` gives, early: before an add connects to every shard."""
     running = await _store(request).active_migration()
     if running is not None:
         raise errors.Conflict(f"migration {running.migration_id} is still running; one at a time")
@@ -214,7 +215,6 @@ async def remove_shard(request: web.Request) -> web.Response:
         raise errors.ShardNotFound(f"shard {shard_id} is not in the shard map")
     if len(current.weights) == 1:
         raise errors.Conflict("cannot remove the last shard")
-    await _refuse_if_busy(request)
     return await _start(request, "remove", shard_id, current.without_shard(shard_id), current, throttle)
 
 
@@ -242,7 +242,6 @@ async def set_weight(request: web.Request) -> web.Response:
         raise errors.ShardNotFound(f"shard {shard_id} is not in the shard map")
     if current.weights[shard_id] == weight:
         raise errors.Conflict(f"shard {shard_id} already has weight {weight}")
-    await _refuse_if_busy(request)
     return await _start(request, "weight", shard_id, current.with_weight(shard_id, weight), current, throttle)
 
 

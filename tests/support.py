@@ -168,6 +168,14 @@ class Api:
             params["before"] = before
         return await self.request("GET", f"/dialog/{other}/list", token=token, params=params or None)
 
+    async def peer_whose_dialog_goes_to(self, user: str, shard_map: ShardMap, shard_id: str) -> tuple[str, int]:
+        """A new user whose dialog with ``user`` ``shard_map`` puts on ``shard_id``: (id, dialog key)."""
+        while True:
+            peer = await self.register("Peer")
+            key = dialog_key(uuid.UUID(user), uuid.UUID(peer))
+            if shard_map.owner(key) == shard_id:
+                return peer, key
+
     async def whole_dialog(self, token: str, other: str, page: int = 1000) -> list[dict[str, Any]]:
         """Every message of a dialog, newest first, walking the pages with ``before`` until an
         empty one (a page may hold fewer than ``page`` messages when their text is large)."""

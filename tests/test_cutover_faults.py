@@ -353,7 +353,6 @@ async def test_writes_a_source_takes_after_the_flip_reach_the_new_owner(
     before their lease ran out (runner and metadata server stopped right after the flip). A
     write a source takes then (from a worker that has not seen the new map yet) is in its
     delta log, and cleanup copies it to the new owner before it deletes anything."""
-    from dialogs.keys import dialog_key
     from proxy.migration import runner as runner_module
     from proxy.migration.runner import RunnerSettings, run_active
 
@@ -365,11 +364,7 @@ async def test_writes_a_source_takes_after_the_flip_reach_the_new_owner(
     anna, token = await api.user("Anna")
     old_map = await cluster.active_map()
     new_map = old_map.with_shard("shard-3")
-    while True:  # a peer whose dialog with Anna moves to shard-3
-        peer = await api.register("Peer")
-        key = dialog_key(uuid.UUID(anna), uuid.UUID(peer))
-        if new_map.owner(key) == "shard-3":
-            break
+    peer, key = await api.peer_whose_dialog_goes_to(anna, new_map, "shard-3")  # its dialog with Anna moves
     source = old_map.owner(key)
     assert (await api.send(token, peer, "before")).status == 200
     lo, hi = sorted((uuid.UUID(anna), uuid.UUID(peer)))

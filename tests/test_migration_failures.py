@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from dialogs.keys import dialog_key
 from proxy.appkeys import TOPOLOGY
 from tests.support import Cluster, metric
 from tests.traffic import Traffic, check_every_dialog, check_placement, make_dialogs
@@ -237,11 +236,7 @@ async def test_proxy_with_an_old_map_cannot_write_a_moved_range(bare_cluster: Cl
     old_map = topology.map
     assert old_map is not None
     new_map = old_map.with_shard("shard-3")
-    while True:  # a recipient whose dialog with Anna moves to shard-3
-        peer = await api.register("Peer")
-        key = dialog_key(uuid.UUID(anna), uuid.UUID(peer))
-        if new_map.owner(key) == "shard-3":
-            break
+    peer, key = await api.peer_whose_dialog_goes_to(anna, new_map, "shard-3")  # its dialog with Anna moves
     source = old_map.owner(key)
     assert (await api.send(token, peer, "before the move")).status == 200
     started = await cluster.admin(
@@ -373,11 +368,7 @@ async def test_a_target_that_lost_a_row_aborts_the_migration(bare_cluster: Clust
     topology = cluster.proxies[0].app[TOPOLOGY]
     assert topology.map is not None
     new_map = topology.map.with_shard("shard-3")
-    while True:  # a peer whose dialog with Anna moves to shard-3
-        peer = await api.register("Peer")
-        key = dialog_key(uuid.UUID(anna), uuid.UUID(peer))
-        if new_map.owner(key) == "shard-3":
-            break
+    peer, key = await api.peer_whose_dialog_goes_to(anna, new_map, "shard-3")  # its dialog with Anna moves
     sent = [f"old {n}" for n in range(5)]
     for text in sent:
         assert (await api.send(token, peer, text)).status == 200
