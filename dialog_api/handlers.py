@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-import uuid
 
+import orjson
 from aiohttp import web
 from asyncpg import Record
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,29 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
 from dialog_api.storage import NewMessage, Stored
 from dialogs import errors, wire
-from dialogs.http import bearer_token, json_response, read_json, request_id_of
-from dialogs.keys import INT64_MAX, INT64_MIN
+from dialogs.http import bearer_token, json_response, read_json, rename_request, request_id_of
 
 log = logging.getLogger(__name__)
-
-
-def _int64(value: object, name: str) -> int:
-    if isinstance(value, bool):
-        raise errors.InvalidInput(f"{name} must be a 64-bit integer")
-    try:
-        number = int(value)  # type: ignore[call-overload]  # any JSON value; int() refusing it is the check
-    except (TypeError, ValueError):
-        raise errors.InvalidInput(f"{name} must be a 64-bit integer") from None
-    if not INT64_MIN <= number <= INT64_MAX:
-        raise errors.InvalidInput(f"{name} must be a 64-bit integer")
-    return number
-
-
-def _uuid(value: object, name: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise errors.InvalidInput(f"{name} must be a UUID") from None
 
 
 def _require_proxy(request: web.Request) -> None:
@@ -45,92 +25,73 @@ def _require_proxy(request: web.Request) -> None:
         raise errors.Unauthorized("wrong internal secret")
 
 
-def _routed_version(request: web.Request) -> int:
-    raw = request.headers.get(wire.MAP_VERSION_HEADER)
-    if raw is None:
-        raise errors.InvalidInput(f"{wire.MAP_VERSION_HEADER} header is required")
-    return _int64(raw, wire.MAP_VERSION_HEADER)
+def _new_message(item: wire.SendItem) -> NewMessage:
+    return NewMessage(item.dialog_key, item.from_user, item.to_user, item.text, item.idempotency_key)
 
 
-def _new_message(body: object) -> NewMessage:
-    if not isinstance(body, dict):
-        raise errors.InvalidInput("body must be a JSON object")
-    text, key = body.get("text"), body.get("idempotency_key")
-    if not isinstance(text, str) or not text:
-        raise errors.InvalidInput("text must be a non-empty string")
-    if key is not None and not isinstance(key, str):
-        raise errors.InvalidInput("idempotency_key must be a string")
-    return NewMessage(
-        dialog_key=_int64(body.get("dialog_key"), "dialog_key"),
-        from_user=_uuid(body.get("from"), "from"),
-        to_user=_uuid(body.get("to"), "to"),
-        text=text,
-        idempotency_key=key,
-    )
-
-
-def _stored_json(stored: Stored) -> dict[str, object]:
-    return {"id": str(stored.id), "created_at": stored.created_at.isoformat(), "duplicate": stored.duplicate}
+def _result(stored: Stored) -> wire.SendResult:
+    return wire.SendResult(stored.id, stored.created_at.isoformat(), stored.duplicate)
 
 
 async def insert_batch(request: web.Request) -> web.Response:
-    """Many sends in one request, each checked and answered on its own (see wire.py)."""
+    """Many sends in one request, each checked and answered on its own (``dialogs/wire.py``)."""
     _require_proxy(request)
-    items = await read_json(request)
-    if not isinstance(items, list) or not items:
+    raw_items = await read_json(request)
+    if not isinstance(raw_items, list) or not raw_items:
         raise errors.InvalidInput("body must be a non-empty JSON array")
     view, committer = request.app[MAP_VIEW], request.app[GROUP_COMMIT]
-    results: list[dict[str, object] | None] = [None] * len(items)
-    parsed: list[tuple[int, NewMessage, int]] = []
-    for index, item in enumerate(items):
+    answers: list[dict[str, object] | None] = [None] * len(raw_items)
+    request_ids = [_item_request_id(request, raw) for raw in raw_items]
+    parsed: list[tuple[int, wire.SendItem]] = []
+    for index, raw in enumerate(raw_items):
         try:
-            parsed.append((index, _new_message(item), _int64(item.get("map_version"), "map_version")))
+            parsed.append((index, wire.SendItem.from_json(raw)))
         except errors.DialogsError as exc:
-            results[index] = {"status": exc.status, **exc.to_json(_item_request_id(request, item))}
+            answers[index] = wire.error_json(exc, request_ids[index])
     # A proxy routes a batch by one map: at most one reload, however many items name it.
     if parsed:
-        await view.catch_up(max(version for *_, version in parsed))
+        await view.catch_up(max(item.map_version for _, item in parsed))
     accepted: list[tuple[int, NewMessage]] = []
-    for index, message, version in parsed:
+    for index, item in parsed:
         try:
-            view.check_loaded_route(message.dialog_key, version)
-            accepted.append((index, message))
+            view.check_loaded_route(item.dialog_key, item.map_version)
+            accepted.append((index, _new_message(item)))
         except errors.DialogsError as exc:
-            results[index] = {"status": exc.status, **exc.to_json(_item_request_id(request, items[index]))}
+            answers[index] = wire.error_json(exc, request_ids[index])
     # Queued together, before any commit starts: one group commit takes them all.
     futures = committer.submit_many([message for _, message in accepted])
     for (index, _), future in zip(accepted, futures, strict=True):
         try:
-            results[index] = {"status": 200, **_stored_json(await future)}
+            answers[index] = _result(await future).to_json()
         except errors.DialogsError as exc:
-            results[index] = {"status": exc.status, **exc.to_json(_item_request_id(request, items[index]))}
+            answers[index] = wire.error_json(exc, request_ids[index])
     if log.isEnabledFor(logging.DEBUG):  # each send keeps the client's request id in the worker's log
-        for item, result in zip(items, results, strict=True):
-            status = result["status"] if result else None
-            log.debug(
-                "send in batch %s", status, extra={"request_id": _item_request_id(request, item), "status": status}
-            )
-    return json_response(results)
+        for request_id, answer in zip(request_ids, answers, strict=True):
+            status = answer["status"] if answer else None
+            log.debug("send in batch %s", status, extra={"request_id": request_id, "status": status})
+    return json_response(answers)
 
 
-def _item_request_id(request: web.Request, item: object) -> str:
-    return str(item.get("request_id") or request_id_of(request)) if isinstance(item, dict) else ""
+def _item_request_id(request: web.Request, raw: object) -> str:
+    """An item's request id, also for an item too malformed to parse; the batch's own if none."""
+    own = raw.get("request_id") if isinstance(raw, dict) else None
+    return own if isinstance(own, str) and own and len(own) <= wire.MAX_REQUEST_ID_LENGTH else request_id_of(request)
 
 
 async def list_messages(request: web.Request) -> web.Response:
     _require_proxy(request)
-    version = _routed_version(request)
-    query = request.query
-    dialog_key = _int64(query.get("dialog_key"), "dialog_key")
-    user_a = _uuid(query.get("user_a"), "user_a")
-    user_b = _uuid(query.get("user_b"), "user_b")
-    before = _int64(query.get("before", INT64_MAX), "before")
-    limit = _int64(query.get("limit", 100), "limit")
-    if not 1 <= limit <= 1000:
-        raise errors.InvalidInput("limit must be from 1 to 1000")
-    await request.app[MAP_VIEW].check_route(dialog_key, version)
-    rows = await request.app[STORE].list_messages(dialog_key, user_a, user_b, before, limit)
-    return json_response([_message(row) for row in rows])
+    query = wire.ListQuery.from_query(request.query)
+    if query.request_id:
+        rename_request(request, query.request_id)
+    await request.app[MAP_VIEW].check_route(query.dialog_key, query.map_version)
+    rows = await request.app[STORE].list_messages(
+        query.dialog_key, query.viewer, query.other, query.before, query.limit
+    )
+    return web.Response(
+        body=orjson.dumps([_message(row) for row in rows]),
+        content_type="application/json",
+        headers={wire.PAGE_COUNT_HEADER: str(len(rows))},
+    )
 
 
 def _message(row: Record) -> dict[str, object]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 
@@ -43,7 +43,7 @@ class NewMessage:
 @dataclass(frozen=True, slots=True)
 class Stored:
     id: int
-    created_at: Any
+    created_at: datetime.datetime
     duplicate: bool
 
 

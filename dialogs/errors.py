@@ -35,6 +35,7 @@ small number that tells errors with the same status apart.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -193,9 +194,19 @@ def _register(cls: type[DialogsError]) -> None:
 _register(DialogsError)
 
 
-def from_json(status: int, body: dict[str, Any]) -> DialogsError:
+def from_json(status: int, body: Mapping[str, Any]) -> DialogsError:
     """Rebuild the error a worker sent, so the proxy can re-raise it as its own."""
     cls = _BY_CODE.get(body.get("code", 0), DialogsError)
     if cls is StaleMap:
         return StaleMap(int(body["map_version"]), body.get("message"))
+    if issubclass(cls, _RetryLater):
+        return cls(body.get("message"), retry_after=_seconds(body.get("retry_after")))
     return cls(body.get("message"))
+
+
+def _seconds(value: Any) -> int:
+    """A Retry-After in whole seconds (at least 1); 1 when it is missing or not a number."""
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError):
+        return 1

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from dialogs import errors, logs
-from dialogs.wire import REQUEST_ID_HEADER
+from dialogs.wire import MAX_REQUEST_ID_LENGTH, REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,13 @@ def error_response(exc: errors.DialogsError, request_id: str, status: int | None
 
 def request_id_of(request: web.Request) -> str:
     return request.get(REQUEST_ID, "")
+
+
+def rename_request(request: web.Request, request_id: str) -> None:
+    """Name the request by a handler's better id (an internal list carries the client's in
+    its query): the response, its error JSON and the log lines use it from here on."""
+    request[REQUEST_ID] = request_id
+    logs.REQUEST_ID.set(request_id)  # the middleware's reset restores what was before it
 
 
 class RequestMetrics:
@@ -137,13 +144,16 @@ def make_middleware(
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
-        if len(request_id) > 128 or not request_id.isprintable():
+        if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
             request_id = new_request_id()
         request[REQUEST_ID] = request_id
         token = logs.REQUEST_ID.set(request_id)
         started = time.perf_counter()
         try:
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            finally:
+                request_id = request[REQUEST_ID]  # a handler may have renamed it
         except errors.DialogsError as exc:
             response = error_response(exc, request_id)
         except web.HTTPException as exc:

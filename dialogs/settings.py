@@ -77,8 +77,10 @@ def _var(default: Any, converter: Any, help: str) -> Any:
     return environ.var(default, converter=converter, help=help)
 
 
-def positive_int(default: Any = REQUIRED, *, help: str) -> Any:
-    return _var(default, _kind("a positive integer", lambda v: _bounded(int(v), 1)), help)
+def positive_int(default: Any = REQUIRED, *, help: str, at_most: int | None = None) -> Any:
+    if at_most is None:
+        return _var(default, _kind("a positive integer", lambda v: _bounded(int(v), 1)), help)
+    return _var(default, _kind(f"an integer from 1 to {at_most}", lambda v: _bounded(int(v), 1, at_most)), help)
 
 
 def count(default: Any = REQUIRED, *, help: str) -> Any:

@@ -1,21 +1,55 @@
-"""What travels between the proxy and the workers: paths, headers, message JSON."""
+"""What travels between the proxy and the workers, defined once for both sides.
+
+Two requests, authorised by the proxies' internal secret (``Authorization: Bearer``).
+Each message carries the shard-map version it was routed with and the client's request
+id as fields of its own, never as headers (a batch carries many):
+
+    POST INTERNAL_BATCH_PATH          a JSON array of SendItem  ->  a JSON array, in the same
+                                      order, of SendResult or an error, each with its "status"
+    GET  INTERNAL_MESSAGES_PATH?<ListQuery>                   ->  200: a Page (the public
+                                      messages' JSON array, its length in PAGE_COUNT_HEADER);
+                                      otherwise an error
+
+An error is the public error JSON (``errors.DialogsError.to_json``) with its ``retry_after``
+when it has one (in the body of a batch item, in the Retry-After header of a response).
+Both sides check with the rules of ``dialogs/checks.py`` (the public API's rules), so a
+send the proxy accepts is one the worker accepts, and a bug on either side is a 400, not
+a stored message the public API would have refused.
+
+Adding a message: a frozen dataclass here with ``to_json``/``from_json`` (or
+``to_query``/``from_query``), a round-trip test in tests/unit/test_wire.py, and the two
+call sites: the proxy's forwarder and the worker's handler.
+"""
 
 from __future__ import annotations
 
 import datetime
 import enum
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
-REQUEST_ID_HEADER = "X-Request-ID"
-MAP_VERSION_HEADER = "X-Map-Version"
+import orjson
+
+from dialogs import checks, errors
+from dialogs.keys import INT64_MAX, dialog_key
+
+REQUEST_ID_HEADER = "X-Request-ID"  # the public API's; on the wire, each message's request_id
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+PAGE_COUNT_HEADER = "X-Page-Messages"
 
 INTERNAL_MESSAGES_PATH = "/internal/v1/messages"  # GET: one page of a dialog
-# Sends, many in one request: a JSON array of send items in, an array of results out (in
-# the same order). Each item carries the map version it was routed with; each result is
-# {"status": 200, "id", "created_at", "duplicate"} or an error body with its "status".
-INTERNAL_BATCH_PATH = "/internal/v1/messages/batch"
+INTERNAL_BATCH_PATH = "/internal/v1/messages/batch"  # POST: many sends
+
+# One bound for every list, public and internal.
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+# No message text is longer, anywhere: the proxies' DIALOGS_MAX_TEXT_LENGTH may only lower it.
+MAX_TEXT_LENGTH = 65536
+# A request id longer than this, or not printable, is replaced by a fresh one.
+MAX_REQUEST_ID_LENGTH = 128
 
 # A page of a dialog holds at most this many bytes of message text (and at least one
 # message): the whole page is held in memory by the worker and the proxy until the client
@@ -91,3 +125,188 @@ def message_json(
         "text": text,
         "created_at": created_at.isoformat(),
     }
+
+
+# --- the proxy-worker messages --------------------------------------------------------------
+
+
+def _request_id(value: Any) -> str:
+    """A message's request id: the client's, or empty when it sent none we could keep."""
+    if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_LENGTH and value.isprintable():
+        return value
+    return ""
+
+
+def _object(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise errors.InvalidInput("body must be a JSON object")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SendItem:
+    """One send in a batch: the message, the map version it was routed with, the client's request id."""
+
+    dialog_key: int
+    from_user: uuid.UUID
+    to_user: uuid.UUID
+    text: str
+    idempotency_key: str | None
+    map_version: int
+    request_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dialog_key": self.dialog_key,
+            "from": str(self.from_user),
+            "to": str(self.to_user),
+            "text": self.text,
+            "idempotency_key": self.idempotency_key,
+            "map_version": self.map_version,
+            "request_id": self.request_id,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> SendItem:
+        """Checked as the public API checks a send; the dialog key must be the pair's."""
+        data = _object(raw)
+        from_user = checks.user_id(data.get("from"), "from")
+        to_user = checks.user_id(data.get("to"), "to")
+        key = checks.int64(data.get("dialog_key"), "dialog_key")
+        if key != dialog_key(from_user, to_user):
+            raise errors.InvalidInput("dialog_key must be the dialog key of from and to")
+        return cls(
+            dialog_key=key,
+            from_user=from_user,
+            to_user=to_user,
+            text=checks.text(data.get("text"), "text", MAX_TEXT_LENGTH),
+            idempotency_key=checks.idempotency_key(data.get("idempotency_key"), "idempotency_key"),
+            map_version=checks.int64(data.get("map_version"), "map_version"),
+            request_id=_request_id(data.get("request_id")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """A stored send: its message id and time; ``duplicate`` when its Idempotency-Key had
+    stored it before (the earlier message is the result)."""
+
+    id: int
+    created_at: str  # ISO 8601, as clients see it
+    duplicate: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": 200, "id": str(self.id), "created_at": self.created_at, "duplicate": self.duplicate}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SendResult:
+        return cls(int(data["id"]), str(data["created_at"]), bool(data["duplicate"]))
+
+
+def send_answer_from_json(raw: Any) -> SendResult | errors.DialogsError:
+    """One item of a batch's answer: its result, or its error. Raises ValueError on
+    anything else (the caller treats the batch as broken)."""
+    if not isinstance(raw, dict):
+        raise ValueError("a batch answer item must be a JSON object")
+    status = raw.get("status")
+    if status == 200:
+        try:
+            return SendResult.from_json(raw)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed send result: {exc!r}") from None
+    if not isinstance(status, int):
+        raise ValueError("a batch answer item needs its status")
+    return error_from_json(status, raw)
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """One page of the dialog between ``viewer`` and ``other``: messages older than ``before``,
+    newest first, at most ``limit`` (and at most MAX_PAGE_TEXT_BYTES of text)."""
+
+    dialog_key: int
+    viewer: uuid.UUID
+    other: uuid.UUID
+    before: int
+    limit: int
+    map_version: int
+    request_id: str
+
+    def to_query(self) -> str:
+        return urlencode(
+            {
+                "dialog_key": self.dialog_key,
+                "viewer": str(self.viewer),
+                "other": str(self.other),
+                "before": self.before,
+                "limit": self.limit,
+                "map_version": self.map_version,
+                "request_id": self.request_id,
+            }
+        )
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> ListQuery:
+        viewer = checks.user_id(query.get("viewer"), "viewer")
+        other = checks.user_id(query.get("other"), "other")
+        key = checks.int64(query.get("dialog_key"), "dialog_key")
+        if key != dialog_key(viewer, other):
+            raise errors.InvalidInput("dialog_key must be the dialog key of viewer and other")
+        return cls(
+            dialog_key=key,
+            viewer=viewer,
+            other=other,
+            before=checks.bounded_int(query.get("before", str(INT64_MAX)), "before", 1, INT64_MAX),
+            limit=checks.bounded_int(query.get("limit", str(DEFAULT_LIST_LIMIT)), "limit", 1, MAX_LIST_LIMIT),
+            map_version=checks.int64(query.get("map_version"), "map_version"),
+            request_id=_request_id(query.get("request_id")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page as the worker encoded it (the public JSON array, passed through as bytes) and
+    how many messages it holds."""
+
+    body: bytes
+    count: int
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0
+
+    @classmethod
+    def from_response(cls, body: bytes, count_header: str | None) -> Page:
+        """Raises ValueError when the count is missing or not a count."""
+        if count_header is None or not count_header.isdigit():
+            raise ValueError(f"a page needs its {PAGE_COUNT_HEADER} header")
+        return cls(body, int(count_header))
+
+
+def error_json(exc: errors.DialogsError, request_id: str) -> dict[str, Any]:
+    """An error as one item of a batch's answer."""
+    data = {"status": exc.status, **exc.to_json(request_id)}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        data["retry_after"] = retry_after
+    return data
+
+
+def error_from_json(status: int, data: Mapping[str, Any], retry_after: str | None = None) -> errors.DialogsError:
+    """The error a worker sent, rebuilt as the project's own (``retry_after``: a response's
+    Retry-After header, when the error came as a whole response)."""
+    if retry_after is not None and "retry_after" not in data:
+        data = {**data, "retry_after": retry_after}
+    return errors.from_json(status, data)
+
+
+def error_from_response(status: int, body: bytes, retry_after: str | None) -> errors.DialogsError:
+    """A worker's non-200 answer. A body that is not the worker's error JSON: 503 if it
+    was a server error (a proxy in between, a worker dying), a bug otherwise."""
+    try:
+        data = orjson.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return errors.ShardUnavailable() if status >= 500 else errors.DialogsError()
+    return error_from_json(status, data, retry_after)

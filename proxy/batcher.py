@@ -19,19 +19,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import orjson
 from yarl import URL
 
 from dialogs import errors, wire
-from proxy.retry_policy import Answered, Attempt, Broken, NotConnected, worker_error
+from proxy.retry_policy import Answered, Attempt, Broken, ErrorAnswer, NotConnected
 
 
 @dataclass
 class _Queue:
-    items: list[tuple[dict[str, Any], asyncio.Future[Attempt]]] = field(default_factory=list)
+    items: list[tuple[wire.SendItem, asyncio.Future[Attempt]]] = field(default_factory=list)
     flushers: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -66,7 +65,7 @@ class SendBatcher:
         self._observe = observe
         self._queues: dict[str, _Queue] = {}
 
-    async def send(self, worker_url: str, item: dict[str, Any]) -> Attempt:
+    async def send(self, worker_url: str, item: wire.SendItem) -> Attempt:
         """Queue ``item`` for ``worker_url`` and wait for its own outcome."""
         queue = self._queues.setdefault(worker_url, _Queue())
         future: asyncio.Future[Attempt] = asyncio.get_running_loop().create_future()
@@ -105,10 +104,10 @@ class SendBatcher:
                 if not future.done():  # a client that went away; its send is stored all the same
                     future.set_result(outcome)
 
-    async def _post(self, url: URL, items: list[dict[str, Any]]) -> list[Attempt]:
+    async def _post(self, url: URL, items: list[wire.SendItem]) -> list[Attempt]:
         try:
             async with self._session.post(
-                url, data=orjson.dumps(items), headers=self._headers, timeout=self._timeout
+                url, data=orjson.dumps([item.to_json() for item in items]), headers=self._headers, timeout=self._timeout
             ) as response:
                 body = await response.read()
         except NOT_CONNECTED:
@@ -117,18 +116,16 @@ class SendBatcher:
             return [Broken()] * len(items)
         if response.status != 200:
             # The whole batch was refused (a bad secret, a worker shutting down): nothing stored.
-            return [Answered(error=worker_error(response.status, body))] * len(items)
+            error = wire.error_from_response(response.status, body, response.headers.get("Retry-After"))
+            return [ErrorAnswer(error)] * len(items)
         try:
-            results = orjson.loads(body)
+            answers = orjson.loads(body)
+            if not isinstance(answers, list) or len(answers) != len(items):
+                raise ValueError("a batch's answer is an array of one answer per send")
+            return [_attempt(wire.send_answer_from_json(answer)) for answer in answers]
         except ValueError:
-            return [Broken()] * len(items)
-        if not isinstance(results, list) or len(results) != len(items):
-            return [Broken()] * len(items)
-        return [_outcome(result) for result in results]
+            return [Broken()] * len(items)  # a worker or a hop in between broke it: maybe stored
 
 
-def _outcome(result: dict[str, Any]) -> Attempt:
-    status = result.pop("status", 500)
-    if status == 200:
-        return Answered(result)
-    return Answered(error=errors.from_json(status, result))
+def _attempt(answer: wire.SendResult | errors.DialogsError) -> Attempt:
+    return ErrorAnswer(answer) if isinstance(answer, errors.DialogsError) else Answered(answer)

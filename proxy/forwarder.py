@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
-from urllib.parse import urlencode
+from dataclasses import replace
 
 import aiohttp
 from yarl import URL
@@ -21,7 +20,18 @@ from dialogs.watch import MetadataWatcher
 from proxy import retry_policy
 from proxy.batcher import NOT_CONNECTED, SendBatcher, worker_timeout
 from proxy.metrics import ProxyMetrics
-from proxy.retry_policy import Answered, Attempt, Broken, Deliver, Fail, NextWorker, NotConnected, Refused, Reload
+from proxy.retry_policy import (
+    Answered,
+    Attempt,
+    Broken,
+    Deliver,
+    ErrorAnswer,
+    Fail,
+    NextWorker,
+    NotConnected,
+    Refused,
+    Reload,
+)
 from proxy.topology import Topology
 
 Attempter = Callable[[str, int], Awaitable[Attempt]]  # (worker URL, map version) -> outcome
@@ -59,31 +69,32 @@ class Forwarder:
             metrics.observe_send_batch,
         )
 
-    async def send(self, dialog_key: int, request_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Store one message on the shard that owns ``dialog_key``: the worker's result
-        ({id, created_at, duplicate}); any worker error is raised as the project's own.
-        Sends travel to workers in batches (``proxy/batcher.py``)."""
+    async def send(self, item: wire.SendItem) -> wire.SendResult:
+        """Store one message on the shard that owns its dialog; any worker error is raised
+        as the project's own. Sends travel to workers in batches (``proxy/batcher.py``)."""
 
         async def attempt(url: str, map_version: int) -> Attempt:
-            return await self.batcher.send(url, {**payload, "map_version": map_version, "request_id": request_id})
+            return await self.batcher.send(url, replace(item, map_version=map_version))
 
-        return await self._route(dialog_key, "send", attempt)
+        reply = await self._route(item.dialog_key, "send", attempt)
+        if not isinstance(reply, wire.SendResult):
+            raise errors.DialogsError(f"a worker answered a send with {reply!r}")
+        return reply
 
-    async def list(self, dialog_key: int, request_id: str, params: dict[str, str]) -> bytes:
-        """One page of a dialog from the shard that owns it, as the worker's JSON bytes."""
-        path = wire.INTERNAL_MESSAGES_PATH + "?" + urlencode(params)
+    async def list(self, query: wire.ListQuery) -> wire.Page:
+        """One page of a dialog from the shard that owns it."""
+        headers = {"Authorization": self._authorization}
 
         async def attempt(url: str, map_version: int) -> Attempt:
-            headers = {
-                "Authorization": self._authorization,
-                wire.MAP_VERSION_HEADER: str(map_version),
-                wire.REQUEST_ID_HEADER: request_id,
-            }
-            return await self._get(url + path, headers)
+            routed = replace(query, map_version=map_version).to_query()
+            return await self._get(url + wire.INTERNAL_MESSAGES_PATH + "?" + routed, headers)
 
-        return await self._route(dialog_key, "list", attempt)
+        reply = await self._route(query.dialog_key, "list", attempt)
+        if not isinstance(reply, wire.Page):
+            raise errors.DialogsError(f"a worker answered a list with {reply!r}")
+        return reply
 
-    async def _route(self, dialog_key: int, operation: str, attempt: Attempter) -> Any:
+    async def _route(self, dialog_key: int, operation: str, attempt: Attempter) -> retry_policy.Reply:
         """Route by the current map and carry out ``proxy/retry_policy.py``'s decisions.
 
         A request whose range is being cut over is buffered: held here and retried when
@@ -99,7 +110,7 @@ class Forwarder:
                     raise errors.MetadataUnavailable("no shard map loaded yet")
                 step = await self._on_shard(shard_map.owner(dialog_key), operation, shard_map.map_version, attempt)
                 if isinstance(step, Deliver):
-                    return step.body
+                    return step.reply
                 self._metrics.stale_map_retries.inc()
                 next_step = retry_policy.after_refusal(step.refusal, self._topology.map_version, reloads)
                 if isinstance(next_step, Reload):
@@ -137,7 +148,7 @@ class Forwarder:
         for index, url in enumerate(candidates):
             started = time.perf_counter()
             outcome = await attempt(url, map_version)
-            if isinstance(outcome, Answered):
+            if isinstance(outcome, Answered | ErrorAnswer):  # the worker is up, whatever it said
                 self._metrics.forward_seconds.labels(shard_id, operation).observe(time.perf_counter() - started)
                 self._topology.mark_up(url)
             else:
@@ -162,6 +173,9 @@ class Forwarder:
             return NotConnected()
         except (aiohttp.ClientError, TimeoutError):
             return Broken()
-        if response.status == 200:
-            return Answered(answer)
-        return Answered(error=retry_policy.worker_error(response.status, answer))
+        if response.status != 200:
+            return ErrorAnswer(wire.error_from_response(response.status, answer, response.headers.get("Retry-After")))
+        try:
+            return Answered(wire.Page.from_response(answer, response.headers.get(wire.PAGE_COUNT_HEADER)))
+        except ValueError:
+            return Broken()

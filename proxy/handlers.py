@@ -8,7 +8,7 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dialogs import errors, wire
+from dialogs import checks, errors, wire
 from dialogs.http import json_response, read_json, request_id_of
 from dialogs.keys import dialog_key
 from proxy import admin, discovery, openapi, validation
@@ -86,39 +86,43 @@ async def search_users(request: web.Request) -> web.Response:
 async def send_message(request: web.Request) -> web.Response:
     sender = request.app[TOKENS].user_of(request)
     recipient = validation.user_id(request.match_info["user_id"])
-    key = validation.idempotency_key(request.headers.get(wire.IDEMPOTENCY_KEY_HEADER))
+    key = checks.idempotency_key(request.headers.get(wire.IDEMPOTENCY_KEY_HEADER))
     text = validation.send_text(await read_json(request), request.app[SETTINGS].max_text_length)
     await request.app[KNOWN_USERS].ensure(recipient)
-    dialog = dialog_key(sender, recipient)
-    payload = {
-        "dialog_key": dialog,
-        "from": str(sender),
-        "to": str(recipient),
-        "text": text,
-        "idempotency_key": key,
-    }
-    stored = await request.app[FORWARDER].send(dialog, request_id_of(request), payload)
-    headers = {"Idempotent-Replayed": "true"} if stored["duplicate"] else None
-    return json_response({"id": stored["id"], "created_at": stored["created_at"]}, headers=headers)
+    item = wire.SendItem(
+        dialog_key=dialog_key(sender, recipient),
+        from_user=sender,
+        to_user=recipient,
+        text=text,
+        idempotency_key=key,
+        map_version=0,  # the forwarder sets the version it routes with
+        request_id=request_id_of(request),
+    )
+    stored = await request.app[FORWARDER].send(item)
+    headers = {"Idempotent-Replayed": "true"} if stored.duplicate else None
+    return json_response({"id": str(stored.id), "created_at": stored.created_at}, headers=headers)
 
 
 async def list_messages(request: web.Request) -> web.Response:
     viewer = request.app[TOKENS].user_of(request)
     other = validation.user_id(request.match_info["user_id"])
-    limit = validation.list_limit(request.query.get("limit"))
-    before = validation.list_before(request.query.get("before"))
-    key = dialog_key(viewer, other)
-    params = {"dialog_key": str(key), "user_a": str(viewer), "user_b": str(other), "limit": str(limit)}
-    if before is not None:
-        params["before"] = str(before)
-    body = await request.app[FORWARDER].list(key, request_id_of(request), params)
-    if body == b"[]":
+    query = wire.ListQuery(
+        dialog_key=dialog_key(viewer, other),
+        viewer=viewer,
+        other=other,
+        before=validation.list_before(request.query.get("before")),
+        limit=validation.list_limit(request.query.get("limit")),
+        map_version=0,  # the forwarder sets the version it routes with
+        request_id=request_id_of(request),
+    )
+    page = await request.app[FORWARDER].list(query)
+    if page.empty:
         # As for sends, an unknown user is a 404. Checked only for an empty page: a dialog
         # with messages proves both users exist (users are never deleted), so lists of
         # live dialogs cost the metadata database nothing.
         await request.app[KNOWN_USERS].ensure(other)
     # The worker already speaks the public message format: pass the bytes through.
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(body=page.body, content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:

@@ -18,11 +18,9 @@ with its Idempotency-Key. A read may always be retried.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
 
-from dialogs import errors
+from dialogs import errors, wire
 
 # Route again after a map reload at most this many times per request, then buffer.
 MAX_RELOADS = 4
@@ -33,13 +31,21 @@ BUFFER_RETRY_SECONDS = 0.025
 # --- what happened ------------------------------------------------------------------------
 
 
+Reply = wire.SendResult | wire.Page  # what a worker answers with a 200
+
+
 @dataclass(frozen=True, slots=True)
 class Answered:
-    """The worker answered: ``body`` (a list's JSON bytes, a send's result), or ``error``
-    rebuilt from its error JSON."""
+    """The worker answered with its ``reply``."""
 
-    body: Any = b""
-    error: errors.DialogsError | None = None
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorAnswer:
+    """The worker answered with an error (rebuilt from its error JSON as the project's own)."""
+
+    error: errors.DialogsError
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +58,7 @@ class Broken:
     """The connection broke or timed out after the request was sent: it may have been applied."""
 
 
-Attempt = Answered | NotConnected | Broken
+Attempt = Answered | ErrorAnswer | NotConnected | Broken
 
 
 # --- what to do ---------------------------------------------------------------------------
@@ -60,7 +66,7 @@ Attempt = Answered | NotConnected | Broken
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    body: Any
+    reply: Reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +102,8 @@ def after_attempt(attempt: Attempt, is_read: bool, workers_left: int) -> Step:
         if is_read:
             return _next_or_fail("broken", workers_left)
         return Fail(errors.ShardUnavailable(), "broken")
-    if attempt.error is None:
-        return Deliver(attempt.body)
+    if isinstance(attempt, Answered):
+        return Deliver(attempt.reply)
     if isinstance(attempt.error, errors.ShardUnavailable):
         # This worker could not get a database connection (nothing written); another might.
         return _next_or_fail("unavailable", workers_left, attempt.error)
@@ -157,15 +163,3 @@ def buffer_wait(buffered_for: float | None, cutover_wait: float, buffered_now: i
     if remaining <= 0:
         return Fail(errors.ShardUnavailable("this dialog is being moved between shards; retry shortly"), "timeout")
     return Buffer(min(BUFFER_RETRY_SECONDS, remaining))
-
-
-def worker_error(status: int, body: bytes) -> errors.DialogsError:
-    """A worker's non-200 answer as the project's own error (a body that is not the
-    worker's error JSON: 503 if it was a server error, a bug otherwise)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        return errors.ShardUnavailable() if status >= 500 else errors.DialogsError()
-    return errors.from_json(status, data)

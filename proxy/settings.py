@@ -5,6 +5,7 @@ from __future__ import annotations
 import environ
 
 from dialogs import settings as s
+from dialogs import wire
 from proxy.clients import Network, parse_networks
 
 INTERNAL_SECRET_HELP = "≥ 32 characters, the same on every proxy and worker: workers answer only callers presenting it"
@@ -55,7 +56,9 @@ class ProxySettings:
     admin_token: str = s.secret(16, "", empty_ok=True, help="admin API token; empty disables the admin API")
     log_level: str = s.log_level()
     jwt_ttl: int = s.positive_int(86400, help="user token lifetime, seconds")
-    max_text_length: int = s.positive_int(4096, help="characters per message")
+    max_text_length: int = s.positive_int(
+        4096, at_most=wire.MAX_TEXT_LENGTH, help=f"characters per message (at most {wire.MAX_TEXT_LENGTH})"
+    )
     max_body_bytes: int = s.positive_int(65536, help="larger request bodies are a 413")
     idle_timeout: float = s.positive_float(
         15.0, help="seconds a connection may stay open without a request in progress (also bounds reading headers)"

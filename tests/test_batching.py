@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 
+from dialogs import wire
 from dialogs.keys import dialog_key
 from proxy.appkeys import FORWARDER, TOPOLOGY
 from proxy.retry_policy import Answered
@@ -63,15 +65,7 @@ async def test_a_lone_send_is_not_held_back(cluster: Cluster) -> None:
         return await original(target, items)
 
     batcher._post = observed  # type: ignore[method-assign]
-    item = {
-        "dialog_key": key,
-        "from": anna,
-        "to": boris,
-        "idempotency_key": None,
-        "text": "alone",
-        "map_version": topology.map_version,
-        "request_id": "lone",
-    }
+    item = wire.SendItem(key, uuid.UUID(anna), uuid.UUID(boris), "alone", None, topology.map_version, "lone")
     sending = asyncio.ensure_future(batcher.send(url, item))
     for _ in range(5):  # zero-delay yields: no timer can be due in between unless the loop stalls
         if posted:
@@ -79,7 +73,7 @@ async def test_a_lone_send_is_not_held_back(cluster: Cluster) -> None:
         await asyncio.sleep(0)
     assert posted == [1]
     outcome = await sending
-    assert isinstance(outcome, Answered) and outcome.error is None, outcome
+    assert isinstance(outcome, Answered), outcome
     assert [m["text"] for m in (await cluster.api.list(token, boris)).json] == ["alone"]
 
 
@@ -93,16 +87,9 @@ async def test_a_send_right_after_a_batch_finished_is_not_stranded(cluster: Clus
     topology = proxy[TOPOLOGY]
     assert topology.map is not None
     url = topology.candidates(topology.map.owner(key))[0]
-    item = {
-        "dialog_key": key,
-        "from": anna,
-        "to": boris,
-        "idempotency_key": None,
-        "map_version": topology.map_version,
-        "request_id": "direct",
-    }
+    item = wire.SendItem(key, uuid.UUID(anna), uuid.UUID(boris), "", None, topology.map_version, "direct")
     for i in range(5):
         async with asyncio.timeout(5):  # awaited directly: no extra task between two sends
-            outcome = await proxy[FORWARDER].batcher.send(url, {**item, "text": f"m{i}"})
-        assert isinstance(outcome, Answered) and outcome.error is None, outcome
+            outcome = await proxy[FORWARDER].batcher.send(url, replace(item, text=f"m{i}"))
+        assert isinstance(outcome, Answered), outcome
     assert len((await cluster.api.list(token, boris)).json) == 5

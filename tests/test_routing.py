@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 
 import aiohttp
 import asyncpg
@@ -96,7 +97,7 @@ async def test_a_mixed_batch_answers_each_send_on_its_own(cluster: Cluster) -> N
     version = shard_map.map_version
     url = _worker_url(cluster, "shard-1")
     a, b, key = _owned_by(shard_map, "shard-1")
-    _, _, foreign = _owned_by(shard_map, "shard-2")
+    foreign_a, foreign_b, foreign = _owned_by(shard_map, "shard-2")
     ok = {
         "dialog_key": key,
         "from": a,
@@ -111,7 +112,14 @@ async def test_a_mixed_batch_answers_each_send_on_its_own(cluster: Cluster) -> N
         {**ok, "text": "second", "idempotency_key": "k-2", "request_id": "r-good"},
         "not an object",
         {**ok, "text": "stale", "idempotency_key": None, "map_version": version - 1, "request_id": "r-stale"},
-        {**ok, "dialog_key": foreign, "idempotency_key": None, "request_id": "r-foreign"},
+        {
+            **ok,
+            "from": foreign_a,
+            "to": foreign_b,
+            "dialog_key": foreign,
+            "idempotency_key": None,
+            "request_id": "r-foreign",
+        },
         {**ok, "text": "other text, same key", "request_id": "r-reused"},
         {**ok, "request_id": "r-replay"},
     ]
@@ -127,6 +135,48 @@ async def test_a_mixed_batch_answers_each_send_on_its_own(cluster: Cluster) -> N
     assert [row["text"] for row in rows] == ["first", "second"]
 
 
+async def test_a_worker_refuses_what_the_public_api_refuses(cluster: Cluster) -> None:
+    """The wire's checks are the public API's: a blank or NUL text, a key of the wrong pair,
+    each a 400 of its own, with its own request id; nothing is stored."""
+    shard_map = cluster.proxies[0].app[TOPOLOGY].map
+    assert shard_map is not None
+    url = _worker_url(cluster, "shard-1")
+    a, b, key = _owned_by(shard_map, "shard-1")
+    good = wire.SendItem(key, uuid.UUID(a), uuid.UUID(b), "ok", None, shard_map.map_version, "r").to_json()
+    items = [
+        {**good, "text": " \t ", "request_id": "r-blank"},
+        {**good, "text": "a\x00b", "request_id": "r-nul"},
+        {**good, "to": str(uuid.uuid4()), "request_id": "r-pair"},
+    ]
+    blank, nul, pair = await _send_batch(cluster, url, items)
+    assert (blank["status"], blank["request_id"], blank["message"]) == (400, "r-blank", "text must not be empty")
+    assert (nul["status"], nul["request_id"]) == (400, "r-nul") and "NUL" in nul["message"]
+    assert (pair["status"], pair["request_id"]) == (400, "r-pair") and "dialog key" in pair["message"]
+    rows = await cluster.shard_fetch("shard-1", "SELECT count(*) FROM messages")
+    assert rows[0][0] == 0
+
+
+async def test_a_list_on_the_wire_names_its_size_and_its_request(cluster: Cluster) -> None:
+    """A page says how many messages it holds; a refused list answers with the client's request id."""
+    anna, token = await cluster.api.user("Anna")
+    boris = await cluster.api.register("Boris")
+    await cluster.api.send(token, boris, "one")
+    await cluster.api.send(token, boris, "two")
+    shard_map = cluster.proxies[0].app[TOPOLOGY].map
+    assert shard_map is not None
+    key = dialog_key(uuid.UUID(anna), uuid.UUID(boris))
+    url = _worker_url(cluster, shard_map.owner(key))
+    query = wire.ListQuery(key, uuid.UUID(boris), uuid.UUID(anna), 2**63 - 1, 10, shard_map.map_version, "r-page")
+    async with cluster.session.get(url + wire.INTERNAL_MESSAGES_PATH + "?" + query.to_query(), headers=_AS_PROXY) as r:
+        assert r.status == 200 and r.headers[wire.PAGE_COUNT_HEADER] == "2"
+        assert [m["text"] for m in await r.json()] == ["two", "one"]
+    stale = replace(query, map_version=0, request_id="r-stale").to_query()
+    async with cluster.session.get(url + wire.INTERNAL_MESSAGES_PATH + "?" + stale, headers=_AS_PROXY) as r:
+        body = await r.json()
+        assert (r.status, body["code"], body["request_id"]) == (409, 40902, "r-stale")
+        assert r.headers["X-Request-ID"] == "r-stale"
+
+
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-secret", f"Basic {INTERNAL_SECRET}"])
 async def test_worker_answers_only_proxies(cluster: Cluster, authorization: str | None) -> None:
     """Straight to a worker without the internal secret: 401, nothing stored, nothing listed."""
@@ -136,9 +186,7 @@ async def test_worker_answers_only_proxies(cluster: Cluster, authorization: str 
     assert shard_map is not None
     key = dialog_key(uuid.UUID(anna), uuid.UUID(boris))
     url = _worker_url(cluster, shard_map.owner(key))
-    headers = {"X-Map-Version": str(shard_map.map_version)}
-    if authorization:
-        headers["Authorization"] = authorization
+    headers = {"Authorization": authorization} if authorization else {}
     forged = {
         "dialog_key": key,
         "from": boris,
@@ -149,8 +197,8 @@ async def test_worker_answers_only_proxies(cluster: Cluster, authorization: str 
     }
     async with cluster.session.post(url + wire.INTERNAL_BATCH_PATH, json=[forged], headers=headers) as r:
         assert r.status == 401, await r.text()
-    query = {"dialog_key": str(key), "user_a": anna, "user_b": boris}
-    async with cluster.session.get(url + "/internal/v1/messages", params=query, headers=headers) as r:
+    query = wire.ListQuery(key, uuid.UUID(anna), uuid.UUID(boris), 2**63 - 1, 10, shard_map.map_version, "r").to_query()
+    async with cluster.session.get(url + wire.INTERNAL_MESSAGES_PATH + "?" + query, headers=headers) as r:
         assert r.status == 401, await r.text()
     assert (await cluster.api.list(anna_token, boris)).json == []
 

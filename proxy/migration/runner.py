@@ -13,7 +13,7 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -23,7 +23,7 @@ from dialogs.metastore import maps, members, migrations
 from dialogs.metastore.migrations import START, Migration, RangeCopy, Watermark
 from dialogs.migration_plan import MovePlan, Span, owned_after_split, same_database, target_problem
 from dialogs.wire import ABSENT, Ownership, Phase
-from proxy.migration import shard_sql
+from proxy.migration import pacing, shard_sql
 from proxy.migration.verification import (
     DIALOG_ROUNDS,
     MAX_VERIFY_ROUNDS,
@@ -280,25 +280,13 @@ class _Run:
             await shard_sql.delete_after(tgt, state.move.span, state.cursor)
 
     async def _copy_pair(self, src: asyncpg.Connection, tgt: asyncpg.Connection, states: list[RangeCopy]) -> None:
-        chunk: list[RangeCopy] = []
-        estimate = 0
-        for state in states:
-            batch_size = self.migration.batch_size
-            if state.rows_estimate > batch_size or state.cursor is not None:
-                await self._flush(src, tgt, chunk)
-                chunk, estimate = [], 0
-                await self._copy_large(src, tgt, state)
-                continue
-            chunk.append(state)
-            estimate += state.rows_estimate
-            if estimate >= batch_size:
-                await self._flush(src, tgt, chunk)
-                chunk, estimate = [], 0
-        await self._flush(src, tgt, chunk)
+        for batch in pacing.copy_batches(states, self.migration.batch_size):
+            if batch.in_steps:
+                await self._copy_large(src, tgt, batch.ranges[0])
+            else:
+                await self._flush(src, tgt, batch.ranges)
 
-    async def _flush(self, src: asyncpg.Connection, tgt: asyncpg.Connection, chunk: list[RangeCopy]) -> None:
-        if not chunk:
-            return
+    async def _flush(self, src: asyncpg.Connection, tgt: asyncpg.Connection, chunk: Sequence[RangeCopy]) -> None:
         started = time.monotonic()
         rows = await shard_sql.copy_rows(src, tgt, [s.move.span for s in chunk])
         await migrations.checkpoint(
@@ -323,9 +311,7 @@ class _Run:
     async def _after_batch(self, rows: int, started: float) -> None:
         migration = await self._check_abort()
         self.observer.rows(migration.rows_copied, max(migration.rows_total - migration.rows_copied, 0))
-        if migration.rows_per_second > 0 and rows:
-            budget = rows / migration.rows_per_second
-            await asyncio.sleep(max(0.0, budget - (time.monotonic() - started)))
+        await asyncio.sleep(pacing.pause_after(rows, time.monotonic() - started, migration.rows_per_second))
 
     # --- catch-up: copy what was written meanwhile until little is left -------------------
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from dialogs import errors
+from dialogs import errors, wire
 from proxy import retry_policy
 from proxy.retry_policy import (
     Answered,
     Broken,
     Buffer,
     Deliver,
+    ErrorAnswer,
     Fail,
     NextWorker,
     NotConnected,
@@ -24,7 +25,8 @@ from proxy.retry_policy import (
 
 def test_a_200_is_delivered() -> None:
     """The worker's body goes back to the client as it is."""
-    assert after_attempt(Answered(b"[]"), is_read=True, workers_left=1) == Deliver(b"[]")
+    page = wire.Page(b"[]", 0)
+    assert after_attempt(Answered(page), is_read=True, workers_left=1) == Deliver(page)
 
 
 @pytest.mark.parametrize("is_read", [True, False])
@@ -45,26 +47,26 @@ def test_a_write_that_broke_mid_request_is_not_retried() -> None:
 def test_a_worker_without_its_database_passes_to_the_next_with_the_same_request() -> None:
     """503 from a worker: next worker; on the last, its 503 is the answer (never a 400)."""
     unavailable = errors.ShardUnavailable("database down")
-    assert after_attempt(Answered(error=unavailable), is_read=False, workers_left=1) == NextWorker("unavailable")
-    assert after_attempt(Answered(error=unavailable), is_read=False, workers_left=0) == Fail(unavailable, "unavailable")
+    assert after_attempt(ErrorAnswer(unavailable), is_read=False, workers_left=1) == NextWorker("unavailable")
+    assert after_attempt(ErrorAnswer(unavailable), is_read=False, workers_left=0) == Fail(unavailable, "unavailable")
 
 
 def test_a_worker_that_failed_during_a_write_is_not_retried_elsewhere() -> None:
     """The shard failed mid-write: it may be stored, so no second worker stores it again."""
     unknown = errors.SendOutcomeUnknown()
-    assert after_attempt(Answered(error=unknown), is_read=False, workers_left=2) == Fail(unknown, "503")
+    assert after_attempt(ErrorAnswer(unknown), is_read=False, workers_left=2) == Fail(unknown, "503")
 
 
 @pytest.mark.parametrize("refusal", [errors.StaleMap(3), errors.RangeMoving(), errors.RangeNotServed()])
 def test_refusals_by_the_range_fence_go_up_a_level(refusal: errors.Conflict) -> None:
     """Stale map, moving or unserved range: not the worker's fault, another worker would say the same."""
-    assert after_attempt(Answered(error=refusal), is_read=False, workers_left=2) == Refused(refusal)
+    assert after_attempt(ErrorAnswer(refusal), is_read=False, workers_left=2) == Refused(refusal)
 
 
 @pytest.mark.parametrize("error", [errors.InvalidInput("bad"), errors.IdempotencyKeyReused(), errors.DialogsError()])
 def test_other_worker_errors_are_the_answer(error: errors.DialogsError) -> None:
     """A client error from the worker is passed on, not retried."""
-    assert after_attempt(Answered(error=error), is_read=False, workers_left=2) == Fail(error, str(error.status))
+    assert after_attempt(ErrorAnswer(error), is_read=False, workers_left=2) == Fail(error, str(error.status))
 
 
 def test_a_newer_map_at_the_worker_means_reload_and_reroute() -> None:

@@ -44,6 +44,8 @@ def test_settings_are_frozen() -> None:
         ({**PROXY, "DIALOGS_JWT_SECRET": "short"}, "at least 32 characters"),
         ({**PROXY, "DIALOGS_METADATA_DSN": "mysql://x"}, "postgresql://"),
         ({**PROXY, "DIALOGS_FORWARD_TIMEOUT": "-1"}, "positive number"),
+        # Above the wire's ceiling, workers would refuse what the proxy accepted.
+        ({**PROXY, "DIALOGS_MAX_TEXT_LENGTH": "65537"}, "DIALOGS_MAX_TEXT_LENGTH must be an integer from 1 to 65536"),
     ],
 )
 def test_bad_proxy_settings_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from dialogs import errors
+from dialogs import checks, errors, wire
 from proxy import validation
 
 
@@ -36,7 +36,7 @@ def test_send_text_keeps_what_is_valid() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [(None, validation.DEFAULT_LIST_LIMIT), ("1", 1), ("1000", 1000)],
+    [(None, wire.DEFAULT_LIST_LIMIT), ("1", 1), ("1000", 1000)],
 )
 def test_list_limit(raw: str | None, expected: int) -> None:
     """Default 100, from 1 to 1000."""
@@ -61,7 +61,7 @@ def test_before_cursor_is_a_positive_int64(raw: str) -> None:
 def test_idempotency_key_refusals(key: str) -> None:
     """1 to 255 printable ASCII characters."""
     with pytest.raises(errors.InvalidInput, match="Idempotency-Key"):
-        validation.idempotency_key(key)
+        checks.idempotency_key(key)
 
 
 def test_registration_checks_dates_and_passwords() -> None:

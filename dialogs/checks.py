@@ -1,0 +1,75 @@
+"""Rules for input values, the same wherever input is checked: the public API (``proxy/validation.py``)
+and the proxy-worker wire (``dialogs/wire.py``). Each raises InvalidInput with a sentence."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from dialogs import errors
+from dialogs.keys import INT64_MAX, INT64_MIN
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+def text(value: Any, name: str, max_length: int, *, required: bool = True) -> str:
+    """A string PostgreSQL can store: no NUL characters, no lone surrogates; if ``required``,
+    not only white space."""
+    if value is None:
+        if required:
+            raise errors.InvalidInput(f"{name} is required")
+        return ""
+    if not isinstance(value, str):
+        raise errors.InvalidInput(f"{name} must be a string")
+    if required and not value.strip():
+        raise errors.InvalidInput(f"{name} must not be empty")
+    if len(value) > max_length:
+        raise errors.InvalidInput(f"{name} must be at most {max_length} characters")
+    if "\x00" in value:
+        raise errors.InvalidInput(f"{name} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.InvalidInput(f"{name} must be valid Unicode") from None
+    return value
+
+
+def idempotency_key(value: Any, name: str = "Idempotency-Key") -> str | None:
+    """None, or 1 to 255 printable ASCII characters."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY_LENGTH
+        or not value.isascii()
+        or not value.isprintable()
+    ):
+        raise errors.InvalidInput(f"{name} must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters")
+    return value
+
+
+def bounded_int(value: Any, name: str, low: int, high: int) -> int:
+    """An integer from ``low`` to ``high``: an int, or a string of one (a query parameter)."""
+    message = f"{name} must be an integer from {low} to {high}"
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise errors.InvalidInput(message)
+    try:
+        number = int(value)
+    except ValueError:
+        raise errors.InvalidInput(message) from None
+    if not low <= number <= high:
+        raise errors.InvalidInput(message)
+    return number
+
+
+def int64(value: Any, name: str) -> int:
+    return bounded_int(value, name, INT64_MIN, INT64_MAX)
+
+
+def user_id(value: Any, name: str = "user_id") -> uuid.UUID:
+    if not isinstance(value, str):
+        raise errors.InvalidInput(f"{name} must be a UUID")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise errors.InvalidInput(f"{name} must be a UUID") from None

@@ -1,0 +1,133 @@
+"""The proxy-worker wire: each message survives its own encoding, and a worker refuses what
+the public API would refuse."""
+
+from __future__ import annotations
+
+import uuid
+from urllib.parse import parse_qsl
+
+import orjson
+import pytest
+
+from dialogs import errors, wire
+from dialogs.keys import INT64_MAX, dialog_key
+
+ANNA, BORIS = uuid.UUID(int=1), uuid.UUID(int=2)
+KEY = dialog_key(ANNA, BORIS)
+
+
+def _item(**changes: object) -> dict[str, object]:
+    item = wire.SendItem(KEY, ANNA, BORIS, "hello", "key-1", 7, "req-1").to_json()
+    return {**item, **changes}
+
+
+def _through_json(value: object) -> object:
+    return orjson.loads(orjson.dumps(value))
+
+
+def test_a_send_item_round_trips() -> None:
+    item = wire.SendItem(KEY, BORIS, ANNA, "héllo ✓", None, 2**40, "r" * wire.MAX_REQUEST_ID_LENGTH)
+    assert wire.SendItem.from_json(_through_json(item.to_json())) == item
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"text": "   "}, "text must not be empty"),
+        ({"text": "a\x00b"}, "NUL"),
+        ({"text": "x" * (wire.MAX_TEXT_LENGTH + 1)}, "at most"),
+        ({"text": 5}, "text must be a string"),
+        ({"idempotency_key": "ключ"}, "idempotency_key must be 1 to 255 printable ASCII"),
+        ({"idempotency_key": ""}, "idempotency_key"),
+        ({"map_version": True}, "map_version must be an integer"),
+        ({"map_version": "7"}, None),  # a string of digits is an integer, as in a query
+        ({"map_version": None}, "map_version"),
+        ({"dialog_key": str(INT64_MAX + 1)}, "dialog_key"),
+        ({"dialog_key": KEY + 1}, "dialog_key must be the dialog key of from and to"),
+        ({"from": "not-a-uuid"}, "from must be a UUID"),
+        ({"to": None}, "to must be a UUID"),
+    ],
+)
+def test_a_worker_checks_a_send_as_the_public_api_does(changes: dict[str, object], message: str | None) -> None:
+    if message is None:
+        assert wire.SendItem.from_json(_item(**changes)).map_version == 7
+        return
+    with pytest.raises(errors.InvalidInput, match=message):
+        wire.SendItem.from_json(_item(**changes))
+
+
+def test_a_request_id_the_wire_cannot_keep_is_dropped() -> None:
+    """Too long or unprintable: the worker names the send by the batch's own id instead."""
+    assert wire.SendItem.from_json(_item(request_id="x" * 129)).request_id == ""
+    assert wire.SendItem.from_json(_item(request_id="a\nb")).request_id == ""
+    assert wire.SendItem.from_json(_item(request_id=None)).request_id == ""
+
+
+def test_a_list_query_round_trips() -> None:
+    query = wire.ListQuery(KEY, BORIS, ANNA, before=12345, limit=wire.MAX_LIST_LIMIT, map_version=3, request_id="r")
+    assert wire.ListQuery.from_query(dict(parse_qsl(query.to_query()))) == query
+
+
+def test_a_list_query_has_the_public_bounds() -> None:
+    query = dict(parse_qsl(wire.ListQuery(KEY, ANNA, BORIS, INT64_MAX, 1, 3, "r").to_query()))
+    for name, value in [("limit", "0"), ("limit", str(wire.MAX_LIST_LIMIT + 1)), ("before", "0")]:
+        with pytest.raises(errors.InvalidInput, match=f"{name} must be an integer from 1 to"):
+            wire.ListQuery.from_query({**query, name: value})
+    with pytest.raises(errors.InvalidInput, match="map_version"):
+        wire.ListQuery.from_query({k: v for k, v in query.items() if k != "map_version"})
+    with pytest.raises(errors.InvalidInput, match="dialog key of viewer and other"):
+        wire.ListQuery.from_query({**query, "other": str(uuid.UUID(int=3))})
+    defaults = wire.ListQuery.from_query({k: v for k, v in query.items() if k not in ("limit", "before")})
+    assert (defaults.limit, defaults.before) == (wire.DEFAULT_LIST_LIMIT, INT64_MAX)
+
+
+def test_a_send_result_round_trips() -> None:
+    result = wire.SendResult(2**62, "2026-12-02T10:00:00.123456+00:00", duplicate=True)
+    assert wire.send_answer_from_json(_through_json(result.to_json())) == result
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.StaleMap(9),
+        errors.RangeMoving(),
+        errors.IdempotencyKeyReused(),
+        errors.ShardUnavailable("db down", retry_after=7),
+        errors.SendOutcomeUnknown(),
+        errors.InvalidInput("text must not be empty"),
+    ],
+)
+def test_an_error_crosses_the_hop_whole(error: errors.DialogsError) -> None:
+    """Its class, message, request id, and what it tells the client: Retry-After, the map version."""
+    data = _through_json(wire.error_json(error, "req-9"))
+    assert isinstance(data, dict) and data["request_id"] == "req-9"
+    rebuilt = wire.send_answer_from_json(data)
+    assert type(rebuilt) is type(error) and isinstance(rebuilt, errors.DialogsError)
+    assert rebuilt.message == error.message and rebuilt.headers() == error.headers()
+    assert getattr(rebuilt, "map_version", None) == getattr(error, "map_version", None)
+
+
+def test_an_error_response_keeps_its_retry_after_header() -> None:
+    body = orjson.dumps(errors.ShardUnavailable().to_json("r"))
+    rebuilt = wire.error_from_response(503, body, "4")
+    assert isinstance(rebuilt, errors.ShardUnavailable) and rebuilt.headers() == {"Retry-After": "4"}
+
+
+@pytest.mark.parametrize(("status", "expected"), [(502, errors.ShardUnavailable), (400, errors.DialogsError)])
+def test_an_error_response_that_is_not_ours(status: int, expected: type[errors.DialogsError]) -> None:
+    """A hop in between answered (HTML, nothing): a server error is a 503, anything else a bug."""
+    assert type(wire.error_from_response(status, b"<html>bad gateway</html>", None)) is expected
+
+
+@pytest.mark.parametrize("answer", [[], "ok", {"status": 200, "id": "1"}, {"id": "1"}, {"status": "200"}])
+def test_a_malformed_batch_answer_is_not_taken_for_a_result(answer: object) -> None:
+    with pytest.raises(ValueError):
+        wire.send_answer_from_json(answer)
+
+
+def test_a_page_knows_its_size_from_the_worker() -> None:
+    assert wire.Page.from_response(b"[]", "0").empty
+    assert not wire.Page.from_response(b'[{"id":"1"}]', "1").empty
+    for header in (None, "", "-1", "many"):
+        with pytest.raises(ValueError):
+            wire.Page.from_response(b"[]", header)
