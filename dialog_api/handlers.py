@@ -36,7 +36,7 @@ def _result(stored: Stored) -> wire.SendResult:
 async def insert_batch(request: web.Request) -> web.Response:
     """Many sends in one request, each checked and answered on its own (``dialogs/wire.py``)."""
     _require_proxy(request)
-    raw_items = await read_json(request)
+    raw_items = await read_json(request, orjson.loads)
     if not isinstance(raw_items, list) or not raw_items:
         raise errors.InvalidInput("body must be a non-empty JSON array")
     view, committer = request.app[MAP_VIEW], request.app[GROUP_COMMIT]

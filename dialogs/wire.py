@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote
 
 import orjson
 
@@ -233,16 +233,10 @@ class ListQuery:
     request_id: str
 
     def to_query(self) -> str:
-        return urlencode(
-            {
-                "dialog_key": self.dialog_key,
-                "viewer": str(self.viewer),
-                "other": str(self.other),
-                "before": self.before,
-                "limit": self.limit,
-                "map_version": self.map_version,
-                "request_id": self.request_id,
-            }
+        # By hand: urlencode() costs several times more, and only the request id needs quoting.
+        return (
+            f"dialog_key={self.dialog_key}&viewer={self.viewer}&other={self.other}&before={self.before}"
+            f"&limit={self.limit}&map_version={self.map_version}&request_id={quote(self.request_id, safe='')}"
         )
 
     @classmethod

@@ -64,7 +64,9 @@ def test_a_request_id_the_wire_cannot_keep_is_dropped() -> None:
 
 
 def test_a_list_query_round_trips() -> None:
-    query = wire.ListQuery(KEY, BORIS, ANNA, before=12345, limit=wire.MAX_LIST_LIMIT, map_version=3, request_id="r")
+    query = wire.ListQuery(
+        KEY, BORIS, ANNA, before=12345, limit=wire.MAX_LIST_LIMIT, map_version=3, request_id="r&x=1 ü+%"
+    )
     assert wire.ListQuery.from_query(dict(parse_qsl(query.to_query()))) == query
 
 
