@@ -50,11 +50,11 @@ async def insert_batch(request: web.Request) -> web.Response:
             answers[index] = wire.error_json(exc, request_ids[index])
     # A proxy routes a batch by one map: at most one reload, however many items name it.
     if parsed:
-        await view.catch_up(max(item.map_version for _, item in parsed))
+        await view.catch_up(max(item.routed_version for _, item in parsed))
     accepted: list[tuple[int, NewMessage]] = []
     for index, item in parsed:
         try:
-            view.check_loaded_route(item.dialog_key, item.map_version)
+            view.check_loaded_route(item.dialog_key, item.routed_version)
             accepted.append((index, _new_message(item)))
         except errors.DialogsError as exc:
             answers[index] = wire.error_json(exc, request_ids[index])
@@ -73,17 +73,19 @@ async def insert_batch(request: web.Request) -> web.Response:
 
 
 def _item_request_id(request: web.Request, raw: object) -> str:
-    """An item's request id, also for an item too malformed to parse; the batch's own if none."""
-    own = raw.get("request_id") if isinstance(raw, dict) else None
-    return own if isinstance(own, str) and own and len(own) <= wire.MAX_REQUEST_ID_LENGTH else request_id_of(request)
+    """An item's request id by the wire's rule, also for an item too malformed to parse;
+    the batch's own if it has none."""
+    own = wire.clean_request_id(raw.get("request_id")) if isinstance(raw, dict) else ""
+    return own or request_id_of(request)
 
 
 async def list_messages(request: web.Request) -> web.Response:
+    request_id = wire.clean_request_id(request.query.get("request_id"))
+    if request_id:
+        rename_request(request, request_id)  # also for a list refused below
     _require_proxy(request)
     query = wire.ListQuery.from_query(request.query)
-    if query.request_id:
-        rename_request(request, query.request_id)
-    await request.app[MAP_VIEW].check_route(query.dialog_key, query.map_version)
+    await request.app[MAP_VIEW].check_route(query.dialog_key, query.routed_version)
     rows = await request.app[STORE].list_messages(
         query.dialog_key, query.viewer, query.other, query.before, query.limit
     )

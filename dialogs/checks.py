@@ -63,6 +63,14 @@ def bounded_int(value: Any, name: str, low: int, high: int) -> int:
 
 
 def int64(value: Any, name: str) -> int:
+    """A 64-bit integer, as an int or a string of one (a query parameter)."""
+    return bounded_int(value, name, INT64_MIN, INT64_MAX)
+
+
+def json_int64(value: Any, name: str) -> int:
+    """A 64-bit integer that JSON typed as a number (not a string, not a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.InvalidInput(f"{name} must be an integer from {INT64_MIN} to {INT64_MAX}")
     return bounded_int(value, name, INT64_MIN, INT64_MAX)
 
 

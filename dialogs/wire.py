@@ -23,6 +23,7 @@ call sites: the proxy's forwarder and the worker's handler.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import uuid
@@ -40,8 +41,12 @@ REQUEST_ID_HEADER = "X-Request-ID"  # the public API's; on the wire, each messag
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 PAGE_COUNT_HEADER = "X-Page-Messages"
 
-INTERNAL_MESSAGES_PATH = "/internal/v1/messages"  # GET: one page of a dialog
-INTERNAL_BATCH_PATH = "/internal/v1/messages/batch"  # POST: many sends
+# The wire's version is in its paths: a proxy and a worker of different versions (a rolling
+# upgrade) meet a 404 for the route, which the proxy takes as "this worker cannot serve
+# it" (the next worker, then a 503), never as the client's 404.
+WIRE_VERSION = 2
+INTERNAL_MESSAGES_PATH = f"/internal/v{WIRE_VERSION}/messages"  # GET: one page of a dialog
+INTERNAL_BATCH_PATH = f"/internal/v{WIRE_VERSION}/messages/batch"  # POST: many sends
 
 # One bound for every list, public and internal.
 DEFAULT_LIST_LIMIT = 100
@@ -130,7 +135,7 @@ def message_json(
 # --- the proxy-worker messages --------------------------------------------------------------
 
 
-def _request_id(value: Any) -> str:
+def clean_request_id(value: Any) -> str:
     """A message's request id: the client's, or empty when it sent none we could keep."""
     if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_LENGTH and value.isprintable():
         return value
@@ -152,8 +157,14 @@ class SendItem:
     to_user: uuid.UUID
     text: str
     idempotency_key: str | None
-    map_version: int
+    map_version: int | None  # None until the forwarder routes it
     request_id: str
+
+    @property
+    def routed_version(self) -> int:
+        if self.map_version is None:
+            raise ValueError("a send item is encoded only once routed (with its map version)")
+        return self.map_version
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -162,7 +173,7 @@ class SendItem:
             "to": str(self.to_user),
             "text": self.text,
             "idempotency_key": self.idempotency_key,
-            "map_version": self.map_version,
+            "map_version": self.routed_version,
             "request_id": self.request_id,
         }
 
@@ -172,7 +183,7 @@ class SendItem:
         data = _object(raw)
         from_user = checks.user_id(data.get("from"), "from")
         to_user = checks.user_id(data.get("to"), "to")
-        key = checks.int64(data.get("dialog_key"), "dialog_key")
+        key = checks.json_int64(data.get("dialog_key"), "dialog_key")
         if key != dialog_key(from_user, to_user):
             raise errors.InvalidInput("dialog_key must be the dialog key of from and to")
         return cls(
@@ -181,8 +192,8 @@ class SendItem:
             to_user=to_user,
             text=checks.text(data.get("text"), "text", MAX_TEXT_LENGTH),
             idempotency_key=checks.idempotency_key(data.get("idempotency_key"), "idempotency_key"),
-            map_version=checks.int64(data.get("map_version"), "map_version"),
-            request_id=_request_id(data.get("request_id")),
+            map_version=checks.json_int64(data.get("map_version"), "map_version"),
+            request_id=clean_request_id(data.get("request_id")),
         )
 
 
@@ -229,14 +240,20 @@ class ListQuery:
     other: uuid.UUID
     before: int
     limit: int
-    map_version: int
+    map_version: int | None  # None until the forwarder routes it
     request_id: str
+
+    @property
+    def routed_version(self) -> int:
+        if self.map_version is None:
+            raise ValueError("a list query is encoded only once routed (with its map version)")
+        return self.map_version
 
     def to_query(self) -> str:
         # By hand: urlencode() costs several times more, and only the request id needs quoting.
         return (
             f"dialog_key={self.dialog_key}&viewer={self.viewer}&other={self.other}&before={self.before}"
-            f"&limit={self.limit}&map_version={self.map_version}&request_id={quote(self.request_id, safe='')}"
+            f"&limit={self.limit}&map_version={self.routed_version}&request_id={quote(self.request_id, safe='')}"
         )
 
     @classmethod
@@ -253,7 +270,7 @@ class ListQuery:
             before=checks.bounded_int(query.get("before", str(INT64_MAX)), "before", 1, INT64_MAX),
             limit=checks.bounded_int(query.get("limit", str(DEFAULT_LIST_LIMIT)), "limit", 1, MAX_LIST_LIMIT),
             map_version=checks.int64(query.get("map_version"), "map_version"),
-            request_id=_request_id(query.get("request_id")),
+            request_id=clean_request_id(query.get("request_id")),
         )
 
 
@@ -288,10 +305,14 @@ def error_json(exc: errors.DialogsError, request_id: str) -> dict[str, Any]:
 
 def error_from_json(status: int, data: Mapping[str, Any], retry_after: str | None = None) -> errors.DialogsError:
     """The error a worker sent, rebuilt as the project's own (``retry_after``: a response's
-    Retry-After header, when the error came as a whole response)."""
+    Retry-After header, when the error came as a whole response). Raises ValueError when
+    ``data`` is not an error this wire defines."""
     if retry_after is not None and "retry_after" not in data:
         data = {**data, "retry_after": retry_after}
-    return errors.from_json(status, data)
+    try:
+        return errors.from_json(status, data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed error from a worker: {exc!r}") from None
 
 
 def error_from_response(status: int, body: bytes, retry_after: str | None) -> errors.DialogsError:
@@ -301,6 +322,7 @@ def error_from_response(status: int, body: bytes, retry_after: str | None) -> er
         data = orjson.loads(body)
     except ValueError:
         data = None
-    if not isinstance(data, dict):
-        return errors.ShardUnavailable() if status >= 500 else errors.DialogsError()
-    return error_from_json(status, data, retry_after)
+    if isinstance(data, dict):
+        with contextlib.suppress(ValueError):
+            return error_from_json(status, data, retry_after)
+    return errors.ShardUnavailable() if status >= 500 else errors.DialogsError()

@@ -8,6 +8,7 @@ fail). Every retry rule is there, with its reasons.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -33,6 +34,8 @@ from proxy.retry_policy import (
     Reload,
 )
 from proxy.topology import Topology
+
+log = logging.getLogger(__name__)
 
 Attempter = Callable[[str, int], Awaitable[Attempt]]  # (worker URL, map version) -> outcome
 
@@ -159,6 +162,8 @@ class Forwarder:
                 continue
             if isinstance(step, Fail):
                 self._metrics.forward_errors.labels(shard_id, step.reason).inc()
+                if step.reason == "wire":
+                    log.error("%s to %s: %s", operation, url, step.error.message)
                 raise step.error
             return step
         raise AssertionError("after_attempt fails on the last worker")  # pragma: no cover

@@ -95,7 +95,7 @@ async def send_message(request: web.Request) -> web.Response:
         to_user=recipient,
         text=text,
         idempotency_key=key,
-        map_version=0,  # the forwarder sets the version it routes with
+        map_version=None,  # the forwarder sets the version it routes with
         request_id=request_id_of(request),
     )
     stored = await request.app[FORWARDER].send(item)
@@ -112,7 +112,7 @@ async def list_messages(request: web.Request) -> web.Response:
         other=other,
         before=validation.list_before(request.query.get("before")),
         limit=validation.list_limit(request.query.get("limit")),
-        map_version=0,  # the forwarder sets the version it routes with
+        map_version=None,  # the forwarder sets the version it routes with
         request_id=request_id_of(request),
     )
     page = await request.app[FORWARDER].list(query)

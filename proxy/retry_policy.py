@@ -104,6 +104,14 @@ def after_attempt(attempt: Attempt, is_read: bool, workers_left: int) -> Step:
         return Fail(errors.ShardUnavailable(), "broken")
     if isinstance(attempt, Answered):
         return Deliver(attempt.reply)
+    if type(attempt.error) is errors.NotFound:
+        # No such route on the worker: it speaks another wire version (a rolling upgrade
+        # across one). Nothing was applied; a worker of this proxy's version may serve it.
+        return _next_or_fail("wire", workers_left)
+    if isinstance(attempt.error, errors.InvalidInput):
+        # The proxy checks with the worker's rules first: a 400 from the worker is a bug
+        # on this hop, not the client's mistake (logged by the forwarder).
+        return Fail(errors.DialogsError(f"the worker refused the proxy's request: {attempt.error.message}"), "wire")
     if isinstance(attempt.error, errors.ShardUnavailable):
         # This worker could not get a database connection (nothing written); another might.
         return _next_or_fail("unavailable", workers_left, attempt.error)

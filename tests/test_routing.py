@@ -147,8 +147,10 @@ async def test_a_worker_refuses_what_the_public_api_refuses(cluster: Cluster) ->
         {**good, "text": " \t ", "request_id": "r-blank"},
         {**good, "text": "a\x00b", "request_id": "r-nul"},
         {**good, "to": str(uuid.uuid4()), "request_id": "r-pair"},
+        {**good, "text": "", "request_id": "line\nbreak"},  # an id the wire does not keep
     ]
-    blank, nul, pair = await _send_batch(cluster, url, items)
+    blank, nul, pair, unnamed = await _send_batch(cluster, url, items)
+    assert unnamed["status"] == 400 and unnamed["request_id"] != "line\nbreak" and len(unnamed["request_id"]) == 32
     assert (blank["status"], blank["request_id"], blank["message"]) == (400, "r-blank", "text must not be empty")
     assert (nul["status"], nul["request_id"]) == (400, "r-nul") and "NUL" in nul["message"]
     assert (pair["status"], pair["request_id"]) == (400, "r-pair") and "dialog key" in pair["message"]
@@ -175,6 +177,10 @@ async def test_a_list_on_the_wire_names_its_size_and_its_request(cluster: Cluste
         body = await r.json()
         assert (r.status, body["code"], body["request_id"]) == (409, 40902, "r-stale")
         assert r.headers["X-Request-ID"] == "r-stale"
+    # Refused before it is read (no secret): still under the client's request id.
+    unauthorized = replace(query, request_id="r-no-secret").to_query()
+    async with cluster.session.get(url + wire.INTERNAL_MESSAGES_PATH + "?" + unauthorized) as r:
+        assert (r.status, (await r.json())["request_id"]) == (401, "r-no-secret")
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-secret", f"Basic {INTERNAL_SECRET}"])

@@ -63,7 +63,7 @@ def test_refusals_by_the_range_fence_go_up_a_level(refusal: errors.Conflict) -> 
     assert after_attempt(ErrorAnswer(refusal), is_read=False, workers_left=2) == Refused(refusal)
 
 
-@pytest.mark.parametrize("error", [errors.InvalidInput("bad"), errors.IdempotencyKeyReused(), errors.DialogsError()])
+@pytest.mark.parametrize("error", [errors.UserNotFound(), errors.IdempotencyKeyReused(), errors.DialogsError()])
 def test_other_worker_errors_are_the_answer(error: errors.DialogsError) -> None:
     """A client error from the worker is passed on, not retried."""
     assert after_attempt(ErrorAnswer(error), is_read=False, workers_left=2) == Fail(error, str(error.status))
@@ -93,3 +93,19 @@ def test_buffering_is_bounded_in_time_and_in_count() -> None:
     full = buffer_wait(None, 6, 10, 10)
     assert isinstance(full, Fail) and "too many requests" in full.error.message
     assert isinstance(buffer_wait(1.0, 6, 10, 10), Buffer)  # already held: not counted twice
+
+
+def test_a_worker_of_another_wire_version_is_passed_over() -> None:
+    """Its 404 for the route is not the client's 404: nothing was applied, the next worker may serve it."""
+    route = errors.NotFound("no such route")
+    assert after_attempt(ErrorAnswer(route), is_read=False, workers_left=1) == NextWorker("wire")
+    last = after_attempt(ErrorAnswer(route), is_read=True, workers_left=0)
+    assert isinstance(last, Fail) and isinstance(last.error, errors.ShardUnavailable)
+
+
+def test_a_worker_refusing_the_proxys_request_is_a_bug_not_the_clients_400() -> None:
+    step = after_attempt(ErrorAnswer(errors.InvalidInput("dialog_key must be ...")), is_read=False, workers_left=2)
+    assert isinstance(step, Fail) and step.reason == "wire" and step.error.status == 500
+    # A user that does not exist is the client's answer, as before.
+    missing = errors.UserNotFound()
+    assert after_attempt(ErrorAnswer(missing), is_read=False, workers_left=2) == Fail(missing, "404")

@@ -9,8 +9,9 @@ from urllib.parse import parse_qsl
 import orjson
 import pytest
 
-from dialogs import errors, wire
+from dialogs import checks, errors, wire
 from dialogs.keys import INT64_MAX, dialog_key
+from proxy import validation
 
 ANNA, BORIS = uuid.UUID(int=1), uuid.UUID(int=2)
 KEY = dialog_key(ANNA, BORIS)
@@ -40,7 +41,7 @@ def test_a_send_item_round_trips() -> None:
         ({"idempotency_key": "ключ"}, "idempotency_key must be 1 to 255 printable ASCII"),
         ({"idempotency_key": ""}, "idempotency_key"),
         ({"map_version": True}, "map_version must be an integer"),
-        ({"map_version": "7"}, None),  # a string of digits is an integer, as in a query
+        ({"map_version": "7"}, "map_version must be an integer"),  # JSON numbers only, unlike a query
         ({"map_version": None}, "map_version"),
         ({"dialog_key": str(INT64_MAX + 1)}, "dialog_key"),
         ({"dialog_key": KEY + 1}, "dialog_key must be the dialog key of from and to"),
@@ -48,12 +49,38 @@ def test_a_send_item_round_trips() -> None:
         ({"to": None}, "to must be a UUID"),
     ],
 )
-def test_a_worker_checks_a_send_as_the_public_api_does(changes: dict[str, object], message: str | None) -> None:
-    if message is None:
-        assert wire.SendItem.from_json(_item(**changes)).map_version == 7
-        return
+def test_a_worker_checks_a_send_item(changes: dict[str, object], message: str) -> None:
     with pytest.raises(errors.InvalidInput, match=message):
         wire.SendItem.from_json(_item(**changes))
+
+
+@pytest.mark.parametrize("text", ["", " \t ", "a\x00b", "x" * 5000, "\ud800", 17, None])
+def test_a_text_is_refused_by_the_worker_with_the_words_of_the_public_api(text: object) -> None:
+    """One rule, one sentence: what the proxy says of a text (at the wire's ceiling), the worker says."""
+    with pytest.raises(errors.InvalidInput) as public:
+        validation.send_text({"text": text}, 4096 if text == "x" * 5000 else wire.MAX_TEXT_LENGTH)
+    if text == "x" * 5000:  # within the wire's ceiling, only the proxies' own setting refuses it
+        assert wire.SendItem.from_json(_item(text=text)).text == text
+        return
+    with pytest.raises(errors.InvalidInput) as worker:
+        wire.SendItem.from_json(_item(text=text))
+    assert worker.value.message == public.value.message
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "ключ", "a\nb", 5])
+def test_an_idempotency_key_is_refused_by_both_with_one_rule(key: object) -> None:
+    with pytest.raises(errors.InvalidInput, match="1 to 255 printable ASCII"):
+        checks.idempotency_key(key)
+    with pytest.raises(errors.InvalidInput, match="idempotency_key must be 1 to 255 printable ASCII"):
+        wire.SendItem.from_json(_item(idempotency_key=key))
+
+
+def test_a_message_is_encoded_only_once_routed() -> None:
+    """The proxy builds it before routing (map_version None); encoding it then is a bug, caught."""
+    with pytest.raises(ValueError, match="routed"):
+        wire.SendItem(KEY, ANNA, BORIS, "hi", None, None, "r").to_json()
+    with pytest.raises(ValueError, match="routed"):
+        wire.ListQuery(KEY, ANNA, BORIS, INT64_MAX, 10, None, "r").to_query()
 
 
 def test_a_request_id_the_wire_cannot_keep_is_dropped() -> None:
@@ -121,7 +148,18 @@ def test_an_error_response_that_is_not_ours(status: int, expected: type[errors.D
     assert type(wire.error_from_response(status, b"<html>bad gateway</html>", None)) is expected
 
 
-@pytest.mark.parametrize("answer", [[], "ok", {"status": 200, "id": "1"}, {"id": "1"}, {"status": "200"}])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [],
+        "ok",
+        {"status": 200, "id": "1"},
+        {"id": "1"},
+        {"status": "200"},
+        {"status": 409, "code": 40902, "message": "stale"},  # a stale map without its version
+        {"status": 400, "code": [1]},
+    ],
+)
 def test_a_malformed_batch_answer_is_not_taken_for_a_result(answer: object) -> None:
     with pytest.raises(ValueError):
         wire.send_answer_from_json(answer)
