@@ -17,7 +17,7 @@ from dialog_api.map_view import MapView
 from dialog_api.metrics import WorkerMetrics
 from dialog_api.settings import WorkerSettings
 from dialog_api.storage import ShardStore, upgrade_schema
-from dialogs import errors, heartbeat, wire
+from dialogs import errors, heartbeat, pg, wire
 from dialogs.aio import background
 from dialogs.http import make_middleware
 from dialogs.metastore import members
@@ -39,14 +39,14 @@ async def _shard_pool(app: web.Application) -> AsyncIterator[None]:
     applied = await upgrade_schema(settings.shard_dsn)
     if applied:
         log.info("upgraded the shard schema: %s", ", ".join(applied))
-    async with asyncpg.create_pool(
+    async with pg.create_pool(
         settings.shard_dsn,
         reset=_reset_if_needed,
         min_size=settings.pool_min,
         max_size=settings.pool_max,
         command_timeout=settings.query_timeout,
     ) as pool:
-        app[STORE] = ShardStore(pool, app[METRICS].observe_query)
+        app[STORE] = ShardStore(pool, app[METRICS].observe_query, acquire_timeout=settings.query_timeout)
         app[METRICS].watch(
             lambda: app[MAP_VIEW].map_version,
             lambda: pool.get_size() - pool.get_idle_size(),

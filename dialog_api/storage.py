@@ -8,7 +8,7 @@ import datetime
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -86,10 +86,11 @@ LIST_QUERY = f"""
 WITH own AS (
     SELECT (SELECT effective_state(r.state, r.lease_until)
             FROM (SELECT hi, state, lease_until FROM shard_ranges WHERE lo <= $1 ORDER BY lo DESC LIMIT 1) AS r
-            WHERE r.hi >= $1) AS state
+            WHERE r.hi >= $1) AS state,
+           {pg.PRIMARY_CHECK} AS primary_ok
 )
-SELECT own.state, page.*
-FROM own LEFT JOIN LATERAL ({_LIST}) AS page ON own.state IN ('owned', 'migrating', 'frozen')
+SELECT own.state, own.primary_ok, page.*
+FROM own LEFT JOIN LATERAL ({_LIST}) AS page ON own.state IN ('owned', 'migrating', 'frozen') AND own.primary_ok
 """
 
 
@@ -107,9 +108,30 @@ def ordered(user_a: uuid.UUID, user_b: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]
 
 
 class ShardStore:
-    def __init__(self, pool: asyncpg.Pool, observe: Callable[[str, float], None] = lambda query, seconds: None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        observe: Callable[[str, float], None] = lambda query, seconds: None,
+        acquire_timeout: float | None = None,
+    ) -> None:
         self.pool = pool
         self._observe = observe
+        self._acquire_timeout = acquire_timeout
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection. One whose statement failed or was cut short (a timeout, a
+        server stopped or frozen, a primary demoted) is closed, not handed back: asyncpg
+        would wait, unbounded, for a frozen server to confirm the cancellation before
+        reusing it, and a demoted primary must get no more statements."""
+        con = await self.pool.acquire(timeout=self._acquire_timeout)
+        try:
+            yield con
+        except BaseException:
+            con.terminate()
+            raise
+        finally:
+            await self.pool.release(con)
 
     async def insert_batch(self, batch: Sequence[NewMessage]) -> list[Stored | errors.DialogsError]:
         """Store a batch in one transaction (one commit, one WAL flush for all of them).
@@ -120,7 +142,7 @@ class ShardStore:
         """
         # A failure to get a connection wrote nothing: another worker may try (503 ShardUnavailable).
         # Once the statement is sent, a failure may come after the commit (SendOutcomeUnknown).
-        async with translated(), self.pool.acquire() as con, pg.translated(errors.SendOutcomeUnknown):
+        async with translated(), self._connection() as con, pg.translated(errors.SendOutcomeUnknown):
             started = time.perf_counter()
             rows = await con.fetch(
                 _STORE,
@@ -165,25 +187,29 @@ class ShardStore:
     async def list_messages(
         self, dialog_key: int, user_a: uuid.UUID, user_b: uuid.UUID, before: int, limit: int
     ) -> list[asyncpg.Record]:
-        async with translated(), self.pool.acquire() as con:
+        async with translated(), self._connection() as con:
             started = time.perf_counter()
             rows = await con.fetch(
                 LIST_QUERY, dialog_key, *ordered(user_a, user_b), before, limit, wire.MAX_PAGE_TEXT_BYTES
             )
             self._observe("list", time.perf_counter() - started)
+            if not rows[0]["primary_ok"]:
+                # A demoted or stale primary of a replicated shard (pg.PRIMARY_CHECK): this
+                # connection is dropped, and the next one goes to the group's primary.
+                raise errors.ShardUnavailable("the shard's primary is changing; retry shortly")
         if rows[0]["state"] not in wire.READABLE:
             raise errors.RangeNotServed()
         return [row for row in rows if row["id"] is not None]
 
     async def rows_estimate(self) -> int:
         """The planner's row count for messages: free to read, close enough for a dashboard."""
-        async with translated(), self.pool.acquire() as con:
+        async with translated(), self._connection() as con:
             return await con.fetchval(
                 "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'messages'::regclass"
             )
 
     async def ping(self) -> None:
-        async with translated(), self.pool.acquire() as con:
+        async with translated(), self._connection() as con:
             await con.fetchval("SELECT 1")
 
 
@@ -196,7 +222,7 @@ async def upgrade_schema(dsn: str, patience: float = 60.0) -> list[str]:
     deadline = time.monotonic() + patience
     while True:
         try:
-            con = await asyncpg.connect(dsn, timeout=5)
+            con = await pg.connect(dsn, timeout=5)
             break
         except pg.UNAVAILABLE as exc:
             if time.monotonic() >= deadline:

@@ -54,7 +54,7 @@ async def registered(
     dsn: str, beat: Statement, leave_statement: Statement, interval: float, who: str
 ) -> AsyncIterator[None]:
     """Heartbeat with ``beat`` for the duration of the block (own small pool), then ``leave_statement``."""
-    async with asyncpg.create_pool(dsn, min_size=0, max_size=1) as pool:
+    async with pg.create_pool(dsn, min_size=0, max_size=1) as pool:
         async with background(heartbeat_forever(pool, beat, interval, who)):
             yield
         await leave(pool, leave_statement, who)

@@ -17,9 +17,11 @@ protocol exchange (seen when a PostgreSQL server is killed under load); it is no
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import urllib.parse
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 
@@ -77,3 +79,84 @@ def dsn_problem(value: object) -> str | None:
         if colon and not (digits.isdigit() and 1 <= int(digits) <= 65535):
             return f"is not a valid postgresql:// URL: a port is not a number from 1 to 65535; {_ENCODE_HINT}"
     return None
+
+
+# --- connecting to whichever server of a replicated group is the primary ---------------------
+
+# Whether a server may serve as its group's primary: not a standby, and, when it waits for a
+# synchronous standby, one is connected. A primary frozen through a failover (SIGSTOP, a VM
+# paused) wakes up read-write until its Patroni demotes it, with its synchronous standby gone
+# (promoted): it fails this, so nothing is read from it (its writes could never commit:
+# they wait for that standby). A primary whose standby died fails it only until Patroni stops
+# waiting for the standby. (CASE: pg_stat_replication is read only when it matters.)
+PRIMARY_CHECK = """
+NOT pg_is_in_recovery() AND CASE WHEN current_setting('synchronous_standby_names') = '' THEN true
+    ELSE EXISTS (SELECT 1 FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')) END
+"""
+
+
+class NotThePrimary(Exception):
+    """A server of a group that may not serve as its primary now (``PRIMARY_CHECK``)."""
+
+
+def hosts_of(dsn: str) -> list[str]:
+    """The ``host:port`` entries of a DSN (one for a single server, several for a group)."""
+    netloc = urllib.parse.urlsplit(dsn).netloc.rpartition("@")[2]
+    return [host for host in netloc.split(",") if host]
+
+
+def _with_host(dsn: str, host: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    credentials, at, _ = parts.netloc.rpartition("@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{credentials}{at}{host}"))
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect``, but a DSN naming several servers (a replicated group, with
+    ``target_session_attrs=read-write``) is tried on all of them at once, and the first
+    that accepts wins. asyncpg would try them in turn within one timeout, so a primary
+    whose host is frozen (connections accepted by the kernel, never answered) would use up
+    the whole timeout before its successor was tried. Also the pools' ``connect``."""
+    hosts = hosts_of(dsn)
+    if len(hosts) <= 1:
+        return await asyncpg.connect(dsn, **kwargs)
+
+    async def primary_at(host: str) -> asyncpg.Connection:
+        con = await asyncpg.connect(_with_host(dsn, host), **kwargs)
+        try:
+            if await con.fetchval(f"SELECT {PRIMARY_CHECK}"):
+                return con
+        except BaseException:
+            con.terminate()
+            raise
+        con.terminate()
+        raise NotThePrimary(f"{host} may not serve as the primary now")
+
+    attempts = [asyncio.ensure_future(primary_at(host)) for host in hosts]
+    chosen: asyncpg.Connection | None = None
+    failure: BaseException | None = None
+    try:
+        for finished in asyncio.as_completed(attempts):
+            try:
+                chosen = await finished
+                return chosen
+            except (*FAILURES, asyncpg.TargetServerAttributeNotMatched, NotThePrimary) as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+    finally:
+        for attempt in attempts:
+            if not attempt.done():
+                attempt.cancel()
+            elif not attempt.cancelled() and attempt.exception() is None and attempt.result() is not chosen:
+                attempt.result().terminate()
+        await asyncio.gather(*attempts, return_exceptions=True)
+
+
+def create_pool(dsn: str, **kwargs: Any) -> asyncpg.Pool:
+    """``asyncpg.create_pool`` whose new connections go to the primary (``connect``)."""
+
+    async def connect_one(dsn: str, **options: Any) -> asyncpg.Connection:
+        return await connect(dsn, **options)
+
+    return asyncpg.create_pool(dsn, connect=connect_one, **kwargs)

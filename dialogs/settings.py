@@ -88,6 +88,11 @@ def count(default: Any = REQUIRED, *, help: str) -> Any:
     return _var(default, _kind("a whole number, 0 or more", lambda v: _bounded(int(v), 0)), help)
 
 
+def non_negative_float(default: Any = REQUIRED, *, help: str) -> Any:
+    """A number of seconds, 0 or more (0 usually meaning 'off': the help says what)."""
+    return _var(default, _kind("a number, 0 or more", lambda v: _bounded(float(v), 0)), help)
+
+
 def positive_float(default: Any = REQUIRED, *, help: str) -> Any:
     return _var(default, _kind("a positive number", lambda v: _bounded(float(v), 1e-9)), help)
 

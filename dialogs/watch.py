@@ -49,7 +49,7 @@ class MetadataWatcher:
         while True:
             con: asyncpg.Connection | None = None
             try:
-                con = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
+                con = await pg.connect(self._dsn, timeout=self._connect_timeout)
                 for channel in self._channels:
                     await con.add_listener(channel, self._notified)
                 while True:

@@ -6,11 +6,11 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import asyncpg
 import click
 from rich.console import Console
 from rich.table import Table
@@ -75,11 +75,18 @@ def main() -> None:
     "--shards", type=click.IntRange(1, 16), default=2, show_default=True, help="Shards to create on the first start."
 )
 @click.option(
+    "--replicas",
+    type=click.IntRange(0, 4),
+    default=None,
+    help="Standbys per database (first start only; then kept; default 0): each shard and the metadata"
+    " database become a Patroni group with a synchronous standby, and fail over by themselves.",
+)
+@click.option(
     "--with-prometheus",
     is_flag=True,
     help="Also run Prometheus (the machine's, e.g. Debian's package) scraping every process.",
 )
-def up(data_dir: Path, port: int, shards: int, with_prometheus: bool) -> None:
+def up(data_dir: Path, port: int, shards: int, replicas: int | None, with_prometheus: bool) -> None:
     """Run the local cluster in the foreground: metadata + shards on embedded PostgreSQL, workers, proxy."""
     from dialogsctl.cluster import ClusterLayout
     from dialogsctl.supervisor import AlreadyRunning, Supervisor, acquire_lock
@@ -95,8 +102,14 @@ def up(data_dir: Path, port: int, shards: int, with_prometheus: bool) -> None:
     try:
         layout = ClusterLayout.load(data_dir)
         if layout is None:
-            layout = ClusterLayout.create(data_dir, port, shards)
+            layout = ClusterLayout.create(data_dir, port, shards, replicas or 0)
             layout.save()
+        elif replicas is not None and replicas != layout.replicas:
+            console.print(
+                f"[red]the cluster in {data_dir} was created with --replicas {layout.replicas}[/red];"
+                " the number of standbys is chosen on the first start (use another --data-dir)."
+            )
+            sys.exit(2)
         sys.exit(Supervisor(layout, console, with_prometheus).run())
     finally:
         lock.close()
@@ -144,6 +157,7 @@ def status(data_dir: Path, url: str | None, token: str | None, as_json: bool) ->
         }
         for shard_id in shard_map.shard_ids
     ]
+    replication = _replication(layout)
     if as_json:
         click.echo(
             json.dumps(
@@ -152,6 +166,7 @@ def status(data_dir: Path, url: str | None, token: str | None, as_json: bool) ->
                     "map_version": shard_map.map_version,
                     "migration": running,
                     "shards": entries,
+                    "replication": replication,
                 },
                 indent=2,
             )
@@ -170,6 +185,26 @@ def status(data_dir: Path, url: str | None, token: str | None, as_json: bool) ->
             entry["dsn"],
         )
     console.print(table)
+    if replication:
+        members = Table("database", "member", "role", "state", "timeline", "lag (bytes)", "port")
+        for name, statuses in replication.items():
+            for m in statuses:
+                lag = "" if m["lag_bytes"] is None else f"{m['lag_bytes']:,}"
+                timeline = "" if m["timeline"] is None else str(m["timeline"])
+                members.add_row(name, m["name"], m["role"], m["state"], timeline, lag, str(m["pg_port"]))
+        console.print(members)
+
+
+def _replication(layout: Any) -> dict[str, list[dict[str, Any]]]:
+    """Each replicated database's members, as Patroni reports them (empty: not replicated)."""
+    from dataclasses import asdict
+
+    from dialogsctl.supervisor import replicated_group
+
+    if not layout.replicas:
+        return {}
+    names = ["meta", *(shard.shard_id for shard in layout.active_shards)]
+    return {name: [asdict(m) for m in replicated_group(layout, name).status()] for name in names}
 
 
 def _print_running(console: Console, progress: dict[str, Any] | None) -> None:
@@ -210,7 +245,7 @@ def _remote_status(client: AdminClient, as_json: bool) -> None:
 async def _status(metadata_dsn: str) -> tuple[Any, Any, Any, Any, Any]:
     from dialogs.metastore import migrations
 
-    con = await asyncpg.connect(metadata_dsn, timeout=3)
+    con = await pg.connect(metadata_dsn, timeout=3)
     try:
         shard_map = await maps.active_map(con)
         shards = await maps.shard_dsns(con)
@@ -228,7 +263,7 @@ async def _status(metadata_dsn: str) -> tuple[Any, Any, Any, Any, Any]:
     rows: dict[str, int | None] = {}
     for shard_id in shard_map.shard_ids:
         try:
-            shard_con = await asyncpg.connect(shards[shard_id], timeout=3)
+            shard_con = await pg.connect(shards[shard_id], timeout=3)
             try:
                 rows[shard_id] = await shard_sql.message_count(shard_con)
             finally:
@@ -347,6 +382,41 @@ def _follow(client: AdminClient, migration: dict[str, Any], no_wait: bool) -> An
 @main.group()
 def shard() -> None:
     """Add, remove and reweight shards; each starts an online migration."""
+
+
+@shard.command("switchover")
+@click.argument("shard_id")
+@click.option("--to", "candidate", help="The member to promote (default: the synchronous standby).")
+@_data_dir_option()
+def shard_switchover(shard_id: str, candidate: str | None, data_dir: Path) -> None:
+    """Hand a replicated shard's (or `meta`'s) primary role to a standby, for maintenance.
+
+    Patroni stops the primary, promotes the synchronous standby (no acknowledged write is
+    lost: every commit is on both) and makes the old primary its standby. Proxies hold the
+    shard's requests meanwhile; clients see a slower answer, not an error."""
+    from dialogsctl import patroni
+    from dialogsctl.cluster import ClusterLayout
+    from dialogsctl.embedded import PostgresError
+    from dialogsctl.supervisor import replicated_group
+
+    layout = ClusterLayout.load(data_dir.resolve())
+    if layout is None:
+        raise click.ClickException(_no_cluster(data_dir))
+    if not layout.members(shard_id):
+        raise click.ClickException(
+            f"{shard_id} is not a replicated database of the cluster in {data_dir} (`dialogs up --replicas 1`)"
+        )
+    group = replicated_group(layout, shard_id)
+    old = group.primary()
+    started = time.monotonic()
+    try:
+        new = patroni.switchover(group.members, candidate)
+    except (PostgresError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"{shard_id}: {old.name if old else '?'} -> {new.name} in {time.monotonic() - started:.1f} s;"
+        f" {old.name if old else 'the old primary'} follows it as a standby"
+    )
 
 
 @shard.command("add")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dialogs.shard_map import validate_shard_id
 from dialogsctl.net import free_port
-from dialogsctl.pg_auth import dsn
+from dialogsctl.pg_auth import dsn, group_dsn
 
 STATE_FILE = "cluster.json"
 EDIT_LOCK = "cluster.json.lock"
@@ -53,6 +53,9 @@ class ShardLayout:
     # Removed from the cluster by a finished migration: its server and worker stay stopped.
     retired: bool = False
     pg_password: str = field(default_factory=new_password)
+    # A replicated shard: (PostgreSQL port, Patroni REST port) of each member, the first
+    # bootstrapped as primary. Empty: one server on pg_port.
+    members: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -67,13 +70,37 @@ class ClusterLayout:
     meta_password: str = field(default_factory=new_password)
     # Sent by proxies to workers (DIALOGS_INTERNAL_SECRET), so a worker serves proxies only.
     internal_secret: str = field(default_factory=new_internal_secret)
+    # Replicated servers (`dialogs up --replicas N`): standbys per group, etcd's client and
+    # peer ports, the metadata group's members, the replication user's password.
+    replicas: int = 0
+    etcd_ports: list[int] = field(default_factory=list)
+    meta_members: list[list[int]] = field(default_factory=list)
+    replication_password: str = field(default_factory=new_password)
 
     @property
     def metadata_dsn(self) -> str:
+        if self.meta_members:
+            return group_dsn([port for port, _ in self.meta_members], self.meta_password, DATABASE)
         return dsn(self.meta_port, self.meta_password, DATABASE)
 
     def shard_dsn(self, shard: ShardLayout, database: str = DATABASE) -> str:
+        if shard.members:
+            return group_dsn([port for port, _ in shard.members], shard.pg_password, database)
         return dsn(shard.pg_port, shard.pg_password, database)
+
+    def members(self, name: str) -> list[list[int]]:
+        """The (PostgreSQL port, Patroni REST port) pairs of group ``name`` (``meta`` or a shard)."""
+        if name == "meta":
+            return self.meta_members
+        shard = self.shard(name)
+        return shard.members if shard is not None else []
+
+    @property
+    def etcd_url(self) -> str:
+        return f"http://127.0.0.1:{self.etcd_ports[0]}"
+
+    def _new_members(self) -> list[list[int]]:
+        return [[free_port(), free_port()] for _ in range(self.replicas + 1)] if self.replicas else []
 
     def server_password(self, name: str) -> str:
         """The password of server ``name`` (``meta`` or a shard id)."""
@@ -168,19 +195,23 @@ class ClusterLayout:
             raise ValueError(f"the local cluster already has a shard named {shard_id}")
         if shard_id in folders:
             raise ValueError(f"{self.pg_dir(shard_id)} already exists: remove it, or choose another name")
-        shard = ShardLayout(shard_id, free_port(), free_port())
+        shard = ShardLayout(shard_id, free_port(), free_port(), members=self._new_members())
         self.shards.append(shard)
         return shard
 
     @classmethod
-    def create(cls, data_dir: Path, proxy_port: int, shard_count: int) -> ClusterLayout:
+    def create(cls, data_dir: Path, proxy_port: int, shard_count: int, replicas: int = 0) -> ClusterLayout:
         layout = cls(
             data_dir=data_dir,
             proxy_port=proxy_port,
             meta_port=free_port(),
             jwt_secret=secrets.token_urlsafe(48),
             admin_token=secrets.token_urlsafe(32),
+            replicas=replicas,
         )
+        if replicas:
+            layout.etcd_ports = [free_port(), free_port()]
+            layout.meta_members = layout._new_members()
         for index in range(1, shard_count + 1):
-            layout.shards.append(ShardLayout(f"shard-{index}", free_port(), free_port()))
+            layout.shards.append(ShardLayout(f"shard-{index}", free_port(), free_port(), members=layout._new_members()))
         return layout

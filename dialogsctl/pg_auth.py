@@ -33,6 +33,13 @@ def dsn(port: int, password: str, database: str = "postgres") -> str:
     return f"postgresql://{SUPERUSER}:{quote(password, safe='')}@127.0.0.1:{port}/{database}"
 
 
+def group_dsn(ports: list[int], password: str, database: str = "postgres") -> str:
+    """The superuser's DSN naming every server of a replicated group on 127.0.0.1: clients
+    connect to whichever is the primary (``dialogs.pg.connect``)."""
+    hosts = ",".join(f"127.0.0.1:{port}" for port in ports)
+    return f"postgresql://{SUPERUSER}:{quote(password, safe='')}@{hosts}/{database}?target_session_attrs=read-write"
+
+
 def redacted(url: str) -> str:
     """``url`` with its password, if any, shown as ``***`` (for terminals and logs)."""
     parts = urlsplit(url)

@@ -17,11 +17,13 @@ As any other user, PostgreSQL runs as that user, from the wheel, in place.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import pwd
 import shutil
 import stat
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterable
@@ -166,3 +168,86 @@ def remove_data_directory(datadir: Path) -> None:
         datadir.unlink()
     elif datadir.exists():
         shutil.rmtree(datadir)
+
+
+# --- Patroni's Python, for the same user -------------------------------------------------
+
+# What Patroni needs, with the extras this project runs it with (etcd v3, psycopg 3).
+PATRONI_REQUIREMENTS = ("patroni[etcd3]", "psycopg[binary]")
+
+
+def distributions(requirements: Iterable[str]) -> list[importlib.metadata.Distribution]:
+    """The installed distributions ``requirements`` need, themselves and every dependency
+    (with the extras asked for), each once."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, importlib.metadata.Distribution] = {}
+    pending = [Requirement(text) for text in requirements]
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        if name in found:
+            continue
+        found[name] = distribution = importlib.metadata.distribution(requirement.name)
+        extras = [""] + sorted(requirement.extras)
+        for text in distribution.requires or []:
+            needed = Requirement(text)
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra}) for extra in extras):
+                pending.append(needed)
+    return sorted(found.values(), key=lambda d: canonicalize_name(d.metadata["Name"]))
+
+
+def _reachable_python(user: pwd.struct_passwd) -> Path:
+    """An interpreter of this Python's version that ``user`` can run: this one, or the same
+    version installed elsewhere (a private pyenv under /root is closed to it)."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [
+        Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable))),
+        Path(os.path.realpath(sys.executable)),
+        *(Path(folder) / f"python{version}" for folder in ("/usr/bin", "/usr/local/bin")),
+    ]
+    for candidate in candidates:
+        real = Path(os.path.realpath(candidate))
+        if real.is_file() and real.stat().st_mode & stat.S_IXOTH and closed_ancestor(real.parent, user) is None:
+            return real
+    raise PlacementError(
+        f"no Python {version} that the {user.pw_name} user can run (tried {', '.join(map(str, candidates))});"
+        f" install python{version} system-wide to run replicated shards as root"
+    )
+
+
+def python_for(user: pwd.struct_passwd) -> tuple[Path, Path]:
+    """An interpreter ``user`` can run and a folder for its PYTHONPATH holding Patroni and
+    its dependencies, copied from this environment once per set of versions (as the
+    PostgreSQL binaries are: ``ROOT_HOME/patroni-<digest>``, root-owned, world-readable)."""
+    python = _reachable_python(user)
+    needed = distributions(PATRONI_REQUIREMENTS)
+    tag = ",".join(f"{d.metadata['Name']}={d.version}" for d in needed)
+    digest = hashlib.sha256(f"{sys.version_info[:2]}|{tag}".encode()).hexdigest()[:16]
+    home = ROOT_HOME / f"patroni-{digest}"
+    if home.exists():
+        return python, home
+    _root_folder(ROOT_HOME, user)
+    staging = Path(tempfile.mkdtemp(dir=ROOT_HOME, prefix=".patroni-"))
+    try:
+        for distribution in needed:
+            for file in distribution.files or []:
+                if file.parts and file.parts[0] == "..":  # console scripts: not needed
+                    continue
+                source = Path(str(distribution.locate_file(file)))
+                if source.is_file():
+                    target = staging / file
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(source, target)
+        _make_world_readable(staging)
+        try:
+            staging.rename(home)
+        except OSError:
+            if not home.exists():
+                raise
+            shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return python, home

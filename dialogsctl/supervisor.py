@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import asyncpg
 import yaml
 from rich.console import Console
 
-from dialogsctl import backoff, pg_home
+from dialogs import pg
+from dialogsctl import backoff, patroni, pg_home
 from dialogsctl.cluster import DATABASE, ClusterLayout, ShardLayout
 from dialogsctl.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent
 from dialogsctl.net import free_port
@@ -37,6 +37,9 @@ from dialogsctl.pg_auth import redacted
 from proxy.bootstrap import bootstrap
 
 LOCK_FILE = "up.lock"
+# Seconds proxies of a replicated cluster hold requests while a shard has no primary: a
+# failover takes about patroni.TTL seconds (measured: docs/architecture.md).
+FAILOVER_WAIT = patroni.TTL + 10
 
 
 class AlreadyRunning(Exception):
@@ -177,8 +180,8 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-async def _create_database(server: LocalPostgres) -> None:
-    con = await asyncpg.connect(server.dsn("postgres"))
+async def _create_database(server: LocalPostgres | patroni.Group) -> None:
+    con = await pg.connect(server.dsn("postgres"))
     try:
         if not await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
             await con.execute(f"CREATE DATABASE {DATABASE}")
@@ -186,10 +189,23 @@ async def _create_database(server: LocalPostgres) -> None:
         await con.close()
 
 
-async def _prepare_databases(layout: ClusterLayout, servers: dict[str, LocalPostgres]) -> None:
+async def _prepare_databases(layout: ClusterLayout, servers: dict[str, LocalPostgres | patroni.Group]) -> None:
     for server in servers.values():
         await _create_database(server)
     await bootstrap(layout.metadata_dsn, {s.shard_id: layout.shard_dsn(s) for s in layout.active_shards})
+
+
+def replicated_group(layout: ClusterLayout, name: str) -> patroni.Group:
+    """The Patroni group of database ``name`` (``meta`` or a shard) of a replicated cluster."""
+    return patroni.Group(
+        layout.data_dir / "pg",
+        name,
+        layout.etcd_url,
+        [(pg_port, rest_port) for pg_port, rest_port in layout.members(name)],
+        layout.server_password(name),
+        layout.replication_password,
+        layout.data_dir / "logs",
+    )
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -202,6 +218,11 @@ class Supervisor:
         self.with_prometheus = with_prometheus
         self.servers: dict[str, LocalPostgres] = {}
         self.server_restarts: dict[str, Restarts] = {}
+        # Replicated (`--replicas N`): etcd, and a Patroni group per database instead of a server.
+        self.etcd: patroni.Etcd | None = None
+        self.etcd_restarts = Restarts()
+        self.groups: dict[str, patroni.Group] = {}
+        self.member_restarts: dict[str, Restarts] = {}
         self.children: list[Child] = []
         self._stopping = False
         self._reload = False
@@ -213,6 +234,18 @@ class Supervisor:
             password=self.layout.server_password(name),
             log_file=self.layout.log_file(f"pg-{name}"),
         )
+
+    def _start_group(self, name: str) -> patroni.Group:
+        group = replicated_group(self.layout, name)
+        for member in group.members:
+            self.member_restarts.setdefault(member.name, Restarts()).started_at = time.monotonic()
+        try:
+            group.start()
+        except PostgresError:
+            group.stop()
+            raise
+        self.groups[name] = group
+        return group
 
     def _worker(self, shard: ShardLayout) -> Child:
         layout = self.layout
@@ -265,19 +298,25 @@ class Supervisor:
         layout = self.layout
         workdir = layout.data_dir / "prometheus"
         workdir.mkdir(parents=True, exist_ok=True)
+        # Targets from the registrations (proxy/discovery.py): every proxy process, and the
+        # worker of a shard added later, without rewriting this file.
+        jobs: list[dict[str, object]] = [
+            {
+                "job_name": f"dialogs-{role}",
+                "http_sd_configs": [
+                    {"url": f"{layout.proxy_url}/discovery/prometheus?role={role}", "refresh_interval": "5s"}
+                ],
+            }
+            for role in ("proxy", "worker")
+        ]
+        if layout.replicas:
+            # Patroni's own metrics (roles, timeline, WAL positions) from every member's REST API.
+            groups = ["meta", *(shard.shard_id for shard in layout.active_shards)]
+            targets = [f"127.0.0.1:{rest}" for name in groups for _, rest in layout.members(name)]
+            jobs.append({"job_name": "patroni", "static_configs": [{"targets": targets}]})
         config: dict[str, object] = {
             "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
-            # Targets from the registrations (proxy/discovery.py): every proxy process, and
-            # the worker of a shard added later, without rewriting this file.
-            "scrape_configs": [
-                {
-                    "job_name": f"dialogs-{role}",
-                    "http_sd_configs": [
-                        {"url": f"{layout.proxy_url}/discovery/prometheus?role={role}", "refresh_interval": "5s"}
-                    ],
-                }
-                for role in ("proxy", "worker")
-            ],
+            "scrape_configs": jobs,
         }
         rules = CONFIGS / "prometheus" / "alerts.yml"
         if rules.exists():
@@ -303,6 +342,9 @@ class Supervisor:
                     "DIALOGS_PROCESSES": os.environ.get("DIALOGS_PROCESSES") or str(proxy_processes()),
                     "DIALOGS_JWT_SECRET": layout.jwt_secret,
                     "DIALOGS_ADMIN_TOKEN": layout.admin_token,
+                    # A replicated shard's primary is replaced in about patroni.TTL seconds:
+                    # requests wait that out instead of failing.
+                    **({"DIALOGS_FAILOVER_WAIT": str(FAILOVER_WAIT)} if layout.replicas else {}),
                 },
                 log_file=layout.log_file("proxy"),
                 health_url=f"{layout.proxy_url}/health",
@@ -333,18 +375,21 @@ class Supervisor:
 
     def _start(self) -> None:
         layout = self.layout
-        with self.console.status("starting PostgreSQL servers"):
-            self.servers["meta"] = self._server("meta", layout.meta_port)
-            for shard in layout.active_shards:
-                self.servers[shard.shard_id] = self._server(shard.shard_id, shard.pg_port)
-            for name, server in self.servers.items():
-                try:
-                    self._start_server(name, server)
-                except PostgresError as exc:
-                    raise StartFailed(f"PostgreSQL {name}: {exc}") from None
-        self._placement_note()
+        if layout.replicas:
+            self._start_replicated()
+        else:
+            with self.console.status("starting PostgreSQL servers"):
+                self.servers["meta"] = self._server("meta", layout.meta_port)
+                for shard in layout.active_shards:
+                    self.servers[shard.shard_id] = self._server(shard.shard_id, shard.pg_port)
+                for name, server in self.servers.items():
+                    try:
+                        self._start_server(name, server)
+                    except PostgresError as exc:
+                        raise StartFailed(f"PostgreSQL {name}: {exc}") from None
+            self._placement_note()
         with self.console.status("upgrading schemas"):
-            asyncio.run(_prepare_databases(layout, self.servers))
+            asyncio.run(_prepare_databases(layout, {**self.servers, **self.groups}))
         self.children = self.planned_children()
         if self.with_prometheus and (prometheus := self._prometheus()) is not None:
             self.children.append(prometheus)
@@ -354,6 +399,23 @@ class Supervisor:
             with self.console.status(f"starting {child.name}"):
                 child.start()
                 child.wait_healthy()
+
+    def _start_replicated(self) -> None:
+        layout = self.layout
+        with self.console.status("starting etcd"):
+            client, peer = layout.etcd_ports
+            self.etcd = patroni.Etcd(layout.data_dir / "etcd", client, peer, layout.log_file("etcd"))
+            self.etcd_restarts.started_at = time.monotonic()
+            try:
+                self.etcd.start()
+            except PostgresError as exc:
+                raise StartFailed(str(exc)) from None
+        for name in ["meta", *(shard.shard_id for shard in layout.active_shards)]:
+            with self.console.status(f"starting {name}: a primary and {layout.replicas} standby(s) under Patroni"):
+                try:
+                    self._start_group(name)
+                except PostgresError as exc:
+                    raise StartFailed(f"{name}: {exc}") from None
 
     def _start_server(self, name: str, server: LocalPostgres) -> None:
         self.server_restarts.setdefault(name, Restarts()).started_at = time.monotonic()
@@ -407,6 +469,9 @@ class Supervisor:
         self.server_restarts.pop(shard_id, None)
         if server is not None:
             server.stop()
+        group = self.groups.pop(shard_id, None)
+        if group is not None:
+            group.stop()
         if self.layout.shard(shard_id) is not None:
             self.console.print(
                 f"stopped retired shard {shard_id} (its data stays in {self.layout.pg_dir(shard_id)})", highlight=False
@@ -417,6 +482,9 @@ class Supervisor:
     def _start_shard(self, shard: ShardLayout) -> None:
         """Start a new shard's server and worker. If either fails, only this shard is affected:
         what started is stopped again, and the next change of cluster.json retries it."""
+        if self.layout.replicas:
+            self._start_replicated_shard(shard)
+            return
         server = self._server(shard.shard_id, shard.pg_port)
         worker: Child | None = None
         try:
@@ -440,6 +508,28 @@ class Supervisor:
             highlight=False,
         )
 
+    def _start_replicated_shard(self, shard: ShardLayout) -> None:
+        worker: Child | None = None
+        try:
+            group = self._start_group(shard.shard_id)
+            asyncio.run(_create_database(group))
+            worker = self._worker(shard)
+            worker.start()
+            worker.wait_healthy()
+        except Exception as exc:  # this shard's failure, not the cluster's
+            self.console.print(f"[red]could not start shard {shard.shard_id}:[/red] {exc}", highlight=False)
+            if worker is not None:
+                worker.stop()
+            started = self.groups.pop(shard.shard_id, None)
+            (started or replicated_group(self.layout, shard.shard_id)).stop()
+            return
+        self.children.insert(0, worker)
+        self.console.print(
+            f"started shard {shard.shard_id} ({self.layout.replicas + 1} servers):"
+            f" {redacted(self.layout.shard_dsn(shard))}, worker http://127.0.0.1:{shard.worker_port}",
+            highlight=False,
+        )
+
     def _watch(self) -> None:
         while not self._stopping:
             if self._reload:
@@ -452,9 +542,43 @@ class Supervisor:
                     self.server_restarts[name],
                     functools.partial(self._restart_server, name, server),
                 )
+            if self.etcd is not None:
+                process = self.etcd.process
+                self._keep_up(
+                    "etcd",
+                    process is not None and process.poll() is None,
+                    process.returncode if process else None,
+                    self.etcd_restarts,
+                    self._restart_etcd,
+                )
+            for group in self.groups.values():
+                for member in group.members:
+                    # A member whose Patroni died (its host "lost") is started again: it
+                    # rejoins as a standby of whoever is primary now (pg_rewind if needed).
+                    self._keep_up(
+                        f"Patroni {member.name}",
+                        member.running,
+                        member.process.returncode if member.process else None,
+                        self.member_restarts[member.name],
+                        functools.partial(self._restart_member, member),
+                    )
             for child in self.children:
                 self._keep_up(child.name, child.alive, child.exit_code, child.restarts, child.restart)
             time.sleep(0.2)
+
+    def _restart_etcd(self) -> None:
+        assert self.etcd is not None
+        self.etcd_restarts.started_at = time.monotonic()
+        try:
+            self.etcd.start()
+        except PostgresError as exc:
+            self.console.print(f"[red]etcd did not start:[/red] {exc}", highlight=False)
+
+    def _restart_member(self, member: patroni.PatroniMember) -> None:
+        self.member_restarts[member.name].started_at = time.monotonic()
+        member.kill()  # what is left of it (PostgreSQL processes of a Patroni that died)
+        member.start()
+        self.console.print(f"Patroni {member.name} started again (it rejoins as a standby)", highlight=False)
 
     def _keep_up(
         self, name: str, alive: bool, exit_code: int | None, restarts: Restarts, restart: Callable[[], None]
@@ -476,6 +600,10 @@ class Supervisor:
             child.stop()
         for server in reversed(list(self.servers.values())):
             server.stop()
+        for group in reversed(list(self.groups.values())):
+            group.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
         self.console.print("stopped; data kept in " + str(self.layout.data_dir))
 
     def _banner(self) -> None:
@@ -489,6 +617,11 @@ class Supervisor:
         for shard in layout.active_shards:
             lines.append(
                 f"  {shard.shard_id:<14} {redacted(layout.shard_dsn(shard))}   worker http://127.0.0.1:{shard.worker_port}"
+            )
+        if layout.replicas:
+            lines.append(
+                f"  replicas       {layout.replicas} synchronous standby(s) per database under Patroni,"
+                f" etcd {layout.etcd_url} (`dialogs status` shows roles; `dialogs shard switchover`)"
             )
         if any(c.name == "prometheus" for c in self.children):
             lines.append(f"  prometheus     http://127.0.0.1:{layout.prometheus_port}")

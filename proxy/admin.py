@@ -7,7 +7,6 @@ import hmac
 import re
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from dialogs import errors, pg, shard_map
@@ -180,7 +179,7 @@ async def add_shard(request: web.Request) -> web.Response:
 
 async def _holdings(dsn: str) -> Holdings:
     try:
-        con = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+        con = await pg.connect(dsn, timeout=CONNECT_TIMEOUT)
     except _UNREACHABLE as exc:
         raise errors.InvalidInput(f"cannot connect to {redact(dsn)}: {exc}") from None
     try:

@@ -61,7 +61,7 @@ async def _schema(app: web.Application) -> AsyncIterator[None]:
     # Proxies start while the metadata database may be down: they then route as soon as
     # it comes back, and another proxy or `python -m proxy.bootstrap` upgrades the schema.
     try:
-        con = await asyncpg.connect(app[SETTINGS].metadata_dsn, timeout=5)
+        con = await pg.connect(app[SETTINGS].metadata_dsn, timeout=5)
     except pg.FAILURES as exc:
         log.warning("metadata database unreachable at start, schema not upgraded: %s", exc)
     else:
@@ -75,7 +75,7 @@ async def _schema(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _metadata_pool(app: web.Application) -> AsyncIterator[None]:
-    async with asyncpg.create_pool(app[SETTINGS].metadata_dsn, min_size=0, max_size=10, timeout=5) as pool:
+    async with pg.create_pool(app[SETTINGS].metadata_dsn, min_size=0, max_size=10, timeout=5) as pool:
         app[METADATA] = MetadataStore(pool)
         app[KNOWN_USERS] = KnownUsers(app[METADATA])
         yield
@@ -110,6 +110,7 @@ async def _forwarder(app: web.Application) -> AsyncIterator[None]:
             app[METRICS],
             settings.forward_timeout,
             settings.cutover_wait,
+            settings.failover_wait,
             settings.max_buffered,
             settings.internal_secret,
             settings.send_batch_max,

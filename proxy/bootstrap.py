@@ -13,7 +13,7 @@ import sys
 
 import asyncpg
 
-from dialogs import logs, schema
+from dialogs import logs, pg, schema
 from dialogs.metastore import maps
 from dialogs.migration_plan import Span
 from dialogs.pg import dsn_problem
@@ -68,7 +68,7 @@ class BootstrapError(Exception):
 
 async def _connect(dsn: str, what: str) -> asyncpg.Connection:
     try:
-        return await asyncpg.connect(dsn, timeout=10)
+        return await pg.connect(dsn, timeout=10)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # asyncpg's messages name the host and user, never the password.
         raise BootstrapError(f"cannot connect to {what}: {exc or type(exc).__name__}") from None

@@ -49,6 +49,7 @@ class Forwarder:
         metrics: ProxyMetrics,
         timeout: float,
         cutover_wait: float,
+        failover_wait: float,
         max_buffered: int,
         internal_secret: str,
         batch_max: int,
@@ -61,6 +62,7 @@ class Forwarder:
         self._metrics = metrics
         self._timeout = worker_timeout(timeout)
         self._cutover_wait = cutover_wait
+        self._failover_wait = failover_wait
         self._max_buffered = max_buffered
         self._buffered = 0
         self.batcher = SendBatcher(
@@ -79,7 +81,7 @@ class Forwarder:
         async def attempt(url: str, map_version: int) -> Attempt:
             return await self.batcher.send(url, replace(item, map_version=map_version))
 
-        reply = await self._route(item.dialog_key, "send", attempt)
+        reply = await self._route(item.dialog_key, "send", attempt, repeatable=item.idempotency_key is not None)
         if not isinstance(reply, wire.SendResult):
             raise errors.DialogsError(f"a worker answered a send with {reply!r}")
         return reply
@@ -92,17 +94,19 @@ class Forwarder:
             routed = replace(query, map_version=map_version).to_query()
             return await self._get(url + wire.INTERNAL_MESSAGES_PATH + "?" + routed, headers)
 
-        reply = await self._route(query.dialog_key, "list", attempt)
+        reply = await self._route(query.dialog_key, "list", attempt, repeatable=True)
         if not isinstance(reply, wire.Page):
             raise errors.DialogsError(f"a worker answered a list with {reply!r}")
         return reply
 
-    async def _route(self, dialog_key: int, operation: str, attempt: Attempter) -> retry_policy.Reply:
+    async def _route(self, dialog_key: int, operation: str, attempt: Attempter, repeatable: bool) -> retry_policy.Reply:
         """Route by the current map and carry out ``proxy/retry_policy.py``'s decisions.
 
         A request whose range is being cut over is buffered: held here and retried when
         the next shard map arrives (or every few milliseconds), for at most
-        ``cutover_wait`` seconds. The client sees a slower answer, not an error.
+        ``cutover_wait`` seconds; one whose shard's database no worker can reach (a primary
+        failing over) for at most ``failover_wait``. The client sees a slower answer, not an
+        error.
         """
         reloads = 0
         buffered_since: float | None = None
@@ -111,10 +115,13 @@ class Forwarder:
                 shard_map = self._topology.map
                 if shard_map is None:
                     raise errors.MetadataUnavailable("no shard map loaded yet")
-                step = await self._on_shard(shard_map.owner(dialog_key), operation, shard_map.map_version, attempt)
+                step = await self._on_shard(
+                    shard_map.owner(dialog_key), operation, shard_map.map_version, attempt, repeatable
+                )
                 if isinstance(step, Deliver):
                     return step.reply
-                self._metrics.stale_map_retries.inc()
+                if isinstance(step.refusal, errors.Conflict):
+                    self._metrics.stale_map_retries.inc()
                 next_step = retry_policy.after_refusal(step.refusal, self._topology.map_version, reloads)
                 if isinstance(next_step, Reload):
                     reloads += 1
@@ -123,13 +130,15 @@ class Forwarder:
                         continue
                 now = time.monotonic()
                 held = retry_policy.buffer_wait(
+                    step.refusal,
                     None if buffered_since is None else now - buffered_since,
-                    self._cutover_wait,
+                    retry_policy.wait_bound(step.refusal, self._cutover_wait, self._failover_wait),
                     self._buffered,
                     self._max_buffered,
                 )
                 if isinstance(held, Fail):
-                    self._metrics.buffer_overflows.inc()
+                    if held.reason != "unavailable" or buffered_since is not None:
+                        self._metrics.buffer_overflows.inc()
                     raise held.error
                 if buffered_since is None:
                     buffered_since = now
@@ -142,7 +151,9 @@ class Forwarder:
                 self._metrics.buffered.dec()
                 self._metrics.buffer_wait_seconds.observe(time.monotonic() - buffered_since)
 
-    async def _on_shard(self, shard_id: str, operation: str, map_version: int, attempt: Attempter) -> Deliver | Refused:
+    async def _on_shard(
+        self, shard_id: str, operation: str, map_version: int, attempt: Attempter, repeatable: bool
+    ) -> Deliver | Refused:
         """Try the shard's workers in turn until one delivers or refuses; raise on failure."""
         candidates = self._topology.candidates(shard_id)
         if not candidates:
@@ -156,7 +167,7 @@ class Forwarder:
                 self._topology.mark_up(url)
             else:
                 self._topology.mark_down(url)
-            step = retry_policy.after_attempt(outcome, operation == "list", len(candidates) - index - 1)
+            step = retry_policy.after_attempt(outcome, repeatable, len(candidates) - index - 1)
             if isinstance(step, NextWorker):
                 self._metrics.forward_errors.labels(shard_id, step.reason).inc()
                 continue

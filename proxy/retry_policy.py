@@ -12,8 +12,9 @@ as mitmproxy's layers yield commands for the server to execute. Two levels:
 Retries are only for what was certainly not applied: a connection that was never made,
 a worker that could not get a database connection (503 ShardUnavailable), a refusal by
 the range fence. A write that broke mid-request, at the proxy's hop or at the worker's
-(503 SendOutcomeUnknown), may have been stored: it fails with 503 and the client retries
-with its Idempotency-Key. A read may always be retried.
+(503 SendOutcomeUnknown), may have been stored: without an Idempotency-Key it fails with
+503; with one it is repeatable, as a read always is, and is retried here as the client
+would retry it (the shard answers a replay with the stored message).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from dialogs import errors, wire
 MAX_RELOADS = 4
 # While buffered, retry this often even without a new map (an aborted cutover changes none).
 BUFFER_RETRY_SECONDS = 0.025
+# ...and this often while the shard's database is unreachable (a failover takes seconds;
+# every retry costs each worker a connection attempt to every member).
+FAILOVER_RETRY_SECONDS = 0.2
 
 
 # --- what happened ------------------------------------------------------------------------
@@ -78,9 +82,12 @@ class NextWorker:
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """The shard will not take this request where it was routed: see ``after_refusal``."""
+    """The shard will not take this request now: where it was routed (a stale map, a range
+    moving: a Conflict), or its database cannot be reached by any of its workers, or failed
+    during a repeatable write (an Unavailable: a primary failing over or switching over).
+    See ``after_refusal``."""
 
-    refusal: errors.Conflict
+    refusal: errors.Conflict | errors.Unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,14 +101,18 @@ Step = Deliver | NextWorker | Refused | Fail
 _REFUSALS = (errors.StaleMap, errors.RangeMoving, errors.RangeNotServed)
 
 
-def after_attempt(attempt: Attempt, is_read: bool, workers_left: int) -> Step:
-    """The next step after one attempt on one worker of the owning shard."""
+def after_attempt(attempt: Attempt, repeatable: bool, workers_left: int) -> Step:
+    """The next step after one attempt on one worker of the owning shard. ``repeatable``: a
+    read, or a send with an Idempotency-Key, which the shard applies once however often it
+    arrives (a replay answers with the stored message)."""
     if isinstance(attempt, NotConnected):
         return _next_or_fail("connect", workers_left)
     if isinstance(attempt, Broken):
-        if is_read:
-            return _next_or_fail("broken", workers_left)
-        return Fail(errors.ShardUnavailable(), "broken")
+        if not repeatable:
+            return Fail(errors.ShardUnavailable(), "broken")
+        if workers_left > 0:
+            return NextWorker("broken")
+        return Refused(errors.SendOutcomeUnknown())
     if isinstance(attempt, Answered):
         return Deliver(attempt.reply)
     if type(attempt.error) is errors.NotFound:
@@ -114,7 +125,15 @@ def after_attempt(attempt: Attempt, is_read: bool, workers_left: int) -> Step:
         return Fail(errors.DialogsError(f"the worker refused the proxy's request: {attempt.error.message}"), "wire")
     if isinstance(attempt.error, errors.ShardUnavailable):
         # This worker could not get a database connection (nothing written); another might.
-        return _next_or_fail("unavailable", workers_left, attempt.error)
+        # When none can, the shard's primary may be failing over: a refusal, held like a cutover.
+        if workers_left > 0:
+            return NextWorker("unavailable")
+        return Refused(attempt.error)
+    if isinstance(attempt.error, errors.SendOutcomeUnknown) and repeatable:
+        # The shard failed during the write (a primary stopping for a switchover, or lost):
+        # it may be stored, and its key makes sending it again safe. Held and retried like
+        # a failover, as the client itself would retry it.
+        return Refused(attempt.error)
     if isinstance(attempt.error, _REFUSALS):
         return Refused(attempt.error)
     return Fail(attempt.error, str(attempt.error.status))
@@ -147,8 +166,10 @@ class Buffer:
 Next = Reload | Buffer | Fail
 
 
-def after_refusal(refusal: errors.Conflict, known_version: int, reloads: int) -> Next:
+def after_refusal(refusal: errors.Conflict | errors.Unavailable, known_version: int, reloads: int) -> Next:
     """A refusal by the shard. ``known_version``: the newest map this proxy has."""
+    if isinstance(refusal, errors.Unavailable):
+        return Buffer(FAILOVER_RETRY_SECONDS)  # no map would help: wait for a primary
     if isinstance(refusal, errors.StaleMap) and refusal.map_version > known_version and reloads < MAX_RELOADS:
         return Reload(timeout=2.0)
     if isinstance(refusal, errors.RangeNotServed) and reloads < MAX_RELOADS:
@@ -158,16 +179,33 @@ def after_refusal(refusal: errors.Conflict, known_version: int, reloads: int) ->
     return Buffer(BUFFER_RETRY_SECONDS)
 
 
-def buffer_wait(buffered_for: float | None, cutover_wait: float, buffered_now: int, max_buffered: int) -> Buffer | Fail:
+def buffer_wait(
+    refusal: errors.Conflict | errors.Unavailable,
+    buffered_for: float | None,
+    bound: float,
+    buffered_now: int,
+    max_buffered: int,
+) -> Buffer | Fail:
     """How long to wait before the next try, or why not to wait any longer.
 
-    ``buffered_for``: seconds this request has been held, None if it is not held yet.
+    ``buffered_for``: seconds this request has been held, None if it is not held yet;
+    ``bound``: how long it may be held for this refusal (``wait_bound``).
     """
+    failover = isinstance(refusal, errors.Unavailable)
     if buffered_for is None:
+        if failover and bound <= 0:
+            return Fail(refusal, "unavailable")  # holding is off: the 503 at once
         if buffered_now >= max_buffered:
-            return Fail(errors.ShardUnavailable("too many requests are waiting for a resharding cutover"), "overflow")
+            return Fail(errors.ShardUnavailable("too many requests are waiting for their shard"), "overflow")
         buffered_for = 0.0
-    remaining = cutover_wait - buffered_for
+    remaining = bound - buffered_for
     if remaining <= 0:
+        if failover:
+            return Fail(refusal, "unavailable")
         return Fail(errors.ShardUnavailable("this dialog is being moved between shards; retry shortly"), "timeout")
-    return Buffer(min(BUFFER_RETRY_SECONDS, remaining))
+    return Buffer(min(FAILOVER_RETRY_SECONDS if failover else BUFFER_RETRY_SECONDS, remaining))
+
+
+def wait_bound(refusal: errors.Conflict | errors.Unavailable, cutover_wait: float, failover_wait: float) -> float:
+    """How long a request may be held for this refusal: a cutover's bound, or a failover's."""
+    return failover_wait if isinstance(refusal, errors.Unavailable) else cutover_wait

@@ -73,7 +73,14 @@ class ProxySettings:
     poll_interval: float = s.positive_float(2.0, help="seconds between metadata polls (LISTEN/NOTIFY reacts at once)")
     # A cutover gives up after 5 s and returns the range to its old owner, so 6 s covers it.
     cutover_wait: float = s.positive_float(6.0, help="seconds a request to a range in cutover may wait at the proxy")
-    max_buffered: int = s.positive_int(10000, help="requests that may wait for a cutover at once; more get 503")
+    failover_wait: float = s.non_negative_float(
+        0.0,
+        help="seconds a request may wait while no worker of its shard reaches the shard's database (a replicated"
+        " shard failing over); 0: a 503 at once, for shards of one server. `dialogs up --replicas` sets 20",
+    )
+    max_buffered: int = s.positive_int(
+        10000, help="requests that may wait for a cutover or a failover at once; more get 503"
+    )
     migration_driver: bool = s.flag(True, help="whether this proxy runs migrations (one at a time holds the lease)")
     cutover_deadline: float = _cutover_deadline()
     heartbeat_interval: float = s.positive_float(1.0, help="seconds between this proxy's registration heartbeats")

@@ -27,7 +27,8 @@ def ensure_installed() -> None:
 
 class Prometheus:
     """Scraping ``proxies`` and ``workers`` (host:port), or, given ``discovery`` (a proxy's
-    URL), whatever that proxy's /discovery/prometheus names, as configs/prometheus does."""
+    URL), whatever that proxy's /discovery/prometheus names, as configs/prometheus does;
+    and ``patroni`` members' REST APIs (host:port), when given."""
 
     def __init__(
         self,
@@ -36,6 +37,7 @@ class Prometheus:
         proxies: list[str] | None = None,
         workers: list[str] | None = None,
         discovery: str | None = None,
+        patroni: list[str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -58,7 +60,8 @@ class Prometheus:
                     ),
                 }
                 for role, targets in (("proxy", proxies), ("worker", workers))
-            ],
+            ]
+            + ([{"job_name": "patroni", "static_configs": [{"targets": patroni}]}] if patroni else []),
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.workdir = workdir

@@ -21,6 +21,7 @@ from yarl import URL
 from dialog_api.app import create_app as create_worker
 from dialog_api.appkeys import METRICS as WORKER_METRICS
 from dialog_api.settings import WorkerSettings
+from dialogs import pg
 from dialogs.http import LINGERING_SECONDS
 from dialogs.keys import dialog_key
 from dialogs.metastore import maps
@@ -202,7 +203,7 @@ def metric(runner: web.AppRunner, sample: str, **labels: str) -> float:
 
 async def active_map(metadata_dsn: str) -> ShardMap:
     """The active shard map, read from the metadata database."""
-    con = await asyncpg.connect(metadata_dsn)
+    con = await pg.connect(metadata_dsn)
     try:
         shard_map = await maps.active_map(con)
     finally:
@@ -356,14 +357,14 @@ class Cluster:
 
     async def fetch_meta(self, sql: str, *args: Any) -> Any:
         """One value from the metadata database."""
-        con = await asyncpg.connect(self.metadata_dsn)
+        con = await pg.connect(self.metadata_dsn)
         try:
             return await con.fetchval(sql, *args)
         finally:
             await con.close()
 
     async def shard_fetch(self, shard_id: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-        con = await asyncpg.connect(self.dsn(shard_id))
+        con = await pg.connect(self.dsn(shard_id))
         try:
             return await con.fetch(sql, *args)
         finally:

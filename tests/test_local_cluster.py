@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -25,6 +26,7 @@ import pytest
 from dialogsctl import pg_home, postmaster
 from dialogsctl.cluster import ClusterLayout
 from dialogsctl.net import free_port
+from dialogsctl.supervisor import replicated_group
 from tests.local_cluster import cluster_processes, remove_server_data
 from tests.prometheus import ensure_installed
 
@@ -415,3 +417,61 @@ def test_two_shard_adds_at_once_lose_nothing(runner: Runner) -> None:
             before = page[-1]["id"]
         assert [m["id"] for m in reversed(listed)] == acked[peer]
     runner.stop(process)
+
+
+def test_up_with_replicas_switches_over_and_restarts_a_lost_member(runner: Runner) -> None:
+    """`dialogs up --replicas 1`: every database a primary and a synchronous standby under
+    Patroni; `dialogs status` shows them; `dialogs shard switchover` moves the primary with
+    the API answering throughout; a member whose Patroni is killed is started again and
+    rejoins as a standby. Nothing acknowledged is lost on the way."""
+    process = runner.up("--replicas", "1", "--shards", "1")
+    runner.wait_healthy(process, timeout=180)
+    anna = runner.call("POST", "/user/register", {"first_name": "Anna", "second_name": "T", "password": "password-a"})
+    boris = runner.call("POST", "/user/register", {"first_name": "Boris", "second_name": "T", "password": "password-b"})
+    a, b = anna[1]["user_id"], boris[1]["user_id"]
+    token = runner.call("POST", "/login", {"id": a, "password": "password-a"})[1]["token"]
+
+    def send(text: str) -> None:
+        status, body = runner.call("POST", f"/dialog/{b}/send", {"text": text}, token=token)
+        assert status == 200, body
+
+    def roles() -> dict[str, list[tuple[str, str]]]:
+        report = runner.run("status", "--json")
+        assert report.returncode == 0, report.stderr
+        replication = json.loads(report.stdout)["replication"]
+        return {name: sorted((m["role"], m["state"]) for m in members) for name, members in replication.items()}
+
+    send("before")
+    assert roles() == {name: [("primary", "running"), ("sync standby", "streaming")] for name in ("meta", "shard-1")}, (
+        roles()
+    )
+    switched = runner.run("shard", "switchover", "shard-1")
+    assert switched.returncode == 0, switched.stdout + switched.stderr
+    assert "follows it as a standby" in switched.stdout
+    send("after the switchover")
+    layout = ClusterLayout.load(runner.data_dir)
+    assert layout is not None
+    # The host of shard-1's standby is lost: its Patroni and PostgreSQL killed.
+    group = replicated_group(layout, "shard-1")
+    primary = group.primary()
+    standby = next(member for member in group.members if member is not primary)
+    lost = standby.patroni_processes() + standby.postgres_processes()
+    assert lost
+    for proc in lost:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    send("while a standby is lost")  # not strict: the primary goes on alone
+    deadline = time.monotonic() + 90
+    while roles()["shard-1"] != [("primary", "running"), ("sync standby", "streaming")]:
+        assert time.monotonic() < deadline, roles()
+        time.sleep(1)
+    status, listed = runner.call("GET", f"/dialog/{b}/list", token=token)
+    assert status == 200 and [m["text"] for m in listed] == [
+        "while a standby is lost",
+        "after the switchover",
+        "before",
+    ]
+    output = runner.stop(process)
+    assert process.returncode == 0, output
+    assert f"Patroni {standby.name} started again" in output, output
+    assert not runner.leftovers()

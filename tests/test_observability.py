@@ -146,6 +146,8 @@ async def test_real_prometheus_evaluates_every_panel_and_alert(
 
         failures = []
         for expr in _expressions():
+            if "patroni_" in expr:
+                continue  # Patroni's metrics: tests/test_replicas.py evaluates those against real members
             expr = _COMPARISON.sub("", " ".join(expr.split()))
             answer = await prometheus.query(cluster.session, expr)
             if answer.get("status") != "success" or not answer["data"]["result"]:

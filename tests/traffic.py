@@ -34,6 +34,12 @@ class Traffic:
     violations: list[str] = field(default_factory=list)
     reads: int = 0
     slowest: float = 0.0  # seconds: the longest any send or read waited for its answer
+    # Clients that retry a failed send with its Idempotency-Key until it is acknowledged
+    # (a 503 may have stored it), as the API asks of clients; otherwise a failure moves on.
+    retry_with_key: bool = False
+    # (loop time it started, loop time its answer came, the dialog, its status) of every send attempt.
+    sends: list[tuple[float, float, Dialog, int]] = field(default_factory=list)
+    pause: float = 0.0  # seconds each sender waits after an acknowledged send (long runs stay within a page)
 
     def _took(self, started: float) -> None:
         self.slowest = max(self.slowest, asyncio.get_running_loop().time() - started)
@@ -51,14 +57,21 @@ class Traffic:
                 return
             dialog = dialogs[turn % len(dialogs)]
             text = f"{dialog.sender[:8]}>{dialog.recipient[:8]} #{len(dialog.acked)}"
-            started = asyncio.get_running_loop().time()
-            reply = await next(proxies).send(dialog.sender_token, dialog.recipient, text)
-            self._took(started)
-            if reply.status == 200:
-                dialog.acked.append((reply.json["id"], text))
-            else:
+            key = f"m{len(dialog.acked)}" if self.retry_with_key else None
+            while True:
+                started = asyncio.get_running_loop().time()
+                reply = await next(proxies).send(dialog.sender_token, dialog.recipient, text, key=key)
+                self._took(started)
+                self.sends.append((started, asyncio.get_running_loop().time(), dialog, reply.status))
+                if reply.status == 200:
+                    dialog.acked.append((reply.json["id"], text))
+                    if self.pause:
+                        await asyncio.sleep(self.pause)
+                    break
                 self.failures.append(f"send {reply.status}: {reply.body[:200]!r}")
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)
+                if not self.retry_with_key:
+                    break
 
     async def _read(self, stop: asyncio.Event, index: int) -> None:
         rng = random.Random(index)

@@ -91,7 +91,7 @@ async def run_active(metadata_dsn: str, settings: RunnerSettings) -> Migration |
 
     None when there is nothing to do or another runner holds the lease.
     """
-    lease = await asyncpg.connect(metadata_dsn)
+    lease = await pg.connect(metadata_dsn)
     try:
         if not await migrations.take_lease(lease):
             return None
@@ -172,7 +172,7 @@ class _Run:
                 # waited can linger and still commit (a new runner's changes queue behind it).
                 # min_size=0: nothing connects until used, so a shard that is gone fails only
                 # the steps that need it (an abort restores the sources without a lost target).
-                self.pools[shard_id] = await asyncpg.create_pool(
+                self.pools[shard_id] = await pg.create_pool(
                     dsns[shard_id],
                     min_size=0,
                     max_size=4,

@@ -1,0 +1,393 @@
+"""Replicated shards: a primary lost, frozen or switched over under writers and readers.
+
+Each shard and the metadata database is a Patroni group of a primary and one synchronous
+standby, with etcd holding the leader keys (dialogsctl/patroni.py). Writers retry a failed
+send with its Idempotency-Key, as clients must. After each fault: every acknowledged
+message is on the group's new primary exactly once, in order, from both sides, and the
+old primary has come back as a standby of the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from dialogs import pg
+from dialogsctl import patroni
+from dialogsctl.cluster import new_password
+from dialogsctl.embedded import scratch_folder
+from dialogsctl.net import free_port
+from tests.support import Cluster
+from tests.traffic import Traffic, check_every_dialog, make_dialogs
+
+GROUPS = ("meta", "shard-1", "shard-2", "shard-3")  # shard-3: the one a migration adds
+FAILOVER_WAIT = "35"  # seconds a proxy holds requests for a shard with no reachable primary
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Replicated:
+    etcd: patroni.Etcd
+    groups: dict[str, patroni.Group]
+
+
+@pytest.fixture(scope="module")
+def replicated() -> Iterator[Replicated]:
+    """etcd and three groups of two members each, for the module; stopped after, also on failure."""
+    base = scratch_folder("dialogs-test-ha-")
+    etcd = patroni.Etcd(base / "etcd", free_port(), free_port(), base / "etcd.log")
+    groups: dict[str, patroni.Group] = {}
+    try:
+        etcd.start()
+        password, replication = new_password(), new_password()
+        for name in GROUPS:
+            groups[name] = patroni.Group(
+                base,
+                f"test-{name}",
+                etcd.url,
+                [(free_port(), free_port()) for _ in range(2)],
+                password,
+                replication,
+                base,
+            )
+            for member in groups[name].members:
+                member.start()
+        for group in groups.values():
+            group.wait_replicated(timeout=120)
+        yield Replicated(etcd, groups)
+    finally:
+        for group in groups.values():
+            group.stop()
+        etcd.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def ha_cluster(replicated: Replicated) -> AsyncIterator[Cluster]:
+    """A fresh schema on every group, one worker per shard, one proxy that waits out failovers."""
+    for group in replicated.groups.values():
+        group.wait_replicated(timeout=120)  # an earlier test's fault has healed
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    dsns = {}
+    for name, group in replicated.groups.items():
+        con = await pg.connect(group.dsn("postgres"))
+        try:
+            await con.execute(f"CREATE SCHEMA {schema}")
+        finally:
+            await con.close()
+        dsns[name] = f"{group.dsn('postgres')}&search_path={schema}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        cluster = Cluster(
+            metadata_dsn=dsns["meta"],
+            shard_dsns={"shard-1": dsns["shard-1"], "shard-2": dsns["shard-2"]},
+            session=session,
+            spare_dsns={"shard-3": dsns["shard-3"]},
+        )
+        await cluster.bootstrap()
+        try:
+            for shard_id in cluster.shard_dsns:
+                await cluster.start_worker(shard_id)
+            await cluster.start_proxy(DIALOGS_FAILOVER_WAIT=FAILOVER_WAIT)
+            yield cluster
+        finally:
+            await cluster.stop()
+
+
+@dataclass
+class Outcome:
+    recovered_after: float  # seconds from the fault to the first acknowledged send on the shard
+    errors: dict[int, int]  # client-visible statuses other than 200, by status
+    slowest: float
+
+
+async def _under_traffic(
+    cluster: Cluster, shard_id: str, fault: object, settle: float = 3.0
+) -> tuple[Outcome, Traffic]:
+    """Run 16 writers and 4 readers, apply ``fault`` (a coroutine function) mid-stream, keep
+    the traffic going until the shard has acknowledged sends again for ``settle`` seconds."""
+    dialogs = await make_dialogs(cluster, people=24, count=32)
+    traffic = Traffic([cluster.api], dialogs, retry_with_key=True, pause=0.05)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(traffic.run(stop, senders=16, readers=4))
+    shard_map = await cluster.active_map()
+    on_shard = {id(d) for d in dialogs if shard_map.owner(_key(d.sender, d.recipient)) == shard_id}
+    assert on_shard, "no dialog on the faulted shard"
+    try:
+        await asyncio.sleep(2.0)  # steady state first
+        loop = asyncio.get_running_loop()
+        fault_at = loop.time()
+        moment = await fault()  # type: ignore[operator]
+        if moment is not None:  # a fault that first prepared something says when it struck
+            fault_at = moment
+        recovered_at = None
+        deadline = fault_at + 90
+        while loop.time() < deadline:
+            done = [
+                answered
+                for started, answered, d, status in traffic.sends
+                if started > fault_at and status == 200 and id(d) in on_shard
+            ]
+            if done:
+                recovered_at = min(done)
+                if loop.time() - recovered_at >= settle:
+                    break
+            await asyncio.sleep(0.2)
+        assert recovered_at is not None, f"no send on {shard_id} succeeded within 90 s of the fault"
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=60)
+    statuses: dict[int, int] = {}
+    for _, _, _, status in traffic.sends:
+        if status != 200:
+            statuses[status] = statuses.get(status, 0) + 1
+    if traffic.failures:
+        print("\nfailures seen by clients:", sorted({f[:160] for f in traffic.failures})[:10])
+    return Outcome(recovered_at - fault_at, statuses, traffic.slowest), traffic
+
+
+def _key(a: str, b: str) -> int:
+    from dialogs.keys import dialog_key
+
+    return dialog_key(uuid.UUID(a), uuid.UUID(b))
+
+
+async def _rows_on(member: patroni.PatroniMember, schema_dsn: str) -> int:
+    """Messages stored on one member (reads a standby too), in the test's schema."""
+    search_path = schema_dsn.rpartition("search_path=")[2]
+    con = await asyncpg.connect(member.dsn("postgres"), server_settings={"search_path": search_path})
+    try:
+        return int(await con.fetchval("SELECT count(*) FROM messages"))
+    finally:
+        await con.close()
+
+
+async def _check_healed(cluster: Cluster, group: patroni.Group, traffic: Traffic, shard_id: str) -> None:
+    """Every acknowledged message once, in order, from both sides; the group back to a primary
+    and a streaming synchronous standby, which holds every row the primary holds."""
+    total = await check_every_dialog(cluster, traffic.dialogs)
+    assert total > 0 and not traffic.violations, traffic.violations
+    statuses = await asyncio.to_thread(group.wait_replicated, 120)
+    primary = group.primary()
+    assert primary is not None, statuses
+    standby = next(m for m in group.members if m is not primary)
+    rows = await _rows_on(primary, cluster.dsn(shard_id))
+    for _ in range(50):  # the standby replays what the primary committed
+        if await _rows_on(standby, cluster.dsn(shard_id)) == rows:
+            break
+        await asyncio.sleep(0.1)
+    assert await _rows_on(standby, cluster.dsn(shard_id)) == rows
+
+
+def _report(what: str, outcome: Outcome, cluster: Cluster) -> None:
+    buffered = cluster.proxies[0].app
+    from proxy.appkeys import METRICS
+
+    waits = buffered[METRICS].buffer_wait_seconds.collect()[0].samples
+    longest_count = next((s.value for s in waits if s.name.endswith("_count")), 0)
+    print(
+        f"\n{what}: first send on the shard {outcome.recovered_after:.1f} s after the fault;"
+        f" client errors {outcome.errors or 'none'}; slowest request {outcome.slowest:.1f} s;"
+        f" {longest_count:.0f} requests buffered"
+    )
+
+
+@pytest.mark.timeout(240)
+async def test_a_primary_whose_host_is_gone_fails_over_and_comes_back_as_a_standby(
+    ha_cluster: Cluster, replicated: Replicated
+) -> None:
+    """kill -9 of shard-1's primary PostgreSQL and its Patroni: the standby is promoted when the
+    leader key expires; requests wait at the proxy meanwhile; the old primary, restarted (as
+    `dialogs up` restarts a dead member), rejoins as a standby (pg_rewind)."""
+    group = replicated.groups["shard-1"]
+    old = group.primary()
+    assert old is not None
+
+    async def fault() -> None:
+        old.kill()
+
+    outcome, traffic = await _under_traffic(ha_cluster, "shard-1", fault)
+    _report("kill -9 of a primary host", outcome, ha_cluster)
+    assert group.primary() is not old
+    old.start()  # what the supervisor does with a member whose process died
+    await _check_healed(ha_cluster, group, traffic, "shard-1")
+    assert outcome.recovered_after < patroni.TTL + 10, outcome
+    assert set(outcome.errors) <= {503}, outcome  # only "retry with your key", never a 500 or a 4xx
+
+
+@pytest.mark.timeout(240)
+async def test_a_planned_switchover_is_only_latency(ha_cluster: Cluster, replicated: Replicated) -> None:
+    """`dialogs shard switchover`: the primary hands over to its synchronous standby; clients see
+    no error, and the old primary streams from the new one."""
+    group = replicated.groups["shard-2"]
+    old = group.primary()
+
+    async def fault() -> None:
+        started = time.monotonic()
+        new = await asyncio.to_thread(patroni.switchover, group.members)
+        assert new is not old and time.monotonic() - started < 30
+
+    outcome, traffic = await _under_traffic(ha_cluster, "shard-2", fault)
+    _report("planned switchover", outcome, ha_cluster)
+    await _check_healed(ha_cluster, group, traffic, "shard-2")
+    assert outcome.errors == {}, outcome
+
+
+@pytest.mark.timeout(300)
+async def test_a_frozen_primary_is_replaced_and_wakes_up_as_a_standby(
+    ha_cluster: Cluster, replicated: Replicated
+) -> None:
+    """SIGSTOP of shard-2's primary PostgreSQL and Patroni for 30 s (a frozen host): the standby
+    takes over; the old primary wakes up believing it leads, is demoted by its Patroni, and
+    nothing it may have accepted meanwhile was acknowledged (every acknowledged message is on
+    the new primary)."""
+    group = replicated.groups["shard-2"]
+    old = group.primary()
+    assert old is not None
+    frozen = old.frozen()
+
+    async def fault() -> None:
+        frozen.__enter__()
+
+    try:
+        outcome, traffic = await _under_traffic(ha_cluster, "shard-2", fault)
+        assert group.primary() is not old
+        await asyncio.sleep(max(0.0, 30 - outcome.recovered_after))
+    finally:
+        frozen.__exit__(None, None, None)
+    _report("SIGSTOP of a primary host for 30 s", outcome, ha_cluster)
+    await _check_healed(ha_cluster, group, traffic, "shard-2")
+    assert outcome.recovered_after < patroni.TTL + 10, outcome
+    assert set(outcome.errors) <= {503}, outcome
+
+
+@pytest.mark.timeout(240)
+async def test_losing_the_metadata_primary_stops_nothing(ha_cluster: Cluster, replicated: Replicated) -> None:
+    """kill -9 of the metadata primary's host: sends and lists go on (the map is cached), and
+    registering and logging in work again once the standby is promoted."""
+    group = replicated.groups["meta"]
+    old = group.primary()
+    assert old is not None
+
+    async def fault() -> None:
+        old.kill()
+
+    outcome, traffic = await _under_traffic(ha_cluster, "shard-1", fault, settle=2.0)
+    _report("kill -9 of the metadata primary", outcome, ha_cluster)
+    assert outcome.errors == {}, outcome
+    deadline = time.monotonic() + 60
+    while True:
+        reply = await ha_cluster.api.request(
+            "POST", "/user/register", body={"first_name": "After", "second_name": "Failover", "password": "password-1"}
+        )
+        if reply.status == 200 or time.monotonic() > deadline:
+            break
+        assert reply.status == 503, reply.body
+        await asyncio.sleep(0.5)
+    assert reply.status == 200, reply.body
+    old.start()
+    await _check_healed(ha_cluster, replicated.groups["shard-1"], traffic, "shard-1")
+    await asyncio.to_thread(group.wait_replicated, 120)
+
+
+@pytest.mark.timeout(300)
+async def test_a_source_failing_over_during_a_shard_add_leaves_nothing_inconsistent(
+    ha_cluster: Cluster, replicated: Replicated
+) -> None:
+    """kill -9 of shard-1's primary host while a migration copies from it to a new shard-3:
+    the runner follows the new primary and finishes the migration (or aborts it cleanly);
+    every acknowledged message is then where the ring says, once, in order."""
+    from tests.traffic import check_placement
+
+    group = replicated.groups["shard-1"]
+    old = group.primary()
+    assert old is not None
+    await ha_cluster.start_worker("shard-3")
+    migration: dict[str, int] = {}
+
+    async def fault() -> float:
+        added = await ha_cluster.admin(
+            "POST",
+            "/admin/shards",
+            {"shard_id": "shard-3", "dsn": ha_cluster.spare_dsns["shard-3"], "rows_per_second": 300, "batch_size": 100},
+        )
+        assert added.status == 202, added.body
+        migration["id"] = added.json["migration_id"]
+        await ha_cluster.wait_migration(migration["id"], phases=("copy", "catchup", "cutover"), timeout=30)
+        struck = asyncio.get_running_loop().time()
+        old.kill()
+        return struck
+
+    outcome, traffic = await _under_traffic(ha_cluster, "shard-1", fault)
+    _report("kill -9 of a source primary during a shard add", outcome, ha_cluster)
+    finished = await ha_cluster.wait_migration(migration["id"], timeout=120)
+    old.start()
+    total = await check_every_dialog(ha_cluster, traffic.dialogs)
+    shards = ["shard-1", "shard-2", "shard-3"] if finished["phase"] == "done" else ["shard-1", "shard-2"]
+    if finished["phase"] == "done":
+        ha_cluster.shard_dsns["shard-3"] = ha_cluster.spare_dsns["shard-3"]
+    await check_placement(ha_cluster, shards, total)
+    await asyncio.to_thread(group.wait_replicated, 120)
+    assert set(outcome.errors) <= {503}, outcome
+    print(f"migration {finished['phase']}; {total} messages checked")
+
+
+def test_member_config_follows_the_documented_settings(tmp_path: Path) -> None:
+    """The Patroni settings docs/architecture.md names: leader key TTL, synchronous mode, pg_rewind."""
+    config = patroni.patroni_config(
+        scope="s",
+        name="s-0",
+        etcd_url="http://127.0.0.1:2379",
+        rest_port=8008,
+        pg_port=5432,
+        data_dir=tmp_path / "pgdata",
+        bin_dir=tmp_path,
+        pgpass=tmp_path / "pgpass",
+        superuser_password="p",
+        replication_password="r",
+    )
+    dcs = config["bootstrap"]["dcs"]
+    assert dcs["loop_wait"] + 2 * dcs["retry_timeout"] <= dcs["ttl"]  # Patroni's own rule
+    assert dcs["synchronous_mode"] is True and dcs["postgresql"]["use_pg_rewind"] is True
+
+
+@pytest.mark.timeout(120)
+async def test_prometheus_evaluates_every_replication_alert(replicated: Replicated, tmp_path: Path) -> None:
+    """A real Prometheus scraping every member's Patroni: each alert on replication (without
+    its threshold) evaluates and returns data, per group (``scope``)."""
+    from tests.prometheus import Prometheus, ensure_installed
+    from tests.test_observability import _COMPARISON, CONFIGS, _expressions
+
+    await asyncio.to_thread(ensure_installed)
+    targets = [f"127.0.0.1:{m.rest_port}" for g in replicated.groups.values() for m in g.members]
+    prometheus = Prometheus(tmp_path / "prometheus", CONFIGS / "prometheus" / "alerts.yml", patroni=targets)
+    prometheus.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await prometheus.wait_ready(session)
+            expressions = [e for e in _expressions() if "patroni_" in e]
+            assert len(expressions) >= 3
+            failures: list[str] = []
+            for _ in range(30):  # a few scrapes first
+                failures = []
+                for expr in expressions:
+                    expr = _COMPARISON.sub("", " ".join(expr.split()))
+                    answer = await prometheus.query(session, expr)
+                    scopes = {r["metric"].get("scope") for r in answer.get("data", {}).get("result", [])}
+                    if answer.get("status") != "success" or not scopes >= {"test-shard-1", "test-meta"}:
+                        failures.append(f"{expr} -> {answer.get('error') or scopes}")
+                if not failures:
+                    break
+                await asyncio.sleep(1)
+            assert failures == [], "\n".join(failures)
+    finally:
+        prometheus.stop()
