@@ -19,6 +19,7 @@ import asyncpg
 
 from dialogs.keys import dialog_key
 from dialogs.metastore import maps
+from dialogsctl import patroni
 from dialogsctl.cluster import new_password
 from dialogsctl.embedded import LocalPostgres
 from dialogsctl.net import free_port
@@ -41,11 +42,17 @@ class BenchCluster:
     shards: int = 2
     spares: int = 1
     on_shard_server: Callable[[str, LocalPostgres], None] | None = None
+    # Standbys per shard (Patroni, synchronous); the metadata database stays one server.
+    replicas: int = 0
     servers: dict[str, LocalPostgres] = field(default_factory=dict)
+    groups: dict[str, patroni.Group] = field(default_factory=dict)
+    etcd: patroni.Etcd | None = None
     workers: dict[str, Child] = field(default_factory=dict)
     proxies: list[Child] = field(default_factory=list)
 
     def dsn(self, name: str) -> str:
+        if name in self.groups:
+            return self.groups[name].dsn("postgres")
         return self.servers[name].dsn()
 
     @property
@@ -55,7 +62,24 @@ class BenchCluster:
     async def start(self, proxies: int = 2, processes: int = 1) -> None:
         """The first proxy runs ``processes`` processes on its port (DIALOGS_PROCESSES)."""
         shard_ids = [f"shard-{number}" for number in range(1, self.shards + self.spares + 1)]
+        if self.replicas:
+            self.etcd = patroni.Etcd(self.base / "etcd", free_port(), free_port(), self.base / "logs" / "etcd.log")
+            await asyncio.to_thread(self.etcd.start)
         for name in ["meta", *shard_ids]:
+            if self.replicas and name != "meta":
+                group = patroni.Group(
+                    self.base / "pg",
+                    f"bench-{name}",
+                    self.etcd.url if self.etcd else "",
+                    [(free_port(), free_port()) for _ in range(self.replicas + 1)],
+                    new_password(),
+                    new_password(),
+                    self.base / "logs",
+                    parameters={"max_connections": "300"},
+                )
+                self.groups[name] = group
+                await asyncio.to_thread(group.start)
+                continue
             server = LocalPostgres(
                 self.base / "pg" / name, free_port(), password=new_password(), settings={"max_connections": "300"}
             )
@@ -127,6 +151,10 @@ class BenchCluster:
             child.stop()
         for server in self.servers.values():
             server.stop()
+        for group in self.groups.values():
+            group.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
 
     def wait_workers(self) -> None:
         for child in self.workers.values():

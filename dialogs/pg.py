@@ -27,7 +27,14 @@ import asyncpg
 
 from dialogs import errors
 
+
+class NotThePrimary(Exception):
+    """A server of a replicated group that may not serve as its primary now (``PRIMARY_CHECK``):
+    for a caller, the database is unavailable, as when it is down."""
+
+
 UNAVAILABLE: tuple[type[BaseException], ...] = (
+    NotThePrimary,
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
@@ -95,10 +102,6 @@ NOT pg_is_in_recovery() AND CASE WHEN current_setting('synchronous_standby_names
 """
 
 
-class NotThePrimary(Exception):
-    """A server of a group that may not serve as its primary now (``PRIMARY_CHECK``)."""
-
-
 def hosts_of(dsn: str) -> list[str]:
     """The ``host:port`` entries of a DSN (one for a single server, several for a group)."""
     netloc = urllib.parse.urlsplit(dsn).netloc.rpartition("@")[2]
@@ -140,7 +143,7 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
             try:
                 chosen = await finished
                 return chosen
-            except (*FAILURES, asyncpg.TargetServerAttributeNotMatched, NotThePrimary) as exc:
+            except (*FAILURES, asyncpg.TargetServerAttributeNotMatched) as exc:
                 failure = exc
         assert failure is not None
         raise failure
@@ -150,7 +153,12 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
                 attempt.cancel()
             elif not attempt.cancelled() and attempt.exception() is None and attempt.result() is not chosen:
                 attempt.result().terminate()
-        await asyncio.gather(*attempts, return_exceptions=True)
+        try:
+            await asyncio.gather(*attempts, return_exceptions=True)
+        except BaseException:  # cancelled while the others wind down: the caller never gets it
+            if chosen is not None:
+                chosen.terminate()
+            raise
 
 
 def create_pool(dsn: str, **kwargs: Any) -> asyncpg.Pool:

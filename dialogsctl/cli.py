@@ -461,13 +461,15 @@ def shard_add(
     elif shard_id is None:
         raise click.UsageError("--dsn needs a SHARD_ID")
     assert shard_id is not None
-    body = {
+    body: dict[str, Any] = {
         "shard_id": shard_id,
         "dsn": dsn,
         "weight": weight,
         "rows_per_second": rows_per_second,
         "batch_size": batch_size,
     }
+    if created is not None and created.members:  # a replicated local shard: switchovers through the API
+        body["patroni_urls"] = [f"http://127.0.0.1:{rest}" for _, rest in created.members]
     try:
         started = client.call("POST", "/admin/shards", body)
     except AdminError as exc:

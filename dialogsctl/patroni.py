@@ -172,6 +172,10 @@ def patroni_config(
                 "failsafe_mode": True,
                 "postgresql": {
                     "use_pg_rewind": True,
+                    # A member whose rewind fails, or whose timeline cannot be rewound, is
+                    # rebuilt from the primary (pg_basebackup) instead of waiting for a person.
+                    "remove_data_directory_on_rewind_failure": True,
+                    "remove_data_directory_on_diverged_timelines": True,
                     "use_slots": True,
                     "parameters": {
                         "wal_level": "replica",
@@ -443,6 +447,8 @@ def switchover(members: list[PatroniMember], candidate: str | None = None, timeo
     if candidate is not None:
         body["candidate"] = candidate
     answer = _http_json(current.rest_url + "/switchover", method="POST", body=body, timeout=timeout)
+    if isinstance(answer, str) and not answer.lower().startswith("successfully"):
+        raise embedded.PostgresError(f"Patroni refused the switchover of {members[0].scope}: {answer.strip()}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         new = leader(members)
@@ -528,5 +534,8 @@ class Group:
         return cluster_status(self.members)
 
     def stop(self) -> None:
-        for member in reversed(self.members):
+        """Standbys first, then the primary: stopping the primary first would make a standby
+        take over just before it is stopped too."""
+        primary = self.primary()
+        for member in sorted(self.members, key=lambda m: m is primary):
             member.stop()

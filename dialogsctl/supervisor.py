@@ -192,7 +192,10 @@ async def _create_database(server: LocalPostgres | patroni.Group) -> None:
 async def _prepare_databases(layout: ClusterLayout, servers: dict[str, LocalPostgres | patroni.Group]) -> None:
     for server in servers.values():
         await _create_database(server)
-    await bootstrap(layout.metadata_dsn, {s.shard_id: layout.shard_dsn(s) for s in layout.active_shards})
+    patroni = {
+        s.shard_id: [f"http://127.0.0.1:{rest}" for _, rest in s.members] for s in layout.active_shards if s.members
+    }
+    await bootstrap(layout.metadata_dsn, {s.shard_id: layout.shard_dsn(s) for s in layout.active_shards}, patroni)
 
 
 def replicated_group(layout: ClusterLayout, name: str) -> patroni.Group:
@@ -620,7 +623,7 @@ class Supervisor:
             )
         if layout.replicas:
             lines.append(
-                f"  replicas       {layout.replicas} synchronous standby(s) per database under Patroni,"
+                f"  replicas       {layout.replicas} standby(s) per database (one synchronous) under Patroni,"
                 f" etcd {layout.etcd_url} (`dialogs status` shows roles; `dialogs shard switchover`)"
             )
         if any(c.name == "prometheus" for c in self.children):

@@ -18,6 +18,7 @@ from dialogs.migration_plan import Holdings, target_problem
 from dialogs.pg import dsn_problem
 from proxy.appkeys import METADATA, SETTINGS, TOKENS
 from proxy.migration import shard_sql
+from proxy.switchover import switchover as switchover_of
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 MAX_ROWS_PER_SECOND = 10_000_000
@@ -172,9 +173,38 @@ async def add_shard(request: web.Request) -> web.Response:
     if shard_id in current.weights:
         raise errors.Conflict(f"shard {shard_id} is already in the shard map")
     await _refuse_if_busy(request)
+    urls = _patroni_urls(data.get("patroni_urls"))
     await _check_new_database(store, shard_id, dsn)
-    await store.register_shard(shard_id, dsn)
+    await store.register_shard(shard_id, dsn, urls)
     return await _start(request, "add", shard_id, current.with_shard(shard_id, weight or 1), current, throttle)
+
+
+def _patroni_urls(value: Any) -> list[str]:
+    """A replicated shard's members' Patroni REST URLs (optional: [] for one server)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(
+        isinstance(url, str) and re.fullmatch(r"https?://[^\s/?#]+", url) for url in value
+    ):
+        raise errors.InvalidInput("patroni_urls must be a list of http(s)://host:port URLs")
+    return value
+
+
+async def switchover(request: web.Request) -> web.Response:
+    """A planned switchover of a replicated shard: its primary hands over to a standby."""
+    _require_admin(request)
+    shard_id = request.match_info["shard_id"]
+    data = await _body(request)
+    candidate = data.get("to")
+    if candidate is not None and not isinstance(candidate, str):
+        raise errors.InvalidInput("to must be a member's name")
+    urls = await _store(request).patroni_urls(shard_id)
+    if urls is None:
+        raise errors.ShardNotFound(f"no shard {shard_id}")
+    if not urls:
+        raise errors.Conflict(f"shard {shard_id} is not replicated (no Patroni members registered)")
+    done = await switchover_of(urls, candidate)
+    return json_response({"shard_id": shard_id, "from": done.old, "to": done.new, "seconds": done.seconds})
 
 
 async def _holdings(dsn: str) -> Holdings:
@@ -298,6 +328,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/admin/shards", add_shard)
     router.add_delete("/admin/shards/{shard_id}", remove_shard)
     router.add_put("/admin/shards/{shard_id}/weight", set_weight)
+    router.add_post("/admin/shards/{shard_id}/switchover", switchover)
     router.add_get("/admin/map", get_map)
     router.add_get("/admin/migrations", list_migrations)
     router.add_get("/admin/migrations/{migration_id}", get_migration)

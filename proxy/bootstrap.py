@@ -23,8 +23,9 @@ from proxy.migration import shard_sql
 from proxy.settings import BootstrapSettings
 
 
-async def bootstrap(metadata_dsn: str, shards: dict[str, str]) -> ShardMap:
+async def bootstrap(metadata_dsn: str, shards: dict[str, str], patroni: dict[str, list[str]] | None = None) -> ShardMap:
     """Upgrade the metadata schema and ``shards``' (id -> DSN); on an empty cluster write map 1.
+    ``patroni``: the members' REST URLs of replicated shards (for the admin API's switchover).
 
     Shards of the active map whose range table is empty are given their ranges (a fresh
     cluster); shards that already have ranges are left alone.
@@ -33,6 +34,8 @@ async def bootstrap(metadata_dsn: str, shards: dict[str, str]) -> ShardMap:
     try:
         await schema.upgrade_metadata(con)
         active = await maps.bootstrap(con, shards)
+        for shard_id, urls in (patroni or {}).items():
+            await maps.set_patroni_urls(con, shard_id, urls)
     finally:
         await con.close()
     ranges = active.ring.ranges()

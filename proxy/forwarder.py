@@ -171,6 +171,11 @@ class Forwarder:
             if isinstance(step, NextWorker):
                 self._metrics.forward_errors.labels(shard_id, step.reason).inc()
                 continue
+            if isinstance(step, Refused) and isinstance(step.refusal, errors.Unavailable):
+                # No worker reached the database (or the write broke): counted like a failure,
+                # so the shard-down alert sees it, even while the request is held for a failover.
+                reason = "broken" if isinstance(outcome, Broken) else "unavailable"
+                self._metrics.forward_errors.labels(shard_id, reason).inc()
             if isinstance(step, Fail):
                 self._metrics.forward_errors.labels(shard_id, step.reason).inc()
                 if step.reason == "wire":

@@ -76,7 +76,7 @@ class ProxySettings:
     failover_wait: float = s.non_negative_float(
         0.0,
         help="seconds a request may wait while no worker of its shard reaches the shard's database (a replicated"
-        " shard failing over); 0: a 503 at once, for shards of one server. `dialogs up --replicas` sets 20",
+        " shard failing over); 0: a 503 at once, for shards of one server. `dialogs up --replicas` sets 30",
     )
     max_buffered: int = s.positive_int(
         10000, help="requests that may wait for a cutover or a failover at once; more get 503"

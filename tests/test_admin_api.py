@@ -69,6 +69,11 @@ async def test_shards_and_map(cluster: Cluster) -> None:
         ({"shard_id": "shard-9", "dsn": "postgresql://x@127.0.0.1:1/x", "weight": 0}, 400, "weight"),
         ({"shard_id": "shard-9", "dsn": "postgresql://x@127.0.0.1:1/x", "batch_size": 5}, 400, "batch_size"),
         ({"shard_id": 7, "dsn": "postgresql://x@127.0.0.1:1/x"}, 400, "shard_id must be a string"),
+        (
+            {"shard_id": "shard-9", "dsn": "postgresql://x@127.0.0.1:1/x", "patroni_urls": ["ftp://h:1"]},
+            400,
+            "patroni_urls must be a list of http(s)://host:port URLs",
+        ),
     ],
 )
 async def test_invalid_shard_additions(cluster: Cluster, body: dict[str, object], status: int, fragment: str) -> None:
@@ -123,3 +128,11 @@ async def test_migration_lookups_and_throttle(bare_cluster: Cluster) -> None:
     _error(
         await bare_cluster.admin("PATCH", f"/admin/migrations/{migration_id}", {"batch_size": 10}), 400, "batch_size"
     )
+
+
+async def test_switchover_of_a_shard_that_cannot_have_one(cluster: Cluster) -> None:
+    """A shard of one server has no standby to hand over to (409); an unknown shard is a 404;
+    a bad body a 400. (tests/test_replicas.py switches a replicated shard over.)"""
+    _error(await cluster.admin("POST", "/admin/shards/shard-1/switchover"), 409, "is not replicated")
+    _error(await cluster.admin("POST", "/admin/shards/shard-9/switchover"), 404, "no shard shard-9")
+    _error(await cluster.admin("POST", "/admin/shards/shard-1/switchover", {"to": 5}), 400, "to must be")

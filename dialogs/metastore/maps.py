@@ -75,6 +75,17 @@ async def registered_shards(con: asyncpg.Connection) -> list[asyncpg.Record]:
     return await con.fetch("SELECT shard_id, dsn, retired_at FROM shards ORDER BY shard_id")
 
 
+async def set_patroni_urls(con: asyncpg.Connection, shard_id: str, urls: list[str]) -> None:
+    """Record the Patroni REST API of each member of a replicated shard."""
+    await con.execute("UPDATE shards SET patroni_urls = $2 WHERE shard_id = $1", shard_id, urls)
+
+
+async def patroni_urls(con: asyncpg.Connection, shard_id: str) -> list[str] | None:
+    """A shard's Patroni members' REST URLs ([] for a shard of one server); None if unknown."""
+    row = await con.fetchrow("SELECT patroni_urls FROM shards WHERE shard_id = $1", shard_id)
+    return None if row is None else list(row["patroni_urls"])
+
+
 async def shard_dsns(con: asyncpg.Connection) -> dict[str, str]:
     return {row["shard_id"]: row["dsn"] for row in await con.fetch("SELECT shard_id, dsn FROM shards")}
 

@@ -68,10 +68,16 @@ class MetadataStore:
         async with self.connection() as con:
             return list(await maps.registered_shards(con))
 
-    async def register_shard(self, shard_id: str, dsn: str) -> None:
-        """Record a shard an operator adds (a retired one comes back)."""
+    async def patroni_urls(self, shard_id: str) -> list[str] | None:
         async with self.connection() as con:
+            return await maps.patroni_urls(con, shard_id)
+
+    async def register_shard(self, shard_id: str, dsn: str, patroni_urls: list[str] | None = None) -> None:
+        """Record a shard an operator adds (a retired one comes back), with its Patroni
+        members' REST URLs when it is replicated."""
+        async with self.connection() as con, con.transaction():
             await maps.register_shard(con, shard_id, dsn, reactivate=True)
+            await maps.set_patroni_urls(con, shard_id, patroni_urls or [])
 
     async def workers(self) -> list[members.WorkerInfo]:
         async with self.connection() as con:

@@ -68,3 +68,19 @@ def test_bad_dsns_are_named_without_their_password(dsn: str, problem: str) -> No
     assert message is not None and problem in message
     assert "URL-encode" in message or problem.startswith("must")
     assert not any(secret in message for secret in ("p@ss", "12/ss", "pa:ss"))
+
+
+async def test_a_member_that_may_not_be_primary_is_unavailable() -> None:
+    """pg.connect's NotThePrimary is a 503 for request paths and a retry for background loops."""
+    with pytest.raises(errors.ShardUnavailable):
+        async with pg.translated(errors.ShardUnavailable):
+            raise pg.NotThePrimary("127.0.0.1:1 may not serve as the primary now")
+    assert issubclass(pg.NotThePrimary, pg.FAILURES)
+
+
+def test_a_group_dsn_is_split_into_its_members() -> None:
+    dsn = "postgresql://u:p%40ss@127.0.0.1:5001,127.0.0.1:5002/dialogs?target_session_attrs=read-write"
+    assert pg.hosts_of(dsn) == ["127.0.0.1:5001", "127.0.0.1:5002"]
+    assert pg._with_host(dsn, "127.0.0.1:5002") == (
+        "postgresql://u:p%40ss@127.0.0.1:5002/dialogs?target_session_attrs=read-write"
+    )
