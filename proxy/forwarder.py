@@ -110,6 +110,7 @@ class Forwarder:
         """
         reloads = 0
         buffered_since: float | None = None
+        failover = False  # the last hold was for the shard's database, not for a cutover
         try:
             while True:
                 shard_map = self._topology.map
@@ -140,6 +141,7 @@ class Forwarder:
                     if held.reason != "unavailable" or buffered_since is not None:
                         self._metrics.buffer_overflows.inc()
                     raise held.error
+                failover = isinstance(step.refusal, errors.Unavailable)
                 if buffered_since is None:
                     buffered_since = now
                     self._buffered += 1
@@ -149,7 +151,8 @@ class Forwarder:
             if buffered_since is not None:
                 self._buffered -= 1
                 self._metrics.buffered.dec()
-                self._metrics.buffer_wait_seconds.observe(time.monotonic() - buffered_since)
+                waited = self._metrics.failover_wait_seconds if failover else self._metrics.buffer_wait_seconds
+                waited.observe(time.monotonic() - buffered_since)
 
     async def _on_shard(
         self, shard_id: str, operation: str, map_version: int, attempt: Attempter, repeatable: bool

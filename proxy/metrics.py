@@ -92,6 +92,12 @@ class ProxyMetrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=self.registry,
         )
+        self.failover_wait_seconds = Histogram(
+            "dialogs_proxy_failover_wait_seconds",
+            "How long a held request waited for its shard's database (a replicated shard failing or switching over)",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0),
+            registry=self.registry,
+        )
         self.buffer_overflows = Counter(
             "dialogs_proxy_buffer_overflows",
             "Requests answered 503 because the buffer was full or the cutover took too long",
