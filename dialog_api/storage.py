@@ -8,7 +8,7 @@ import datetime
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -118,20 +118,8 @@ class ShardStore:
         self._observe = observe
         self._acquire_timeout = acquire_timeout
 
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection. One whose statement failed or was cut short (a timeout, a
-        server stopped or frozen, a primary demoted) is closed, not handed back: asyncpg
-        would wait, unbounded, for a frozen server to confirm the cancellation before
-        reusing it, and a demoted primary must get no more statements."""
-        con = await self.pool.acquire(timeout=self._acquire_timeout)
-        try:
-            yield con
-        except BaseException:
-            con.terminate()
-            raise
-        finally:
-            await self.pool.release(con)
+    def _connection(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        return pg.pooled(self.pool, self._acquire_timeout)
 
     async def insert_batch(self, batch: Sequence[NewMessage]) -> list[Stored | errors.DialogsError]:
         """Store a batch in one transaction (one commit, one WAL flush for all of them).

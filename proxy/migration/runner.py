@@ -13,7 +13,7 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -126,20 +126,9 @@ class _Run:
         self.verified = Verified()
         self._checked_at_cutover = (0, 0)  # (ranges digested whole, single dialogs), for the log
 
-    @contextlib.asynccontextmanager
-    async def _on(self, shard_id: str) -> AsyncIterator[asyncpg.Connection]:
-        """A connection to one shard. One whose statement was cut short (a deadline, a lost or
-        stopped server) is closed, not returned: asyncpg would wait, unbounded, for the
-        server to confirm the cancellation before reusing it."""
-        pool = self.pools[shard_id]
-        con = await pool.acquire(timeout=self.settings.cutover_deadline)
-        try:
-            yield con
-        except BaseException:
-            con.terminate()
-            raise
-        finally:
-            await pool.release(con)
+    def _on(self, shard_id: str) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        """A connection to one shard; one whose statement was cut short is closed (``pg.pooled``)."""
+        return pg.pooled(self.pools[shard_id], self.settings.cutover_deadline)
 
     async def _best_effort(self, what: str, step: Awaitable[object]) -> bool:
         """Run ``step`` within a cutover deadline; log instead of raising if it cannot finish."""
