@@ -112,7 +112,8 @@ def after_attempt(attempt: Attempt, repeatable: bool, workers_left: int) -> Step
             return Fail(errors.ShardUnavailable(), "broken")
         if workers_left > 0:
             return NextWorker("broken")
-        return Refused(errors.SendOutcomeUnknown())
+        # A read or a keyed write: holding and retrying it is safe, and its words must fit both.
+        return Refused(errors.ShardUnavailable("the shard's worker did not answer in time; retry shortly"))
     if isinstance(attempt, Answered):
         return Deliver(attempt.reply)
     if type(attempt.error) is errors.NotFound:
