@@ -190,7 +190,9 @@ async def _prepare_databases(layout: ClusterLayout, servers: dict[str, LocalPost
     patroni = {
         s.shard_id: [f"http://127.0.0.1:{rest}" for _, rest in s.members] for s in layout.active_shards if s.members
     }
-    await bootstrap(layout.metadata_dsn, {s.shard_id: layout.shard_dsn(s) for s in layout.active_shards}, patroni)
+    metadata_patroni = [f"http://127.0.0.1:{rest}" for _, rest in layout.meta_members] if layout.replicas else None
+    shards = {s.shard_id: layout.shard_dsn(s) for s in layout.active_shards}
+    await bootstrap(layout.metadata_dsn, shards, patroni, metadata_patroni)
 
 
 def replicated_group(layout: ClusterLayout, name: str) -> patroni.Group:
@@ -300,18 +302,15 @@ class Supervisor:
         # worker of a shard added later, without rewriting this file.
         jobs: list[dict[str, object]] = [
             {
-                "job_name": f"dialogs-{role}",
+                "job_name": f"dialogs-{role}" if role != "patroni" else "patroni",
                 "http_sd_configs": [
                     {"url": f"{layout.proxy_url}/discovery/prometheus?role={role}", "refresh_interval": "5s"}
                 ],
             }
-            for role in ("proxy", "worker")
+            # Patroni's own metrics (roles, timeline, WAL positions) from every member's REST
+            # API, a replicated shard added later included: none when nothing is replicated.
+            for role in ("proxy", "worker", "patroni")
         ]
-        if layout.replicas:
-            # Patroni's own metrics (roles, timeline, WAL positions) from every member's REST API.
-            groups = ["meta", *(shard.shard_id for shard in layout.active_shards)]
-            targets = [f"127.0.0.1:{rest}" for name in groups for _, rest in layout.members(name)]
-            jobs.append({"job_name": "patroni", "static_configs": [{"targets": targets}]})
         config: dict[str, object] = {
             "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
             "scrape_configs": jobs,
@@ -451,12 +450,17 @@ class Supervisor:
             return
         self.layout = fresh
         wanted = {shard.shard_id for shard in fresh.active_shards}
-        for shard_id in [name for name in self.servers if name != "meta" and name not in wanted]:
+        running = self._running_databases()
+        for shard_id in [name for name in running if name != "meta" and name not in wanted]:
             self._stop_shard(shard_id)
         for shard in fresh.active_shards:
-            if shard.shard_id not in self.servers:
+            if shard.shard_id not in running:
                 self._start_shard(shard)
         # Prometheus finds new and retired workers itself (http_sd from the registrations).
+
+    def _running_databases(self) -> set[str]:
+        """The databases this supervisor runs: single servers and replicated groups alike."""
+        return set(self.servers) | set(self.groups)
 
     def _stop_shard(self, shard_id: str) -> None:
         worker = next((c for c in self.children if c.name == f"worker {shard_id}"), None)
