@@ -1,8 +1,10 @@
-"""Rules for input values, the same wherever input is checked: the public API (``proxy/validation.py``)
-and the proxy-worker wire (``dialogs/wire.py``). Each raises InvalidInput with a sentence."""
+"""Rules for input values, the same wherever input is checked: the public API (``proxy/validation.py``),
+the proxy-worker wire (``dialogs/wire.py``), the admin API and the bootstrap's command line.
+Each raises InvalidInput with a sentence."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -81,3 +83,13 @@ def user_id(value: Any, name: str = "user_id") -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise errors.InvalidInput(f"{name} must be a UUID") from None
+
+
+_REST_URL = re.compile(r"https?://[^\s/?#]+/?")
+
+
+def rest_urls(value: Any, name: str) -> list[str]:
+    """A list of ``http(s)://host:port`` URLs, each a Patroni member's REST API."""
+    if not isinstance(value, list) or not all(isinstance(url, str) and _REST_URL.fullmatch(url) for url in value):
+        raise errors.InvalidInput(f"{name} must be a list of http(s)://host:port URLs")
+    return [url.rstrip("/") for url in value]

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dialogs import errors, pg, shard_map
+from dialogs import checks, errors, pg, shard_map
 from dialogs.http import bearer_token, json_response, read_json
 from dialogs.keys import INT64_MAX
 from dialogs.metastore import migrations
@@ -181,13 +181,7 @@ async def add_shard(request: web.Request) -> web.Response:
 
 def _patroni_urls(value: Any) -> list[str]:
     """A replicated shard's members' Patroni REST URLs (optional: [] for one server)."""
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(
-        isinstance(url, str) and re.fullmatch(r"https?://[^\s/?#]+", url) for url in value
-    ):
-        raise errors.InvalidInput("patroni_urls must be a list of http(s)://host:port URLs")
-    return value
+    return [] if value is None else checks.rest_urls(value, "patroni_urls")
 
 
 async def switchover(request: web.Request) -> web.Response:

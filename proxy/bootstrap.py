@@ -13,7 +13,7 @@ import sys
 
 import asyncpg
 
-from dialogs import logs, pg, schema
+from dialogs import checks, errors, logs, pg, schema
 from dialogs.metastore import maps
 from dialogs.migration_plan import Span
 from dialogs.pg import dsn_problem
@@ -23,9 +23,15 @@ from proxy.migration import shard_sql
 from proxy.settings import BootstrapSettings
 
 
-async def bootstrap(metadata_dsn: str, shards: dict[str, str], patroni: dict[str, list[str]] | None = None) -> ShardMap:
+async def bootstrap(
+    metadata_dsn: str,
+    shards: dict[str, str],
+    patroni: dict[str, list[str]] | None = None,
+    metadata_patroni: list[str] | None = None,
+) -> ShardMap:
     """Upgrade the metadata schema and ``shards``' (id -> DSN); on an empty cluster write map 1.
-    ``patroni``: the members' REST URLs of replicated shards (for the admin API's switchover).
+    ``patroni``: the members' REST URLs of replicated shards (for the admin API's switchover
+    and Prometheus' discovery); ``metadata_patroni``: those of the metadata database's group.
 
     Shards of the active map whose range table is empty are given their ranges (a fresh
     cluster); shards that already have ranges are left alone.
@@ -36,6 +42,8 @@ async def bootstrap(metadata_dsn: str, shards: dict[str, str], patroni: dict[str
         active = await maps.bootstrap(con, shards)
         for shard_id, urls in (patroni or {}).items():
             await maps.set_patroni_urls(con, shard_id, urls)
+        if metadata_patroni is not None:
+            await maps.set_metadata_patroni_urls(con, metadata_patroni)
     finally:
         await con.close()
     ranges = active.ring.ranges()
@@ -63,6 +71,29 @@ def parse_shards(entries: list[str]) -> dict[str, str]:
             raise ValueError(f"the DSN of --shard {shard_id} {problem}")
         parsed[shard_id] = dsn
     return parsed
+
+
+def parse_patroni(entries: list[str], shards: dict[str, str]) -> dict[str, list[str]]:
+    """``["shard-1=http://a:8008,http://b:8008", …]`` as {shard_id: urls}, each shard one of
+    ``shards``; ValueError names a bad entry."""
+    parsed = {}
+    for entry in entries:
+        shard_id, sep, urls = entry.partition("=")
+        if not sep or shard_id not in shards:
+            raise ValueError(f"--patroni expects ID=URL[,URL…] with ID one of the --shard ids, not {entry!r}")
+        parsed[shard_id] = parse_urls(urls, f"--patroni {shard_id}")
+    return parsed
+
+
+def parse_urls(text: str, what: str) -> list[str]:
+    """A comma-separated list of Patroni REST URLs (``http(s)://host:port``)."""
+    urls = [url.strip() for url in text.split(",") if url.strip()]
+    if not urls:
+        raise ValueError(f"{what}: no URL given")
+    try:
+        return checks.rest_urls(urls, what)
+    except errors.InvalidInput as exc:
+        raise ValueError(exc.message) from None
 
 
 class BootstrapError(Exception):
@@ -93,9 +124,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--metadata-dsn", help="the metadata database (default: $DIALOGS_METADATA_DSN)")
     parser.add_argument("--shard", action="append", default=[], metavar="ID=DSN", help="a shard to register")
+    parser.add_argument(
+        "--patroni",
+        action="append",
+        default=[],
+        metavar="ID=URL[,URL…]",
+        help="the Patroni REST API of each member of a replicated --shard",
+    )
+    parser.add_argument(
+        "--metadata-patroni",
+        metavar="URL[,URL…]",
+        help="the Patroni REST API of each member of a replicated metadata database",
+    )
     args = parser.parse_args(argv)
     try:
         shards = parse_shards(args.shard)
+        patroni = parse_patroni(args.patroni, shards)
+        metadata_patroni = (
+            parse_urls(args.metadata_patroni, "--metadata-patroni") if args.metadata_patroni is not None else None
+        )
     except ValueError as exc:
         parser.error(str(exc))
     environ = dict(os.environ)
@@ -105,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("bootstrap", settings.log_level)
     try:
         if shards:
-            shard_map = asyncio.run(bootstrap(settings.metadata_dsn, shards))
+            shard_map = asyncio.run(bootstrap(settings.metadata_dsn, shards, patroni, metadata_patroni))
             print(f"active shard map version {shard_map.map_version}: {', '.join(shard_map.shard_ids)}")
         else:
             applied = asyncio.run(upgrade_metadata(settings.metadata_dsn))

@@ -26,9 +26,9 @@ def ensure_installed() -> None:
 
 
 class Prometheus:
-    """Scraping ``proxies`` and ``workers`` (host:port), or, given ``discovery`` (a proxy's
-    URL), whatever that proxy's /discovery/prometheus names, as configs/prometheus does;
-    and ``patroni`` members' REST APIs (host:port), when given."""
+    """Scraping ``proxies``, ``workers`` and ``patroni`` members' REST APIs (host:port), or,
+    given ``discovery`` (a proxy's URL), whatever that proxy's /discovery/prometheus names
+    for each, as configs/prometheus does."""
 
     def __init__(
         self,
@@ -48,7 +48,7 @@ class Prometheus:
             "rule_files": ["alerts.yml"],
             "scrape_configs": [
                 {
-                    "job_name": f"dialogs-{role}",
+                    "job_name": "patroni" if role == "patroni" else f"dialogs-{role}",
                     **(
                         {
                             "http_sd_configs": [
@@ -59,9 +59,9 @@ class Prometheus:
                         else {"static_configs": [{"targets": targets or []}]}
                     ),
                 }
-                for role, targets in (("proxy", proxies), ("worker", workers))
-            ]
-            + ([{"job_name": "patroni", "static_configs": [{"targets": patroni}]}] if patroni else []),
+                for role, targets in (("proxy", proxies), ("worker", workers), ("patroni", patroni))
+                if discovery or role != "patroni" or patroni
+            ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.workdir = workdir

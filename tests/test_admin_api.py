@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 
 from tests.support import ADMIN_TOKEN, Cluster
@@ -136,3 +137,35 @@ async def test_switchover_of_a_shard_that_cannot_have_one(cluster: Cluster) -> N
     _error(await cluster.admin("POST", "/admin/shards/shard-1/switchover"), 409, "is not replicated")
     _error(await cluster.admin("POST", "/admin/shards/shard-9/switchover"), 404, "no shard shard-9")
     _error(await cluster.admin("POST", "/admin/shards/shard-1/switchover", {"to": 5}), 400, "to must be")
+
+
+async def test_discovery_names_every_registered_patroni_member(cluster: Cluster) -> None:
+    """`GET /discovery/prometheus?role=patroni`: none on a cluster of single servers; once
+    members are registered (a replicated shard added, the metadata group bootstrapped),
+    each of them, a retired shard's excepted."""
+    from dialogs.metastore import maps
+
+    async def targets() -> object:
+        async with cluster.session.get(cluster.proxy_urls[0] + "/discovery/prometheus?role=patroni") as response:
+            assert response.status == 200
+            return await response.json()
+
+    assert await targets() == []
+    con = await asyncpg.connect(cluster.metadata_dsn)
+    try:
+        await maps.set_patroni_urls(con, "shard-1", ["http://10.0.0.1:8008", "http://10.0.0.2:8008"])
+        await maps.set_metadata_patroni_urls(con, ["http://10.0.0.9:8008"])
+        assert await targets() == [{"targets": ["10.0.0.1:8008", "10.0.0.2:8008", "10.0.0.9:8008"], "labels": {}}]
+        await maps.retire_shard(con, "shard-1")
+        assert await targets() == [{"targets": ["10.0.0.9:8008"], "labels": {}}]
+    finally:
+        await con.close()
+    _error(
+        await cluster.admin(
+            "POST",
+            "/admin/shards",
+            {"shard_id": "shard-3", "dsn": cluster.spare_dsns["shard-3"], "patroni_urls": ["ftp://x"]},
+        ),
+        400,
+        "patroni_urls must be",
+    )

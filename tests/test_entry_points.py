@@ -54,6 +54,16 @@ def test_services_start_without_the_local_extra() -> None:
             ["--metadata-dsn", "postgresql://x@127.0.0.1:1/db", "--shard", "shard-1=postgresql://u:p/w@h/db"],
             "the DSN of --shard shard-1 is not a valid postgresql:// URL: its database name holds",
         ),
+        # Patroni members: of a shard being registered, as http(s)://host:port each.
+        (
+            ["--shard", "shard-1=postgresql://x@h/db", "--patroni", "shard-2=http://a:8008"],
+            "--patroni expects ID=URL[,URL…] with ID one of the --shard ids, not 'shard-2=http://a:8008'",
+        ),
+        (
+            ["--shard", "shard-1=postgresql://x@h/db", "--patroni", "shard-1=a:8008"],
+            "--patroni shard-1 must be a list of http(s)://host:port URLs",
+        ),
+        (["--metadata-patroni", " , "], "--metadata-patroni: no URL given"),
     ],
 )
 def test_bootstrap_refuses_a_bad_dsn_with_a_sentence(args: list[str], expected: str) -> None:

@@ -100,6 +100,7 @@ async def ha_cluster(replicated: Replicated) -> AsyncIterator[Cluster]:
             for shard_id in ("shard-1", "shard-2"):
                 urls = [m.rest_url for m in replicated.groups[shard_id].members]
                 await maps.set_patroni_urls(con, shard_id, urls)
+            await maps.set_metadata_patroni_urls(con, [m.rest_url for m in replicated.groups["meta"].members])
         finally:
             await con.close()
         try:
@@ -340,15 +341,17 @@ async def test_losing_the_metadata_primary_stops_nothing(ha_cluster: Cluster, re
 
 
 @pytest.mark.timeout(300)
-async def test_a_source_failing_over_during_a_shard_add_leaves_nothing_inconsistent(
-    ha_cluster: Cluster, replicated: Replicated
+@pytest.mark.parametrize("side", ["source", "target"])
+async def test_a_primary_failing_over_during_a_shard_add_leaves_nothing_inconsistent(
+    ha_cluster: Cluster, replicated: Replicated, side: str
 ) -> None:
-    """kill -9 of shard-1's primary host while a migration copies from it to a new shard-3:
-    the runner follows the new primary and finishes the migration (or aborts it cleanly);
-    every acknowledged message is then where the ring says, once, in order."""
+    """kill -9 of the primary host of the source (shard-1) or of the target (the new shard-3)
+    while a migration copies from one to the other: the runner follows the new primary and
+    finishes the migration (or aborts it cleanly); every acknowledged message is then where
+    the ring says, once, in order."""
     from tests.traffic import check_placement
 
-    group = replicated.groups["shard-1"]
+    group = replicated.groups["shard-1" if side == "source" else "shard-3"]
     old = group.primary()
     assert old is not None
     await ha_cluster.start_worker("shard-3")
@@ -367,8 +370,12 @@ async def test_a_source_failing_over_during_a_shard_add_leaves_nothing_inconsist
         old.kill()
         return struck
 
-    outcome, traffic = await _under_traffic(ha_cluster, "shard-1", fault)
-    _report("kill -9 of a source primary during a shard add", outcome, ha_cluster)
+    # The target's dialogs are still served by shard-1 until the cutover: writes go on
+    # through the target's failover, and the cutover after it.
+    outcome, traffic = await _under_traffic(
+        ha_cluster, "shard-1", fault, at_least=0 if side == "source" else patroni.TTL + 5
+    )
+    _report(f"kill -9 of a {side} primary during a shard add", outcome, ha_cluster)
     finished = await ha_cluster.wait_migration(migration["id"], timeout=120)
     old.start()
     total = await check_every_dialog(ha_cluster, traffic.dialogs)
@@ -429,15 +436,27 @@ def test_member_config_follows_the_documented_settings(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-async def test_prometheus_evaluates_every_replication_alert(replicated: Replicated, tmp_path: Path) -> None:
-    """A real Prometheus scraping every member's Patroni: each alert on replication (without
-    its threshold) evaluates and returns data, per group (``scope``)."""
+async def test_prometheus_finds_every_member_and_evaluates_every_replication_alert(
+    ha_cluster: Cluster, replicated: Replicated, tmp_path: Path
+) -> None:
+    """A real Prometheus finding every member's Patroni through the proxy's discovery (the
+    shards' members and the metadata database's, as registered): each alert on replication
+    (without its threshold) evaluates and returns data, per group (``scope``)."""
     from tests.prometheus import Prometheus, ensure_installed
     from tests.test_observability import _COMPARISON, CONFIGS, _expressions
 
     await asyncio.to_thread(ensure_installed)
-    targets = [f"127.0.0.1:{m.rest_port}" for g in replicated.groups.values() for m in g.members]
-    prometheus = Prometheus(tmp_path / "prometheus", CONFIGS / "prometheus" / "alerts.yml", patroni=targets)
+    registered = {m.rest_url for name in ("meta", "shard-1", "shard-2") for m in replicated.groups[name].members}
+    async with ha_cluster.session.get(
+        ha_cluster.proxy_urls[0] + "/discovery/prometheus", params={"role": "patroni"}
+    ) as response:
+        assert response.status == 200
+        assert await response.json() == [
+            {"targets": sorted(u.removeprefix("http://") for u in registered), "labels": {}}
+        ]
+    prometheus = Prometheus(
+        tmp_path / "prometheus", CONFIGS / "prometheus" / "alerts.yml", discovery=ha_cluster.proxy_urls[0]
+    )
     prometheus.start()
     try:
         async with aiohttp.ClientSession() as session:

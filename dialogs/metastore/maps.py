@@ -86,6 +86,23 @@ async def patroni_urls(con: asyncpg.Connection, shard_id: str) -> list[str] | No
     return None if row is None else list(row["patroni_urls"])
 
 
+async def set_metadata_patroni_urls(con: asyncpg.Connection, urls: list[str]) -> None:
+    """Record the Patroni REST API of each member of the metadata database's own group."""
+    async with con.transaction():
+        await con.execute("DELETE FROM metadata_patroni_urls")
+        await con.executemany("INSERT INTO metadata_patroni_urls (url) VALUES ($1)", [(url,) for url in urls])
+
+
+async def patroni_targets(con: asyncpg.Connection) -> list[str]:
+    """The REST URL of every Patroni member to scrape: the metadata group's, and each
+    serving shard's (a retired shard's members are gone)."""
+    rows = await con.fetch(
+        "SELECT url FROM metadata_patroni_urls"
+        " UNION SELECT unnest(patroni_urls) FROM shards WHERE retired_at IS NULL ORDER BY 1"
+    )
+    return [row["url"] for row in rows]
+
+
 async def shard_dsns(con: asyncpg.Connection) -> dict[str, str]:
     return {row["shard_id"]: row["dsn"] for row in await con.fetch("SELECT shard_id, dsn FROM shards")}
 
