@@ -387,18 +387,32 @@ def shard() -> None:
 @shard.command("switchover")
 @click.argument("shard_id")
 @click.option("--to", "candidate", help="The member to promote (default: the synchronous standby).")
-@_data_dir_option()
-def shard_switchover(shard_id: str, candidate: str | None, data_dir: Path) -> None:
+@_admin_options
+def shard_switchover(shard_id: str, candidate: str | None, data_dir: Path, url: str | None, token: str | None) -> None:
     """Hand a replicated shard's (or `meta`'s) primary role to a standby, for maintenance.
 
     Patroni stops the primary, promotes the synchronous standby (no acknowledged write is
     lost: every commit is on both) and makes the old primary its standby. Proxies hold the
-    shard's requests meanwhile; clients see a slower answer, not an error."""
+    shard's requests meanwhile; clients see a slower answer, not an error. With --url (a
+    deployment, e.g. docker-compose.ha.yaml), through that proxy's admin API; otherwise
+    the local cluster's members directly (`meta` included)."""
     from dialogsctl import patroni
+    from dialogsctl.admin_client import AdminError
     from dialogsctl.cluster import ClusterLayout
     from dialogsctl.embedded import PostgresError
     from dialogsctl.supervisor import replicated_group
 
+    if url:
+        client = _client(data_dir, url, token)
+        try:
+            done = client.call("POST", f"/admin/shards/{shard_id}/switchover", {"to": candidate} if candidate else {})
+        except AdminError as exc:
+            raise click.ClickException(exc.message) from None
+        click.echo(
+            f"{shard_id}: {done['from']} -> {done['to']} in {done['seconds']:.1f} s; {done['from']} follows it as a"
+            " standby"
+        )
+        return
     layout = ClusterLayout.load(data_dir.resolve())
     if layout is None:
         raise click.ClickException(_no_cluster(data_dir))

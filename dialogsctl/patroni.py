@@ -190,6 +190,9 @@ def patroni_config(
             "data_dir": str(data_dir),
             "bin_dir": str(bin_dir),
             "pgpass": str(pgpass),
+            # A new standby's copy starts at once, not after a spread checkpoint of the
+            # primary (minutes on a primary that just created its database).
+            "basebackup": [{"checkpoint": "fast"}],
             "authentication": {
                 "superuser": {"username": pg_auth.SUPERUSER, "password": superuser_password},
                 "replication": {"username": REPLICATION_USER, "password": replication_password},

@@ -44,7 +44,9 @@ def problem(view: dict[str, Any], candidate: str | None) -> str | None:
     standbys = [m for m in view.get("members", []) if m.get("role") in ("sync_standby", "replica")]
     if candidate is not None and candidate not in {m.get("name") for m in standbys}:
         return f"{candidate} is not a standby of this shard"
-    if not any(m.get("state") == "streaming" for m in standbys):
+    # "streaming" from Patroni 3.1 on; before it a standby that replays is "running" (Debian
+    # bookworm's Patroni 3.0, in the compose stack's image).
+    if not any(m.get("state") in ("streaming", "running") for m in standbys):
         return "the shard has no streaming standby to hand over to"
     return None
 

@@ -28,3 +28,12 @@ def test_no_primary_no_streaming_standby_or_a_wrong_candidate_is_refused() -> No
     assert "no streaming standby" in (problem(alone, None) or "")
     assert "s-0 is not a standby" in (problem(HEALTHY, "s-0") or "")
     assert "s-9 is not a standby" in (problem(HEALTHY, "s-9") or "")
+
+
+def test_a_standby_of_patroni_before_3_1_is_running_not_streaming() -> None:
+    """Patroni 3.0 (Debian bookworm's, in the compose stack's image) says "running" of a
+    standby that replays; a stopped one is still refused."""
+    older = _view(("s-0", "leader", "running"), ("s-1", "sync_standby", "running"))
+    assert problem(older, None) is None and problem(older, "s-1") is None
+    stopped = _view(("s-0", "leader", "running"), ("s-1", "sync_standby", "stopped"))
+    assert "no streaming standby" in (problem(stopped, None) or "")
