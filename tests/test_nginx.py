@@ -7,9 +7,11 @@ else is the file the stack mounts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,11 +30,11 @@ def _nginx_binary() -> str:
     return "nginx"
 
 
-@pytest.fixture
-async def nginx(cluster: Cluster, tmp_path: Path) -> AsyncIterator[str]:
+@contextlib.asynccontextmanager
+async def _nginx(session: aiohttp.ClientSession, upstream: str, tmp_path: Path) -> AsyncIterator[str]:
+    """configs/nginx/nginx.conf in front of ``upstream`` (host:port), on a free port; its URL."""
     binary = _nginx_binary()
     port = free_port()
-    upstream = cluster.proxy_urls[0].removeprefix("http://")
     config = CONFIG.read_text()
     config, swapped = re.subn(r"server proxy-\d:8080[^;]*;", f"server {upstream};", config)
     assert swapped == 2
@@ -61,8 +63,8 @@ async def nginx(cluster: Cluster, tmp_path: Path) -> AsyncIterator[str]:
     try:
         for _ in range(100):
             try:
-                async with cluster.session.get(url + "/health") as response:
-                    if response.status == 200:
+                async with session.get(url + "/health") as response:
+                    if response.status in (200, 503):  # 503: nginx answers, no proxy behind it
                         break
             except aiohttp.ClientError:
                 pass
@@ -76,6 +78,24 @@ async def nginx(cluster: Cluster, tmp_path: Path) -> AsyncIterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+async def nginx(cluster: Cluster, tmp_path: Path) -> AsyncIterator[str]:
+    async with _nginx(cluster.session, cluster.proxy_urls[0].removeprefix("http://"), tmp_path) as url:
+        yield url
+
+
+async def test_no_proxy_answering_is_the_services_json_503(tmp_path: Path) -> None:
+    """With no proxy to reach, nginx answers as the service would: JSON 503 with Retry-After,
+    telling a sender to retry with its Idempotency-Key (nginx cannot know whether it was stored)."""
+    async with aiohttp.ClientSession() as session, _nginx(session, f"127.0.0.1:{free_port()}", tmp_path) as url:
+        headers = {"X-Request-ID": "lost-1", "Authorization": "Bearer x", "Idempotency-Key": "k-1"}
+        async with session.post(url + f"/dialog/{uuid.uuid4()}/send", json={"text": "hi"}, headers=headers) as response:
+            assert response.status == 503 and response.content_type == "application/json"
+            assert response.headers["Retry-After"] == "1" and response.headers["X-Request-ID"] == "lost-1"
+            error = await response.json()
+    assert error["code"] == 50305 and error["request_id"] == "lost-1" and "Idempotency-Key" in error["message"]
 
 
 async def test_the_clients_request_id_is_kept(cluster: Cluster, nginx: str) -> None:
