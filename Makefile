@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck test-fast lock status bench docs clean compose-check
+.PHONY: up test lint typecheck test-fast lock status bench docs clean compose-check compose-check-ha
 
 # Installs exactly what requirements-dev.lock pins (what the suite was run with), then the
 # project itself without resolving anything again.
@@ -61,3 +61,7 @@ clean:
 # The production stack for real, on a machine with a Docker engine (tests/compose_check.py).
 compose-check: $(STAMP)
 	$(BIN)/python -m tests.compose_check
+
+# The same with replicated databases (docker-compose.ha.yaml): a failover and a switchover.
+compose-check-ha: $(STAMP)
+	$(BIN)/python -m tests.compose_check --ha

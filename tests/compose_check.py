@@ -139,6 +139,7 @@ class Stack:
         text = env.read_text()
         for name, length in (
             ("POSTGRES_PASSWORD", 24),
+            ("POSTGRES_REPLICATION_PASSWORD", 24),
             ("DIALOGS_JWT_SECRET", 48),
             ("DIALOGS_INTERNAL_SECRET", 32),
             ("DIALOGS_ADMIN_TOKEN", 32),
@@ -268,7 +269,11 @@ def call(
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
+        raw = error.read()
+        try:
+            return error.code, json.loads(raw or b"null")
+        except ValueError:  # not the service's JSON: nginx's own page, say
+            return error.code, raw.decode(errors="replace")[:200]
 
 
 # --- writers -------------------------------------------------------------------------------
@@ -284,6 +289,7 @@ class Writers:
     token: str
     peers: list[str]
     acked: dict[str, list[str]] = field(default_factory=dict)
+    acked_at: dict[str, list[float]] = field(default_factory=dict)  # time.monotonic() of each
     retries: int = 0
     # (when the attempt started, peer, status (0: no answer), error code): every failed attempt
     failed: list[tuple[float, str, int, int]] = field(default_factory=list)
@@ -306,13 +312,16 @@ class Writers:
             for _attempt in range(60):
                 started = time.monotonic()
                 try:
+                    # Longer than nginx waits for a proxy (which holds a send through a
+                    # failover): a client that gives up sooner sees an error the stack did not make.
                     status, body = call(
-                        "POST", f"{self.base}/dialog/{peer}/send", {"text": f"m{number}"}, self.token, key
+                        "POST", f"{self.base}/dialog/{peer}/send", {"text": f"m{number}"}, self.token, key, timeout=60
                     )
                 except (urllib.error.URLError, OSError):
                     status, body = 0, None
                 if status == 200:
                     self.acked[peer].append(body["id"])
+                    self.acked_at.setdefault(peer, []).append(time.monotonic())
                     break
                 self.retries += 1
                 code = body.get("code", 0) if isinstance(body, dict) else 0
@@ -324,6 +333,7 @@ class Writers:
             time.sleep(0.05)
 
     def finish(self) -> int:
+        assert all(thread.is_alive() for thread in self.threads), "a writer died before the end (see its traceback)"
         self.stop.set()
         for thread in self.threads:
             thread.join(60)
@@ -397,41 +407,38 @@ def live_workers(stack: Stack, shard_id: str) -> float:
     return float(result[0]["value"][1]) if result else -1.0
 
 
-def check(stack: Stack) -> None:
-    readme, resharding = ROOT / "README.md", ROOT / "docs" / "resharding.md"
-    copy_env, up = example(readme, "compose-up").splitlines()
+def start_stack(stack: Stack, block: str) -> list[str]:
+    """The README's block: its lines before the last (copy .env, …), every secret set, then
+    its last line (`docker compose up -d --build`); every container healthy. The services."""
+    *prepare, up = example(ROOT / "README.md", block).splitlines()
     say(f"stack {stack.project} in {stack.folder}; ports {stack.ports}; compose: {' '.join(stack.compose)}")
     if not stack.grafana:
         say("no Grafana image on this machine: Grafana is left out of `up` (it stays in the file)")
-
-    # 1-2. README: .env, secrets, up.
-    stack.sh(copy_env)
+    for line in prepare:
+        stack.sh(line)
     stack.write_secrets()
-    say("building the image and starting the stack (README: docker compose up -d)")
+    say(f"building the images and starting the stack (README: {up.split('#')[0].strip()})")
     started = time.monotonic()
     stack.sh(up, timeout=1200)
     services = [s for s in stack.services(without_grafana=not stack.grafana) if s != "bootstrap"]
     stack.wait_healthy(services)
     say(f"every container healthy or running after {time.monotonic() - started:.0f} s: {', '.join(services)}")
     assert stack.inspect("bootstrap")["State"]["ExitCode"] == 0
+    return services
 
-    # 3. The README's API walkthrough through nginx.
+
+def walkthrough(stack: Stack) -> None:
+    """The README's API walkthrough through nginx."""
     public = stack.url("DIALOGS_HTTP_PORT")
-    walkthrough = example(readme, "api").replace("localhost:8080", public.removeprefix("http://"))
-    lines = stack.sh(walkthrough).splitlines()
+    script = example(ROOT / "README.md", "api").replace("localhost:8080", public.removeprefix("http://"))
+    lines = stack.sh(script).splitlines()
     assert len(lines) == 3 and json.loads(lines[2])[0]["text"] == "Привет!", lines
     say("README's API walkthrough through nginx: ok")
 
-    # 4. Prometheus discovers and scrapes every proxy and worker.
-    def discovered() -> bool:
-        jobs = prometheus_targets(stack)
-        workers, proxies = jobs.get("dialogs-worker", []), jobs.get("dialogs-proxy", [])
-        return len(workers) == 4 and len(proxies) == 2 and all(t["health"] == "up" for t in workers + proxies)
 
-    wait_for("Prometheus scraping 2 proxies and 4 workers", discovered)
-    say("Prometheus discovered and scrapes 2 proxies and 4 workers")
-
-    # 5. Writers through nginx.
+def start_writers(stack: Stack) -> tuple[str, Writers]:
+    """Anna and 12 peers registered through nginx; one writer per dialog. (Anna, writers)."""
+    public = stack.url("DIALOGS_HTTP_PORT")
     user = {
         "second_name": "Check",
         "password": "password-1",
@@ -445,6 +452,28 @@ def check(stack: Stack) -> None:
     writers = Writers(public, token, peers)
     writers.start()
     time.sleep(3)
+    return anna, writers
+
+
+def check(stack: Stack) -> None:
+    resharding = ROOT / "docs" / "resharding.md"
+    # 1-3. README: .env, secrets, up; the API walkthrough.
+    services = start_stack(stack, "compose-up")
+    up = example(ROOT / "README.md", "compose-up").splitlines()[-1]
+    walkthrough(stack)
+
+    # 4. Prometheus discovers and scrapes every proxy and worker.
+    def discovered() -> bool:
+        jobs = prometheus_targets(stack)
+        workers, proxies = jobs.get("dialogs-worker", []), jobs.get("dialogs-proxy", [])
+        return len(workers) == 4 and len(proxies) == 2 and all(t["health"] == "up" for t in workers + proxies)
+
+    wait_for("Prometheus scraping 2 proxies and 4 workers", discovered)
+    say("Prometheus discovered and scrapes 2 proxies and 4 workers")
+
+    # 5. Writers through nginx.
+    anna, writers = start_writers(stack)
+    peers = writers.peers
 
     # 6. docs/resharding.md: a third shard under writes.
     (stack.folder / "docker-compose.shard-3.yaml").write_text(example(resharding, "compose-shard-3"))
@@ -508,6 +537,130 @@ def check(stack: Stack) -> None:
     assert status == 200 and sorted(s["shard_id"] for s in shards if s["in_map"]) == ["shard-1", "shard-2", "shard-3"]
 
 
+# --- the replicated stack (docker-compose.ha.yaml) --------------------------------------------
+
+GROUPS = {"meta": ("meta", "meta-b"), "shard-1": ("shard-1", "shard-1-b"), "shard-2": ("shard-2", "shard-2-b")}
+_CLUSTER = (
+    "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8008/cluster', timeout=3).read().decode())"
+)
+
+
+def group_members(stack: Stack, group: str) -> dict[str, tuple[str, str]]:
+    """{member: (role, state)} of a Patroni group, as the first of its members that answers
+    (from inside its container: Patroni's REST API is not published) reports it."""
+    for service in GROUPS[group]:
+        result = subprocess.run(
+            [stack.docker, "exec", stack.container(service), "python3", "-c", _CLUSTER],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if result.returncode == 0:
+            return {m["name"]: (m["role"], m["state"]) for m in json.loads(result.stdout)["members"]}
+    raise AssertionError(f"no member of {group} answers")
+
+
+def leader_of(stack: Stack, group: str) -> str:
+    leaders = [name for name, (role, state) in group_members(stack, group).items() if role == "leader"]
+    assert len(leaders) == 1, leaders
+    return leaders[0]
+
+
+def replicated(stack: Stack, group: str) -> bool:
+    """The group back to a running leader and a synchronous standby that replicates from it
+    (Patroni before 3.1 says "running" for a standby, later ones "streaming")."""
+    roles = sorted(group_members(stack, group).values())
+    return (
+        len(roles) == 2
+        and roles[0] == ("leader", "running")
+        and roles[1]
+        in (
+            ("sync_standby", "running"),
+            ("sync_standby", "streaming"),
+        )
+    )
+
+
+def sends_after(writers: Writers, peers: list[str], moment: float) -> tuple[list[tuple[float, str, int, int]], float]:
+    """The failed attempts on ``peers`` started after ``moment``, and the seconds from
+    ``moment`` to the first send on them acknowledged after it."""
+    failed = [f for f in writers.failed if f[1] in peers and f[0] >= moment]
+    acked = [t for peer in peers for t in writers.acked_at.get(peer, []) if t >= moment]
+    return failed, (min(acked) - moment if acked else float("inf"))
+
+
+def check_ha(stack: Stack) -> None:
+    services = start_stack(stack, "compose-ha-up")
+    for group in GROUPS:
+        wait_for(f"{group} replicated", lambda group=group: replicated(stack, group), timeout=120)
+    say("every database a Patroni group: a leader and a streaming synchronous standby")
+    walkthrough(stack)
+
+    def discovered() -> bool:
+        jobs = prometheus_targets(stack)
+        members = jobs.get("patroni", [])
+        return len(members) == 6 and all(t["health"] == "up" for t in members)
+
+    wait_for("Prometheus scraping the 6 Patroni members", discovered)
+    say("Prometheus discovered every Patroni member through the proxies")
+    anna, writers = start_writers(stack)
+
+    # A shard primary's container killed under writes: its host is gone.
+    on_shard_1 = peers_on(stack, anna, writers.peers, "shard-1")
+    assert on_shard_1, "no dialog of the writers is on shard-1: nothing would show its failover"
+    old = leader_of(stack, "shard-1")
+    subprocess.run([stack.docker, "kill", stack.container(old)], check=True, capture_output=True)
+    killed_at = time.monotonic()
+    new = wait_for(
+        "a new shard-1 leader",
+        lambda: next((m for m in GROUPS["shard-1"] if m != old and leader_of(stack, "shard-1") == m), None),
+        timeout=90,
+        interval=1,
+    )
+    wait_for(
+        "a send on shard-1 acknowledged after the kill",
+        lambda: sends_after(writers, on_shard_1, killed_at)[1] < float("inf"),
+        timeout=60,
+        interval=1,
+    )
+    failed, first = sends_after(writers, on_shard_1, killed_at)
+    say(
+        f"shard-1's primary {old} killed: {new} leads; first send on shard-1 acknowledged {first:.1f} s"
+        f" after the kill; failed attempts {[(f[2], f[3]) for f in failed]}"
+    )
+    assert failed == [], f"clients saw errors during the failover: {failed}"
+    stack.run_compose("up", "-d", old)
+    wait_for(f"{old} back as shard-1's synchronous standby", lambda: replicated(stack, "shard-1"), timeout=120)
+    say(f"{old} started again: it rejoined as {new}'s synchronous standby")
+
+    # A planned switchover, as README says an operator asks for one.
+    old = leader_of(stack, "shard-2")
+    switched_at = time.monotonic()
+    output = stack.sh(
+        f".venv/bin/dialogs shard switchover shard-2 --url {stack.url('DIALOGS_ADMIN_PORT')}"
+        f" --token {_env_value(stack, 'DIALOGS_ADMIN_TOKEN')}"
+    )
+    say("switchover: " + output.strip())
+    on_shard_2 = peers_on(stack, anna, writers.peers, "shard-2")
+    time.sleep(3)
+    failed, _ = sends_after(writers, on_shard_2, switched_at)
+    assert failed == [], f"clients saw errors during the switchover: {failed}"
+    assert leader_of(stack, "shard-2") != old
+    wait_for("shard-2 replicated after the switchover", lambda: replicated(stack, "shard-2"), timeout=120)
+
+    time.sleep(3)
+    total = writers.finish()
+    assert writers.gave_up == [], f"sends never acknowledged: {writers.gave_up}"
+    writers.check()
+    say(f"{total} acknowledged sends, each listed once and in order ({writers.retries} retried sends)")
+
+    stack.run_compose("down", "--timeout", "10", timeout=300)
+    stack.sh(example(ROOT / "README.md", "compose-ha-up").splitlines()[-1], timeout=600)
+    stack.wait_healthy(services)
+    writers.check()
+    say("after `down` and `up`: every message still there")
+
+
 def _env_value(stack: Stack, name: str) -> str:
     match = re.search(rf"^{name}=(.*)$", (stack.folder / ".env").read_text(), re.M)
     assert match
@@ -518,7 +671,8 @@ def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ha = "--ha" in (sys.argv[1:] if argv is None else argv)
     if shutil.which("docker") is None:
         print("compose-check needs a Docker engine (docker, and docker compose or docker-compose)", file=sys.stderr)
         return 2
@@ -527,7 +681,7 @@ def main() -> int:
     started = time.monotonic()
     try:
         stack.copy_checkout()
-        check(stack)
+        (check_ha if ha else check)(stack)
     except BaseException as exc:
         say(f"FAILED: {type(exc).__name__}: {exc}")
         subprocess.run(stack.compose + ["ps", "-a"], cwd=stack.folder, env=stack.env)

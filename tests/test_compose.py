@@ -59,6 +59,7 @@ def test_the_example_env_has_no_usable_placeholders() -> None:
     text = (ROOT / ".env.example").read_text()
     for name in (
         "POSTGRES_PASSWORD",
+        "POSTGRES_REPLICATION_PASSWORD",
         "DIALOGS_JWT_SECRET",
         "DIALOGS_INTERNAL_SECRET",
         "DIALOGS_ADMIN_TOKEN",
@@ -87,6 +88,92 @@ def test_the_docs_shard_file_adds_a_shard_like_the_first_ones(tmp_path: Path) ->
         assert worker["depends_on"]["shard-3"]["condition"] == "service_healthy"
     assert stack["shard-3"]["image"] == stack["shard-1"]["image"]
     assert stack["shard-3"]["healthcheck"] == stack["shard-1"]["healthcheck"]
+
+
+@pytest.fixture(scope="module")
+def compose_ha(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The replicated stack: docker-compose.ha.yaml over docker-compose.yaml, as README says."""
+    env = _filled_env(tmp_path_factory.mktemp("env-ha"))
+    return _config(env, ROOT / "docker-compose.yaml", ROOT / "docker-compose.ha.yaml")
+
+
+def _members(dsn: str) -> list[str]:
+    return urllib.parse.urlsplit(dsn).netloc.rpartition("@")[2].split(",")
+
+
+def test_the_ha_stack_replicates_every_database(compose_ha: dict[str, Any]) -> None:
+    """Every database a Patroni group of two members under one scope, on three etcd members;
+    every service names both members of the databases it uses, and the bootstrap registers
+    each group's Patroni API (switchovers, Prometheus' discovery)."""
+    services = compose_ha["services"]
+    groups: dict[str, list[str]] = {}
+    for name, service in services.items():
+        env = service.get("environment", {})
+        if "PATRONI_SCOPE" in env:
+            assert env["PATRONI_NAME"] == name  # its address: dialogs-patroni derives it from the name
+            assert env["PATRONI_ETCD3_HOSTS"] == "etcd-1:2379,etcd-2:2379,etcd-3:2379", name
+            assert env["PATRONI_REPLICATION_PASSWORD"] and env["PATRONI_SUPERUSER_PASSWORD"], name
+            assert service["image"] == services["meta"]["image"] and service["restart"] == "unless-stopped", name
+            groups.setdefault(env["PATRONI_SCOPE"], []).append(name)
+    assert groups == {name: [name, f"{name}-b"] for name in ("meta", "shard-1", "shard-2")}
+    volumes = {
+        v.split(":")[0] for name in ("meta", "meta-b", "shard-1", "shard-1-b") for v in services[name]["volumes"]
+    }
+    assert len(volumes) == 4  # a disk each
+    etcd = [name for name in services if name.startswith("etcd-")]
+    assert len(etcd) == 3
+    for name in etcd:
+        assert services[name]["environment"]["ETCD_INITIAL_CLUSTER"].count("=http://") == 3, name
+    meta = ["meta:5432", "meta-b:5432"]
+    for name, service in services.items():
+        env = service.get("environment", {})
+        if "DIALOGS_METADATA_DSN" in env:
+            assert _members(env["DIALOGS_METADATA_DSN"]) == meta, name
+        if "DIALOGS_SHARD_DSN" in env:
+            shard = env["DIALOGS_SHARD_ID"]
+            assert _members(env["DIALOGS_SHARD_DSN"]) == [f"{shard}:5432", f"{shard}-b:5432"], name
+    for proxy in ("proxy-1", "proxy-2"):
+        assert float(services[proxy]["environment"]["DIALOGS_FAILOVER_WAIT"]) > 20  # Patroni's ttl: a failover
+    command = services["bootstrap"]["command"]
+    options = list(zip(command[1::2], command[2::2], strict=True))
+    shards = dict(value.split("=", 1) for option, value in options if option == "--shard")
+    patroni = dict(value.split("=", 1) for option, value in options if option == "--patroni")
+    assert {s: _members(d) for s, d in shards.items()} == {
+        "shard-1": ["shard-1:5432", "shard-1-b:5432"],
+        "shard-2": ["shard-2:5432", "shard-2-b:5432"],
+    }
+    assert patroni == {s: f"http://{s}:8008,http://{s}-b:8008" for s in shards}
+    assert dict(options)["--metadata-patroni"] == "http://meta:8008,http://meta-b:8008"
+    from proxy.bootstrap import parse_patroni, parse_shards, parse_urls
+
+    parse_patroni([f"{s}={u}" for s, u in patroni.items()], parse_shards([f"{s}={d}" for s, d in shards.items()]))
+    parse_urls(dict(options)["--metadata-patroni"], "--metadata-patroni")
+
+
+def test_the_ha_stack_uses_the_local_clusters_patroni_settings(tmp_path: Path) -> None:
+    """configs/patroni/patroni.yml's timing, synchronous mode and recovery settings are the
+    ones dialogsctl/patroni.py runs locally and docs/architecture.md measures."""
+    from dialogsctl import patroni
+
+    local = patroni.patroni_config(
+        scope="s",
+        name="s-0",
+        etcd_url="http://127.0.0.1:2379",
+        rest_port=8008,
+        pg_port=5432,
+        data_dir=tmp_path,
+        bin_dir=tmp_path,
+        pgpass=tmp_path / "pgpass",
+        superuser_password="p",
+        replication_password="r",
+    )
+    compose = yaml.safe_load((ROOT / "configs" / "patroni" / "patroni.yml").read_text())
+    assert compose["bootstrap"]["dcs"] == local["bootstrap"]["dcs"]
+    assert compose["bootstrap"]["initdb"] == local["bootstrap"]["initdb"]
+    assert compose["postgresql"]["basebackup"] == local["postgresql"]["basebackup"]
+    users = {role: spec["username"] for role, spec in compose["postgresql"]["authentication"].items()}
+    assert users == {role: spec["username"] for role, spec in local["postgresql"]["authentication"].items()}
+    assert (ROOT / "configs" / "patroni" / compose["bootstrap"]["post_bootstrap"].rpartition("/")[2]).is_file()
 
 
 def test_missing_secrets_are_refused(compose: dict[str, Any], tmp_path: Path) -> None:
@@ -165,9 +252,10 @@ def test_secrets_stay_out_of_git_and_images() -> None:
     assert checked.returncode == 0
 
 
-def test_everything_referenced_exists(compose: dict[str, Any]) -> None:
-    """Build contexts have their Dockerfile and its COPY sources; bind mounts point at repository files."""
-    for name, service in compose["services"].items():
+def test_everything_referenced_exists(compose: dict[str, Any], compose_ha: dict[str, Any]) -> None:
+    """Build contexts have their Dockerfile and its COPY sources; bind mounts point at repository
+    files (the replicated stack's Patroni image included)."""
+    for name, service in [*compose["services"].items(), *compose_ha["services"].items()]:
         build = service.get("build")
         if build:
             context = Path(build["context"])
@@ -198,7 +286,7 @@ def test_prometheus_scrapes_the_stack(compose: dict[str, Any]) -> None:
             environment = services[url.hostname]["environment"]
             assert environment["DIALOGS_PORT"] == str(url.port), sd["url"]
             assert environment["DIALOGS_ADVERTISE_HOST"] == url.hostname, sd["url"]
-    assert roles == {("dialogs-proxy", "proxy"), ("dialogs-worker", "worker")}
+    assert roles == {("dialogs-proxy", "proxy"), ("dialogs-worker", "worker"), ("patroni", "patroni")}
     for name, service in services.items():
         if "DIALOGS_ADVERTISE_URL" in service.get("environment", {}):  # workers
             assert service["environment"]["DIALOGS_ADVERTISE_URL"].startswith(f"http://{name}:"), name

@@ -53,13 +53,15 @@ class Runner:
         self.processes.append(process)
         return process
 
-    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "dialogsctl", *args],
             env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
         )
 
     def wait_healthy(self, process: subprocess.Popen[str], timeout: float = 90) -> None:
@@ -419,11 +421,13 @@ def test_two_shard_adds_at_once_lose_nothing(runner: Runner) -> None:
     runner.stop(process)
 
 
-def test_up_with_replicas_switches_over_and_restarts_a_lost_member(runner: Runner) -> None:
+@pytest.mark.timeout(420)
+def test_up_with_replicas_switches_over_adds_a_shard_and_restarts_a_lost_member(runner: Runner) -> None:
     """`dialogs up --replicas 1`: every database a primary and a synchronous standby under
     Patroni; `dialogs status` shows them; `dialogs shard switchover` moves the primary with
     the API answering throughout; a member whose Patroni is killed is started again and
-    rejoins as a standby. Nothing acknowledged is lost on the way."""
+    rejoins as a standby; `dialogs shard add` makes the new shard a replicated group too.
+    Nothing acknowledged is lost on the way."""
     process = runner.up("--replicas", "1", "--shards", "1")
     runner.wait_healthy(process, timeout=180)
     anna = runner.call("POST", "/user/register", {"first_name": "Anna", "second_name": "T", "password": "password-a"})
@@ -465,8 +469,31 @@ def test_up_with_replicas_switches_over_and_restarts_a_lost_member(runner: Runne
     while roles()["shard-1"] != [("primary", "running"), ("sync standby", "streaming")]:
         assert time.monotonic() < deadline, roles()
         time.sleep(1)
+    # `dialogs shard add` on a replicated cluster: the new shard is a group of its own, its
+    # members registered for switchovers and found by Prometheus' discovery.
+    added = runner.run("shard", "add", timeout=180)
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert "add shard-2, map 1 -> 2, phase done" in added.stdout, added.stdout
+    assert roles()["shard-2"] == [("primary", "running"), ("sync standby", "streaming")], roles()
+    layout = ClusterLayout.load(runner.data_dir)
+    assert layout is not None
+    status, targets = runner.call("GET", "/discovery/prometheus?role=patroni")
+    members = [f"127.0.0.1:{rest}" for name in ("meta", "shard-1", "shard-2") for _, rest in layout.members(name)]
+    assert status == 200 and targets == [{"targets": sorted(members), "labels": {}}], targets
+    send("after the shard add")
+    # …and `dialogs shard remove` retires it: its group is stopped, shard-1 keeps running.
+    removed = runner.run("shard", "remove", "shard-2", timeout=180)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert "remove shard-2, map 2 -> 3, phase done" in removed.stdout, removed.stdout
+    retired = replicated_group(layout, "shard-2").members
+    deadline = time.monotonic() + 60
+    while any(m.patroni_processes() or m.postgres_processes() for m in retired):
+        assert time.monotonic() < deadline, "the retired shard's servers still run"
+        time.sleep(0.5)
+    assert set(roles()) == {"meta", "shard-1"}, roles()
     status, listed = runner.call("GET", f"/dialog/{b}/list", token=token)
     assert status == 200 and [m["text"] for m in listed] == [
+        "after the shard add",
         "while a standby is lost",
         "after the switchover",
         "before",
