@@ -85,11 +85,12 @@ def user_id(value: Any, name: str = "user_id") -> uuid.UUID:
         raise errors.InvalidInput(f"{name} must be a UUID") from None
 
 
-_REST_URL = re.compile(r"https?://[^\s/?#]+/?")
+# No user or password (``user:pw@``): the URLs are published as scrape targets.
+_REST_URL = re.compile(r"https?://[^\s/?#@]+/?")
 
 
 def rest_urls(value: Any, name: str) -> list[str]:
-    """A list of ``http(s)://host:port`` URLs, each a Patroni member's REST API."""
+    """A list of ``http(s)://host:port`` URLs, each a Patroni member's REST API, each once."""
     if not isinstance(value, list) or not all(isinstance(url, str) and _REST_URL.fullmatch(url) for url in value):
-        raise errors.InvalidInput(f"{name} must be a list of http(s)://host:port URLs")
-    return [url.rstrip("/") for url in value]
+        raise errors.InvalidInput(f"{name} must be a list of http(s)://host:port URLs (no user or password)")
+    return list(dict.fromkeys(url.rstrip("/") for url in value))

@@ -440,12 +440,19 @@ def shard_switchover(shard_id: str, candidate: str | None, data_dir: Path, url: 
     help="An empty database of its own for the new shard (never another shard's). Without it, the local cluster"
     " starts a new server.",
 )
+@click.option(
+    "--patroni",
+    "patroni_urls",
+    help="With --dsn of a replicated database: its members' Patroni REST URLs, comma-separated"
+    " (switchovers, Prometheus' discovery).",
+)
 @click.option("--weight", type=click.IntRange(1, 100), default=1, show_default=True)
 @_throttle_options
 @_admin_options
 def shard_add(
     shard_id: str | None,
     dsn: str | None,
+    patroni_urls: str | None,
     weight: int,
     no_wait: bool,
     rows_per_second: int,
@@ -474,6 +481,8 @@ def shard_add(
             raise click.ClickException(str(exc)) from None
     elif shard_id is None:
         raise click.UsageError("--dsn needs a SHARD_ID")
+    if patroni_urls is not None and local:
+        raise click.UsageError("--patroni goes with --dsn (the local cluster registers its own members)")
     assert shard_id is not None
     body: dict[str, Any] = {
         "shard_id": shard_id,
@@ -484,6 +493,8 @@ def shard_add(
     }
     if created is not None and created.members:  # a replicated local shard: switchovers through the API
         body["patroni_urls"] = [f"http://127.0.0.1:{rest}" for _, rest in created.members]
+    elif patroni_urls is not None:  # the proxy checks them (a 400 names what is wrong)
+        body["patroni_urls"] = [url.strip() for url in patroni_urls.split(",") if url.strip()]
     try:
         started = client.call("POST", "/admin/shards", body)
     except AdminError as exc:

@@ -184,15 +184,25 @@ def _patroni_urls(value: Any) -> list[str]:
     return [] if value is None else checks.rest_urls(value, "patroni_urls")
 
 
+# The name the switchover takes for the metadata database's own group (no shard has it).
+METADATA_GROUP = "meta"
+
+
 async def switchover(request: web.Request) -> web.Response:
-    """A planned switchover of a replicated shard: its primary hands over to a standby."""
+    """A planned switchover of a replicated shard (or of the metadata database, ``meta``):
+    its primary hands over to a standby."""
     _require_admin(request)
     shard_id = request.match_info["shard_id"]
     data = await _body(request)
     candidate = data.get("to")
     if candidate is not None and not isinstance(candidate, str):
         raise errors.InvalidInput("to must be a member's name")
-    urls = await _store(request).patroni_urls(shard_id)
+    store = _store(request)
+    urls = await store.patroni_urls(shard_id)
+    if urls is None and shard_id == METADATA_GROUP:
+        urls = await store.metadata_patroni_urls()
+        if not urls:
+            raise errors.Conflict("the metadata database is not replicated (no Patroni members registered)")
     if urls is None:
         raise errors.ShardNotFound(f"no shard {shard_id}")
     if not urls:

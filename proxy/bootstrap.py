@@ -76,11 +76,13 @@ def parse_shards(entries: list[str]) -> dict[str, str]:
 def parse_patroni(entries: list[str], shards: dict[str, str]) -> dict[str, list[str]]:
     """``["shard-1=http://a:8008,http://b:8008", …]`` as {shard_id: urls}, each shard one of
     ``shards``; ValueError names a bad entry."""
-    parsed = {}
+    parsed: dict[str, list[str]] = {}
     for entry in entries:
         shard_id, sep, urls = entry.partition("=")
         if not sep or shard_id not in shards:
             raise ValueError(f"--patroni expects ID=URL[,URL…] with ID one of the --shard ids, not {entry!r}")
+        if shard_id in parsed:
+            raise ValueError(f"--patroni {shard_id} is given twice: name every member in one list")
         parsed[shard_id] = parse_urls(urls, f"--patroni {shard_id}")
     return parsed
 
@@ -108,10 +110,14 @@ async def _connect(dsn: str, what: str) -> asyncpg.Connection:
         raise BootstrapError(f"cannot connect to {what}: {exc or type(exc).__name__}") from None
 
 
-async def upgrade_metadata(metadata_dsn: str) -> list[str]:
+async def upgrade_metadata(metadata_dsn: str, metadata_patroni: list[str] | None = None) -> list[str]:
+    """Upgrade the metadata schema (and record its group's Patroni members, when given)."""
     con = await _connect(metadata_dsn, "the metadata database")
     try:
-        return await schema.upgrade_metadata(con)
+        applied = await schema.upgrade_metadata(con)
+        if metadata_patroni is not None:
+            await maps.set_metadata_patroni_urls(con, metadata_patroni)
+        return applied
     finally:
         await con.close()
 
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_map = asyncio.run(bootstrap(settings.metadata_dsn, shards, patroni, metadata_patroni))
             print(f"active shard map version {shard_map.map_version}: {', '.join(shard_map.shard_ids)}")
         else:
-            applied = asyncio.run(upgrade_metadata(settings.metadata_dsn))
+            applied = asyncio.run(upgrade_metadata(settings.metadata_dsn, metadata_patroni))
             print(f"metadata schema upgrades applied: {', '.join(applied) or 'none (up to date)'}")
     except BootstrapError as exc:
         print(f"bootstrap failed: {exc}", file=sys.stderr)

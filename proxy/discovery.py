@@ -31,5 +31,13 @@ async def prometheus_targets(request: web.Request) -> web.Response:
         urls = await store.patroni_targets()
     else:
         urls = await store.live_urls(role, request.app[SETTINGS].worker_ttl)
-    targets = sorted({urlsplit(url).netloc for url in urls})
-    return json_response([{"targets": targets, "labels": {}}] if targets else [])
+    groups: dict[str, set[str]] = {}
+    for url in urls:  # a Patroni REST API may be https: Prometheus is told per group
+        parts = urlsplit(url)
+        groups.setdefault(parts.scheme, set()).add(parts.netloc)
+    return json_response(
+        [
+            {"targets": sorted(targets), "labels": {} if scheme == "http" else {"__scheme__": scheme}}
+            for scheme, targets in sorted(groups.items())
+        ]
+    )

@@ -217,6 +217,22 @@ class Stack:
         subprocess.run([self.docker, "image", "rm", "-f", self.image], capture_output=True, timeout=120)
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def patroni_base_image(self) -> None:
+        """configs/patroni builds on postgres:18-bookworm. Where no registry is reachable, the
+        machine's postgres:18 stand-in is a bookworm image: tag it so (when it says it is one)."""
+        wanted = "postgres:18-bookworm"
+        if _image_present(self.docker, wanted) or not _image_present(self.docker, "postgres:18"):
+            return
+        release = subprocess.run(
+            [self.docker, "run", "--rm", "--entrypoint", "cat", "postgres:18", "/etc/os-release"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        if "VERSION_CODENAME=bookworm" in release:
+            subprocess.run([self.docker, "tag", "postgres:18", wanted], check=True, capture_output=True)
+            say(f"tagged this machine's postgres:18 (bookworm) as {wanted}")
+
     def kill_process_of(self, service: str) -> bool:
         """SIGKILL the main process of ``service``'s container from the host, as a crash would.
         Only where the container's processes are this host's (not a VM's, not a remote
@@ -539,7 +555,7 @@ def check(stack: Stack) -> None:
 
 # --- the replicated stack (docker-compose.ha.yaml) --------------------------------------------
 
-GROUPS = {"meta": ("meta", "meta-b"), "shard-1": ("shard-1", "shard-1-b"), "shard-2": ("shard-2", "shard-2-b")}
+GROUPS = {name: (name, f"{name}-b") for name in ("meta", "shard-1", "shard-2", "shard-3")}  # shard-3: added
 _CLUSTER = (
     "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8008/cluster', timeout=3).read().decode())"
 )
@@ -590,8 +606,9 @@ def sends_after(writers: Writers, peers: list[str], moment: float) -> tuple[list
 
 
 def check_ha(stack: Stack) -> None:
+    stack.patroni_base_image()
     services = start_stack(stack, "compose-ha-up")
-    for group in GROUPS:
+    for group in ("meta", "shard-1", "shard-2"):
         wait_for(f"{group} replicated", lambda group=group: replicated(stack, group), timeout=120)
     say("every database a Patroni group: a leader and a streaming synchronous standby")
     walkthrough(stack)
@@ -633,20 +650,46 @@ def check_ha(stack: Stack) -> None:
     wait_for(f"{old} back as shard-1's synchronous standby", lambda: replicated(stack, "shard-1"), timeout=120)
     say(f"{old} started again: it rejoined as {new}'s synchronous standby")
 
-    # A planned switchover, as README says an operator asks for one.
-    old = leader_of(stack, "shard-2")
-    switched_at = time.monotonic()
-    output = stack.sh(
-        f".venv/bin/dialogs shard switchover shard-2 --url {stack.url('DIALOGS_ADMIN_PORT')}"
-        f" --token {_env_value(stack, 'DIALOGS_ADMIN_TOKEN')}"
-    )
-    say("switchover: " + output.strip())
+    # Planned switchovers, as README says an operator asks for them: a shard, then `meta`.
     on_shard_2 = peers_on(stack, anna, writers.peers, "shard-2")
-    time.sleep(3)
-    failed, _ = sends_after(writers, on_shard_2, switched_at)
-    assert failed == [], f"clients saw errors during the switchover: {failed}"
-    assert leader_of(stack, "shard-2") != old
-    wait_for("shard-2 replicated after the switchover", lambda: replicated(stack, "shard-2"), timeout=120)
+    assert on_shard_2, "no dialog of the writers is on shard-2: nothing would show its switchover"
+    admin = f"--url {stack.url('DIALOGS_ADMIN_PORT')} --token {_env_value(stack, 'DIALOGS_ADMIN_TOKEN')}"
+    for group, peers in (("shard-2", on_shard_2), ("meta", writers.peers)):
+        old = leader_of(stack, group)
+        switched_at = time.monotonic()
+        output = stack.sh(f".venv/bin/dialogs shard switchover {group} {admin}")
+        say("switchover: " + output.strip())
+        done_at = time.monotonic()
+        wait_for(
+            f"a send acknowledged after {group}'s switchover",
+            lambda peers=peers, done_at=done_at: sends_after(writers, peers, done_at)[1] < float("inf"),
+            timeout=30,
+            interval=0.5,
+        )
+        failed, _ = sends_after(writers, peers, switched_at)
+        assert failed == [], f"clients saw errors during {group}'s switchover: {failed}"
+        assert leader_of(stack, group) != old
+        wait_for(f"{group} replicated after the switchover", lambda group=group: replicated(stack, group), timeout=120)
+    registered = call(
+        "POST",
+        stack.url("DIALOGS_HTTP_PORT") + "/user/register",
+        {"first_name": "After", "second_name": "Switchover", "password": "password-1"},
+    )
+    assert registered[0] == 200, registered
+
+    # docs/resharding.md: a replicated shard-3 added under the writes.
+    resharding = ROOT / "docs" / "resharding.md"
+    (stack.folder / "docker-compose.shard-3.yaml").write_text(example(resharding, "compose-ha-shard-3"))
+    stack.sh(example(resharding, "compose-ha-shard-3-up"), timeout=600)
+    stack.wait_healthy(["shard-3", "shard-3-b", "worker-3a", "worker-3b"])
+    wait_for("shard-3 replicated", lambda: replicated(stack, "shard-3"), timeout=120)
+    added = stack.sh(example(resharding, "compose-ha-shard-3-add"), timeout=600)
+    assert "phase done" in added, added
+    say("a replicated shard-3 added with docs/resharding.md's steps: " + added.strip().splitlines()[-1])
+    wait_for(
+        "Prometheus scraping shard-3's members too", lambda: len(prometheus_targets(stack).get("patroni", [])) == 8
+    )
+    services += ["shard-3", "shard-3-b", "worker-3a", "worker-3b"]
 
     time.sleep(3)
     total = writers.finish()

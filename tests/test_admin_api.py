@@ -136,6 +136,7 @@ async def test_switchover_of_a_shard_that_cannot_have_one(cluster: Cluster) -> N
     a bad body a 400. (tests/test_replicas.py switches a replicated shard over.)"""
     _error(await cluster.admin("POST", "/admin/shards/shard-1/switchover"), 409, "is not replicated")
     _error(await cluster.admin("POST", "/admin/shards/shard-9/switchover"), 404, "no shard shard-9")
+    _error(await cluster.admin("POST", "/admin/shards/meta/switchover"), 409, "metadata database is not replicated")
     _error(await cluster.admin("POST", "/admin/shards/shard-1/switchover", {"to": 5}), 400, "to must be")
 
 
@@ -158,6 +159,11 @@ async def test_discovery_names_every_registered_patroni_member(cluster: Cluster)
         assert await targets() == [{"targets": ["10.0.0.1:8008", "10.0.0.2:8008", "10.0.0.9:8008"], "labels": {}}]
         await maps.retire_shard(con, "shard-1")
         assert await targets() == [{"targets": ["10.0.0.9:8008"], "labels": {}}]
+        await maps.set_metadata_patroni_urls(con, ["https://10.0.0.9:8008", "http://10.0.0.8:8008"])
+        assert await targets() == [  # Prometheus is told which to scrape over TLS
+            {"targets": ["10.0.0.8:8008"], "labels": {}},
+            {"targets": ["10.0.0.9:8008"], "labels": {"__scheme__": "https"}},
+        ]
     finally:
         await con.close()
     _error(

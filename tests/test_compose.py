@@ -97,6 +97,11 @@ def compose_ha(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return _config(env, ROOT / "docker-compose.yaml", ROOT / "docker-compose.ha.yaml")
 
 
+def compose_plain_volumes(service: str) -> list[str]:
+    """The volumes docker-compose.yaml itself gives ``service``."""
+    return [str(v) for v in yaml.safe_load((ROOT / "docker-compose.yaml").read_text())["services"][service]["volumes"]]
+
+
 def _members(dsn: str) -> list[str]:
     return urllib.parse.urlsplit(dsn).netloc.rpartition("@")[2].split(",")
 
@@ -116,10 +121,15 @@ def test_the_ha_stack_replicates_every_database(compose_ha: dict[str, Any]) -> N
             assert service["image"] == services["meta"]["image"] and service["restart"] == "unless-stopped", name
             groups.setdefault(env["PATRONI_SCOPE"], []).append(name)
     assert groups == {name: [name, f"{name}-b"] for name in ("meta", "shard-1", "shard-2")}
-    volumes = {
-        v.split(":")[0] for name in ("meta", "meta-b", "shard-1", "shard-1-b") for v in services[name]["volumes"]
-    }
-    assert len(volumes) == 4  # a disk each
+    members = [name for names in groups.values() for name in names]
+    volumes = {v.split(":")[0] for name in members for v in services[name]["volumes"]}
+    plain = {v.split(":")[0] for service in ("meta", "shard-1", "shard-2") for v in compose_plain_volumes(service)}
+    assert len(volumes) == 6 and not volumes & plain  # a disk each, none of the plain stack's
+    data_dir = yaml.safe_load((ROOT / "configs" / "patroni" / "patroni.yml").read_text())["postgresql"]["data_dir"]
+    for name in members:
+        [mount] = [v.split(":")[1] for v in services[name]["volumes"]]
+        assert data_dir.startswith(mount + "/"), (name, mount, data_dir)  # the data is on the volume
+        assert services[name]["healthcheck"]["test"][:2] == ["CMD", "psql"], name
     etcd = [name for name in services if name.startswith("etcd-")]
     assert len(etcd) == 3
     for name in etcd:
@@ -148,6 +158,46 @@ def test_the_ha_stack_replicates_every_database(compose_ha: dict[str, Any]) -> N
 
     parse_patroni([f"{s}={u}" for s, u in patroni.items()], parse_shards([f"{s}={d}" for s, d in shards.items()]))
     parse_urls(dict(options)["--metadata-patroni"], "--metadata-patroni")
+
+
+def test_the_docs_replicated_shard_file_adds_a_shard_like_the_first_ones(tmp_path: Path) -> None:
+    """docs/resharding.md's replicated shard-3, over the replicated stack: two members like
+    shard-1's, and workers like worker-1a's naming both members of shard-3 and of meta."""
+    from tests.compose_check import example
+
+    shard_file = tmp_path / "docker-compose.shard-3.yaml"
+    shard_file.write_text(example(ROOT / "docs" / "resharding.md", "compose-ha-shard-3"))
+    files = (ROOT / "docker-compose.yaml", ROOT / "docker-compose.ha.yaml", shard_file)
+    stack = _config(_filled_env(tmp_path), *files)["services"]
+    for name in ("shard-3", "shard-3-b"):
+        member, model = stack[name], stack["shard-1"]
+        assert member["image"] == model["image"] and member["healthcheck"] == model["healthcheck"], name
+        assert set(member["environment"]) == set(model["environment"]) - {"POSTGRES_PASSWORD"}, name
+        assert member["environment"]["PATRONI_SCOPE"] == "shard-3" and member["environment"]["PATRONI_NAME"] == name
+    for name in ("worker-3a", "worker-3b"):
+        worker, model = stack[name], stack["worker-1a"]
+        assert set(worker["environment"]) == set(model["environment"]), name
+        assert _members(worker["environment"]["DIALOGS_SHARD_DSN"]) == ["shard-3:5432", "shard-3-b:5432"]
+        assert worker["environment"]["DIALOGS_METADATA_DSN"] == model["environment"]["DIALOGS_METADATA_DSN"]
+        assert worker["healthcheck"] == model["healthcheck"] and worker["command"] == model["command"]
+    volumes = {v.split(":")[0] for name in ("shard-3", "shard-3-b") for v in stack[name]["volumes"]}
+    assert len(volumes) == 2 and not volumes & {v.split(":")[0] for v in stack["shard-1"]["volumes"]}
+
+
+def test_nginx_waits_longer_than_a_proxy_holds_a_request(compose_ha: dict[str, Any]) -> None:
+    """nginx gives a proxy more time than the proxy may hold a request through a failover or a
+    cutover: a held send is answered by the service, not cut off by nginx."""
+    import attrs
+
+    from proxy.settings import ProxySettings
+
+    nginx = (ROOT / "configs" / "nginx" / "nginx.conf").read_text()
+    match = re.search(r"proxy_read_timeout (\d+)s;", nginx)
+    assert match is not None
+    environment = compose_ha["services"]["proxy-1"]["environment"]
+    assert "DIALOGS_CUTOVER_WAIT" not in environment  # the default, then
+    failover, cutover = float(environment["DIALOGS_FAILOVER_WAIT"]), attrs.fields(ProxySettings).cutover_wait.default
+    assert float(match[1]) > failover + cutover, (match[1], failover, cutover)
 
 
 def test_the_ha_stack_uses_the_local_clusters_patroni_settings(tmp_path: Path) -> None:

@@ -64,6 +64,17 @@ def test_services_start_without_the_local_extra() -> None:
             "--patroni shard-1 must be a list of http(s)://host:port URLs",
         ),
         (["--metadata-patroni", " , "], "--metadata-patroni: no URL given"),
+        (
+            [
+                "--shard",
+                "shard-1=postgresql://x@h/db",
+                "--patroni",
+                "shard-1=http://a:1",
+                "--patroni",
+                "shard-1=http://b:1",
+            ],
+            "--patroni shard-1 is given twice",
+        ),
     ],
 )
 def test_bootstrap_refuses_a_bad_dsn_with_a_sentence(args: list[str], expected: str) -> None:

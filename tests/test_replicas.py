@@ -240,7 +240,7 @@ async def test_a_primary_whose_host_is_gone_fails_over_and_comes_back_as_a_stand
 async def test_a_planned_switchover_is_only_latency(ha_cluster: Cluster, replicated: Replicated) -> None:
     """`POST /admin/shards/shard-2/switchover` (what `dialogs shard switchover` asks Patroni
     locally): the primary hands over to its synchronous standby; clients see no error, and
-    the old primary streams from the new one."""
+    the old primary streams from the new one. Then `meta`'s, after which registering works."""
     group = replicated.groups["shard-2"]
     old = group.primary()
     assert old is not None
@@ -254,6 +254,15 @@ async def test_a_planned_switchover_is_only_latency(ha_cluster: Cluster, replica
     _report("planned switchover", outcome, ha_cluster)
     await _check_healed(ha_cluster, group, traffic, "shard-2")
     assert outcome.errors == {}, outcome
+    # The metadata database's group, by the name `meta` (its members are registered too).
+    meta = replicated.groups["meta"]
+    old = meta.primary()
+    done = await ha_cluster.admin("POST", "/admin/shards/meta/switchover")
+    assert done.status == 200 and old is not None and done.json["from"] == old.name, done.body
+    registered = await ha_cluster.api.request(
+        "POST", "/user/register", body={"first_name": "After", "second_name": "Switchover", "password": "password-1"}
+    )
+    assert registered.status == 200, registered.body
 
 
 @pytest.mark.timeout(300)

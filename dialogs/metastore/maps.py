@@ -93,6 +93,11 @@ async def set_metadata_patroni_urls(con: asyncpg.Connection, urls: list[str]) ->
         await con.executemany("INSERT INTO metadata_patroni_urls (url) VALUES ($1)", [(url,) for url in urls])
 
 
+async def metadata_patroni_urls(con: asyncpg.Connection) -> list[str]:
+    """The metadata group's Patroni members' REST URLs ([]: one server, no Patroni)."""
+    return [row["url"] for row in await con.fetch("SELECT url FROM metadata_patroni_urls ORDER BY url")]
+
+
 async def patroni_targets(con: asyncpg.Connection) -> list[str]:
     """The REST URL of every Patroni member to scrape: the metadata group's, and each
     serving shard's (a retired shard's members are gone)."""

@@ -79,6 +79,10 @@ class MetadataStore:
             await maps.register_shard(con, shard_id, dsn, reactivate=True)
             await maps.set_patroni_urls(con, shard_id, patroni_urls or [])
 
+    async def metadata_patroni_urls(self) -> list[str]:
+        async with self.connection() as con:
+            return await maps.metadata_patroni_urls(con)
+
     async def patroni_targets(self) -> list[str]:
         async with self.connection() as con:
             return await maps.patroni_targets(con)

@@ -85,3 +85,15 @@ def test_login_needs_a_uuid_and_a_password() -> None:
         validation.login({"id": 5, "password": "x"})
     with pytest.raises(errors.InvalidInput, match="password"):
         validation.login({"id": str(user_id)})
+
+
+def test_patroni_rest_urls_are_plain_host_port_urls_each_once() -> None:
+    """Patroni members' REST URLs are published as scrape targets: no user or password, no
+    path; a repeated one (also with a trailing slash) is kept once."""
+    assert checks.rest_urls(["http://a:8008", "http://a:8008/", "https://b:8008"], "urls") == [
+        "http://a:8008",
+        "https://b:8008",
+    ]
+    for bad in (["http://user:pw@a:8008"], ["a:8008"], ["http://a:8008/patroni"], ["ftp://a"], "http://a:8008", [1]):
+        with pytest.raises(errors.InvalidInput, match="host:port URLs"):
+            checks.rest_urls(bad, "urls")
