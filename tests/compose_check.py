@@ -471,6 +471,21 @@ def start_writers(stack: Stack) -> tuple[str, Writers]:
     return anna, writers
 
 
+def finish_and_restart(stack: Stack, writers: Writers, up: str, services: list[str]) -> None:
+    """Stop the writers: every acknowledged message listed once, in order; then the stack
+    `down` and ``up`` again (its services healthy) still lists them all."""
+    time.sleep(3)
+    total = writers.finish()
+    assert writers.gave_up == [], f"sends never acknowledged: {writers.gave_up}"
+    writers.check()
+    say(f"{total} acknowledged sends, each listed once and in order ({writers.retries} retried sends)")
+    stack.run_compose("down", "--timeout", "10", timeout=300)
+    stack.sh(up, timeout=600)
+    stack.wait_healthy(services)
+    writers.check()
+    say("after `down` and `up`: every message still there")
+
+
 def check(stack: Stack) -> None:
     resharding = ROOT / "docs" / "resharding.md"
     # 1-3. README: .env, secrets, up; the API walkthrough.
@@ -535,18 +550,8 @@ def check(stack: Stack) -> None:
     else:
         say("skipped killing a worker's process: this engine's container processes are not this host's to signal")
 
-    time.sleep(3)
-    total = writers.finish()
-    assert writers.gave_up == [], f"sends never acknowledged: {writers.gave_up}"
-    writers.check()
-    say(f"{total} acknowledged sends, each listed once and in order ({writers.retries} retried sends)")
-
-    # 8. down and up keep every message.
-    stack.run_compose("down", "--timeout", "10", timeout=300)
-    stack.sh(up, timeout=600)
-    stack.wait_healthy(services + ["shard-3", "worker-3a", "worker-3b"])
-    writers.check()
-    say("after `down` and `up`: every message still there")
+    # 8. Every acknowledged message once, in order; down and up keep them all.
+    finish_and_restart(stack, writers, up, services + ["shard-3", "worker-3a", "worker-3b"])
     status, shards = call(
         "GET", stack.url("DIALOGS_ADMIN_PORT") + "/admin/shards", token=_env_value(stack, "DIALOGS_ADMIN_TOKEN")
     )
@@ -690,18 +695,7 @@ def check_ha(stack: Stack) -> None:
         "Prometheus scraping shard-3's members too", lambda: len(prometheus_targets(stack).get("patroni", [])) == 8
     )
     services += ["shard-3", "shard-3-b", "worker-3a", "worker-3b"]
-
-    time.sleep(3)
-    total = writers.finish()
-    assert writers.gave_up == [], f"sends never acknowledged: {writers.gave_up}"
-    writers.check()
-    say(f"{total} acknowledged sends, each listed once and in order ({writers.retries} retried sends)")
-
-    stack.run_compose("down", "--timeout", "10", timeout=300)
-    stack.sh(example(ROOT / "README.md", "compose-ha-up").splitlines()[-1], timeout=600)
-    stack.wait_healthy(services)
-    writers.check()
-    say("after `down` and `up`: every message still there")
+    finish_and_restart(stack, writers, example(ROOT / "README.md", "compose-ha-up").splitlines()[-1], services)
 
 
 def _env_value(stack: Stack, name: str) -> str:

@@ -201,8 +201,10 @@ def test_nginx_waits_longer_than_a_proxy_holds_a_request(compose_ha: dict[str, A
 
 
 def test_the_ha_stack_uses_the_local_clusters_patroni_settings(tmp_path: Path) -> None:
-    """configs/patroni/patroni.yml's timing, synchronous mode and recovery settings are the
-    ones dialogsctl/patroni.py runs locally and docs/architecture.md measures."""
+    """The Patroni settings docs/architecture.md names and measures (leader key TTL within
+    Patroni's own rule, synchronous mode, pg_rewind), as dialogsctl/patroni.py runs them
+    locally; configs/patroni/patroni.yml's timing, synchronous mode and recovery settings
+    are the same."""
     from dialogsctl import patroni
 
     local = patroni.patroni_config(
@@ -217,8 +219,11 @@ def test_the_ha_stack_uses_the_local_clusters_patroni_settings(tmp_path: Path) -
         superuser_password="p",
         replication_password="r",
     )
+    dcs = local["bootstrap"]["dcs"]
+    assert dcs["loop_wait"] + 2 * dcs["retry_timeout"] <= dcs["ttl"]  # Patroni's own rule
+    assert dcs["synchronous_mode"] is True and dcs["postgresql"]["use_pg_rewind"] is True
     compose = yaml.safe_load((ROOT / "configs" / "patroni" / "patroni.yml").read_text())
-    assert compose["bootstrap"]["dcs"] == local["bootstrap"]["dcs"]
+    assert compose["bootstrap"]["dcs"] == dcs
     assert compose["bootstrap"]["initdb"] == local["bootstrap"]["initdb"]
     assert compose["postgresql"]["basebackup"] == local["postgresql"]["basebackup"]
     users = {role: spec["username"] for role, spec in compose["postgresql"]["authentication"].items()}

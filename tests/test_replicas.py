@@ -425,25 +425,6 @@ async def test_a_standby_whose_data_is_lost_is_rebuilt_from_the_primary(
     assert rows > 0 and await _rows_on(standby, ha_cluster.dsn("shard-1")) == rows
 
 
-def test_member_config_follows_the_documented_settings(tmp_path: Path) -> None:
-    """The Patroni settings docs/architecture.md names: leader key TTL, synchronous mode, pg_rewind."""
-    config = patroni.patroni_config(
-        scope="s",
-        name="s-0",
-        etcd_url="http://127.0.0.1:2379",
-        rest_port=8008,
-        pg_port=5432,
-        data_dir=tmp_path / "pgdata",
-        bin_dir=tmp_path,
-        pgpass=tmp_path / "pgpass",
-        superuser_password="p",
-        replication_password="r",
-    )
-    dcs = config["bootstrap"]["dcs"]
-    assert dcs["loop_wait"] + 2 * dcs["retry_timeout"] <= dcs["ttl"]  # Patroni's own rule
-    assert dcs["synchronous_mode"] is True and dcs["postgresql"]["use_pg_rewind"] is True
-
-
 @pytest.mark.timeout(120)
 async def test_prometheus_finds_every_member_and_evaluates_every_replication_alert(
     ha_cluster: Cluster, replicated: Replicated, tmp_path: Path
