@@ -465,8 +465,18 @@ def shard_add(
     from dialogsctl import local_shard
     from dialogsctl.admin_client import AdminError
 
-    client = _client(data_dir, url, token)
     local = dsn is None
+    members: list[str] | None = None
+    if patroni_urls is not None:  # checked before anything is asked or started for nothing
+        if local:
+            raise click.UsageError("--patroni goes with --dsn (the local cluster registers its own members)")
+        from proxy.bootstrap import parse_urls
+
+        try:
+            members = parse_urls(patroni_urls, "--patroni")
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    client = _client(data_dir, url, token)
     known: set[int] = set()
     created = None
     if local:
@@ -481,8 +491,6 @@ def shard_add(
             raise click.ClickException(str(exc)) from None
     elif shard_id is None:
         raise click.UsageError("--dsn needs a SHARD_ID")
-    if patroni_urls is not None and local:
-        raise click.UsageError("--patroni goes with --dsn (the local cluster registers its own members)")
     assert shard_id is not None
     body: dict[str, Any] = {
         "shard_id": shard_id,
@@ -493,8 +501,8 @@ def shard_add(
     }
     if created is not None and created.members:  # a replicated local shard: switchovers through the API
         body["patroni_urls"] = [f"http://127.0.0.1:{rest}" for _, rest in created.members]
-    elif patroni_urls is not None:  # the proxy checks them (a 400 names what is wrong)
-        body["patroni_urls"] = [url.strip() for url in patroni_urls.split(",") if url.strip()]
+    elif members is not None:
+        body["patroni_urls"] = members
     try:
         started = client.call("POST", "/admin/shards", body)
     except AdminError as exc:

@@ -1,0 +1,26 @@
+"""`dialogs shard add`'s options, refused before anything is started or asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dialogsctl.cli import main
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # The local cluster registers its own members: a server started for nothing otherwise.
+        (["--patroni", "http://a:8008"], "--patroni goes with --dsn"),
+        (["shard-3", "--dsn", "postgresql://x@h/db", "--patroni", "a:8008"], "--patroni must be a list of http(s)"),
+        (["shard-3", "--dsn", "postgresql://x@h/db", "--patroni", " , "], "--patroni: no URL given"),
+    ],
+)
+def test_patroni_members_are_checked_before_anything_starts(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["shard", "add", *args, "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert list(tmp_path.iterdir()) == []  # no cluster.json, no server folder
