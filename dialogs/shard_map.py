@@ -18,12 +18,19 @@ SHARD_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_WEIGHT = 100
 
 
+# The metadata database's name wherever shards are named too (its folders, its Patroni
+# group, `dialogs shard switchover meta`, the admin API's switchover): no shard may take it.
+METADATA_NAME = "meta"
+
+
 def validate_shard_id(shard_id: str) -> str:
     if not SHARD_ID_PATTERN.match(shard_id):
         raise ValueError(
             "shard_id must start with a lowercase letter and hold only lowercase letters,"
             " digits, '-' and '_' (at most 63 characters)"
         )
+    if shard_id == METADATA_NAME:
+        raise ValueError(f"shard_id {METADATA_NAME!r} is the metadata database's name")
     return shard_id
 
 

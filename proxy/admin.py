@@ -184,10 +184,6 @@ def _patroni_urls(value: Any) -> list[str]:
     return [] if value is None else checks.rest_urls(value, "patroni_urls")
 
 
-# The name the switchover takes for the metadata database's own group (no shard has it).
-METADATA_GROUP = "meta"
-
-
 async def switchover(request: web.Request) -> web.Response:
     """A planned switchover of a replicated shard (or of the metadata database, ``meta``):
     its primary hands over to a standby."""
@@ -199,7 +195,7 @@ async def switchover(request: web.Request) -> web.Response:
         raise errors.InvalidInput("to must be a member's name")
     store = _store(request)
     urls = await store.patroni_urls(shard_id)
-    if urls is None and shard_id == METADATA_GROUP:
+    if urls is None and shard_id == shard_map.METADATA_NAME:
         urls = await store.metadata_patroni_urls()
         if not urls:
             raise errors.Conflict("the metadata database is not replicated (no Patroni members registered)")

@@ -38,3 +38,12 @@ def test_json_round_trip() -> None:
     """A map survives the trip through the metadata database's JSON."""
     assert ShardMap.from_json(TWO.to_json()) == TWO
     assert ShardMap.from_json(TWO.to_json()).owner(12345) == TWO.owner(12345)
+
+
+def test_no_shard_may_take_the_metadata_databases_name() -> None:
+    """`meta` names the metadata database in folders, Patroni groups and switchovers."""
+    from dialogs.shard_map import validate_shard_id
+
+    assert validate_shard_id("meta-1") == "meta-1"
+    with pytest.raises(ValueError, match="metadata database's name"):
+        validate_shard_id("meta")
