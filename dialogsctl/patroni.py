@@ -462,17 +462,6 @@ def wait_for_primary(members: list[PatroniMember], timeout: float = 60.0) -> Pat
     raise embedded.PostgresError(f"{members[0].scope} elected no primary in {timeout}s")
 
 
-def _tail(path: Path, size: int = 3000) -> str:
-    """The end of a log file, for an error that should say why ('' if there is none)."""
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - size))
-            return log.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
 class Group:
     """A replicated PostgreSQL: ``replicas + 1`` Patroni members under one scope."""
 
@@ -527,7 +516,7 @@ class Group:
             if roles.count("primary") == 1 and "down" not in roles and streaming and synchronous:
                 return statuses
             time.sleep(0.2)
-        logs = "".join(f"\n--- {m.log_file} (end):\n{_tail(m.log_file)}" for m in self.members)
+        logs = "".join(f"\n--- {m.log_file} (end):\n{embedded.tail(m.log_file)}" for m in self.members)
         raise embedded.PostgresError(f"{self.scope} did not replicate in {timeout}s: {statuses}{logs}")
 
     def primary(self) -> PatroniMember | None:

@@ -29,7 +29,7 @@ import yaml
 from rich.console import Console
 
 from dialogs import pg
-from dialogsctl import backoff, patroni, pg_home
+from dialogsctl import backoff, embedded, patroni, pg_home
 from dialogsctl.cluster import DATABASE, ClusterLayout, ShardLayout
 from dialogsctl.embedded import SYSTEM_USER, LocalPostgres, PostgresError, die_with_parent, stop_child
 from dialogsctl.net import free_port
@@ -156,7 +156,7 @@ class Child:
         while time.monotonic() < deadline:
             if not self.alive:
                 raise StartFailed(
-                    f"{self.name} exited at start; last lines of {self.log_file}:\n{_tail(self.log_file)}"
+                    f"{self.name} exited at start; last lines of {self.log_file}:\n{embedded.tail(self.log_file)}"
                 )
             try:
                 with urllib.request.urlopen(self.health_url, timeout=1) as response:
@@ -166,13 +166,6 @@ class Child:
                 pass
             time.sleep(0.1)
         raise StartFailed(f"{self.name} did not become healthy in {timeout}s; see {self.log_file}")
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 async def _create_database(server: LocalPostgres | patroni.Group) -> None:

@@ -471,6 +471,20 @@ def start_writers(stack: Stack) -> tuple[str, Writers]:
     return anna, writers
 
 
+def add_shard_3(stack: Stack, example_name: str, services: list[str], ready: Any = None) -> None:
+    """docs/resharding.md's steps under ``example_name``: the shard's file, its services up
+    and healthy (and ``ready()``), then `dialogs shard add`, which must finish its migration."""
+    resharding = ROOT / "docs" / "resharding.md"
+    (stack.folder / "docker-compose.shard-3.yaml").write_text(example(resharding, example_name))
+    stack.sh(example(resharding, f"{example_name}-up"), timeout=600)
+    stack.wait_healthy(services)
+    if ready is not None:
+        ready()
+    added = stack.sh(example(resharding, f"{example_name}-add"), timeout=600)
+    assert "phase done" in added, added
+    say(f"shard-3 added with docs/resharding.md's steps ({example_name}): " + added.strip().splitlines()[-1])
+
+
 def finish_and_restart(stack: Stack, writers: Writers, up: str, services: list[str]) -> None:
     """Stop the writers: every acknowledged message listed once, in order; then the stack
     `down` and ``up`` again (its services healthy) still lists them all."""
@@ -487,7 +501,6 @@ def finish_and_restart(stack: Stack, writers: Writers, up: str, services: list[s
 
 
 def check(stack: Stack) -> None:
-    resharding = ROOT / "docs" / "resharding.md"
     # 1-3. README: .env, secrets, up; the API walkthrough.
     services = start_stack(stack, "compose-up")
     up = example(ROOT / "README.md", "compose-up").splitlines()[-1]
@@ -507,12 +520,7 @@ def check(stack: Stack) -> None:
     peers = writers.peers
 
     # 6. docs/resharding.md: a third shard under writes.
-    (stack.folder / "docker-compose.shard-3.yaml").write_text(example(resharding, "compose-shard-3"))
-    stack.sh(example(resharding, "compose-shard-3-up"), timeout=600)
-    stack.wait_healthy(["shard-3", "worker-3a", "worker-3b"])
-    added = stack.sh(example(resharding, "compose-shard-3-add"), timeout=600)
-    assert "phase done" in added, added
-    say("shard-3 added with docs/resharding.md's steps: " + added.strip().splitlines()[-1])
+    add_shard_3(stack, "compose-shard-3", ["shard-3", "worker-3a", "worker-3b"])
     wait_for("Prometheus scraping 6 workers", lambda: len(prometheus_targets(stack).get("dialogs-worker", [])) == 6)
 
     # 7. A worker container killed: an operator's stop; its shard is served by the other.
@@ -683,14 +691,12 @@ def check_ha(stack: Stack) -> None:
     assert registered[0] == 200, registered
 
     # docs/resharding.md: a replicated shard-3 added under the writes.
-    resharding = ROOT / "docs" / "resharding.md"
-    (stack.folder / "docker-compose.shard-3.yaml").write_text(example(resharding, "compose-ha-shard-3"))
-    stack.sh(example(resharding, "compose-ha-shard-3-up"), timeout=600)
-    stack.wait_healthy(["shard-3", "shard-3-b", "worker-3a", "worker-3b"])
-    wait_for("shard-3 replicated", lambda: replicated(stack, "shard-3"), timeout=120)
-    added = stack.sh(example(resharding, "compose-ha-shard-3-add"), timeout=600)
-    assert "phase done" in added, added
-    say("a replicated shard-3 added with docs/resharding.md's steps: " + added.strip().splitlines()[-1])
+    add_shard_3(
+        stack,
+        "compose-ha-shard-3",
+        ["shard-3", "shard-3-b", "worker-3a", "worker-3b"],
+        ready=lambda: wait_for("shard-3 replicated", lambda: replicated(stack, "shard-3"), timeout=120),
+    )
     wait_for(
         "Prometheus scraping shard-3's members too", lambda: len(prometheus_targets(stack).get("patroni", [])) == 8
     )

@@ -145,6 +145,7 @@ async def test_discovery_names_every_registered_patroni_member(cluster: Cluster)
     members are registered (a replicated shard added, the metadata group bootstrapped),
     each of them, a retired shard's excepted."""
     from dialogs.metastore import maps
+    from proxy.bootstrap import upgrade_metadata
 
     async def targets() -> object:
         async with cluster.session.get(cluster.proxy_urls[0] + "/discovery/prometheus?role=patroni") as response:
@@ -155,7 +156,8 @@ async def test_discovery_names_every_registered_patroni_member(cluster: Cluster)
     con = await asyncpg.connect(cluster.metadata_dsn)
     try:
         await maps.set_patroni_urls(con, "shard-1", ["http://10.0.0.1:8008", "http://10.0.0.2:8008"])
-        await maps.set_metadata_patroni_urls(con, ["http://10.0.0.9:8008"])
+        # What `python -m proxy.bootstrap --metadata-patroni …` (without --shard) records.
+        await upgrade_metadata(cluster.metadata_dsn, ["http://10.0.0.9:8008"])
         assert await targets() == [{"targets": ["10.0.0.1:8008", "10.0.0.2:8008", "10.0.0.9:8008"], "labels": {}}]
         await maps.retire_shard(con, "shard-1")
         assert await targets() == [{"targets": ["10.0.0.9:8008"], "labels": {}}]

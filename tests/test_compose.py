@@ -134,6 +134,8 @@ def test_the_ha_stack_replicates_every_database(compose_ha: dict[str, Any]) -> N
     assert len(etcd) == 3
     for name in etcd:
         assert services[name]["environment"]["ETCD_INITIAL_CLUSTER"].count("=http://") == 3, name
+        for member in members:  # started, not healthy: two etcd members of three are a quorum
+            assert services[member]["depends_on"][name]["condition"] == "service_started", (member, name)
     meta = ["meta:5432", "meta-b:5432"]
     for name, service in services.items():
         env = service.get("environment", {})
@@ -156,7 +158,8 @@ def test_the_ha_stack_replicates_every_database(compose_ha: dict[str, Any]) -> N
     assert dict(options)["--metadata-patroni"] == "http://meta:8008,http://meta-b:8008"
     from proxy.bootstrap import parse_patroni, parse_shards, parse_urls
 
-    parse_patroni([f"{s}={u}" for s, u in patroni.items()], parse_shards([f"{s}={d}" for s, d in shards.items()]))
+    given = [value for option, value in options if option == "--patroni"]  # each once: parse_patroni says so
+    parse_patroni(given, parse_shards([f"{s}={d}" for s, d in shards.items()]))
     parse_urls(dict(options)["--metadata-patroni"], "--metadata-patroni")
 
 

@@ -50,6 +50,7 @@ def replicated() -> Iterator[Replicated]:
     groups: dict[str, patroni.Group] = {}
     try:
         etcd.start()
+        deadline = time.monotonic() + 200  # Group.start waits twice: for a primary, then for replication
         password, replication = new_password(), new_password()
         for name in GROUPS:
             groups[name] = patroni.Group(
@@ -63,8 +64,10 @@ def replicated() -> Iterator[Replicated]:
             )
             # One group at a time, each replicated before the next starts: eight initdbs and
             # base backups at once on two cores starved Patroni's loops (a group once waited
-            # 120 s for its synchronous standby under the full suite).
-            groups[name].start(timeout=120)
+            # 120 s for its synchronous standby under the full suite). One deadline for all,
+            # well inside the first test's timeout (which counts this set-up), so a group that
+            # does not replicate fails with its members' logs rather than a bare timeout.
+            groups[name].start(timeout=max(5.0, deadline - time.monotonic()) / 2)
         yield Replicated(etcd, groups)
     finally:
         for group in groups.values():
