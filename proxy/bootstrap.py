@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 
 import asyncpg
 
@@ -28,15 +29,17 @@ async def bootstrap(
     shards: dict[str, str],
     patroni: dict[str, list[str]] | None = None,
     metadata_patroni: list[str] | None = None,
+    wait: float = 0.0,
 ) -> ShardMap:
     """Upgrade the metadata schema and ``shards``' (id -> DSN); on an empty cluster write map 1.
     ``patroni``: the members' REST URLs of replicated shards (for the admin API's switchover
     and Prometheus' discovery); ``metadata_patroni``: those of the metadata database's group.
+    ``wait``: seconds to keep trying a database that is not available yet.
 
     Shards of the active map whose range table is empty are given their ranges (a fresh
     cluster); shards that already have ranges are left alone.
     """
-    con = await _connect(metadata_dsn, "the metadata database")
+    con = await _connect(metadata_dsn, "the metadata database", wait)
     try:
         await schema.upgrade_metadata(con)
         active = await maps.bootstrap(con, shards)
@@ -48,7 +51,7 @@ async def bootstrap(
         await con.close()
     ranges = active.ring.ranges()
     for shard_id, dsn in shards.items():
-        shard = await _connect(dsn, f"shard {shard_id}")
+        shard = await _connect(dsn, f"shard {shard_id}", wait)
         try:
             await schema.upgrade_shard(shard)
             if shard_id in active.weights:
@@ -102,17 +105,28 @@ class BootstrapError(Exception):
     """A database bootstrap cannot reach or log in to: said in one sentence, exit 1."""
 
 
-async def _connect(dsn: str, what: str) -> asyncpg.Connection:
-    try:
-        return await pg.connect(dsn, timeout=10)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # asyncpg's messages name the host and user, never the password.
-        raise BootstrapError(f"cannot connect to {what}: {exc or type(exc).__name__}") from None
+async def _connect(dsn: str, what: str, wait: float) -> asyncpg.Connection:
+    """A connection to ``dsn``'s primary, tried again every second for ``wait`` seconds while
+    the database is unavailable (down, starting, a replicated group with no primary yet); a
+    refused login or a missing database fails at once."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return await pg.connect(dsn, timeout=10)
+        except pg.UNAVAILABLE as exc:
+            if time.monotonic() >= deadline:
+                # asyncpg's messages name the host and user, never the password.
+                raise BootstrapError(f"cannot connect to {what}: {exc or type(exc).__name__}") from None
+            await asyncio.sleep(1)
+        except asyncpg.PostgresError as exc:
+            raise BootstrapError(f"cannot connect to {what}: {exc or type(exc).__name__}") from None
 
 
-async def upgrade_metadata(metadata_dsn: str, metadata_patroni: list[str] | None = None) -> list[str]:
+async def upgrade_metadata(
+    metadata_dsn: str, metadata_patroni: list[str] | None = None, wait: float = 0.0
+) -> list[str]:
     """Upgrade the metadata schema (and record its group's Patroni members, when given)."""
-    con = await _connect(metadata_dsn, "the metadata database")
+    con = await _connect(metadata_dsn, "the metadata database", wait)
     try:
         applied = await schema.upgrade_metadata(con)
         if metadata_patroni is not None:
@@ -158,10 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("bootstrap", settings.log_level)
     try:
         if shards:
-            shard_map = asyncio.run(bootstrap(settings.metadata_dsn, shards, patroni, metadata_patroni))
+            shard_map = asyncio.run(
+                bootstrap(settings.metadata_dsn, shards, patroni, metadata_patroni, settings.connect_wait)
+            )
             print(f"active shard map version {shard_map.map_version}: {', '.join(shard_map.shard_ids)}")
         else:
-            applied = asyncio.run(upgrade_metadata(settings.metadata_dsn, metadata_patroni))
+            applied = asyncio.run(upgrade_metadata(settings.metadata_dsn, metadata_patroni, settings.connect_wait))
             print(f"metadata schema upgrades applied: {', '.join(applied) or 'none (up to date)'}")
     except BootstrapError as exc:
         print(f"bootstrap failed: {exc}", file=sys.stderr)

@@ -129,4 +129,9 @@ class BootstrapSettings:
     """`python -m proxy.bootstrap` (`dialogs bootstrap`): schemas and the first shard map."""
 
     metadata_dsn: str = s.dsn(help="the metadata database (or `--metadata-dsn`)")
+    connect_wait: float = s.non_negative_float(
+        0.0,
+        help="seconds to keep trying a database that cannot be reached or has no primary yet (a replicated"
+        " group electing one after a restart); 0: fail at once",
+    )
     log_level: str = s.log_level()

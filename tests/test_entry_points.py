@@ -97,3 +97,41 @@ def test_bootstrap_says_which_database_it_cannot_reach() -> None:
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("bootstrap failed: cannot connect to the metadata database:"), result.stderr
     assert "Traceback" not in result.stderr and "secret-pw" not in result.stderr
+
+
+async def test_bootstrap_waits_for_a_database_that_comes_up(databases: dict[str, str]) -> None:
+    """With a connect wait (DIALOGS_CONNECT_WAIT, as docker-compose.ha.yaml sets it), a
+    database not reachable yet is tried again until it is (here: the port starts
+    forwarding to a real server after a while); a refused login still fails at once."""
+    import asyncio
+    import urllib.parse
+
+    from dialogsctl.net import free_port
+    from proxy.bootstrap import BootstrapError, upgrade_metadata
+
+    real = urllib.parse.urlsplit(databases["meta"])
+    port = free_port()
+    later = real._replace(netloc=f"{real.netloc.rpartition('@')[0]}@127.0.0.1:{port}").geturl()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(real.hostname, real.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
+
+    attempt = asyncio.ensure_future(upgrade_metadata(later, wait=30))
+    await asyncio.sleep(2.5)  # a few refused attempts first
+    assert not attempt.done()
+    server = await asyncio.start_server(forward, "127.0.0.1", port)
+    try:
+        await asyncio.wait_for(attempt, 30)  # connected and upgraded: no BootstrapError
+    finally:
+        server.close()
+    wrong = real._replace(netloc=f"nobody:wrong@{real.hostname}:{real.port}").geturl()
+    with pytest.raises(BootstrapError, match="cannot connect to the metadata database"):
+        await asyncio.wait_for(upgrade_metadata(wrong, wait=60), 10)  # not 60 s: a login refused is final
