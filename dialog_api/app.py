@@ -98,6 +98,7 @@ async def _group_commit(app: web.Application) -> AsyncIterator[None]:
     settings, metrics = app[SETTINGS], app[METRICS]
     committer = GroupCommit(app[STORE], settings.batch_max, settings.flushers, metrics.observe_commit)
     app[GROUP_COMMIT] = committer
+    metrics.writes_paused.set_function(lambda: float(committer.paused))
     async with background(committer.run()):
         yield
 

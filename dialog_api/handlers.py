@@ -101,6 +101,28 @@ def _message(row: Record) -> dict[str, object]:
     return wire.message_json(row["id"], sender, recipient, row["text"], row["created_at"])
 
 
+async def pause_writes(request: web.Request) -> web.Response:
+    """Hold this worker's commits for a switchover of the shard's primary; answers once the
+    commits in flight are done, or after the query timeout with ``drained`` false."""
+    _require_proxy(request)
+    pause = wire.WritePause.from_json(await read_json(request, orjson.loads))
+    committer = request.app[GROUP_COMMIT]
+    was_paused = committer.paused
+    drained = await committer.pause(pause.holder, pause.seconds, drain_timeout=request.app[SETTINGS].query_timeout)
+    if not was_paused:
+        log.info("writes paused for a switchover (%s); in-flight commits drained: %s", pause.holder, drained)
+    return json_response({"drained": drained})
+
+
+async def resume_writes(request: web.Request) -> web.Response:
+    _require_proxy(request)
+    resume = wire.WriteResume.from_json(await read_json(request, orjson.loads))
+    committer = request.app[GROUP_COMMIT]
+    committer.resume(resume.holder)
+    log.info("writes resumed after a switchover (%s)%s", resume.holder, "; another pause stands" * committer.paused)
+    return json_response({"paused": committer.paused})
+
+
 async def health(request: web.Request) -> web.Response:
     view = request.app[MAP_VIEW]
     await request.app[STORE].ping()
@@ -115,5 +137,7 @@ async def metrics(request: web.Request) -> web.Response:
 def setup_routes(app: web.Application) -> None:
     app.router.add_post(wire.INTERNAL_BATCH_PATH, insert_batch)
     app.router.add_get(wire.INTERNAL_MESSAGES_PATH, list_messages)
+    app.router.add_post(wire.INTERNAL_PAUSE_PATH, pause_writes)
+    app.router.add_post(wire.INTERNAL_RESUME_PATH, resume_writes)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

@@ -46,6 +46,11 @@ class WorkerMetrics:
             "Messages on this worker's shard (PostgreSQL's estimate, refreshed every 15 s)",
             registry=self.registry,
         )
+        self.writes_paused = Gauge(
+            "dialogs_worker_writes_paused",
+            "1 while this worker's commits are paused for a switchover of its shard's primary",
+            registry=self.registry,
+        )
         self.info = Gauge(
             "dialogs_worker_info",
             "Constant 1, labelled with the shard this worker serves",

@@ -9,6 +9,11 @@ id as fields of its own, never as headers (a batch carries many):
     GET  INTERNAL_MESSAGES_PATH?<ListQuery>                   ->  200: a Page (the public
                                       messages' JSON array, its length in PAGE_COUNT_HEADER);
                                       otherwise an error
+    POST INTERNAL_PAUSE_PATH          a WritePause  ->  200: {"drained": bool}: true once no
+                                      commit is in flight, false if one still was after the
+                                      worker's query timeout (a switchover's write pause)
+    POST INTERNAL_RESUME_PATH         a WriteResume ->  200: {"paused": bool} (another
+                                      holder's pause may stand)
 
 An error is the public error JSON (``errors.DialogsError.to_json``) with its ``retry_after``
 when it has one (in the body of a batch item, in the Retry-After header of a response).
@@ -47,6 +52,12 @@ PAGE_COUNT_HEADER = "X-Page-Messages"
 WIRE_VERSION = 2
 INTERNAL_MESSAGES_PATH = f"/internal/v{WIRE_VERSION}/messages"  # GET: one page of a dialog
 INTERNAL_BATCH_PATH = f"/internal/v{WIRE_VERSION}/messages/batch"  # POST: many sends
+INTERNAL_PAUSE_PATH = f"/internal/v{WIRE_VERSION}/writes/pause"  # POST: hold commits (switchover)
+INTERNAL_RESUME_PATH = f"/internal/v{WIRE_VERSION}/writes/resume"  # POST: commit again
+# The longest write pause a worker takes in one request (counted from its drain, or from
+# the renewal): a switchover asks for 5 s and renews every second, so one whose caller
+# died leaves the shard's sends refused no longer than that.
+MAX_WRITE_PAUSE_SECONDS = 10.0
 
 # One bound for every list, public and internal.
 DEFAULT_LIST_LIMIT = 100
@@ -146,6 +157,51 @@ def _object(value: Any) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise errors.InvalidInput("body must be a JSON object")
     return value
+
+
+def _holder(raw: Any) -> str:
+    holder = _object(raw).get("holder")
+    if not isinstance(holder, str) or not 0 < len(holder) <= MAX_REQUEST_ID_LENGTH or not holder.isprintable():
+        raise errors.InvalidInput(f"holder must be a printable string of 1 to {MAX_REQUEST_ID_LENGTH} characters")
+    return holder
+
+
+@dataclass(frozen=True, slots=True)
+class WritePause:
+    """Pause a worker's commits for ``seconds`` (renewable) while a shard switches over.
+    ``holder`` names the switchover: a worker stays paused while any holder's pause lasts."""
+
+    holder: str
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"holder": self.holder, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> WritePause:
+        holder = _holder(raw)
+        seconds = raw.get("seconds")
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 < seconds <= MAX_WRITE_PAUSE_SECONDS
+        ):
+            raise errors.InvalidInput(f"seconds must be a number above 0 and at most {MAX_WRITE_PAUSE_SECONDS:g}")
+        return cls(holder, float(seconds))
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResume:
+    """End one holder's pause."""
+
+    holder: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"holder": self.holder}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> WriteResume:
+        return cls(_holder(raw))
 
 
 @dataclass(frozen=True, slots=True)

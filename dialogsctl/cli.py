@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -392,44 +391,23 @@ def shard_switchover(shard_id: str, candidate: str | None, data_dir: Path, url: 
     """Hand a replicated shard's (or `meta`'s) primary role to a standby, for maintenance.
 
     Patroni stops the primary, promotes the synchronous standby (no acknowledged write is
-    lost: every commit is on both) and makes the old primary its standby. Proxies hold the
-    shard's requests meanwhile; clients see a slower answer, not an error. With --url (a
-    deployment, e.g. docker-compose.ha.yaml), through that proxy's admin API; otherwise
-    the local cluster's members directly (`meta` included)."""
-    from dialogsctl import patroni
+    lost: every commit is on both) and makes the old primary its standby. The shard's
+    workers pause their writes first, and proxies hold the shard's requests meanwhile;
+    clients see a slower answer, not an error. Through the admin API of --url (a
+    deployment, e.g. docker-compose.ha.yaml) or of the local cluster's proxy."""
     from dialogsctl.admin_client import AdminError
-    from dialogsctl.cluster import ClusterLayout
-    from dialogsctl.embedded import PostgresError
-    from dialogsctl.supervisor import replicated_group
 
-    if url:
-        client = _client(data_dir, url, token)
-        try:
-            done = client.call("POST", f"/admin/shards/{shard_id}/switchover", {"to": candidate} if candidate else {})
-        except AdminError as exc:
-            raise click.ClickException(exc.message) from None
-        click.echo(
-            f"{shard_id}: {done['from']} -> {done['to']} in {done['seconds']:.1f} s; {done['from']} follows it as a"
-            " standby"
-        )
-        return
-    layout = ClusterLayout.load(data_dir.resolve())
-    if layout is None:
-        raise click.ClickException(_no_cluster(data_dir))
-    if not layout.members(shard_id):
-        raise click.ClickException(
-            f"{shard_id} is not a replicated database of the cluster in {data_dir} (`dialogs up --replicas 1`)"
-        )
-    group = replicated_group(layout, shard_id)
-    old = group.primary()
-    started = time.monotonic()
+    client = _client(data_dir, url, token)
+    client.timeout = 60.0  # the proxy waits up to 30 s for Patroni, and for the workers' pauses
     try:
-        new = patroni.switchover(group.members, candidate)
-    except (PostgresError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        done = client.call("POST", f"/admin/shards/{shard_id}/switchover", {"to": candidate} if candidate else {})
+    except AdminError as exc:
+        raise click.ClickException(exc.message) from None
+    workers = done.get("workers", 0)
+    paused = f"; {done.get('workers_paused', 0)} of {workers} workers paused their writes" if workers else ""
     click.echo(
-        f"{shard_id}: {old.name if old else '?'} -> {new.name} in {time.monotonic() - started:.1f} s;"
-        f" {old.name if old else 'the old primary'} follows it as a standby"
+        f"{shard_id}: {done['from']} -> {done['to']} in {done['seconds']:.1f} s{paused}; {done['from']} follows it"
+        " as a standby"
     )
 
 

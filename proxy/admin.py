@@ -16,9 +16,10 @@ from dialogs.metastore import migrations
 from dialogs.metastore.store import MetadataStore
 from dialogs.migration_plan import Holdings, target_problem
 from dialogs.pg import dsn_problem
-from proxy.appkeys import METADATA, SETTINGS, TOKENS
+from proxy.appkeys import METADATA, SETTINGS, TOKENS, TOPOLOGY
 from proxy.migration import shard_sql
 from proxy.switchover import switchover as switchover_of
+from proxy.switchover import writes_paused
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 MAX_ROWS_PER_SECOND = 10_000_000
@@ -203,8 +204,19 @@ async def switchover(request: web.Request) -> web.Response:
         raise errors.ShardNotFound(f"no shard {shard_id}")
     if not urls:
         raise errors.Conflict(f"shard {shard_id} is not replicated (no Patroni members registered)")
-    done = await switchover_of(urls, candidate)
-    return json_response({"shard_id": shard_id, "from": done.old, "to": done.new, "seconds": done.seconds})
+    workers = request.app[TOPOLOGY].workers(shard_id)  # none for `meta`
+    secret = request.app[SETTINGS].internal_secret
+    done = await switchover_of(urls, candidate, lambda session: writes_paused(session, workers, secret))
+    return json_response(
+        {
+            "shard_id": shard_id,
+            "from": done.old,
+            "to": done.new,
+            "seconds": done.seconds,
+            "workers": done.paused.workers,
+            "workers_paused": done.paused.paused,
+        }
+    )
 
 
 async def _holdings(dsn: str) -> Holdings:

@@ -108,6 +108,11 @@ class Topology:
     def mark_up(self, url: str) -> None:
         self._down_until.pop(url, None)
 
+    def workers(self, shard_id: str) -> list[str]:
+        """The shard's live workers' URLs (a switchover pauses their writes)."""
+        workers = self._workers.get(shard_id)
+        return list(workers.urls) if workers else []
+
     def worker_count(self, shard_id: str) -> int:
         workers = self._workers.get(shard_id)
         return len(workers.urls) if workers else 0

@@ -201,6 +201,12 @@ def metric(runner: web.AppRunner, sample: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+def worker_url(runner: web.AppRunner) -> str:
+    """The base URL a worker started by ``Cluster.start_worker`` listens on."""
+    site = next(iter(runner.sites))
+    return site.name.rstrip("/")
+
+
 async def active_map(metadata_dsn: str) -> ShardMap:
     """The active shard map, read from the metadata database."""
     con = await pg.connect(metadata_dsn)

@@ -120,16 +120,19 @@ class Outcome:
     recovered_after: float  # seconds from the fault to the first acknowledged send on the shard
     errors: dict[int, int]  # client-visible statuses other than 200 (sends and lists), by status
     slowest: float
+    p99: float  # seconds: the 99th percentile of send latency on the shard, from the fault on
 
 
 async def _under_traffic(
-    cluster: Cluster, shard_id: str, fault: object, settle: float = 3.0, at_least: float = 0.0
+    cluster: Cluster, shard_id: str, fault: object, settle: float = 3.0, at_least: float = 0.0, keyed: bool = True
 ) -> tuple[Outcome, Traffic]:
     """Run 16 writers and 4 readers, apply ``fault`` (a coroutine function) mid-stream, keep
     the traffic going until the shard has acknowledged sends again for ``settle`` seconds,
-    and for ``at_least`` seconds after the fault in any case."""
+    and for ``at_least`` seconds after the fault in any case. ``keyed``: writers send with
+    an Idempotency-Key and retry a failure with it; otherwise without a key, never retried
+    (any failure is an error the client saw)."""
     dialogs = await make_dialogs(cluster, people=24, count=32)
-    traffic = Traffic([cluster.api], dialogs, retry_with_key=True, pause=0.05)
+    traffic = Traffic([cluster.api], dialogs, retry_with_key=keyed, pause=0.05)
     stop = asyncio.Event()
     running = asyncio.ensure_future(traffic.run(stop, senders=16, readers=4))
     shard_map = await cluster.active_map()
@@ -165,7 +168,11 @@ async def _under_traffic(
         statuses[status] = statuses.get(status, 0) + 1
     if traffic.failures:
         print("\nfailures seen by clients:", sorted({f[:160] for f in traffic.failures})[:10])
-    return Outcome(recovered_at - fault_at, statuses, traffic.slowest), traffic
+    waits = sorted(
+        answered - started for started, answered, d, _ in traffic.sends if started >= fault_at and id(d) in on_shard
+    )
+    p99 = waits[min(len(waits) - 1, int(len(waits) * 0.99))] if waits else 0.0
+    return Outcome(recovered_at - fault_at, statuses, traffic.slowest, p99), traffic
 
 
 def _key(a: str, b: str) -> int:
@@ -211,6 +218,7 @@ def _report(what: str, outcome: Outcome, cluster: Cluster) -> float:
     print(
         f"\n{what}: first send on the shard {outcome.recovered_after:.1f} s after the fault;"
         f" client errors {outcome.errors or 'none'}; slowest request {outcome.slowest:.1f} s;"
+        f" send p99 on the shard {outcome.p99:.2f} s;"
         f" {count:.0f} requests held for the failover, {waited / max(count, 1):.1f} s on average"
     )
     return count
@@ -241,9 +249,11 @@ async def test_a_primary_whose_host_is_gone_fails_over_and_comes_back_as_a_stand
 
 @pytest.mark.timeout(240)
 async def test_a_planned_switchover_is_only_latency(ha_cluster: Cluster, replicated: Replicated) -> None:
-    """`POST /admin/shards/shard-2/switchover` (what `dialogs shard switchover` asks Patroni
-    locally): the primary hands over to its synchronous standby; clients see no error, and
-    the old primary streams from the new one. Then `meta`'s, after which registering works."""
+    """`POST /admin/shards/shard-2/switchover` (what `dialogs shard switchover` asks): the
+    shard's workers pause their writes, the primary hands over to its synchronous standby;
+    writers sending without an Idempotency-Key (which nothing may retry for them) see no
+    error, and the old primary streams from the new one. Then `meta`'s, after which
+    registering works."""
     group = replicated.groups["shard-2"]
     old = group.primary()
     assert old is not None
@@ -252,8 +262,9 @@ async def test_a_planned_switchover_is_only_latency(ha_cluster: Cluster, replica
         done = await ha_cluster.admin("POST", "/admin/shards/shard-2/switchover")
         assert done.status == 200, done.body
         assert done.json["from"] == old.name and done.json["to"] != old.name and done.json["seconds"] < 30
+        assert done.json["workers"] == done.json["workers_paused"] == 1, done.json
 
-    outcome, traffic = await _under_traffic(ha_cluster, "shard-2", fault)
+    outcome, traffic = await _under_traffic(ha_cluster, "shard-2", fault, keyed=False)
     _report("planned switchover", outcome, ha_cluster)
     await _check_healed(ha_cluster, group, traffic, "shard-2")
     assert outcome.errors == {}, outcome

@@ -171,3 +171,17 @@ def test_a_page_knows_its_size_from_the_worker() -> None:
     for header in (None, "", "-1", "many"):
         with pytest.raises(ValueError):
             wire.Page.from_response(b"[]", header)
+
+
+def test_a_write_pause_round_trips_within_its_bounds() -> None:
+    pause = wire.WritePause("switchover-1", 5.0)
+    assert wire.WritePause.from_json(_through_json(pause.to_json())) == pause
+    assert wire.WritePause.from_json({"holder": "h", "seconds": 3}) == wire.WritePause("h", 3.0)
+    resume = wire.WriteResume("switchover-1")
+    assert wire.WriteResume.from_json(_through_json(resume.to_json())) == resume
+    for bad in (0, -1, wire.MAX_WRITE_PAUSE_SECONDS + 0.5, "5", None, True):
+        with pytest.raises(errors.InvalidInput, match="seconds must be a number"):
+            wire.WritePause.from_json({"holder": "h", "seconds": bad})
+    for holder in (None, "", "x" * 129, "tab\there", 5):
+        with pytest.raises(errors.InvalidInput, match="holder must be"):
+            wire.WriteResume.from_json({"holder": holder})
