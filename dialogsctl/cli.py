@@ -185,13 +185,7 @@ def status(data_dir: Path, url: str | None, token: str | None, as_json: bool) ->
         )
     console.print(table)
     if replication:
-        members = Table("database", "member", "role", "state", "timeline", "lag (bytes)", "port")
-        for name, statuses in replication.items():
-            for m in statuses:
-                lag = "" if m["lag_bytes"] is None else f"{m['lag_bytes']:,}"
-                timeline = "" if m["timeline"] is None else str(m["timeline"])
-                members.add_row(name, m["name"], m["role"], m["state"], timeline, lag, str(m["pg_port"]))
-        console.print(members)
+        console.print(_members_table(replication, port=True))
 
 
 def _replication(layout: Any) -> dict[str, list[dict[str, Any]]]:
@@ -227,10 +221,17 @@ def _remote_status(client: AdminClient, as_json: bool) -> None:
         (m for m in _run_admin(lambda: client.call("GET", "/admin/migrations")) if m["phase"] not in FINISHED_PHASES),
         None,
     )
+    replication = _run_admin(lambda: client.call("GET", "/admin/replication"))
     if as_json:
         click.echo(
             json.dumps(
-                {"proxy": client.url, "map_version": shard_map["map_version"], "migration": running, "shards": shards},
+                {
+                    "proxy": client.url,
+                    "map_version": shard_map["map_version"],
+                    "migration": running,
+                    "shards": shards,
+                    "replication": replication,
+                },
                 indent=2,
             )
         )
@@ -239,6 +240,20 @@ def _remote_status(client: AdminClient, as_json: bool) -> None:
     console.print(f"proxy {client.url}   active map version [bold]{shard_map['map_version']}[/bold]")
     _print_running(console, running)
     console.print(_shard_table(shards))
+    if replication:
+        console.print(_members_table(replication, port=False))
+
+
+def _members_table(replication: dict[str, list[dict[str, Any]]], port: bool) -> Table:
+    columns = ["database", "member", "role", "state", "timeline", "lag (bytes)"] + (["port"] if port else [])
+    table = Table(*columns)
+    for name, statuses in replication.items():
+        for m in statuses:
+            lag = "" if m["lag_bytes"] is None else f"{m['lag_bytes']:,}"
+            timeline = "" if m["timeline"] is None else str(m["timeline"])
+            row = [name, m["name"], m["role"], m["state"], timeline, lag] + ([str(m["pg_port"])] if port else [])
+            table.add_row(*row)
+    return table
 
 
 async def _status(metadata_dsn: str) -> tuple[Any, Any, Any, Any, Any]:

@@ -32,6 +32,7 @@ import psutil
 import yaml
 
 from dialogsctl import embedded, pg_auth, pg_home, postmaster
+from proxy.switchover import members_of
 
 REPLICATION_USER = "replicator"
 
@@ -403,19 +404,9 @@ def cluster_status(members: list[PatroniMember]) -> list[MemberStatus]:
         if entry is None:
             statuses.append(MemberStatus(member.name, "down", "unreachable", None, None, member.pg_port))
             continue
-        role = {"leader": "primary", "sync_standby": "sync standby", "replica": "standby"}.get(
-            entry["role"], entry["role"]
-        )
-        lag = entry.get("lag")
+        row = members_of({"members": [entry]})[0]
         statuses.append(
-            MemberStatus(
-                member.name,
-                role,
-                entry.get("state", ""),
-                entry.get("timeline"),
-                lag if isinstance(lag, int) else None,
-                member.pg_port,
-            )
+            MemberStatus(member.name, row["role"], row["state"], row["timeline"], row["lag_bytes"], member.pg_port)
         )
     return statuses
 

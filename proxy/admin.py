@@ -18,8 +18,8 @@ from dialogs.migration_plan import Holdings, target_problem
 from dialogs.pg import dsn_problem
 from proxy.appkeys import METADATA, SETTINGS, TOKENS, TOPOLOGY
 from proxy.migration import shard_sql
+from proxy.switchover import group_members, writes_paused
 from proxy.switchover import switchover as switchover_of
-from proxy.switchover import writes_paused
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 MAX_ROWS_PER_SECOND = 10_000_000
@@ -219,6 +219,23 @@ async def switchover(request: web.Request) -> web.Response:
     )
 
 
+async def replication(request: web.Request) -> web.Response:
+    """Each replicated database's members as their Patroni reports them (role, state,
+    timeline, lag): the shards not retired, and `meta`. Empty when nothing is replicated."""
+    _require_admin(request)
+    store = _store(request)
+    groups: dict[str, list[str]] = {}
+    meta = await store.metadata_patroni_urls()
+    if meta:
+        groups[shard_map.METADATA_NAME] = meta
+    for row in await store.registered_shards():
+        urls = await store.patroni_urls(row["shard_id"]) if row["retired_at"] is None else None
+        if urls:
+            groups[row["shard_id"]] = urls
+    views = await asyncio.gather(*(group_members(urls) for urls in groups.values()))
+    return json_response(dict(zip(groups, views, strict=True)))
+
+
 async def _holdings(dsn: str) -> Holdings:
     try:
         con = await pg.connect(dsn, timeout=CONNECT_TIMEOUT)
@@ -341,6 +358,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_delete("/admin/shards/{shard_id}", remove_shard)
     router.add_put("/admin/shards/{shard_id}/weight", set_weight)
     router.add_post("/admin/shards/{shard_id}/switchover", switchover)
+    router.add_get("/admin/replication", replication)
     router.add_get("/admin/map", get_map)
     router.add_get("/admin/migrations", list_migrations)
     router.add_get("/admin/migrations/{migration_id}", get_migration)

@@ -69,6 +69,42 @@ def primary_of(view: dict[str, Any]) -> str | None:
     return None
 
 
+ROLE_NAMES = {"leader": "primary", "sync_standby": "sync standby", "replica": "standby"}
+
+
+def members_of(view: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each member of Patroni's ``GET /cluster`` answer as `dialogs status` shows it: name,
+    role (primary, sync standby, standby), state, timeline, lag in bytes (None when unknown)."""
+    rows = []
+    for member in view.get("members", []):
+        lag = member.get("lag")
+        timeline = member.get("timeline")
+        rows.append(
+            {
+                "name": str(member.get("name", "?")),
+                "role": ROLE_NAMES.get(member.get("role", ""), str(member.get("role", "?"))),
+                "state": str(member.get("state", "")),
+                "timeline": timeline if isinstance(timeline, int) else None,
+                "lag_bytes": lag if isinstance(lag, int) and not isinstance(lag, bool) else None,
+            }
+        )
+    return rows
+
+
+async def group_members(urls: list[str]) -> list[dict[str, Any]]:
+    """The group's members (``members_of``) from the first member that answers; when none
+    does, one row per registered member, down."""
+    async with aiohttp.ClientSession() as session:
+        try:
+            _, view = await _cluster(session, urls)
+        except errors.ShardUnavailable:
+            return [
+                {"name": url, "role": "down", "state": "unreachable", "timeline": None, "lag_bytes": None}
+                for url in urls
+            ]
+    return members_of(view)
+
+
 def problem(view: dict[str, Any], candidate: str | None) -> str | None:
     """Why a switchover cannot start on this view of the group, or None."""
     if primary_of(view) is None:

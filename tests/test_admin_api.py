@@ -140,6 +140,21 @@ async def test_switchover_of_a_shard_that_cannot_have_one(cluster: Cluster) -> N
     _error(await cluster.admin("POST", "/admin/shards/shard-1/switchover", {"to": 5}), 400, "to must be")
 
 
+async def test_replication_of_a_cluster_of_single_servers_is_empty(cluster: Cluster) -> None:
+    """`GET /admin/replication` names replicated databases only (tests/test_replicas.py and
+    test_local_cluster.py show one); an unreachable member group shows its members down."""
+    shown = await cluster.admin("GET", "/admin/replication")
+    assert shown.status == 200 and shown.json == {}, shown.body
+    gone = "http://127.0.0.1:9"  # nothing listens: the group's Patroni is unreachable
+    await cluster.fetch_meta("UPDATE shards SET patroni_urls = $1 WHERE shard_id = 'shard-2'", [gone])
+    shown = await cluster.admin("GET", "/admin/replication")
+    assert shown.json == {
+        "shard-2": [{"name": gone, "role": "down", "state": "unreachable", "timeline": None, "lag_bytes": None}]
+    }, shown.body
+    refused = await cluster.api.request("GET", "/admin/replication")
+    assert refused.status == 401
+
+
 async def test_discovery_names_every_registered_patroni_member(cluster: Cluster) -> None:
     """`GET /discovery/prometheus?role=patroni`: none on a cluster of single servers; once
     members are registered (a replicated shard added, the metadata group bootstrapped),

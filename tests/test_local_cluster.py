@@ -165,6 +165,7 @@ def test_up_use_stop_and_start_again(runner: Runner) -> None:
     )
     assert remote.returncode == 0, remote.stderr
     assert json.loads(remote.stdout)["map_version"] == 1
+    assert json.loads(remote.stdout)["replication"] == {}  # no database is replicated
 
     added = runner.run("shard", "add")
     assert added.returncode == 0, added.stdout + added.stderr
@@ -439,8 +440,8 @@ def test_up_with_replicas_switches_over_adds_a_shard_and_restarts_a_lost_member(
         status, body = runner.call("POST", f"/dialog/{b}/send", {"text": text}, token=token)
         assert status == 200, body
 
-    def roles() -> dict[str, list[tuple[str, str]]]:
-        report = runner.run("status", "--json")
+    def roles(*remote: str) -> dict[str, list[tuple[str, str]]]:
+        report = runner.run("status", "--json", *remote)
         assert report.returncode == 0, report.stderr
         replication = json.loads(report.stdout)["replication"]
         return {name: sorted((m["role"], m["state"]) for m in members) for name, members in replication.items()}
@@ -449,6 +450,11 @@ def test_up_with_replicas_switches_over_adds_a_shard_and_restarts_a_lost_member(
     assert roles() == {name: [("primary", "running"), ("sync standby", "streaming")] for name in ("meta", "shard-1")}, (
         roles()
     )
+    # The same through the admin API, as of a deployment (the proxy asks the members' Patroni).
+    admin = ("--url", f"http://127.0.0.1:{runner.port}", "--token", runner.run("admin-token").stdout.strip())
+    assert roles(*admin) == roles()
+    table = runner.run("status", *admin)
+    assert table.returncode == 0 and "sync standby" in table.stdout and "streaming" in table.stdout, table.stdout
     switched = runner.run("shard", "switchover", "shard-1")
     assert switched.returncode == 0, switched.stdout + switched.stderr
     assert "follows it as a standby" in switched.stdout

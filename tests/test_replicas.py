@@ -268,6 +268,13 @@ async def test_a_planned_switchover_is_only_latency(ha_cluster: Cluster, replica
     _report("planned switchover", outcome, ha_cluster)
     await _check_healed(ha_cluster, group, traffic, "shard-2")
     assert outcome.errors == {}, outcome
+    # What `dialogs status --url` shows of a deployment: every group, the new primary's.
+    shown = await ha_cluster.admin("GET", "/admin/replication")
+    assert shown.status == 200 and sorted(shown.json) == ["meta", "shard-1", "shard-2"], shown.body
+    members = {m["name"]: m for m in shown.json["shard-2"]}
+    new = group.primary()
+    assert new is not None and members[new.name]["role"] == "primary" and members[old.name]["role"] == "sync standby"
+    assert members[new.name]["timeline"] > 1, members  # the switchover began a new timeline
     # The metadata database's group, by the name `meta` (its members are registered too).
     meta = replicated.groups["meta"]
     old = meta.primary()
