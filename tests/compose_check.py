@@ -672,6 +672,8 @@ def check_ha(stack: Stack) -> None:
         switched_at = time.monotonic()
         output = stack.sh(f".venv/bin/dialogs shard switchover {group} {admin}")
         say("switchover: " + output.strip())
+        if group != "meta":  # both of the shard's workers paused their writes first
+            assert "2 of 2 workers paused their writes" in output, output
         done_at = time.monotonic()
         wait_for(
             f"a send acknowledged after {group}'s switchover",
@@ -683,6 +685,12 @@ def check_ha(stack: Stack) -> None:
         assert failed == [], f"clients saw errors during {group}'s switchover: {failed}"
         assert leader_of(stack, group) != old
         wait_for(f"{group} replicated after the switchover", lambda group=group: replicated(stack, group), timeout=120)
+    # `dialogs status --url` shows each group's members as their Patroni reports them.
+    shown = json.loads(stack.sh(f".venv/bin/dialogs status --json {admin}"))["replication"]
+    assert sorted(shown) == ["meta", "shard-1", "shard-2"], shown
+    for group, members in shown.items():
+        assert sorted(m["role"] for m in members) == ["primary", "sync standby"], (group, members)
+    say("dialogs status --url: every group a primary and a synchronous standby")
     registered = call(
         "POST",
         stack.url("DIALOGS_HTTP_PORT") + "/user/register",
