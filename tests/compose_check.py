@@ -30,7 +30,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dialogsctl.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = "grafana"
@@ -59,12 +60,6 @@ def example(document: Path, name: str) -> str:
     if match is None:
         raise SystemExit(f"{document.name} has no example {name!r}")
     return textwrap.dedent(match.group(2))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Stack:
