@@ -32,7 +32,7 @@ import psutil
 import yaml
 
 from dialogsctl import embedded, pg_auth, pg_home, postmaster
-from proxy.switchover import members_of
+from proxy.switchover import member_row
 
 REPLICATION_USER = "replicator"
 
@@ -404,7 +404,7 @@ def cluster_status(members: list[PatroniMember]) -> list[MemberStatus]:
         if entry is None:
             statuses.append(MemberStatus(member.name, "down", "unreachable", None, None, member.pg_port))
             continue
-        row = members_of({"members": [entry]})[0]
+        row = member_row(entry)
         statuses.append(
             MemberStatus(member.name, row["role"], row["state"], row["timeline"], row["lag_bytes"], member.pg_port)
         )

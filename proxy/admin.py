@@ -18,7 +18,7 @@ from dialogs.migration_plan import Holdings, target_problem
 from dialogs.pg import dsn_problem
 from proxy.appkeys import METADATA, SETTINGS, TOKENS, TOPOLOGY
 from proxy.migration import shard_sql
-from proxy.switchover import group_members, writes_paused
+from proxy.switchover import group_members
 from proxy.switchover import switchover as switchover_of
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
@@ -205,8 +205,7 @@ async def switchover(request: web.Request) -> web.Response:
     if not urls:
         raise errors.Conflict(f"shard {shard_id} is not replicated (no Patroni members registered)")
     workers = request.app[TOPOLOGY].workers(shard_id)  # none for `meta`
-    secret = request.app[SETTINGS].internal_secret
-    done = await switchover_of(urls, candidate, lambda session: writes_paused(session, workers, secret))
+    done = await switchover_of(urls, candidate, workers, request.app[SETTINGS].internal_secret)
     return json_response(
         {
             "shard_id": shard_id,
@@ -223,15 +222,7 @@ async def replication(request: web.Request) -> web.Response:
     """Each replicated database's members as their Patroni reports them (role, state,
     timeline, lag): the shards not retired, and `meta`. Empty when nothing is replicated."""
     _require_admin(request)
-    store = _store(request)
-    groups: dict[str, list[str]] = {}
-    meta = await store.metadata_patroni_urls()
-    if meta:
-        groups[shard_map.METADATA_NAME] = meta
-    for row in await store.registered_shards():
-        urls = await store.patroni_urls(row["shard_id"]) if row["retired_at"] is None else None
-        if urls:
-            groups[row["shard_id"]] = urls
+    groups = await _store(request).patroni_groups()
     views = await asyncio.gather(*(group_members(urls) for urls in groups.values()))
     return json_response(dict(zip(groups, views, strict=True)))
 

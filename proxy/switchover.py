@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,27 +72,21 @@ def primary_of(view: dict[str, Any]) -> str | None:
 ROLE_NAMES = {"leader": "primary", "sync_standby": "sync standby", "replica": "standby"}
 
 
-def members_of(view: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each member of Patroni's ``GET /cluster`` answer as `dialogs status` shows it: name,
+def member_row(member: dict[str, Any]) -> dict[str, Any]:
+    """One member of Patroni's ``GET /cluster`` answer as `dialogs status` shows it: name,
     role (primary, sync standby, standby), state, timeline, lag in bytes (None when unknown)."""
-    rows = []
-    for member in view.get("members", []):
-        lag = member.get("lag")
-        timeline = member.get("timeline")
-        rows.append(
-            {
-                "name": str(member.get("name", "?")),
-                "role": ROLE_NAMES.get(member.get("role", ""), str(member.get("role", "?"))),
-                "state": str(member.get("state", "")),
-                "timeline": timeline if isinstance(timeline, int) else None,
-                "lag_bytes": lag if isinstance(lag, int) and not isinstance(lag, bool) else None,
-            }
-        )
-    return rows
+    lag, timeline = member.get("lag"), member.get("timeline")
+    return {
+        "name": str(member.get("name", "?")),
+        "role": ROLE_NAMES.get(member.get("role", ""), str(member.get("role", "?"))),
+        "state": str(member.get("state", "")),
+        "timeline": timeline if isinstance(timeline, int) else None,
+        "lag_bytes": lag if isinstance(lag, int) and not isinstance(lag, bool) else None,
+    }
 
 
 async def group_members(urls: list[str]) -> list[dict[str, Any]]:
-    """The group's members (``members_of``) from the first member that answers; when none
+    """The group's members (``member_row``) from the first member that answers; when none
     does, one row per registered member, down."""
     async with aiohttp.ClientSession() as session:
         try:
@@ -102,7 +96,7 @@ async def group_members(urls: list[str]) -> list[dict[str, Any]]:
                 {"name": url, "role": "down", "state": "unreachable", "timeline": None, "lag_bytes": None}
                 for url in urls
             ]
-    return members_of(view)
+    return [member_row(member) for member in view.get("members", [])]
 
 
 def problem(view: dict[str, Any], candidate: str | None) -> str | None:
@@ -210,17 +204,9 @@ async def writes_paused(
             log.warning("a worker did not take the end of its pause; it ends by itself in %.0f s", PAUSE_LEASE_SECONDS)
 
 
-@contextlib.asynccontextmanager
-async def _no_pause(session: aiohttp.ClientSession) -> AsyncIterator[Paused]:
-    yield Paused(0, 0)
-
-
-Pause = Callable[[aiohttp.ClientSession], contextlib.AbstractAsyncContextManager[Paused]]
-
-
-async def switchover(urls: list[str], candidate: str | None, pause: Pause = _no_pause) -> Done:
-    """Hand the group's primary role over. ``pause(session)`` is the context in which
-    Patroni is asked and its new primary awaited (the shard's ``writes_paused``)."""
+async def switchover(urls: list[str], candidate: str | None, worker_urls: list[str], internal_secret: str) -> Done:
+    """Hand the group's primary role over, with the writes of ``worker_urls`` (the shard's
+    workers; none for `meta`) paused while Patroni is asked and its new primary awaited."""
     started = time.monotonic()
     async with aiohttp.ClientSession() as session:
         _, view = await _cluster(session, urls)
@@ -233,7 +219,7 @@ async def switchover(urls: list[str], candidate: str | None, pause: Pause = _no_
             (m["api_url"].rsplit("/", 1)[0] for m in view["members"] if m["name"] == old and m.get("api_url")), None
         )
         body = {"leader": old, **({"candidate": candidate} if candidate else {})}
-        async with pause(session) as paused:
+        async with writes_paused(session, worker_urls, internal_secret) as paused:
             # Patroni answers the request only when it next polls its result, once a second:
             # the group's view shows the new primary up to a second sooner, and the pause
             # ends then. The answer is still read, after: a refusal comes at once.

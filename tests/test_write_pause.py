@@ -23,6 +23,7 @@ from aiohttp import web
 from dialog_api.appkeys import GROUP_COMMIT
 from dialogs import errors, wire
 from dialogsctl.net import free_port
+from proxy import switchover as switchover_module
 from proxy.migration.shard_sql import FENCE_LOCK
 from proxy.switchover import PAUSE_LEASE_SECONDS, Paused, switchover, writes_paused
 from tests.support import INTERNAL_SECRET, Cluster, metric, start_site, worker_url
@@ -256,18 +257,61 @@ async def test_a_switchover_patroni_does_not_carry_out_leaves_no_worker_paused(
     base = f"http://127.0.0.1:{port}"
     runner = await start_site(patroni_api, port, idle_timeout=5)
 
-    def paused_workers(session: aiohttp.ClientSession) -> contextlib.AbstractAsyncContextManager[Paused]:
-        return writes_paused(session, [worker_url(worker)], INTERNAL_SECRET)
-
     try:
         if outcome is None:
-            done = await switchover([base], None, paused_workers)
+            done = await switchover([base], None, [worker_url(worker)], INTERNAL_SECRET)
             assert (done.old, done.new, done.paused) == ("m-0", "m-1", Paused(1, 1))
         else:
             error = errors.Conflict if status < 500 else errors.ShardUnavailable
             with pytest.raises(error, match=outcome):
-                await switchover([base], None, paused_workers)
+                await switchover([base], None, [worker_url(worker)], INTERNAL_SECRET)
     finally:
         await runner.cleanup()
     assert asked == [{"leader": "m-0"}]
+    assert metric(worker, "dialogs_worker_writes_paused") == 0
+
+
+async def test_a_frozen_worker_stops_the_switchover_before_patroni_is_asked(
+    bare_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that takes the pause and never answers (a frozen process: its kernel accepts
+    the connection) may still be committing: the switchover does not start, Patroni is never
+    asked, and the other workers' writes resume. (The drain bound is shortened from 15 s.)"""
+    worker = await bare_cluster.start_worker("shard-1")
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    frozen = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    frozen_url = f"http://127.0.0.1:{frozen.sockets[0].getsockname()[1]}"
+    asked: list[object] = []
+
+    async def cluster_view(request: web.Request) -> web.Response:
+        members = [
+            {"name": "m-0", "role": "leader", "state": "running"},
+            {"name": "m-1", "role": "sync_standby", "state": "streaming"},
+        ]
+        return web.json_response({"members": members})
+
+    async def switch(request: web.Request) -> web.Response:
+        asked.append(await request.json())
+        return web.Response(text="Successfully switched over")
+
+    patroni_api = web.Application()
+    patroni_api.router.add_get("/cluster", cluster_view)
+    patroni_api.router.add_post("/switchover", switch)
+    port = free_port()
+    runner = await start_site(patroni_api, port, idle_timeout=5)
+    monkeypatch.setattr(switchover_module, "_DRAIN_CALL", aiohttp.ClientTimeout(total=1, sock_connect=1))
+    try:
+        with pytest.raises(errors.ShardUnavailable, match="1 of the shard's workers still had a commit running"):
+            await switchover([f"http://127.0.0.1:{port}"], None, [worker_url(worker), frozen_url], INTERNAL_SECRET)
+    finally:
+        await runner.cleanup()
+        for writer in accepted:
+            writer.close()
+        frozen.close()
+        await frozen.wait_closed()
+    assert asked == []
     assert metric(worker, "dialogs_worker_writes_paused") == 0

@@ -13,7 +13,7 @@ import json
 import asyncpg
 
 from dialogs import errors
-from dialogs.shard_map import ShardMap
+from dialogs.shard_map import METADATA_NAME, ShardMap
 
 
 def _shard_map(row: asyncpg.Record | None) -> ShardMap | None:
@@ -98,14 +98,21 @@ async def metadata_patroni_urls(con: asyncpg.Connection) -> list[str]:
     return [row["url"] for row in await con.fetch("SELECT url FROM metadata_patroni_urls ORDER BY url")]
 
 
-async def patroni_targets(con: asyncpg.Connection) -> list[str]:
-    """The REST URL of every Patroni member to scrape: the metadata group's, and each
-    serving shard's (a retired shard's members are gone)."""
+async def patroni_groups(con: asyncpg.Connection) -> dict[str, list[str]]:
+    """Every replicated database's Patroni members' REST URLs: the metadata group's (as
+    ``METADATA_NAME``) and each serving shard's (a retired shard's members are gone)."""
     rows = await con.fetch(
-        "SELECT url FROM metadata_patroni_urls"
-        " UNION SELECT unnest(patroni_urls) FROM shards WHERE retired_at IS NULL ORDER BY 1"
+        "SELECT $1::text AS name, array_agg(url ORDER BY url) AS urls FROM metadata_patroni_urls HAVING count(*) > 0"
+        " UNION ALL SELECT shard_id, patroni_urls FROM shards"
+        " WHERE retired_at IS NULL AND cardinality(patroni_urls) > 0 ORDER BY 1",
+        METADATA_NAME,
     )
-    return [row["url"] for row in rows]
+    return {row["name"]: list(row["urls"]) for row in rows}
+
+
+async def patroni_targets(con: asyncpg.Connection) -> list[str]:
+    """The REST URL of every Patroni member to scrape (``patroni_groups``)."""
+    return sorted({url for urls in (await patroni_groups(con)).values() for url in urls})
 
 
 async def shard_dsns(con: asyncpg.Connection) -> dict[str, str]:

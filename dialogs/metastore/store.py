@@ -83,6 +83,10 @@ class MetadataStore:
         async with self.connection() as con:
             return await maps.metadata_patroni_urls(con)
 
+    async def patroni_groups(self) -> dict[str, list[str]]:
+        async with self.connection() as con:
+            return await maps.patroni_groups(con)
+
     async def patroni_targets(self) -> list[str]:
         async with self.connection() as con:
             return await maps.patroni_targets(con)
