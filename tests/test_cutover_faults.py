@@ -284,6 +284,66 @@ async def test_a_metadata_server_stopped_at_the_flip_leaves_nothing_unserved(
     assert traffic.slowest < UNSERVED_BOUND, f"a request waited {traffic.slowest:.1f} s"
 
 
+@contextlib.asynccontextmanager
+async def without_its_standby(dsn: str) -> AsyncIterator[None]:
+    """The server names a synchronous standby that never comes, as a primary whose standby
+    froze or was cut off: a synchronous commit waits until the block ends (the name is
+    removed, which releases it), also on failure."""
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.execute("ALTER SYSTEM SET synchronous_standby_names = 'frozen_standby'")
+        await con.execute("SELECT pg_reload_conf()")
+        yield
+    finally:
+        await con.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        await con.execute("SELECT pg_reload_conf()")
+        await con.close()
+
+
+async def _waiting_for_standby(dsn: str) -> bool:
+    con = await asyncpg.connect(dsn)
+    try:
+        return bool(await con.fetchval("SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event = 'SyncRep'"))
+    finally:
+        await con.close()
+
+
+async def _messages_on(dsns: list[str]) -> int:
+    total = 0
+    for dsn in dsns:
+        con = await asyncpg.connect(dsn)
+        try:
+            total += await con.fetchval("SELECT count(*) FROM messages")
+        finally:
+            await con.close()
+    return total
+
+
+async def test_a_flip_the_metadata_standby_lacks_moves_nothing_on(
+    bare_cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The flip commits on the metadata primary alone (as when its wait for a frozen standby
+    is cut short by the flip's bound): the runner deletes nothing on the sources until the
+    standby has it, since a metadata failover before then would forget the flip. Once the
+    standby is back, the migration completes with every message once, in order."""
+    cluster = bare_cluster
+    sources = [cluster.shard_dsns["shard-1"], cluster.shard_dsns["shard-2"]]
+    async with writing(cluster) as traffic:
+        migration_id = await _add_shard_3(cluster, rows_per_second=400, batch_size=100)
+        async with without_its_standby(cluster.metadata_dsn):
+            # Until now nothing on the metadata database waited for a standby (the suite's
+            # servers commit asynchronously): the flip commits alone, then the runner waits.
+            await _until(lambda: _waiting_for_standby(cluster.metadata_dsn), timeout=90)
+            assert (await _phase(cluster, migration_id))["phase"] == "cleanup"
+            kept = await _messages_on(sources)
+            await asyncio.sleep(3)
+            assert await _messages_on(sources) >= kept, "a source deleted moved rows before the flip was safe"
+            assert (await _phase(cluster, migration_id))["phase"] == "cleanup"
+        done = await cluster.wait_migration(migration_id, timeout=60)
+        assert done["phase"] == "done", done
+    assert traffic.slowest < UNSERVED_BOUND, f"a request waited {traffic.slowest:.1f} s"
+
+
 async def test_a_runner_stopped_mid_cutover_leaves_nothing_frozen(bare_cluster: Cluster) -> None:
     """`dialogs run-migration` stopped (SIGSTOP, 8 s) while its hand-over waits: the sources'
     leases end and they serve again without it; continued, it finds the lease gone, gives

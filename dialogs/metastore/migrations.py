@@ -290,6 +290,22 @@ async def flip(
         )
 
 
+async def confirm_flip(con: asyncpg.Connection, migration_id: int) -> None:
+    """Return once the flip is on the metadata database's synchronous standby, if it has one.
+
+    The flip commits under a time bound, and a bound that runs out while the commit waits
+    for the standby leaves it on the primary alone: a failover then would forget it while
+    the sources hand their ranges over. This is a later write of the migration's row with a
+    synchronous commit that nothing cuts short (no statement timeout): the standby flushes
+    WAL in order, so once it has this commit it has the flip too. Without a synchronous
+    standby (``synchronous_standby_names`` empty) it returns at once. A caller that gives
+    up waiting (a cancel) learns nothing and must ask again.
+    """
+    async with con.transaction():
+        await con.execute("SET LOCAL statement_timeout = 0; SET LOCAL synchronous_commit = on")
+        await con.execute("UPDATE migrations SET updated_at = now() WHERE migration_id = $1", migration_id)
+
+
 async def record_pause(con: asyncpg.Connection, migration_id: int, pause_ms: float) -> None:
     """The write pause clients saw at the cutover: from the freeze until the flip committed."""
     await con.execute("UPDATE migrations SET last_pause_ms = $2 WHERE migration_id = $1", migration_id, pause_ms)

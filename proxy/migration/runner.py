@@ -39,6 +39,7 @@ CUTOVER_BACKLOG = 200  # catch up until at most this many delta rows remain, the
 MAX_STALLED_ROUNDS = 20  # ...or until the backlog has stopped shrinking for this many rounds
 MAX_CUTOVER_ATTEMPTS = 5
 DELTA_BATCH = 5000
+FLIP_CONFIRM_SLICE = 10.0  # seconds between warnings while the flip waits for the metadata standby
 
 
 class _Interrupted(Exception):
@@ -568,6 +569,7 @@ class _Run:
             raise
         pause = time.monotonic() - started
         steps.append(time.monotonic())
+        await self._flip_durable(migration)
         await self._best_effort(
             "release the moved ranges on the sources (cleanup does it again)", self._release_sources()
         )
@@ -688,8 +690,28 @@ class _Run:
 
     # --- cleanup: after every live process knows the new map, drop moved rows -------------
 
+    async def _flip_durable(self, migration: Migration) -> None:
+        """Wait until the flip is on the metadata database's synchronous standby: nothing
+        acts on a flip that a metadata failover could still forget (see ``confirm_flip``).
+
+        The sources' leases run out meanwhile and they serve again; what they take then is
+        logged and copied as late writes by cleanup.
+        """
+        while True:
+            try:
+                async with asyncio.timeout(FLIP_CONFIRM_SLICE):
+                    await migrations.confirm_flip(self.meta, migration.migration_id)
+                return
+            except TimeoutError:
+                log.warning(
+                    "migration %s: waiting for the metadata database's synchronous standby to have the flip;"
+                    " nothing moves on before it does",
+                    migration.migration_id,
+                )
+
     async def _cleanup(self, migration: Migration) -> None:
         # Idempotent: makes sure the flip's states hold after any crash.
+        await self._flip_durable(migration)
         await asyncio.gather(self._release_sources(), self._set(Ownership.OWNED, self.plan.targets, self.plan.arriving))
         await self._copy_late_writes(migration)
         version = migration.target_map.map_version
