@@ -101,6 +101,16 @@ def _message(row: Record) -> dict[str, object]:
     return wire.message_json(row["id"], sender, recipient, row["text"], row["created_at"])
 
 
+async def mark_read(request: web.Request) -> web.Response:
+    _require_proxy(request)
+    mark = wire.ReadMark.from_json(await read_json(request, orjson.loads))
+    if mark.request_id:
+        rename_request(request, mark.request_id)
+    await request.app[MAP_VIEW].check_route(mark.dialog_key, mark.routed_version)
+    result = await request.app[STORE].mark_read(mark.dialog_key, mark.reader, mark.other, mark.up_to)
+    return json_response(result.to_json())
+
+
 async def pause_writes(request: web.Request) -> web.Response:
     """Hold this worker's commits for a switchover of the shard's primary; answers once the
     commits in flight are done, or after the query timeout with ``drained`` false."""
@@ -137,6 +147,7 @@ async def metrics(request: web.Request) -> web.Response:
 def setup_routes(app: web.Application) -> None:
     app.router.add_post(wire.INTERNAL_BATCH_PATH, insert_batch)
     app.router.add_get(wire.INTERNAL_MESSAGES_PATH, list_messages)
+    app.router.add_post(wire.INTERNAL_READ_PATH, mark_read)
     app.router.add_post(wire.INTERNAL_PAUSE_PATH, pause_writes)
     app.router.add_post(wire.INTERNAL_RESUME_PATH, resume_writes)
     app.router.add_get("/health", health)

@@ -54,6 +54,8 @@ def translated() -> contextlib.AbstractAsyncContextManager[None]:
 
 _STORE = "SELECT ord, id, created_at, status FROM store_messages($1, $2, $3, $4, $5, $6)"
 
+_MARK = "SELECT status, up_to, unread FROM mark_read($1, $2, $3, $4, $5)"
+
 _EXISTING = """
 SELECT m.dialog_key, m.user_lo, m.user_hi, m.from_lo, m.idempotency_key, m.id, m.created_at, m.text
 FROM messages m
@@ -188,6 +190,31 @@ class ShardStore:
         if rows[0]["state"] not in wire.READABLE:
             raise errors.RangeNotServed()
         return [row for row in rows if row["id"] is not None]
+
+    async def mark_read(
+        self, dialog_key: int, reader: uuid.UUID, other: uuid.UUID, up_to: int | None
+    ) -> wire.ReadResult:
+        """Move ``reader``'s read mark forward to ``up_to`` (None: the newest message); the
+        mark now stored and the unread count. A write like a send (behind the fence, refused
+        while the range is frozen); applying the same mark twice is applying it once."""
+        user_lo, user_hi = ordered(reader, other)
+        # Nothing of a failed mark matters: a repeat is the same mark (repeatable), so any
+        # failure is a plain 503 the proxy may retry.
+        async with translated(), self._connection() as con:
+            started = time.perf_counter()
+            try:
+                row = await con.fetchrow(_MARK, dialog_key, user_lo, user_hi, reader == user_lo, up_to)
+            except asyncpg.ReadOnlySQLTransactionError:  # a primary just demoted: its successor will take it
+                raise errors.ShardUnavailable("the shard's primary is changing; retry shortly") from None
+            self._observe("mark_read", time.perf_counter() - started)
+        status = row["status"]
+        if status == "marked":
+            return wire.ReadResult(row["up_to"], row["unread"])
+        if status == "no_message":
+            raise errors.MessageNotFound(f"message {up_to} is not in this dialog")
+        if status == "frozen":
+            raise errors.RangeMoving()
+        raise errors.RangeNotServed()
 
     async def rows_estimate(self) -> int:
         """The planner's row count for messages: free to read, close enough for a dashboard."""

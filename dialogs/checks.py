@@ -4,6 +4,7 @@ Each raises InvalidInput with a sentence."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from typing import Any
@@ -74,6 +75,15 @@ def json_int64(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise errors.InvalidInput(f"{name} must be an integer from {INT64_MIN} to {INT64_MAX}")
     return bounded_int(value, name, INT64_MIN, INT64_MAX)
+
+
+def message_id(value: Any, name: str) -> int:
+    """A message id as the API writes them: a string of decimal digits (a JSON integer is
+    taken too), from 1 to 2**63-1."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() or isinstance(value, int):
+        with contextlib.suppress(errors.InvalidInput):
+            return bounded_int(value, name, 1, INT64_MAX)
+    raise errors.InvalidInput(f"{name} must be a message id (a string of digits, as message ids are written)")
 
 
 def user_id(value: Any, name: str = "user_id") -> uuid.UUID:

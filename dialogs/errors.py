@@ -8,7 +8,8 @@
     ├── NotFound                    404  no such route
     │   ├── UserNotFound            404  unknown user
     │   ├── ShardNotFound           404  a shard the shard map does not have
-    │   └── MigrationNotFound       404  unknown migration id
+    │   ├── MigrationNotFound       404  unknown migration id
+    │   └── MessageNotFound         404  a read mark names no message of the dialog
     ├── MethodNotAllowed            405  a known route, another method
     ├── RequestTimeout              408  the request body did not arrive in time
     ├── Conflict                    409  the request clashes with current state
@@ -89,6 +90,10 @@ class ShardNotFound(NotFound):
 
 class MigrationNotFound(NotFound):
     code, default_message = 40404, "no such migration"
+
+
+class MessageNotFound(NotFound):
+    code, default_message = 40405, "no such message in this dialog"
 
 
 class MethodNotAllowed(DialogsError):

@@ -189,13 +189,17 @@ def make_middleware(
     return middleware
 
 
-async def read_json(request: web.Request, loads: Callable[[bytes], Any] = json.loads) -> Any:
+_REQUIRED = object()  # read_json: a body is required
+
+
+async def read_json(request: web.Request, loads: Callable[[bytes], Any] = json.loads, *, empty: Any = _REQUIRED) -> Any:
     """The request body as JSON, or InvalidInput. Oversized bodies raise BodyTooLarge; a
     body that takes longer than BODY_READ_TIMEOUT to arrive raises RequestTimeout.
 
     ``loads``: the standard library's by default, whose errors the public API's messages
     describe (a lone surrogate is read, then refused as "not valid Unicode" by the checks);
-    the worker reads the proxies' batches, which orjson wrote, with ``orjson.loads``."""
+    the worker reads the proxies' batches, which orjson wrote, with ``orjson.loads``.
+    ``empty``: what an empty body stands for, where the route takes none (else a 400)."""
     try:
         async with asyncio.timeout(BODY_READ_TIMEOUT):
             raw = await request.read()
@@ -204,6 +208,8 @@ async def read_json(request: web.Request, loads: Callable[[bytes], Any] = json.l
     except TimeoutError:
         raise errors.RequestTimeout() from None
     if not raw:
+        if empty is not _REQUIRED:
+            return empty
         raise errors.InvalidInput("request body must be JSON")
     try:
         return loads(raw)

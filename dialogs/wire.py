@@ -9,6 +9,8 @@ id as fields of its own, never as headers (a batch carries many):
     GET  INTERNAL_MESSAGES_PATH?<ListQuery>                   ->  200: a Page (the public
                                       messages' JSON array, its length in PAGE_COUNT_HEADER);
                                       otherwise an error
+    POST INTERNAL_READ_PATH           a ReadMark  ->  200: a ReadResult (the mark now stored
+                                      and the reader's unread count); otherwise an error
     POST INTERNAL_PAUSE_PATH          a WritePause  ->  200: {"drained": bool}: true once no
                                       commit is in flight, false if one still was after the
                                       worker's query timeout (a switchover's write pause)
@@ -52,6 +54,7 @@ PAGE_COUNT_HEADER = "X-Page-Messages"
 WIRE_VERSION = 2
 INTERNAL_MESSAGES_PATH = f"/internal/v{WIRE_VERSION}/messages"  # GET: one page of a dialog
 INTERNAL_BATCH_PATH = f"/internal/v{WIRE_VERSION}/messages/batch"  # POST: many sends
+INTERNAL_READ_PATH = f"/internal/v{WIRE_VERSION}/dialogs/read"  # POST: a read mark
 INTERNAL_PAUSE_PATH = f"/internal/v{WIRE_VERSION}/writes/pause"  # POST: hold commits (switchover)
 INTERNAL_RESUME_PATH = f"/internal/v{WIRE_VERSION}/writes/resume"  # POST: commit again
 # The longest write pause a worker takes in one request (counted from its drain, or from
@@ -328,6 +331,73 @@ class ListQuery:
             map_version=checks.int64(query.get("map_version"), "map_version"),
             request_id=clean_request_id(query.get("request_id")),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMark:
+    """``reader`` has read the dialog with ``other`` up to message ``up_to`` (None: its newest)."""
+
+    dialog_key: int
+    reader: uuid.UUID
+    other: uuid.UUID
+    up_to: int | None
+    map_version: int | None  # None until the forwarder routes it
+    request_id: str
+
+    @property
+    def routed_version(self) -> int:
+        if self.map_version is None:
+            raise ValueError("a read mark is encoded only once routed (with its map version)")
+        return self.map_version
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dialog_key": self.dialog_key,
+            "reader": str(self.reader),
+            "other": str(self.other),
+            "up_to": None if self.up_to is None else str(self.up_to),
+            "map_version": self.routed_version,
+            "request_id": self.request_id,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ReadMark:
+        data = _object(raw)
+        reader = checks.user_id(data.get("reader"), "reader")
+        other = checks.user_id(data.get("other"), "other")
+        key = checks.json_int64(data.get("dialog_key"), "dialog_key")
+        if key != dialog_key(reader, other):
+            raise errors.InvalidInput("dialog_key must be the dialog key of reader and other")
+        up_to = data.get("up_to")
+        return cls(
+            dialog_key=key,
+            reader=reader,
+            other=other,
+            up_to=None if up_to is None else checks.message_id(up_to, "up_to"),
+            map_version=checks.json_int64(data.get("map_version"), "map_version"),
+            request_id=clean_request_id(data.get("request_id")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """The reader's mark as stored (None: the dialog has no message yet) and its unread count."""
+
+    up_to: int | None
+    unread: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"up_to": None if self.up_to is None else str(self.up_to), "unread": self.unread}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ReadResult:
+        """Raises ValueError on anything else (the caller treats the answer as broken)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("unread"), int):
+            raise ValueError("a read result needs its unread count")
+        up_to = raw.get("up_to")
+        if up_to is not None and not (isinstance(up_to, str) and up_to.isdigit()):
+            raise ValueError("a read result's up_to must be a message id")
+        return cls(None if up_to is None else int(up_to), raw["unread"])
 
 
 @dataclass(frozen=True, slots=True)

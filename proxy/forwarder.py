@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from dialogs import errors, wire
@@ -97,6 +98,20 @@ class Forwarder:
         reply = await self._route(query.dialog_key, "list", attempt, repeatable=True)
         if not isinstance(reply, wire.Page):
             raise errors.DialogsError(f"a worker answered a list with {reply!r}")
+        return reply
+
+    async def mark_read(self, mark: wire.ReadMark) -> wire.ReadResult:
+        """Move a reader's mark on the shard that owns the dialog. Repeatable: a mark applied
+        twice is the same mark, so a broken answer is retried like a read."""
+        headers = {"Authorization": self._authorization, "Content-Type": "application/json"}
+
+        async def attempt(url: str, map_version: int) -> Attempt:
+            body = orjson.dumps(replace(mark, map_version=map_version).to_json())
+            return await self._post(url + wire.INTERNAL_READ_PATH, body, headers, wire.ReadResult.from_json)
+
+        reply = await self._route(mark.dialog_key, "read", attempt, repeatable=True)
+        if not isinstance(reply, wire.ReadResult):
+            raise errors.DialogsError(f"a worker answered a read mark with {reply!r}")
         return reply
 
     async def _route(self, dialog_key: int, operation: str, attempt: Attempter, repeatable: bool) -> retry_policy.Reply:
@@ -186,6 +201,25 @@ class Forwarder:
                 raise step.error
             return step
         raise AssertionError("after_attempt fails on the last worker")  # pragma: no cover
+
+    async def _post(
+        self, url: str, body: bytes, headers: dict[str, str], parse: Callable[[object], retry_policy.Reply]
+    ) -> Attempt:
+        try:
+            async with self._session.post(
+                URL(url, encoded=True), data=body, headers=headers, timeout=self._timeout
+            ) as response:
+                answer = await response.read()
+        except NOT_CONNECTED:
+            return NotConnected()
+        except (aiohttp.ClientError, TimeoutError):
+            return Broken()
+        if response.status != 200:
+            return ErrorAnswer(wire.error_from_response(response.status, answer, response.headers.get("Retry-After")))
+        try:
+            return Answered(parse(orjson.loads(answer)))
+        except ValueError:
+            return Broken()
 
     async def _get(self, url: str, headers: dict[str, str]) -> Attempt:
         try:

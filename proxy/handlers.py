@@ -125,6 +125,24 @@ async def list_messages(request: web.Request) -> web.Response:
     return web.Response(body=page.body, content_type="application/json")
 
 
+async def mark_read(request: web.Request) -> web.Response:
+    reader = request.app[TOKENS].user_of(request)
+    other = validation.user_id(request.match_info["user_id"])
+    up_to = validation.read_up_to(await read_json(request, empty={}))
+    mark = wire.ReadMark(
+        dialog_key=dialog_key(reader, other),
+        reader=reader,
+        other=other,
+        up_to=up_to,
+        map_version=None,  # the forwarder sets the version it routes with
+        request_id=request_id_of(request),
+    )
+    result = await request.app[FORWARDER].mark_read(mark)
+    if result.up_to is None:
+        await request.app[KNOWN_USERS].ensure(other)  # an empty dialog: is there such a user?
+    return json_response(result.to_json())
+
+
 async def health(request: web.Request) -> web.Response:
     topology = request.app[TOPOLOGY]
     shard_map = topology.map
@@ -155,6 +173,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/user/search", search_users)
     router.add_post("/dialog/{user_id}/send", send_message)
     router.add_get("/dialog/{user_id}/list", list_messages)
+    router.add_post("/dialog/{user_id}/read", mark_read)
     router.add_get("/openapi.json", openapi_document)
     router.add_get("/health", health)
     router.add_get("/metrics", metrics)

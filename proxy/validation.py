@@ -27,6 +27,13 @@ def send_text(body: Any, max_length: int) -> str:
     return text(json_object(body).get("text"), "text", max_length)
 
 
+def read_up_to(body: Any) -> int | None:
+    """A read mark's ``up_to`` (a message id); None: up to the newest message (no body,
+    an empty object, or null)."""
+    up_to = json_object(body).get("up_to")
+    return None if up_to is None else checks.message_id(up_to, "up_to")
+
+
 def list_limit(raw: str | None) -> int:
     if raw is None:
         return wire.DEFAULT_LIST_LIMIT

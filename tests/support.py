@@ -169,6 +169,12 @@ class Api:
             params["before"] = before
         return await self.request("GET", f"/dialog/{other}/list", token=token, params=params or None)
 
+    async def read(self, token: str, other: str, up_to: str | None = None, body: Any = None) -> Reply:
+        """A read mark up to ``up_to`` (None: the newest); ``body`` replaces the request's body."""
+        if body is None and up_to is not None:
+            body = {"up_to": up_to}
+        return await self.request("POST", f"/dialog/{other}/read", token=token, body=body)
+
     async def peer_whose_dialog_goes_to(self, user: str, shard_map: ShardMap, shard_id: str) -> tuple[str, int]:
         """A new user whose dialog with ``user`` ``shard_map`` puts on ``shard_id``: (id, dialog key)."""
         while True:

@@ -3,7 +3,10 @@
 Each dialog has one sender that sends sequentially (the next message after the previous
 was acknowledged), so the acknowledged order is the order the dialog must show. Readers
 remember how many messages of a dialog were acknowledged before their read began, and
-record a violation if the read shows fewer, or shows them out of order.
+record a violation if the read shows fewer, or shows them out of order. After a read, a
+reader often marks the dialog read up to one of the messages it saw, as the side it read
+as; the mark answered must never go back (marks only move forward), and at the end each
+side's mark and unread count are checked against what the run acknowledged.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class Dialog:
     recipient: str
     recipient_token: str
     acked: list[tuple[str, str]] = field(default_factory=list)  # (id, text), in send order
+    # The newest read mark the service answered for each side (the user id), as an int.
+    marks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,8 +84,11 @@ class Traffic:
             dialog = rng.choice(self.dialogs)
             before = list(dialog.acked)
             api = rng.choice(self.apis)
-            token, other = rng.choice(
-                [(dialog.sender_token, dialog.recipient), (dialog.recipient_token, dialog.sender)]
+            token, other, reader = rng.choice(
+                [
+                    (dialog.sender_token, dialog.recipient, dialog.sender),
+                    (dialog.recipient_token, dialog.sender, dialog.recipient),
+                ]
             )
             started = asyncio.get_running_loop().time()
             reply = await api.list(token, other, limit=1000)
@@ -98,7 +106,23 @@ class Traffic:
                     f"read of {dialog.sender[:8]}/{dialog.recipient[:8]} showed {len(listed)} messages,"
                     f" {len(before)} were acknowledged before it began"
                 )
+            if listed and rng.random() < 0.5:
+                await self._mark(api, token, other, dialog, reader, rng.choice(listed)[0])
             await asyncio.sleep(0.005)
+
+    async def _mark(self, api: Api, token: str, other: str, dialog: Dialog, reader: str, up_to: str) -> None:
+        started = asyncio.get_running_loop().time()
+        reply = await api.read(token, other, up_to)
+        self._took(started)
+        if reply.status != 200:
+            self.failures.append(f"read mark {reply.status}: {reply.body[:200]!r}")
+            return
+        stored = int(reply.json["up_to"])
+        if stored < max(int(up_to), dialog.marks.get(reader, 0)):
+            self.violations.append(
+                f"a read mark went back: {reader[:8]} marked {up_to}, had {dialog.marks.get(reader)}, got {stored}"
+            )
+        dialog.marks[reader] = max(stored, dialog.marks.get(reader, 0))
 
 
 async def make_dialogs(cluster: Cluster, people: int = 24, count: int = 30) -> list[Dialog]:
@@ -113,9 +137,12 @@ async def make_dialogs(cluster: Cluster, people: int = 24, count: int = 30) -> l
 
 
 async def check_every_dialog(cluster: Cluster, dialogs: list[Dialog]) -> int:
-    """Every acknowledged message readable exactly once, in order, from both participants."""
+    """Every acknowledged message readable exactly once, in order, from both participants;
+    each side's read mark is the newest it was answered, and its unread count is the other
+    side's acknowledged messages past it."""
     total = 0
     for dialog in dialogs:
+        await check_marks(cluster.api, dialog)
         expected = [text for _, text in reversed(dialog.acked)]
         expected_ids = [message_id for message_id, _ in reversed(dialog.acked)]
         for token, other in ((dialog.sender_token, dialog.recipient), (dialog.recipient_token, dialog.sender)):
@@ -124,6 +151,25 @@ async def check_every_dialog(cluster: Cluster, dialogs: list[Dialog]) -> int:
             assert [m["id"] for m in listed] == expected_ids
         total += len(expected)
     return total
+
+
+async def check_marks(api: Api, dialog: Dialog) -> None:
+    """Ask each side's mark with the dialog's oldest message (which moves no mark forward but
+    one never set): the answer is the stored mark and the unread count."""
+    if not dialog.acked:
+        return
+    oldest = int(dialog.acked[0][0])
+    for token, other, reader in (
+        (dialog.sender_token, dialog.recipient, dialog.sender),
+        (dialog.recipient_token, dialog.sender, dialog.recipient),
+    ):
+        reply = await api.read(token, other, str(oldest))
+        assert reply.status == 200, reply.body
+        expected = max(dialog.marks.get(reader, 0), oldest)
+        assert int(reply.json["up_to"]) == expected, (reader, reply.json, dialog.marks.get(reader))
+        # Only the sender sends in these dialogs.
+        theirs = [int(i) for i, _ in dialog.acked] if reader == dialog.recipient else []
+        assert reply.json["unread"] == sum(i > expected for i in theirs), (reader, reply.json)
 
 
 async def check_placement(cluster: Cluster, shard_ids: list[str], total: int) -> None:
@@ -138,6 +184,26 @@ async def check_placement(cluster: Cluster, shard_ids: list[str], total: int) ->
                 f"a row of {active.owner(row['dialog_key'])} is on {shard_id}"
             )
         seen += len(rows)
+        # Each dialog's state row is with its messages, once, and its counts are a recount's.
+        states = await cluster.shard_fetch(
+            shard_id,
+            """
+            SELECT s.dialog_key, s.sent_lo, s.sent_hi, s.read_count_lo, s.read_count_hi,
+                   count(m.id) FILTER (WHERE m.from_lo) AS lo, count(m.id) FILTER (WHERE NOT m.from_lo) AS hi,
+                   count(m.id) FILTER (WHERE NOT m.from_lo AND m.id <= s.read_lo) AS read_lo,
+                   count(m.id) FILTER (WHERE m.from_lo AND m.id <= s.read_hi) AS read_hi
+            FROM dialog_state s LEFT JOIN messages m USING (dialog_key, user_lo, user_hi)
+            GROUP BY s.dialog_key, s.user_lo, s.user_hi
+            """,
+        )
+        dialogs_here = await cluster.shard_fetch(
+            shard_id, "SELECT count(*) FROM (SELECT DISTINCT dialog_key, user_lo, user_hi FROM messages) AS d"
+        )
+        assert len(states) == dialogs_here[0][0], f"{shard_id}: {len(states)} states, {dialogs_here[0][0]} dialogs"
+        for state in states:
+            assert active.owner(state["dialog_key"]) == shard_id
+            assert (state["sent_lo"], state["sent_hi"]) == (state["lo"], state["hi"]), dict(state)
+            assert (state["read_count_lo"], state["read_count_hi"]) == (state["read_lo"], state["read_hi"]), dict(state)
         leftovers = await cluster.shard_fetch(shard_id, "SELECT count(*) FROM migration_delta")
         assert leftovers[0][0] == 0
     assert seen == total

@@ -64,6 +64,7 @@ class _Frozen:
     clock), and how far its delta log is copied once those rows are."""
 
     rows: dict[str, list[asyncpg.Record]] = field(default_factory=dict)
+    states: dict[str, list[asyncpg.Record]] = field(default_factory=dict)  # the rows' dialogs' states
     lease_ends: dict[str, datetime.datetime] = field(default_factory=dict)
     watermarks: dict[str, Watermark] = field(default_factory=dict)
 
@@ -342,8 +343,9 @@ class _Run:
     async def _preverify(self, seq: dict[str, Watermark]) -> None:
         """Verify every moving range while writes still flow, so that the cutover re-checks few.
 
-        Messages are never updated or deleted, and every write to a migrating range is
-        logged in its source's delta. So a range whose digests matched, with the delta head
+        Messages are never updated or deleted, and every write to a migrating range (a
+        message, or a change of a dialog's state: a send or a read mark) is logged in its
+        source's delta in the same transaction. So a range whose digests matched, with the delta head
         taken before the digests, still matches as long as no delta entry past that head
         falls in it. Rounds repeat (copying what is pending, re-digesting only ranges that
         differed or were written to between the previous head and the new one) until few
@@ -488,17 +490,26 @@ class _Run:
         for source in self.plan.sources:
             async with self._on(source) as src:
                 rows = await shard_sql.read_delta(src, seq.get(source, START), limit, finished_only)
+                # Read after the rows: a state newer than them is fine (what changed it is
+                # logged past them, and a copied state never replaces a newer one).
+                states = await shard_sql.states_of(src, rows)
             if not rows:
                 continue
-            by_target: dict[str, list[asyncpg.Record]] = {}
-            for row in rows:
-                by_target.setdefault(self.plan.move_of(source, row["dialog_key"]).target, []).append(row)
+            by_target = self._by_target(source, rows)
+            states_by_target = self._by_target(source, states)
             for target, target_rows in by_target.items():
                 async with self._on(target) as tgt:
-                    await shard_sql.insert_rows(tgt, target_rows)
+                    await shard_sql.insert_rows(tgt, target_rows, states_by_target.get(target, []))
             seq[source] = shard_sql.watermark_of(rows[-1])
             copied += len(rows)
         return copied
+
+    def _by_target(self, source: str, rows: Sequence[asyncpg.Record]) -> dict[str, list[asyncpg.Record]]:
+        """Rows of ``source`` (messages or dialog states) by the target their dialog moves to."""
+        by_target: dict[str, list[asyncpg.Record]] = {}
+        for row in rows:
+            by_target.setdefault(self.plan.move_of(source, row["dialog_key"]).target, []).append(row)
+        return by_target
 
     # --- cutover: freeze, final delta, verify, flip; bounded by the deadline --------------
 
@@ -520,7 +531,7 @@ class _Run:
             async with asyncio.timeout(budget.until_flip):
                 frozen = await self._freeze(migration.delta_watermark, lease)
                 steps.append(time.monotonic())
-                await self._apply_and_verify(frozen.rows)
+                await self._apply_and_verify(frozen.rows, frozen.states)
                 steps.append(time.monotonic())
                 if not await self._hand_over():
                     raise _LeaseLost("a source's lease ran out before the hand-over")
@@ -596,34 +607,41 @@ class _Run:
             await self._set(Ownership.INCOMING, self.plan.targets, self.plan.arriving)
             self._targets_incoming = True
 
-        async def one(source: str) -> tuple[str, list[asyncpg.Record], datetime.datetime]:
+        async def one(source: str) -> tuple[str, list[asyncpg.Record], list[asyncpg.Record], datetime.datetime]:
             async with self._on(source) as con:
                 rows, ends = await shard_sql.freeze(
                     con, self.plan.leaving(source), watermarks.get(source, START), lease
                 )
-                return source, rows, ends
+                # Frozen: the states of the rows' dialogs can no longer change.
+                return source, rows, await shard_sql.states_of(con, rows), ends
 
         frozen = _Frozen()
-        for source, rows, ends in await asyncio.gather(*(one(source) for source in self.plan.sources)):
+        for source, rows, states, ends in await asyncio.gather(*(one(source) for source in self.plan.sources)):
             frozen.rows[source] = rows
+            frozen.states[source] = states
             frozen.lease_ends[source] = ends
             frozen.watermarks[source] = shard_sql.watermark_of(rows[-1]) if rows else watermarks.get(source, START)
         return frozen
 
-    async def _apply_and_verify(self, left: dict[str, list[asyncpg.Record]]) -> None:
+    async def _apply_and_verify(
+        self, left: dict[str, list[asyncpg.Record]], states: dict[str, list[asyncpg.Record]]
+    ) -> None:
         """Copy the last rows and compare counts and checksums, source against target.
 
         Without pre-verification (a resumed run): every range, whole. After it: whole
         ranges only for those that differed at the last round; for ranges that matched
-        then, only the dialogs written to since its head. Messages are append-only and
-        every row logged before the head was on both sides when they matched (a copy of
-        it arriving later changes nothing), so such a range can differ only in dialogs
-        logged after the head.
+        then, only the dialogs written to since its head. Messages are append-only, every
+        change of a dialog's state logs a delta entry in its transaction, and every row
+        logged before the head was on both sides when they matched (a copy of it arriving
+        later changes nothing), so such a range can differ only in dialogs logged after
+        the head.
         """
         rows_by_pair: dict[tuple[str, str], list[asyncpg.Record]] = {pair: [] for pair in self.plan.pairs()}
-        for source, rows in left.items():
-            for row in rows:
-                rows_by_pair[(source, self.plan.move_of(source, row["dialog_key"]).target)].append(row)
+        states_by_pair: dict[tuple[str, str], list[asyncpg.Record]] = {pair: [] for pair in self.plan.pairs()}
+        for by_pair, of_source in ((rows_by_pair, left), (states_by_pair, states)):
+            for source, rows in of_source.items():
+                for target, target_rows in self._by_target(source, rows).items():
+                    by_pair[(source, target)].extend(target_rows)
         head = self.verified.head
         written = await self._delta_keys(head) if head is not None else {}
         checks = self.verified.cutover_checks(self.plan, written)
@@ -635,7 +653,8 @@ class _Run:
                 return
             async with self._on(source) as src, self._on(target) as tgt:
                 theirs, ours = await asyncio.gather(
-                    shard_sql.mixed_digests(src, spans, keys), shard_sql.apply_and_digest(tgt, rows, spans, keys)
+                    shard_sql.mixed_digests(src, spans, keys),
+                    shard_sql.apply_and_digest(tgt, rows, states_by_pair[(source, target)], spans, keys),
                 )
             bad = [key for key in theirs if theirs[key] != ours.get(key)]
             if bad:

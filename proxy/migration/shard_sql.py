@@ -12,6 +12,7 @@ import datetime
 from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
+import orjson
 
 from dialogs.metastore.migrations import Cursor, Watermark
 from dialogs.migration_plan import Holdings, Span
@@ -25,6 +26,19 @@ COLUMNS = ("dialog_key", "user_lo", "user_hi", "id", "from_lo", "text", "created
 _SELECT_COLUMNS = ", ".join(COLUMNS)
 _M_COLUMNS = ", ".join("m." + c for c in COLUMNS)
 _KEY = "(dialog_key, user_lo, user_hi, id)"
+# A dialog's state row (dialogs/schema/shard/0006_dialog_state.sql) moves with its messages.
+STATE_COLUMNS = (
+    "dialog_key",
+    "user_lo",
+    "user_hi",
+    "version",
+    "sent_lo",
+    "sent_hi",
+    "read_lo",
+    "read_hi",
+    "read_count_lo",
+    "read_count_hi",
+)
 
 # Rows of transactions older than the reader's snapshot xmin: all finished, so none can
 # still commit behind a watermark that moves past them.
@@ -157,7 +171,10 @@ async def batch_end(con: asyncpg.Connection, span: Span, cursor: Cursor, batch: 
 
 
 async def delete_after(con: asyncpg.Connection, span: Span, cursor: Cursor) -> int:
-    """Remove what a crashed copy left past its last checkpoint (the target side of a resume)."""
+    """Remove what a crashed copy left past its last checkpoint (the target side of a resume).
+
+    State rows stay: the copy brings each again, and a copied state replaces one only with
+    a newer version (``upsert_states``), so an earlier copy's row is overwritten or equal."""
     condition, args = _after(cursor, 3)
     status = await con.execute(
         f"DELETE FROM messages WHERE dialog_key BETWEEN $1 AND $2 AND {condition}", span.lo, span.hi, *args
@@ -209,10 +226,58 @@ async def copy_rows(
         async with target.transaction():
             status = await target.copy_to_table("messages", source=chunks(), columns=COLUMNS, format="binary")
             await producer  # a failed read must roll the target back, not commit half a batch
+            # The window's dialogs' states, read after their messages (a later state is fine:
+            # whatever changed it is in the delta log, which the catch-up copies).
+            await upsert_states(target, await _window_states(source, spans, after, until))
     finally:
         if not producer.done():
             producer.cancel()
     return int(status.split()[-1])
+
+
+async def _window_states(
+    con: asyncpg.Connection, spans: Sequence[Span], after: Cursor, until: Cursor
+) -> list[asyncpg.Record]:
+    """State rows of the dialogs with a message in the window (after, until] of ``spans``
+    (the dialogs at either end of a window are taken whole: copied twice, harmlessly)."""
+    args: list[object] = [[s.lo for s in spans], [s.hi for s in spans]]
+    conditions = ["TRUE"]
+    for bound, op in ((after, ">="), (until, "<=")):
+        if bound is not None:
+            index = len(args) + 1
+            conditions.append(
+                f"(s.dialog_key, s.user_lo, s.user_hi) {op} (${index}::bigint, ${index + 1}::uuid, ${index + 2}::uuid)"
+            )
+            args += list(bound[:3])
+    return await con.fetch(
+        f"SELECT {', '.join('s.' + c for c in STATE_COLUMNS)} FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
+        f" JOIN dialog_state s ON s.dialog_key BETWEEN r.lo AND r.hi WHERE {' AND '.join(conditions)}",
+        *args,
+    )
+
+
+async def states_of(con: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> list[asyncpg.Record]:
+    """The state rows of the dialogs of ``rows`` (message rows: delta or frozen ones)."""
+    dialogs = sorted({(row["dialog_key"], row["user_lo"], row["user_hi"]) for row in rows})
+    if not dialogs:
+        return []
+    columns = list(zip(*dialogs, strict=True))
+    return await con.fetch(
+        f"SELECT {', '.join('s.' + c for c in STATE_COLUMNS)} FROM dialog_state s"
+        " JOIN unnest($1::bigint[], $2::uuid[], $3::uuid[]) AS k(dialog_key, user_lo, user_hi)"
+        " USING (dialog_key, user_lo, user_hi)",
+        *columns,
+    )
+
+
+def _states_json(states: Sequence[asyncpg.Record]) -> str:
+    return orjson.dumps([dict(state) for state in states], default=str).decode()  # asyncpg UUIDs: str
+
+
+async def upsert_states(con: asyncpg.Connection, states: Sequence[asyncpg.Record]) -> None:
+    """Copied state rows: each replaces the target's only if its version is newer."""
+    if states:
+        await con.execute("SELECT upsert_states($1::jsonb)", _states_json(states))
 
 
 async def span_counts(con: asyncpg.Connection, spans: Sequence[Span]) -> dict[int, int]:
@@ -226,15 +291,22 @@ async def span_counts(con: asyncpg.Connection, spans: Sequence[Span]) -> dict[in
 
 
 async def delete_spans(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
-    """Delete every row in ``spans`` (a target's leftovers; small by construction)."""
+    """Delete every message and dialog state in ``spans`` (a target's leftovers; small by
+    construction). Returns the messages deleted."""
     if not spans:
         return 0
-    status = await con.execute(
-        "DELETE FROM messages m USING unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
-        " WHERE m.dialog_key BETWEEN r.lo AND r.hi",
-        [s.lo for s in spans],
-        [s.hi for s in spans],
-    )
+    bounds = [s.lo for s in spans], [s.hi for s in spans]
+    async with con.transaction():
+        status = await con.execute(
+            "DELETE FROM messages m USING unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
+            " WHERE m.dialog_key BETWEEN r.lo AND r.hi",
+            *bounds,
+        )
+        await con.execute(
+            "DELETE FROM dialog_state s USING unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
+            " WHERE s.dialog_key BETWEEN r.lo AND r.hi",
+            *bounds,
+        )
     return int(status.split()[-1])
 
 
@@ -266,20 +338,25 @@ async def delta_backlog(con: asyncpg.Connection, after: Watermark) -> int:
     return await con.fetchval("SELECT count(*) FROM migration_delta WHERE (xid, seq) > ($1, $2)", *after)
 
 
-async def insert_rows(con: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
-    """Idempotent insert (a row the initial copy already brought is skipped)."""
-    if not rows:
+async def insert_rows(
+    con: asyncpg.Connection, rows: Sequence[asyncpg.Record], states: Sequence[asyncpg.Record] = ()
+) -> None:
+    """Idempotent insert (a row the initial copy already brought is skipped), and the
+    dialogs' ``states`` (a newer version replaces an older one), in one transaction."""
+    if not rows and not states:
         return
     columns = [[row[c] for row in rows] for c in COLUMNS]
-    await con.execute(
-        f"""
-        INSERT INTO messages ({_SELECT_COLUMNS})
-        SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[], $5::boolean[], $6::text[],
-                             $7::timestamptz[], $8::text[])
-        ON CONFLICT DO NOTHING
-        """,
-        *columns,
-    )
+    async with con.transaction():
+        await con.execute(
+            f"""
+            INSERT INTO messages ({_SELECT_COLUMNS})
+            SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[], $5::boolean[], $6::text[],
+                                 $7::timestamptz[], $8::text[])
+            ON CONFLICT DO NOTHING
+            """,
+            *columns,
+        )
+        await upsert_states(con, states)
 
 
 async def clear_delta(con: asyncpg.Connection) -> None:
@@ -347,15 +424,22 @@ async def mixed_digests(con: asyncpg.Connection, spans: Sequence[Span], keys: Se
 
 
 async def apply_and_digest(
-    con: asyncpg.Connection, rows: Sequence[asyncpg.Record], spans: Sequence[Span], keys: Sequence[int]
+    con: asyncpg.Connection,
+    rows: Sequence[asyncpg.Record],
+    states: Sequence[asyncpg.Record],
+    spans: Sequence[Span],
+    keys: Sequence[int],
 ) -> MixedDigests:
-    """Insert copied ``rows`` (idempotently), then digest ``spans`` and dialogs ``keys``, in one round trip."""
+    """Insert copied ``rows`` (idempotently) and ``states`` (newer versions only), then digest
+    ``spans`` and dialogs ``keys``, in one round trip."""
     columns = [[row[c] for row in rows] for c in COLUMNS]
     return _mixed(
         await con.fetch(
             "SELECT kind, key, rows, checksum FROM apply_and_digest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[],"
-            " $5::boolean[], $6::text[], $7::timestamptz[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[])",
+            " $5::boolean[], $6::text[], $7::timestamptz[], $8::text[], $9::jsonb, $10::bigint[], $11::bigint[],"
+            " $12::bigint[])",
             *columns,
+            _states_json(states),
             [s.lo for s in spans],
             [s.hi for s in spans],
             list(keys),
@@ -364,13 +448,17 @@ async def apply_and_digest(
 
 
 async def delete_span_batch(con: asyncpg.Connection, span: Span, batch: int) -> int:
-    status = await con.execute(
-        "DELETE FROM messages WHERE ctid IN (SELECT ctid FROM messages WHERE dialog_key BETWEEN $1 AND $2 LIMIT $3)",
-        span.lo,
-        span.hi,
-        batch,
-    )
-    return int(status.split()[-1])
+    """Delete up to ``batch`` rows of ``span``: messages first, then dialog states; 0 when none is left."""
+    for table in ("messages", "dialog_state"):
+        status = await con.execute(
+            f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} WHERE dialog_key BETWEEN $1 AND $2 LIMIT $3)",
+            span.lo,
+            span.hi,
+            batch,
+        )
+        if deleted := int(status.split()[-1]):
+            return deleted
+    return 0
 
 
 async def analyze(con: asyncpg.Connection) -> None:

@@ -185,3 +185,36 @@ def test_a_write_pause_round_trips_within_its_bounds() -> None:
     for holder in (None, "", "x" * 129, "tab\there", 5):
         with pytest.raises(errors.InvalidInput, match="holder must be"):
             wire.WriteResume.from_json({"holder": holder})
+
+
+@pytest.mark.parametrize("up_to", [None, 1, INT64_MAX])
+def test_a_read_mark_and_its_result_round_trip(up_to: int | None) -> None:
+    mark = wire.ReadMark(KEY, BORIS, ANNA, up_to, 5, "req-7")
+    assert wire.ReadMark.from_json(_through_json(mark.to_json())) == mark
+    result = wire.ReadResult(up_to, 3)
+    assert wire.ReadResult.from_json(_through_json(result.to_json())) == result
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"dialog_key": KEY + 1}, "dialog_key must be the dialog key of reader and other"),
+        ({"reader": "nobody"}, "reader must be a UUID"),
+        ({"up_to": "0"}, "up_to must be a message id"),
+        ({"up_to": "12a"}, "up_to must be a message id"),
+        ({"up_to": "１２"}, "up_to must be a message id"),  # full-width digits: isdigit(), not ASCII
+        ({"up_to": str(INT64_MAX + 1)}, "up_to must be a message id"),
+        ({"up_to": False}, "up_to must be a message id"),
+        ({"map_version": "5"}, "map_version must be an integer"),
+    ],
+)
+def test_a_worker_checks_a_read_mark(changes: dict[str, object], message: str) -> None:
+    raw = {**wire.ReadMark(KEY, ANNA, BORIS, 10, 5, "r").to_json(), **changes}
+    with pytest.raises(errors.InvalidInput, match=message):
+        wire.ReadMark.from_json(raw)
+
+
+@pytest.mark.parametrize("answer", [None, [], {"up_to": "1"}, {"up_to": "x", "unread": 1}, {"up_to": 5, "unread": 1}])
+def test_a_malformed_read_answer_is_not_taken_for_a_result(answer: object) -> None:
+    with pytest.raises(ValueError):
+        wire.ReadResult.from_json(answer)
