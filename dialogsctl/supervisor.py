@@ -628,7 +628,9 @@ class Supervisor:
         self.console.print("\n".join(lines), highlight=False, soft_wrap=True)
         self.console.print("\nTry it (copy and paste):", highlight=False)
         self.console.print(walkthrough(url), highlight=False, markup=False, soft_wrap=True)
-        self.console.print("\nCtrl-C stops everything; `make up` again keeps the data.", highlight=False)
+        self.console.print(
+            "\nCtrl-C stops everything; starting it again (`make up` or `dialogs up`) keeps the data.", highlight=False
+        )
 
 
 def walkthrough(url: str) -> str:

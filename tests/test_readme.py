@@ -31,10 +31,11 @@ async def test_the_api_walkthrough_runs_as_written(cluster: Cluster) -> None:
         subprocess.run, ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    profile, sent, listed = (json.loads(line) for line in result.stdout.splitlines())
+    profile, sent, listed, read = (json.loads(line) for line in result.stdout.splitlines())
     assert profile["first_name"] == "Boris" and "birthdate" not in profile
     assert set(sent) == {"id", "created_at"}
     assert [(m["id"], m["text"]) for m in listed] == [(sent["id"], "Привет!")]
+    assert read == {"up_to": sent["id"], "unread": 0}
 
 
 async def test_the_admin_examples_run_as_written(cluster: Cluster) -> None:

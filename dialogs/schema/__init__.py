@@ -43,13 +43,14 @@ async def upgrade_metadata(con: asyncpg.Connection) -> list[str]:
     return await apply(con, METADATA)
 
 
-async def upgrade_shard(con: asyncpg.Connection) -> list[str]:
-    """Bring a shard database's schema up to date; the names of the files applied now."""
-    return await apply(con, SHARD)
+async def upgrade_shard(con: asyncpg.Connection, until: int | None = None) -> list[str]:
+    """Bring a shard database's schema up to date (or to version ``until``: a database of an
+    earlier release, for tests and the bench); the names of the files applied now."""
+    return await apply(con, SHARD, until)
 
 
-async def apply(con: asyncpg.Connection, package: str) -> list[str]:
-    """Apply what is missing; return the names applied now."""
+async def apply(con: asyncpg.Connection, package: str, until: int | None = None) -> list[str]:
+    """Apply what is missing (up to version ``until``, if given); return the names applied now."""
     applied_now = []
     async with con.transaction():
         await con.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
@@ -60,7 +61,7 @@ async def apply(con: asyncpg.Connection, package: str) -> list[str]:
         )
         done = {row["version"] for row in await con.fetch("SELECT version FROM schema_migrations")}
         for version, name, sql in upgrades(package):
-            if version in done:
+            if version in done or (until is not None and version > until):
                 continue
             await con.execute(sql)
             await con.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
