@@ -78,9 +78,10 @@ def json_int64(value: Any, name: str) -> int:
 
 
 def message_id(value: Any, name: str) -> int:
-    """A message id as the API writes them: a string of decimal digits (a JSON integer is
-    taken too), from 1 to 2**63-1."""
-    if isinstance(value, str) and value.isascii() and value.isdigit() or isinstance(value, int):
+    """A message id as the API writes them: a string of decimal digits, from 1 to 2**63-1.
+    Not a JSON number: JavaScript rounds integers past 2**53, and a rounded id names another
+    message (or none)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
         with contextlib.suppress(errors.InvalidInput):
             return bounded_int(value, name, 1, INT64_MAX)
     raise errors.InvalidInput(f"{name} must be a message id (a string of digits, as message ids are written)")

@@ -125,6 +125,7 @@ class Forwarder:
         """
         reloads = 0
         buffered_since: float | None = None
+        reason_since = 0.0  # when the hold for the current reason (cutover or failover) began
         failover = False  # the last hold was for the shard's database, not for a cutover
         try:
             while True:
@@ -145,9 +146,16 @@ class Forwarder:
                     if self._topology.map_version > shard_map.map_version:
                         continue
                 now = time.monotonic()
+                for_failover = isinstance(step.refusal, errors.Unavailable)
+                if buffered_since is not None and for_failover != failover:
+                    # Held for the other reason until now (a source primary lost during its
+                    # cutover, then frozen again by the next attempt on its successor): this
+                    # reason's bound counts from here, and the two bounds together cap the hold.
+                    reason_since = now
+                over = buffered_since is not None and now - buffered_since > self._cutover_wait + self._failover_wait
                 held = retry_policy.buffer_wait(
                     step.refusal,
-                    None if buffered_since is None else now - buffered_since,
+                    None if buffered_since is None else (float("inf") if over else now - reason_since),
                     retry_policy.wait_bound(step.refusal, self._cutover_wait, self._failover_wait),
                     self._buffered,
                     self._max_buffered,
@@ -156,9 +164,9 @@ class Forwarder:
                     if held.reason != "unavailable" or buffered_since is not None:
                         self._metrics.buffer_overflows.inc()
                     raise held.error
-                failover = isinstance(step.refusal, errors.Unavailable)
+                failover = for_failover
                 if buffered_since is None:
-                    buffered_since = now
+                    buffered_since = reason_since = now
                     self._buffered += 1
                     self._metrics.buffered.inc()
                 await self._topology.wait_for_change(held.seconds)

@@ -77,6 +77,7 @@ async def test_an_empty_dialog_and_bad_marks(cluster: Cluster) -> None:
         ({"up_to": "abc"}, "up_to must be a message id"),
         ({"up_to": "-5"}, "up_to must be a message id"),
         ({"up_to": True}, "up_to must be a message id"),
+        ({"up_to": int(sent)}, "up_to must be a message id"),
         ({"up_to": "99999999999999999999"}, "up_to must be a message id"),
         (["up_to"], "request body must be a JSON object"),
     ):
@@ -146,5 +147,11 @@ async def test_upgrading_a_shard_fills_each_dialogs_state_from_its_messages(data
         await store([False, True])
         state = await con.fetchrow("SELECT version, sent_lo, sent_hi FROM dialog_state")
         assert dict(state) == {"version": 2, "sent_lo": 3, "sent_hi": 2}
+        # A send another worker stored with the previous function during the upgrade is not
+        # counted; the recount the upgrade runs after its commit finds it.
+        await con.execute("UPDATE dialog_state SET sent_hi = sent_hi - 1")
+        await con.execute("SELECT recount_dialog_states()")
+        state = await con.fetchrow("SELECT version, sent_lo, sent_hi FROM dialog_state")
+        assert dict(state) == {"version": 3, "sent_lo": 3, "sent_hi": 2}
     finally:
         await con.close()

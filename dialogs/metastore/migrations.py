@@ -299,11 +299,15 @@ async def confirm_flip(con: asyncpg.Connection, migration_id: int) -> None:
     synchronous commit that nothing cuts short (no statement timeout): the standby flushes
     WAL in order, so once it has this commit it has the flip too. Without a synchronous
     standby (``synchronous_standby_names`` empty) it returns at once. A caller that gives
-    up waiting (a cancel) learns nothing and must ask again.
+    up waiting (a cancel) learns nothing and must ask again. (A cancel by someone else, an
+    operator's ``pg_cancel_backend``, would end the wait with a success: PostgreSQL keeps
+    such a commit and only warns.)
     """
     async with con.transaction():
         await con.execute("SET LOCAL statement_timeout = 0; SET LOCAL synchronous_commit = on")
-        await con.execute("UPDATE migrations SET updated_at = now() WHERE migration_id = $1", migration_id)
+        status = await con.execute("UPDATE migrations SET updated_at = now() WHERE migration_id = $1", migration_id)
+        if status != "UPDATE 1":  # no row written, no WAL: nothing would have been waited for
+            raise errors.MigrationNotFound(f"no migration {migration_id} to confirm its flip with")
 
 
 async def record_pause(con: asyncpg.Connection, migration_id: int, pause_ms: float) -> None:

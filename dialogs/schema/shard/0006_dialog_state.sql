@@ -25,6 +25,22 @@ INSERT INTO dialog_state (dialog_key, user_lo, user_hi, version, sent_lo, sent_h
 SELECT dialog_key, user_lo, user_hi, 1, count(*) FILTER (WHERE from_lo), count(*) FILTER (WHERE NOT from_lo)
 FROM messages GROUP BY dialog_key, user_lo, user_hi;
 
+-- Sent counts recounted from the messages, behind the exclusive fence (no send in flight).
+-- Run once in a transaction of its own right after this upgrade commits (schema.upgrade_shard):
+-- a send that another worker made with the previous store_messages while this upgrade ran
+-- stored its message without counting it; once the new function is committed, sends that
+-- started before have finished when the fence is had, and later ones count themselves.
+CREATE FUNCTION recount_dialog_states() RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(7236281096744167283);
+    INSERT INTO dialog_state AS s (dialog_key, user_lo, user_hi, version, sent_lo, sent_hi)
+    SELECT dialog_key, user_lo, user_hi, 1, count(*) FILTER (WHERE from_lo), count(*) FILTER (WHERE NOT from_lo)
+    FROM messages GROUP BY dialog_key, user_lo, user_hi ORDER BY 1, 2, 3
+    ON CONFLICT (dialog_key, user_lo, user_hi) DO UPDATE
+    SET sent_lo = EXCLUDED.sent_lo, sent_hi = EXCLUDED.sent_hi, version = s.version + 1
+    WHERE (s.sent_lo, s.sent_hi) IS DISTINCT FROM (EXCLUDED.sent_lo, EXCLUDED.sent_hi);
+END $$;
+
 -- The hash of a state row in the digests that verify a migration (added to the messages').
 CREATE FUNCTION state_hash(s dialog_state) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
     SELECT hashtextextended(concat_ws('|', 'state', s.dialog_key, s.user_lo, s.user_hi, s.version, s.sent_lo,
@@ -86,9 +102,9 @@ END $$;
 
 -- A read mark: p_reader_lo's side has read the dialog up to message p_up_to (NULL: its
 -- newest message). Behind the shared fence like a send, and refused the same way while
--- the range is frozen or not served here. Marks only move forward: an older mark changes
--- nothing; the same mark again recounts (a message that committed late below it is then
--- read). In a migrating range a change logs the mark's message in the delta, so the
+-- the range is frozen or not served here. Marks only move forward: an older mark leaves
+-- the stored one; every mark recounts (a message that committed late below the mark, from
+-- two workers racing in one dialog, is then read). In a migrating range a change logs the mark's message in the delta, so the
 -- catch-up copies the state with it.
 -- status: marked | frozen | not_served | no_message (p_up_to is not a message of the dialog).
 CREATE FUNCTION mark_read(p_dialog_key bigint, p_lo uuid, p_hi uuid, p_reader_lo boolean, p_up_to bigint)
@@ -132,26 +148,25 @@ BEGIN
     v_other_sent := CASE WHEN p_reader_lo THEN s.sent_hi ELSE s.sent_lo END;
     v_old_mark := CASE WHEN p_reader_lo THEN s.read_lo ELSE s.read_hi END;
     v_old_read := CASE WHEN p_reader_lo THEN s.read_count_lo ELSE s.read_count_hi END;
-    IF v_mark >= v_old_mark THEN
-        -- The other side's messages at or below the mark: all of theirs but those above it.
-        v_read := v_other_sent - (SELECT count(*) FROM messages m
-                                  WHERE m.dialog_key = p_dialog_key AND m.user_lo = p_lo AND m.user_hi = p_hi
-                                    AND m.id > v_mark AND m.from_lo <> p_reader_lo);
-        IF v_mark <> v_old_mark OR v_read <> v_old_read THEN
-            IF p_reader_lo THEN
-                UPDATE dialog_state d SET read_lo = v_mark, read_count_lo = v_read, version = d.version + 1
-                WHERE d.dialog_key = p_dialog_key AND d.user_lo = p_lo AND d.user_hi = p_hi;
-            ELSE
-                UPDATE dialog_state d SET read_hi = v_mark, read_count_hi = v_read, version = d.version + 1
-                WHERE d.dialog_key = p_dialog_key AND d.user_lo = p_lo AND d.user_hi = p_hi;
-            END IF;
-            IF v_state = 'migrating' THEN
-                INSERT INTO migration_delta (dialog_key, user_lo, user_hi, id) VALUES (p_dialog_key, p_lo, p_hi, v_mark);
-            END IF;
-        END IF;
-    ELSE  -- an older mark: the stored one stands
+    IF v_mark < v_old_mark THEN  -- an older mark: the stored one stands (and is recounted)
         v_mark := v_old_mark;
-        v_read := v_old_read;
+    END IF;
+    -- The other side's messages at or below the mark: all of theirs but those above it.
+    -- Recounted on every mark: a message that committed late below the mark is then read.
+    v_read := v_other_sent - (SELECT count(*) FROM messages m
+                              WHERE m.dialog_key = p_dialog_key AND m.user_lo = p_lo AND m.user_hi = p_hi
+                                AND m.id > v_mark AND m.from_lo <> p_reader_lo);
+    IF v_mark <> v_old_mark OR v_read <> v_old_read THEN
+        IF p_reader_lo THEN
+            UPDATE dialog_state d SET read_lo = v_mark, read_count_lo = v_read, version = d.version + 1
+            WHERE d.dialog_key = p_dialog_key AND d.user_lo = p_lo AND d.user_hi = p_hi;
+        ELSE
+            UPDATE dialog_state d SET read_hi = v_mark, read_count_hi = v_read, version = d.version + 1
+            WHERE d.dialog_key = p_dialog_key AND d.user_lo = p_lo AND d.user_hi = p_hi;
+        END IF;
+        IF v_state = 'migrating' THEN
+            INSERT INTO migration_delta (dialog_key, user_lo, user_hi, id) VALUES (p_dialog_key, p_lo, p_hi, v_mark);
+        END IF;
     END IF;
     RETURN QUERY SELECT 'marked', v_mark, v_other_sent - v_read;
 END $$;
