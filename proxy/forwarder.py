@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
 import aiohttp
@@ -39,6 +39,10 @@ from proxy.topology import Topology
 log = logging.getLogger(__name__)
 
 Attempter = Callable[[str, int], Awaitable[Attempt]]  # (worker URL, map version) -> outcome
+
+
+def _page(body: bytes, headers: Mapping[str, str]) -> wire.Page:
+    return wire.Page.from_response(body, headers.get(wire.PAGE_COUNT_HEADER))
 
 
 class Forwarder:
@@ -93,7 +97,7 @@ class Forwarder:
 
         async def attempt(url: str, map_version: int) -> Attempt:
             routed = replace(query, map_version=map_version).to_query()
-            return await self._get(url + wire.INTERNAL_MESSAGES_PATH + "?" + routed, headers)
+            return await self._exchange("GET", url + wire.INTERNAL_MESSAGES_PATH + "?" + routed, headers, _page)
 
         reply = await self._route(query.dialog_key, "list", attempt, repeatable=True)
         if not isinstance(reply, wire.Page):
@@ -107,7 +111,13 @@ class Forwarder:
 
         async def attempt(url: str, map_version: int) -> Attempt:
             body = orjson.dumps(replace(mark, map_version=map_version).to_json())
-            return await self._post(url + wire.INTERNAL_READ_PATH, body, headers, wire.ReadResult.from_json)
+            return await self._exchange(
+                "POST",
+                url + wire.INTERNAL_READ_PATH,
+                headers,
+                lambda answer, _: wire.ReadResult.from_json(orjson.loads(answer)),
+                body,
+            )
 
         reply = await self._route(mark.dialog_key, "read", attempt, repeatable=True)
         if not isinstance(reply, wire.ReadResult):
@@ -210,12 +220,21 @@ class Forwarder:
             return step
         raise AssertionError("after_attempt fails on the last worker")  # pragma: no cover
 
-    async def _post(
-        self, url: str, body: bytes, headers: dict[str, str], parse: Callable[[object], retry_policy.Reply]
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        parse: Callable[[bytes, Mapping[str, str]], retry_policy.Reply],
+        body: bytes | None = None,
     ) -> Attempt:
+        """One request to a worker, its outcome as the retry policy sees it; ``parse`` turns a
+        200's body and headers into the reply (a ValueError: the answer is broken)."""
         try:
-            async with self._session.post(
-                URL(url, encoded=True), data=body, headers=headers, timeout=self._timeout
+            # A ready-made, already encoded URL: aiohttp's own URL building costs more than
+            # the rest of the proxy's work per request.
+            async with self._session.request(
+                method, URL(url, encoded=True), data=body, headers=headers, timeout=self._timeout
             ) as response:
                 answer = await response.read()
         except NOT_CONNECTED:
@@ -225,23 +244,6 @@ class Forwarder:
         if response.status != 200:
             return ErrorAnswer(wire.error_from_response(response.status, answer, response.headers.get("Retry-After")))
         try:
-            return Answered(parse(orjson.loads(answer)))
-        except ValueError:
-            return Broken()
-
-    async def _get(self, url: str, headers: dict[str, str]) -> Attempt:
-        try:
-            # A ready-made, already encoded URL: aiohttp's own URL building costs more than
-            # the rest of the proxy's work per request.
-            async with self._session.get(URL(url, encoded=True), headers=headers, timeout=self._timeout) as response:
-                answer = await response.read()
-        except NOT_CONNECTED:
-            return NotConnected()
-        except (aiohttp.ClientError, TimeoutError):
-            return Broken()
-        if response.status != 200:
-            return ErrorAnswer(wire.error_from_response(response.status, answer, response.headers.get("Retry-After")))
-        try:
-            return Answered(wire.Page.from_response(answer, response.headers.get(wire.PAGE_COUNT_HEADER)))
+            return Answered(parse(answer, response.headers))
         except ValueError:
             return Broken()
