@@ -13,6 +13,7 @@ from aiohttp import web
 from dialog_api import handlers
 from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
 from dialog_api.group_commit import GroupCommit
+from dialog_api.inbox_applier import InboxApplier
 from dialog_api.map_view import MapView
 from dialog_api.metrics import WorkerMetrics
 from dialog_api.settings import WorkerSettings
@@ -103,6 +104,20 @@ async def _group_commit(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _inbox_applier(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    applier = InboxApplier(
+        settings.shard_dsn,
+        app[MAP_VIEW],
+        app[METRICS],
+        settings.inbox_batch,
+        settings.inbox_poll_interval,
+        settings.query_timeout,
+    )
+    async with background(applier.run()):
+        yield
+
+
 def create_app(settings: WorkerSettings) -> web.Application:
     metrics = WorkerMetrics(settings.shard_id)
     app = web.Application(
@@ -112,6 +127,6 @@ def create_app(settings: WorkerSettings) -> web.Application:
     app[METRICS] = metrics
     app[MAP_VIEW] = MapView(settings.shard_id)
     # Order matters: teardown runs in reverse, so registration goes first and the pool last.
-    app.cleanup_ctx.extend([_shard_pool, _rows_gauge, _map_watcher, _group_commit, _registration])
+    app.cleanup_ctx.extend([_shard_pool, _rows_gauge, _map_watcher, _group_commit, _inbox_applier, _registration])
     handlers.setup_routes(app)
     return app

@@ -101,6 +101,41 @@ def _message(row: Record) -> dict[str, object]:
     return wire.message_json(row["id"], sender, recipient, row["text"], row["created_at"])
 
 
+async def inbox_page(request: web.Request) -> web.Response:
+    query = await _inbox_query(request)
+    rows = await request.app[STORE].inbox_page(query)
+    items = [
+        wire.inbox_item_json(
+            row["peer"],
+            query.owner,
+            row["last_id"],
+            row["last_from_owner"],
+            row["last_text"],
+            row["last_at"],
+            row["unread"],
+        )
+        for row in rows
+    ]
+    return web.Response(
+        body=orjson.dumps(items), content_type="application/json", headers={wire.PAGE_COUNT_HEADER: str(len(rows))}
+    )
+
+
+async def unread_totals(request: web.Request) -> web.Response:
+    query = await _inbox_query(request)
+    return json_response((await request.app[STORE].unread_totals(query)).to_json())
+
+
+async def _inbox_query(request: web.Request) -> wire.InboxQuery:
+    request_id = wire.clean_request_id(request.query.get("request_id"))
+    if request_id:
+        rename_request(request, request_id)
+    _require_proxy(request)
+    query = wire.InboxQuery.from_query(request.query)
+    await request.app[MAP_VIEW].check_route(query.user_key, query.routed_version)
+    return query
+
+
 async def mark_read(request: web.Request) -> web.Response:
     _require_proxy(request)
     mark = wire.ReadMark.from_json(await read_json(request, orjson.loads))
@@ -148,6 +183,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post(wire.INTERNAL_BATCH_PATH, insert_batch)
     app.router.add_get(wire.INTERNAL_MESSAGES_PATH, list_messages)
     app.router.add_post(wire.INTERNAL_READ_PATH, mark_read)
+    app.router.add_get(wire.INTERNAL_INBOX_PATH, inbox_page)
+    app.router.add_get(wire.INTERNAL_UNREAD_PATH, unread_totals)
     app.router.add_post(wire.INTERNAL_PAUSE_PATH, pause_writes)
     app.router.add_post(wire.INTERNAL_RESUME_PATH, resume_writes)
     app.router.add_get("/health", health)

@@ -22,9 +22,11 @@ class MapView:
         self.shard_id = shard_id
         self.map: ShardMap | None = None
         self.watcher: MetadataWatcher | None = None
+        self.dsns: dict[str, str] = {}  # every registered shard's database (the inbox applier's)
 
     async def load(self, con: asyncpg.Connection) -> None:
         fresh = await maps.active_map(con)
+        self.dsns = await maps.shard_dsns(con)
         if fresh is not None and (self.map is None or fresh.map_version > self.map.map_version):
             self.map = fresh
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dialogs.http import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, RequestMetrics
 
@@ -49,6 +49,21 @@ class WorkerMetrics:
         self.writes_paused = Gauge(
             "dialogs_worker_writes_paused",
             "1 while this worker's commits are paused for a switchover of its shard's primary",
+            registry=self.registry,
+        )
+        self.inbox_backlog = Gauge(
+            "dialogs_worker_inbox_backlog",
+            "Rows in this shard's inbox outbox not applied yet (set by the worker that applies it, else 0)",
+            registry=self.registry,
+        )
+        self.inbox_lag = Gauge(
+            "dialogs_worker_inbox_lag_seconds",
+            "Age of the oldest row in this shard's inbox outbox (set by the worker that applies it, else 0)",
+            registry=self.registry,
+        )
+        self.inbox_applied = Counter(
+            "dialogs_worker_inbox_applied",
+            "Outbox rows whose dialog snapshot this worker applied to its users' inboxes",
             registry=self.registry,
         )
         self.info = Gauge(

@@ -96,6 +96,42 @@ FROM own LEFT JOIN LATERAL ({_LIST}) AS page ON own.state IN ('owned', 'migratin
 """
 
 
+# A page of an owner's inbox behind the same ownership check, by the owner's key: the
+# conversations whose last message is older than $3, newest first, at most $4 and at most
+# $5 bytes of text (always the first).
+_OWN_USER = f"""
+WITH own AS (
+    SELECT (SELECT effective_state(r.state, r.lease_until)
+            FROM (SELECT hi, state, lease_until FROM shard_ranges WHERE lo <= $1 ORDER BY lo DESC LIMIT 1) AS r
+            WHERE r.hi >= $1) AS state,
+           {pg.PRIMARY_CHECK} AS primary_ok
+)"""
+
+INBOX_QUERY = f"""{_OWN_USER}
+SELECT own.state, own.primary_ok, page.*
+FROM own LEFT JOIN LATERAL (
+    SELECT peer, last_id, last_from_owner, last_text, last_at, unread
+    FROM (
+        SELECT peer, last_id, last_from_owner, last_text, last_at, unread,
+               sum(octet_length(last_text)) OVER newest_first AS bytes, row_number() OVER newest_first AS n
+        FROM inbox
+        WHERE user_key = $1 AND owner = $2 AND last_id < $3
+        WINDOW newest_first AS (ORDER BY last_id DESC ROWS UNBOUNDED PRECEDING)
+        ORDER BY last_id DESC
+        LIMIT $4
+    ) AS candidates
+    WHERE bytes <= $5 OR n = 1
+    ORDER BY last_id DESC
+) AS page ON own.state IN ('owned', 'migrating', 'frozen') AND own.primary_ok
+"""
+
+UNREAD_QUERY = f"""{_OWN_USER}
+SELECT own.state, own.primary_ok, t.unread, t.dialogs
+FROM own LEFT JOIN inbox_totals t
+    ON t.user_key = $1 AND t.owner = $2 AND own.state IN ('owned', 'migrating', 'frozen') AND own.primary_ok
+"""
+
+
 _STATUS = {
     "inserted": lambda row: Stored(row["id"], row["created_at"], duplicate=False),
     "duplicate": lambda row: None,  # filled in by _resolve_repeats
@@ -190,6 +226,26 @@ class ShardStore:
         if rows[0]["state"] not in wire.READABLE:
             raise errors.RangeNotServed()
         return [row for row in rows if row["id"] is not None]
+
+    async def inbox_page(self, query: wire.InboxQuery) -> list[asyncpg.Record]:
+        """One page of a user's inbox, from the shard that owns the user's key."""
+        rows = await self._owner_read("inbox", INBOX_QUERY, query, query.before, query.limit, wire.MAX_PAGE_TEXT_BYTES)
+        return [row for row in rows if row["last_id"] is not None]
+
+    async def unread_totals(self, query: wire.InboxQuery) -> wire.UnreadTotals:
+        row = (await self._owner_read("unread", UNREAD_QUERY, query))[0]
+        return wire.UnreadTotals(row["unread"] or 0, row["dialogs"] or 0)
+
+    async def _owner_read(self, name: str, sql: str, query: wire.InboxQuery, *args: object) -> list[asyncpg.Record]:
+        async with translated(), self._connection() as con:
+            started = time.perf_counter()
+            rows = await con.fetch(sql, query.user_key, query.owner, *args)
+            self._observe(name, time.perf_counter() - started)
+            if not rows[0]["primary_ok"]:
+                raise errors.ShardUnavailable("the shard's primary is changing; retry shortly")
+        if rows[0]["state"] not in wire.READABLE:
+            raise errors.RangeNotServed()
+        return rows
 
     async def mark_read(
         self, dialog_key: int, reader: uuid.UUID, other: uuid.UUID, up_to: int | None

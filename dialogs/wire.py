@@ -11,6 +11,9 @@ id as fields of its own, never as headers (a batch carries many):
                                       otherwise an error
     POST INTERNAL_READ_PATH           a ReadMark  ->  200: a ReadResult (the mark now stored
                                       and the reader's unread count); otherwise an error
+    GET  INTERNAL_INBOX_PATH?<InboxQuery>  ->  200: a Page (the public inbox items' JSON
+                                      array, its length in PAGE_COUNT_HEADER); otherwise an error
+    GET  INTERNAL_UNREAD_PATH?<InboxQuery> ->  200: the public {"total", "dialogs"}
     POST INTERNAL_PAUSE_PATH          a WritePause  ->  200: {"drained": bool}: true once no
                                       commit is in flight, false if one still was after the
                                       worker's query timeout (a switchover's write pause)
@@ -42,7 +45,7 @@ from urllib.parse import quote
 import orjson
 
 from dialogs import checks, errors
-from dialogs.keys import INT64_MAX, dialog_key
+from dialogs.keys import INT64_MAX, dialog_key, user_key
 
 REQUEST_ID_HEADER = "X-Request-ID"  # the public API's; on the wire, each message's request_id
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -55,6 +58,8 @@ WIRE_VERSION = 2
 INTERNAL_MESSAGES_PATH = f"/internal/v{WIRE_VERSION}/messages"  # GET: one page of a dialog
 INTERNAL_BATCH_PATH = f"/internal/v{WIRE_VERSION}/messages/batch"  # POST: many sends
 INTERNAL_READ_PATH = f"/internal/v{WIRE_VERSION}/dialogs/read"  # POST: a read mark
+INTERNAL_INBOX_PATH = f"/internal/v{WIRE_VERSION}/inbox"  # GET: one page of a user's inbox
+INTERNAL_UNREAD_PATH = f"/internal/v{WIRE_VERSION}/inbox/unread"  # GET: a user's unread totals
 INTERNAL_PAUSE_PATH = f"/internal/v{WIRE_VERSION}/writes/pause"  # POST: hold commits (switchover)
 INTERNAL_RESUME_PATH = f"/internal/v{WIRE_VERSION}/writes/resume"  # POST: commit again
 # The longest write pause a worker takes in one request (counted from its drain, or from
@@ -331,6 +336,83 @@ class ListQuery:
             map_version=checks.int64(query.get("map_version"), "map_version"),
             request_id=clean_request_id(query.get("request_id")),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class InboxQuery:
+    """One page of ``owner``'s inbox (conversations whose last message is older than
+    ``before``, newest first, at most ``limit``), or its unread totals; routed by the
+    owner's key (``keys.user_key``)."""
+
+    user_key: int
+    owner: uuid.UUID
+    before: int
+    limit: int
+    map_version: int | None  # None until the forwarder routes it
+    request_id: str
+
+    @property
+    def routed_version(self) -> int:
+        if self.map_version is None:
+            raise ValueError("an inbox query is encoded only once routed (with its map version)")
+        return self.map_version
+
+    def to_query(self) -> str:
+        return (
+            f"user_key={self.user_key}&owner={self.owner}&before={self.before}&limit={self.limit}"
+            f"&map_version={self.routed_version}&request_id={quote(self.request_id, safe='')}"
+        )
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> InboxQuery:
+        owner = checks.user_id(query.get("owner"), "owner")
+        key = checks.int64(query.get("user_key"), "user_key")
+        if key != user_key(owner):
+            raise errors.InvalidInput("user_key must be the key of owner")
+        return cls(
+            user_key=key,
+            owner=owner,
+            before=checks.bounded_int(query.get("before", str(INT64_MAX)), "before", 1, INT64_MAX),
+            limit=checks.bounded_int(query.get("limit", str(DEFAULT_LIST_LIMIT)), "limit", 1, MAX_LIST_LIMIT),
+            map_version=checks.int64(query.get("map_version"), "map_version"),
+            request_id=clean_request_id(query.get("request_id")),
+        )
+
+
+def inbox_item_json(
+    peer: uuid.UUID,
+    owner: uuid.UUID,
+    last_id: int,
+    last_from_owner: bool,
+    text: str,
+    created_at: datetime.datetime,
+    unread: int,
+) -> dict[str, Any]:
+    """One conversation of a user's inbox as clients see it."""
+    sender, recipient = (owner, peer) if last_from_owner else (peer, owner)
+    return {
+        "user_id": str(peer),
+        "last_message": message_json(last_id, sender, recipient, text, created_at),
+        "unread": unread,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadTotals:
+    """A user's badge: unread messages in all conversations, and conversations with any."""
+
+    total: int
+    dialogs: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"total": self.total, "dialogs": self.dialogs}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> UnreadTotals:
+        """Raises ValueError on anything else (the caller treats the answer as broken)."""
+        if not isinstance(raw, dict) or not all(isinstance(raw.get(k), int) for k in ("total", "dialogs")):
+            raise ValueError("unread totals need total and dialogs")
+        return cls(raw["total"], raw["dialogs"])
 
 
 @dataclass(frozen=True, slots=True)

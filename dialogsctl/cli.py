@@ -623,6 +623,43 @@ def show_map(data_dir: Path, url: str | None, token: str | None) -> None:
     console.print(table)
 
 
+@main.group()
+def inbox() -> None:
+    """The users' inboxes (conversations and unread counts), kept from the dialogs."""
+
+
+@inbox.command("verify")
+@click.option("--repair", is_flag=True, help="Rewrite what differs from the recount (refused during a migration).")
+@click.option(
+    "--settle",
+    type=click.IntRange(0, 600),
+    default=30,
+    show_default=True,
+    help="Seconds to wait for the outboxes to drain before comparing.",
+)
+@_admin_options
+def inbox_verify(repair: bool, settle: int, data_dir: Path, url: str | None, token: str | None) -> None:
+    """Recount every inbox from the dialogs and report (or, with --repair, fix) any difference.
+
+    Exits 1 when differences remain (found and not repaired)."""
+    client = _client(data_dir, url, token)
+    client.timeout = settle + 120.0  # the proxy waits for the outboxes, then reads every shard
+    report = _run_admin(
+        lambda: client.call("POST", "/admin/inbox/verify", {"repair": repair, "settle_seconds": settle})
+    )
+    click.echo(
+        f"{report['dialogs']} dialogs recounted, {report['rows']} inbox rows expected:"
+        f" {report['differences']} difference(s)"
+        + (f", {report['pending']} outbox row(s) still pending" if report["pending"] else "")
+        + (f"; {report['repaired']} row(s) repaired and every total recounted" if report["repaired"] else "")
+    )
+    for kind in ("missing", "different", "extra", "totals"):
+        for line in report[kind]:
+            click.echo(f"  {kind}: {line}")
+    if report["differences"] and not repair:
+        sys.exit(1)
+
+
 @main.command("admin-token")
 @_data_dir_option()
 @click.option(

@@ -12,10 +12,11 @@ from aiohttp import web
 from dialogs import checks, errors, pg, shard_map
 from dialogs.http import bearer_token, json_response, read_json
 from dialogs.keys import INT64_MAX
-from dialogs.metastore import migrations
+from dialogs.metastore import maps, migrations
 from dialogs.metastore.store import MetadataStore
 from dialogs.migration_plan import Holdings, target_problem
 from dialogs.pg import dsn_problem
+from proxy import inbox_verify
 from proxy.appkeys import METADATA, SETTINGS, TOKENS, TOPOLOGY
 from proxy.migration import shard_sql
 from proxy.switchover import group_members
@@ -342,8 +343,31 @@ async def throttle_migration(request: web.Request) -> web.Response:
     return await _migration_response(request, migration)
 
 
+async def verify_inbox(request: web.Request) -> web.Response:
+    """Recount every inbox from the dialogs and compare (``proxy/inbox_verify.py``); with
+    ``{"repair": true}``, also rewrite what differs. A repair is refused while a migration
+    runs: its target's copies are the migration's to verify."""
+    _require_admin(request)
+    data = await _body(request)
+    repair = data.get("repair", False)
+    if not isinstance(repair, bool):
+        raise errors.InvalidInput("repair must be true or false")
+    settle = _int(data, "settle_seconds", 30, 0, 600)
+    store = _store(request)
+    if repair and await store.active_migration() is not None:
+        raise errors.Conflict("a migration is running: repair the inbox once it has finished")
+    async with store.connection() as con:
+        dsns = await maps.shard_dsns(con)
+    try:
+        report = await inbox_verify.verify(dsns, await store.active_map(), repair=repair, settle=float(settle or 0))
+    except pg.FAILURES as exc:
+        raise errors.ShardUnavailable(f"cannot read every shard: {exc or type(exc).__name__}") from None
+    return json_response(report.to_json())
+
+
 def setup_routes(app: web.Application) -> None:
     router = app.router
+    router.add_post("/admin/inbox/verify", verify_inbox)
     router.add_get("/admin/shards", list_shards)
     router.add_post("/admin/shards", add_shard)
     router.add_delete("/admin/shards/{shard_id}", remove_shard)

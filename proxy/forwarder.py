@@ -45,6 +45,10 @@ def _page(body: bytes, headers: Mapping[str, str]) -> wire.Page:
     return wire.Page.from_response(body, headers.get(wire.PAGE_COUNT_HEADER))
 
 
+def _unread(body: bytes, headers: Mapping[str, str]) -> wire.UnreadTotals:
+    return wire.UnreadTotals.from_json(orjson.loads(body))
+
+
 class Forwarder:
     def __init__(
         self,
@@ -104,6 +108,35 @@ class Forwarder:
             raise errors.DialogsError(f"a worker answered a list with {reply!r}")
         return reply
 
+    async def inbox(self, query: wire.InboxQuery) -> wire.Page:
+        """One page of a user's inbox from the shard that owns the user's key."""
+        reply = await self._inbox_request(query, wire.INTERNAL_INBOX_PATH, "inbox", _page)
+        if not isinstance(reply, wire.Page):
+            raise errors.DialogsError(f"a worker answered an inbox page with {reply!r}")
+        return reply
+
+    async def unread(self, query: wire.InboxQuery) -> wire.UnreadTotals:
+        """A user's unread totals from the shard that owns the user's key."""
+        reply = await self._inbox_request(query, wire.INTERNAL_UNREAD_PATH, "unread", _unread)
+        if not isinstance(reply, wire.UnreadTotals):
+            raise errors.DialogsError(f"a worker answered unread totals with {reply!r}")
+        return reply
+
+    async def _inbox_request(
+        self,
+        query: wire.InboxQuery,
+        path: str,
+        operation: str,
+        parse: Callable[[bytes, Mapping[str, str]], retry_policy.Reply],
+    ) -> retry_policy.Reply:
+        headers = {"Authorization": self._authorization}
+
+        async def attempt(url: str, map_version: int) -> Attempt:
+            routed = replace(query, map_version=map_version).to_query()
+            return await self._exchange("GET", url + path + "?" + routed, headers, parse)
+
+        return await self._route(query.user_key, operation, attempt, repeatable=True)
+
     async def mark_read(self, mark: wire.ReadMark) -> wire.ReadResult:
         """Move a reader's mark on the shard that owns the dialog. Repeatable: a mark applied
         twice is the same mark, so a broken answer is retried like a read."""
@@ -124,8 +157,9 @@ class Forwarder:
             raise errors.DialogsError(f"a worker answered a read mark with {reply!r}")
         return reply
 
-    async def _route(self, dialog_key: int, operation: str, attempt: Attempter, repeatable: bool) -> retry_policy.Reply:
-        """Route by the current map and carry out ``proxy/retry_policy.py``'s decisions.
+    async def _route(self, key: int, operation: str, attempt: Attempter, repeatable: bool) -> retry_policy.Reply:
+        """Route ``key`` (a dialog's; a user's for the inbox) by the current map and carry out
+        ``proxy/retry_policy.py``'s decisions.
 
         A request whose range is being cut over is buffered: held here and retried when
         the next shard map arrives (or every few milliseconds), for at most
@@ -142,9 +176,7 @@ class Forwarder:
                 shard_map = self._topology.map
                 if shard_map is None:
                     raise errors.MetadataUnavailable("no shard map loaded yet")
-                step = await self._on_shard(
-                    shard_map.owner(dialog_key), operation, shard_map.map_version, attempt, repeatable
-                )
+                step = await self._on_shard(shard_map.owner(key), operation, shard_map.map_version, attempt, repeatable)
                 if isinstance(step, Deliver):
                     return step.reply
                 if isinstance(step.refusal, errors.Conflict):

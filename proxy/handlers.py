@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import asyncpg
@@ -10,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dialogs import checks, errors, wire
 from dialogs.http import json_response, read_json, request_id_of
-from dialogs.keys import dialog_key
+from dialogs.keys import INT64_MAX, dialog_key, user_key
 from proxy import admin, discovery, openapi, validation
 from proxy.appkeys import (
     FORWARDER,
@@ -143,6 +144,39 @@ async def mark_read(request: web.Request) -> web.Response:
     return json_response(result.to_json())
 
 
+def _inbox_query(
+    request: web.Request, owner: uuid.UUID, before: int = INT64_MAX, limit: int = wire.DEFAULT_LIST_LIMIT
+) -> wire.InboxQuery:
+    return wire.InboxQuery(
+        user_key=user_key(owner),
+        owner=owner,
+        before=before,
+        limit=limit,
+        map_version=None,  # the forwarder sets the version it routes with
+        request_id=request_id_of(request),
+    )
+
+
+async def inbox(request: web.Request) -> web.Response:
+    """The caller's conversations, newest activity first (docs/inbox.md)."""
+    owner = request.app[TOKENS].user_of(request)
+    query = _inbox_query(
+        request,
+        owner,
+        before=validation.list_before(request.query.get("before")),
+        limit=validation.list_limit(request.query.get("limit")),
+    )
+    page = await request.app[FORWARDER].inbox(query)
+    # The worker already speaks the public format: pass the bytes through.
+    return web.Response(body=page.body, content_type="application/json")
+
+
+async def unread(request: web.Request) -> web.Response:
+    owner = request.app[TOKENS].user_of(request)
+    totals = await request.app[FORWARDER].unread(_inbox_query(request, owner))
+    return json_response(totals.to_json())
+
+
 async def health(request: web.Request) -> web.Response:
     topology = request.app[TOPOLOGY]
     shard_map = topology.map
@@ -174,6 +208,8 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/dialog/{user_id}/send", send_message)
     router.add_get("/dialog/{user_id}/list", list_messages)
     router.add_post("/dialog/{user_id}/read", mark_read)
+    router.add_get("/dialogs", inbox)
+    router.add_get("/dialogs/unread", unread)
     router.add_get("/openapi.json", openapi_document)
     router.add_get("/health", health)
     router.add_get("/metrics", metrics)

@@ -35,7 +35,7 @@ FAILOVER_RETRY_SECONDS = 0.2
 # --- what happened ------------------------------------------------------------------------
 
 
-Reply = wire.SendResult | wire.Page | wire.ReadResult  # what a worker answers with a 200
+Reply = wire.SendResult | wire.Page | wire.ReadResult | wire.UnreadTotals  # what a worker answers with a 200
 
 
 @dataclass(frozen=True, slots=True)

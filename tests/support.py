@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,43 @@ class Api:
         if body is None and up_to is not None:
             body = {"up_to": up_to}
         return await self.request("POST", f"/dialog/{other}/read", token=token, body=body)
+
+    async def inbox(self, token: str, limit: int | None = None, before: str | None = None) -> Reply:
+        params = {}
+        if limit is not None:
+            params["limit"] = str(limit)
+        if before is not None:
+            params["before"] = before
+        return await self.request("GET", "/dialogs", token=token, params=params or None)
+
+    async def unread(self, token: str) -> Reply:
+        return await self.request("GET", "/dialogs/unread", token=token)
+
+    async def settled_inbox(
+        self, token: str, expected: Callable[[list[dict[str, Any]], dict[str, int]], bool], timeout: float = 10.0
+    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """The whole inbox and the totals once ``expected(items, totals)`` holds (the inbox
+        follows the dialogs asynchronously); the last seen when it never does."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            items = await self.whole_inbox(token)
+            totals = await self.unread(token)
+            assert totals.status == 200, totals.body
+            if expected(items, totals.json) or asyncio.get_running_loop().time() > deadline:
+                return items, totals.json
+            await asyncio.sleep(0.05)
+
+    async def whole_inbox(self, token: str, page: int = 1000) -> list[dict[str, Any]]:
+        """Every conversation of the token's user, newest first, walking the pages."""
+        items: list[dict[str, Any]] = []
+        before = None
+        while True:
+            reply = await self.inbox(token, limit=page, before=before)
+            assert reply.status == 200, reply.body
+            if not reply.json:
+                return items
+            items.extend(reply.json)
+            before = reply.json[-1]["last_message"]["id"]
 
     async def peer_whose_dialog_goes_to(self, user: str, shard_map: ShardMap, shard_id: str) -> tuple[str, int]:
         """A new user whose dialog with ``user`` ``shard_map`` puts on ``shard_id``: (id, dialog key)."""

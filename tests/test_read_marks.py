@@ -141,7 +141,7 @@ async def test_upgrading_a_shard_fills_each_dialogs_state_from_its_messages(data
             )  # fmt: skip
 
         await store([True, True, False])
-        assert await schema.upgrade_shard(con) == ["0006_dialog_state.sql"]
+        assert await schema.upgrade_shard(con, until=6) == ["0006_dialog_state.sql"]
         state = await con.fetchrow("SELECT version, sent_lo, sent_hi, read_lo, read_hi FROM dialog_state")
         assert dict(state) == {"version": 1, "sent_lo": 2, "sent_hi": 1, "read_lo": 0, "read_hi": 0}
         await store([False, True])
@@ -153,5 +153,9 @@ async def test_upgrading_a_shard_fills_each_dialogs_state_from_its_messages(data
         await con.execute("SELECT recount_dialog_states()")
         state = await con.fetchrow("SELECT version, sent_lo, sent_hi FROM dialog_state")
         assert dict(state) == {"version": 3, "sent_lo": 3, "sent_hi": 2}
+        # The inbox's upgrade announces every dialog, so the appliers build the inboxes.
+        assert await schema.upgrade_shard(con) == ["0007_inbox.sql"]
+        announced = await con.fetch("SELECT DISTINCT dialog_key, user_lo, user_hi FROM inbox_outbox")
+        assert [tuple(row) for row in announced] == [(key, a, b)]
     finally:
         await con.close()

@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from dialogs.keys import dialog_key
+from dialogs.keys import dialog_key, user_key
+from proxy import inbox_verify
 from tests.support import Api, Cluster
 
 
@@ -170,6 +173,7 @@ async def check_marks(api: Api, dialog: Dialog) -> None:
         # Only the sender sends in these dialogs.
         theirs = [int(i) for i, _ in dialog.acked] if reader == dialog.recipient else []
         assert reply.json["unread"] == sum(i > expected for i in theirs), (reader, reply.json)
+        dialog.marks[reader] = expected  # the service answered it: the mark now stored
 
 
 async def check_placement(cluster: Cluster, shard_ids: list[str], total: int) -> None:
@@ -204,6 +208,64 @@ async def check_placement(cluster: Cluster, shard_ids: list[str], total: int) ->
             assert active.owner(state["dialog_key"]) == shard_id
             assert (state["sent_lo"], state["sent_hi"]) == (state["lo"], state["hi"]), dict(state)
             assert (state["read_count_lo"], state["read_count_hi"]) == (state["read_lo"], state["read_hi"]), dict(state)
-        leftovers = await cluster.shard_fetch(shard_id, "SELECT count(*) FROM migration_delta")
+        leftovers = await cluster.shard_fetch(
+            shard_id, "SELECT (SELECT count(*) FROM migration_delta) + (SELECT count(*) FROM inbox_delta)"
+        )
         assert leftovers[0][0] == 0
+        # Inbox rows and totals are on the shard that owns their user's key, and nowhere else.
+        for row in await cluster.shard_fetch(
+            shard_id, "SELECT user_key, owner FROM inbox UNION SELECT user_key, owner FROM inbox_totals"
+        ):
+            assert row["user_key"] == user_key(row["owner"])
+            assert active.owner(row["user_key"]) == shard_id, (
+                f"an inbox row of {active.owner(row['user_key'])} is on {shard_id}"
+            )
     assert seen == total
+    await check_inbox_recount(cluster)
+
+
+async def check_inbox_recount(cluster: Cluster) -> None:
+    """`dialogs inbox verify` finds no difference: every inbox row and total is the recount
+    of the dialogs' states (which check_placement recounts from the messages)."""
+    active = await cluster.active_map()
+    report = await inbox_verify.verify({s: cluster.dsn(s) for s in active.shard_ids}, active, settle=30)
+    assert report.differences == 0 and report.pending == 0, report.to_json()
+    assert report.rows > 0
+
+
+def _shows(
+    conversations: dict[str, tuple[str, int]], badge: dict[str, int]
+) -> Callable[[list[dict[str, Any]], dict[str, int]], bool]:
+    def shown(items: list[dict[str, Any]], totals: dict[str, int]) -> bool:
+        return {
+            i["user_id"]: (i["last_message"]["id"], i["unread"]) for i in items
+        } == conversations and totals == badge
+
+    return shown
+
+
+async def check_inboxes(api: Api, dialogs: list[Dialog]) -> None:
+    """Each user's inbox, as the API shows it: one conversation per dialog with a message, its
+    last message the newest acknowledged, its unread count the other side's acknowledged
+    messages past the user's mark; the badge their sums."""
+    expected: dict[str, dict[str, tuple[str, int]]] = {}
+    tokens: dict[str, str] = {}
+    for dialog in dialogs:
+        tokens[dialog.sender], tokens[dialog.recipient] = dialog.sender_token, dialog.recipient_token
+        if not dialog.acked:
+            continue
+        newest = dialog.acked[-1][0]
+        mark = dialog.marks.get(dialog.recipient, 0)
+        unread = sum(int(i) > mark for i, _ in dialog.acked)
+        expected.setdefault(dialog.sender, {})[dialog.recipient] = (newest, 0)
+        expected.setdefault(dialog.recipient, {})[dialog.sender] = (newest, unread)
+    for user, conversations in expected.items():
+        want_total = {
+            "total": sum(u for _, u in conversations.values()),
+            "dialogs": sum(u > 0 for _, u in conversations.values()),
+        }
+        items, totals = await api.settled_inbox(tokens[user], _shows(conversations, want_total))
+        assert {i["user_id"]: (i["last_message"]["id"], i["unread"]) for i in items} == conversations, user
+        assert totals == want_total, user
+        ids = [int(i["last_message"]["id"]) for i in items]
+        assert ids == sorted(ids, reverse=True), "newest first"

@@ -1,7 +1,7 @@
 """The two database schemas, and the versioned upgrades that build them.
 
 ``metadata/``: users, shards, shard maps, registrations, migrations (resharding).
-``shard/``: messages, range ownership and the fence, the catch-up log.
+``shard/``: messages, range ownership and the fence, the catch-up log, dialog states, the inbox.
 
 An upgrade is a file ``NNNN_name.sql`` in one of those folders. Each is applied once, in a
 transaction, and recorded in ``schema_migrations`` (the table keeps the name it was
@@ -51,6 +51,9 @@ async def upgrade_shard(con: asyncpg.Connection, until: int | None = None) -> li
         # Sends by other workers with the previous store_messages may have stored messages
         # uncounted while the upgrade ran: recount behind the fence (see the file).
         await con.execute("SELECT recount_dialog_states()")
+    if "0007_inbox.sql" in applied:
+        # Likewise for sends not announced in the inbox's outbox (see the file).
+        await con.execute("SELECT announce_dialogs()")
     return applied
 
 

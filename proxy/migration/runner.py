@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from dialogs import errors, pg, schema
+from dialogs import errors, inbox, pg, schema
 from dialogs.metastore import maps, members, migrations
 from dialogs.metastore.migrations import START, Migration, RangeCopy, Watermark
 from dialogs.migration_plan import MovePlan, Span, owned_after_split, same_database, target_problem
@@ -127,6 +127,9 @@ class _Run:
         # Pre-verification, in memory: a resumed run has verified nothing and checks all.
         self.verified = Verified()
         self._checked_at_cutover = (0, 0)  # (ranges digested whole, single dialogs), for the log
+        # How far each source's inbox log is copied; None until this run copied the moving
+        # inbox rows whole (a resumed run copies them again: rows are values, see _copy_inbox).
+        self._inbox_seq: dict[str, Watermark] | None = None
 
     def _on(self, shard_id: str) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
         """A connection to one shard; one whose statement was cut short is closed (``pg.pooled``)."""
@@ -312,6 +315,7 @@ class _Run:
         stalled = 0
         while True:
             migration = await self._check_abort()
+            await self._catch_up_inbox()
             backlog = 0
             for shard_id in self.plan.sources:
                 async with self._on(shard_id) as con:
@@ -511,6 +515,82 @@ class _Run:
             by_target.setdefault(self.plan.move_of(source, row["dialog_key"]).target, []).append(row)
         return by_target
 
+    # --- the inbox rows of moving user keys (docs/inbox.md, "Resharding") ----------------
+
+    async def _catch_up_inbox(self) -> None:
+        """Copy the moving inbox rows whole once per run, then what their log holds since.
+
+        The log's head is taken before the whole copy: a row changed after it is logged past
+        it, and one changed before is in the copy. Rows are values kept only when newer, so
+        copying one twice, or one the target already has, changes nothing.
+        """
+        if self._inbox_seq is None:
+            seq: dict[str, Watermark] = {}
+            for (source, target), spans in self.plan.pairs().items():
+                async with self._on(source) as src:
+                    seq.setdefault(source, await shard_sql.delta_head(src))
+                await self._copy_inbox(source, target, spans)
+            self._inbox_seq = seq
+        while await self._copy_inbox_delta(finished_only=True):
+            pass
+
+    async def _copy_inbox(self, source: str, target: str, spans: list[Span]) -> int:
+        """Every inbox row of ``spans`` from ``source`` to ``target`` (which keeps newer ones)."""
+        copied, after = 0, None
+        while True:
+            async with self._on(source) as src:
+                rows = await shard_sql.inbox_batch(src, spans, after, self.migration.batch_size)
+            if not rows:
+                return copied
+            async with self._on(target) as tgt:
+                await self._apply_copies(tgt, target, rows)
+            copied += len(rows)
+            after = (rows[-1].user_key, rows[-1].owner, rows[-1].peer)
+
+    async def _copy_inbox_delta(self, finished_only: bool) -> int:
+        """One round of the inbox log from every source; advances the watermarks."""
+        assert self._inbox_seq is not None
+        copied = 0
+        for source in self.plan.sources:
+            async with self._on(source) as src:
+                rows, last = await shard_sql.read_inbox_delta(
+                    src, self._inbox_seq.get(source, START), DELTA_BATCH, finished_only
+                )
+            by_target: dict[str, list[inbox.InboxRow]] = {}
+            for row in rows:
+                by_target.setdefault(self.plan.move_of(source, row.user_key).target, []).append(row)
+            for target, target_rows in by_target.items():
+                async with self._on(target) as tgt:
+                    await self._apply_copies(tgt, target, target_rows)
+            if last is not None:
+                self._inbox_seq[source] = last
+                copied += len(rows)
+        return copied
+
+    async def _apply_copies(self, tgt: asyncpg.Connection, target: str, rows: list[inbox.InboxRow]) -> None:
+        statuses = await inbox.apply(tgt, rows, copy=True)
+        refused = [key for key, status in statuses.items() if status != "applied"]
+        if refused:  # the target does not hold the range it is receiving: a bug, never skipped
+            raise RuntimeError(f"{target} refused {len(refused)} inbox row(s) of its moving ranges, first {refused[0]}")
+
+    async def _verify_inbox(self) -> None:
+        """In the cutover, sources frozen: copy the inbox log's rest, then the moving inbox
+        rows and totals must be the same on both sides (count and hash sum per pair)."""
+        while await self._copy_inbox_delta(finished_only=False):
+            pass
+
+        async def compare(source: str, target: str, spans: list[Span]) -> None:
+            async with self._on(source) as src, self._on(target) as tgt:
+                theirs, ours = await asyncio.gather(
+                    shard_sql.inbox_digest(src, spans), shard_sql.inbox_digest(tgt, spans)
+                )
+            if theirs != ours:
+                raise _VerificationFailed(
+                    f"the inbox rows moving from {source} to {target} differ: source {theirs}, target {ours}"
+                )
+
+        await asyncio.gather(*(compare(source, target, spans) for (source, target), spans in self.plan.pairs().items()))
+
     # --- cutover: freeze, final delta, verify, flip; bounded by the deadline --------------
 
     async def _cutover(self, migration: Migration) -> None:
@@ -523,6 +603,7 @@ class _Run:
         this runner with its own. The pause recorded is the one clients saw: from before
         the freeze until the flip committed.
         """
+        await self._catch_up_inbox()  # outside the pause: the freeze leaves only the last changes
         lease = self.settings.cutover_deadline
         budget = CutoverBudget(lease)
         started = time.monotonic()
@@ -532,6 +613,7 @@ class _Run:
                 frozen = await self._freeze(migration.delta_watermark, lease)
                 steps.append(time.monotonic())
                 await self._apply_and_verify(frozen.rows, frozen.states)
+                await self._verify_inbox()
                 steps.append(time.monotonic())
                 if not await self._hand_over():
                     raise _LeaseLost("a source's lease ran out before the hand-over")
@@ -733,6 +815,15 @@ class _Run:
         await self._flip_durable(migration)
         await asyncio.gather(self._release_sources(), self._set(Ownership.OWNED, self.plan.targets, self.plan.arriving))
         await self._copy_late_writes(migration)
+        for (source, target), spans in self.plan.pairs().items():
+            # Inbox rows a source took after the final copy (a lease that ran out, as for
+            # messages): the targets keep what is newer.
+            await self._copy_inbox(source, target, spans)
+        for target in self.plan.targets:
+            # Outbox rows a source had not applied when its dialogs left are deleted with
+            # them: the targets announce every dialog they received (snapshots are values).
+            async with self._on(target) as tgt:
+                await shard_sql.announce(tgt, self.plan.arriving(target))
         version = migration.target_map.map_version
         while laggards := await members.laggards(self.meta, version, self.settings.liveness_ttl):
             log.info("waiting for %s to acknowledge map version %s", ", ".join(laggards), version)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 import asyncpg
 import orjson
 
+from dialogs import inbox
 from dialogs.metastore.migrations import Cursor, Watermark
 from dialogs.migration_plan import Holdings, Span
 from dialogs.wire import Ownership
@@ -291,8 +292,8 @@ async def span_counts(con: asyncpg.Connection, spans: Sequence[Span]) -> dict[in
 
 
 async def delete_spans(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
-    """Delete every message and dialog state in ``spans`` (a target's leftovers; small by
-    construction). Returns the messages deleted."""
+    """Delete every message, dialog state and inbox row (with its total) in ``spans`` (a
+    target's leftovers; small by construction). Returns the messages deleted."""
     if not spans:
         return 0
     bounds = [s.lo for s in spans], [s.hi for s in spans]
@@ -307,6 +308,12 @@ async def delete_spans(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
             " WHERE s.dialog_key BETWEEN r.lo AND r.hi",
             *bounds,
         )
+        for table in ("inbox", "inbox_totals"):
+            await con.execute(
+                f"DELETE FROM {table} t USING unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
+                " WHERE t.user_key BETWEEN r.lo AND r.hi",
+                *bounds,
+            )
     return int(status.split()[-1])
 
 
@@ -360,7 +367,8 @@ async def insert_rows(
 
 
 async def clear_delta(con: asyncpg.Connection) -> None:
-    await con.execute("DELETE FROM migration_delta")
+    """Empty the catch-up logs (messages and dialog states; inbox rows)."""
+    await con.execute("DELETE FROM migration_delta; DELETE FROM inbox_delta")
 
 
 # --- verification and cleanup ----------------------------------------------------------
@@ -448,10 +456,16 @@ async def apply_and_digest(
 
 
 async def delete_span_batch(con: asyncpg.Connection, span: Span, batch: int) -> int:
-    """Delete up to ``batch`` rows of ``span``: messages first, then dialog states; 0 when none is left."""
-    for table in ("messages", "dialog_state"):
+    """Delete up to ``batch`` rows of ``span``: messages first, then dialog states, inbox rows
+    and their totals; 0 when none is left."""
+    for table, key in (
+        ("messages", "dialog_key"),
+        ("dialog_state", "dialog_key"),
+        ("inbox", "user_key"),
+        ("inbox_totals", "user_key"),
+    ):
         status = await con.execute(
-            f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} WHERE dialog_key BETWEEN $1 AND $2 LIMIT $3)",
+            f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} WHERE {key} BETWEEN $1 AND $2 LIMIT $3)",
             span.lo,
             span.hi,
             batch,
@@ -469,3 +483,64 @@ async def analyze(con: asyncpg.Connection) -> None:
 async def message_count(con: asyncpg.Connection) -> int:
     """Messages on the shard, counted (``dialogs status``)."""
     return await con.fetchval("SELECT count(*) FROM messages")
+
+
+# --- the inbox rows of moving user keys (docs/inbox.md, "Resharding") ------------------
+# Inbox rows are values kept only when newer (apply_inbox), so copying one twice or late
+# is harmless: the inbox's copy needs no checkpoint, only its catch-up log's watermark.
+
+
+async def inbox_batch(
+    con: asyncpg.Connection, spans: Sequence[Span], after: inbox.RowKey | None, limit: int
+) -> list[inbox.InboxRow]:
+    """Up to ``limit`` inbox rows of ``spans`` past ``after``, in key order."""
+    lower = "(i.user_key, i.owner, i.peer) > ($3::bigint, $4::uuid, $5::uuid)" if after is not None else "TRUE"
+    rows = await con.fetch(
+        f"SELECT i.* FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
+        f" JOIN inbox i ON i.user_key BETWEEN r.lo AND r.hi WHERE {lower}"
+        f" ORDER BY i.user_key, i.owner, i.peer LIMIT ${6 if after is not None else 3}",
+        [s.lo for s in spans],
+        [s.hi for s in spans],
+        *(after or ()),
+        limit,
+    )
+    return [inbox.InboxRow.from_record(row) for row in rows]
+
+
+async def read_inbox_delta(
+    con: asyncpg.Connection, after: Watermark, limit: int, finished_only: bool = True
+) -> tuple[list[inbox.InboxRow], Watermark | None]:
+    """Inbox rows named by the log past ``after`` (as ``read_delta``), and the log's last
+    position read (None: nothing past ``after``)."""
+    horizon = f"AND d.xid < {_HORIZON}" if finished_only else ""
+    rows = await con.fetch(
+        f"""
+        SELECT d.xid, d.seq, i.*
+        FROM inbox_delta d
+        JOIN inbox i USING (user_key, owner, peer)
+        WHERE (d.xid, d.seq) > ($1, $2) {horizon}
+        ORDER BY d.xid, d.seq LIMIT $3
+        """,
+        *after,
+        limit,
+    )
+    return [inbox.InboxRow.from_record(row) for row in rows], (watermark_of(rows[-1]) if rows else None)
+
+
+async def inbox_digest(con: asyncpg.Connection, spans: Sequence[Span]) -> tuple[int, int]:
+    """Rows and hash sum of the inbox rows and totals in ``spans``."""
+    row = await con.fetchrow(
+        "SELECT rows, checksum FROM inbox_digest($1::bigint[], $2::bigint[])",
+        [s.lo for s in spans],
+        [s.hi for s in spans],
+    )
+    return row["rows"], int(row["checksum"])
+
+
+async def announce(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
+    """Put every dialog of ``spans`` in the outbox (a target, for the dialogs it received)."""
+    if not spans:
+        return 0
+    return await con.fetchval(
+        "SELECT announce_dialogs($1::bigint[], $2::bigint[])", [s.lo for s in spans], [s.hi for s in spans]
+    )

@@ -1,0 +1,218 @@
+"""`dialogs inbox verify [--repair]`: recount every inbox from the dialogs and compare.
+
+The inbox is a projection (docs/inbox.md): what each user's rows and badge must hold
+follows from the dialogs' states on their shards. This reads every served dialog's
+snapshot, projects it, and compares the result with every inbox row and total of every
+shard: a row missing, different (stale or corrupt), on a shard that does not own its user,
+or a total that is not the sum of its rows. Changes still in an outbox are waited for
+first (up to ``settle`` seconds), and a difference counts only if it is still there after
+the outboxes drained again: a verify under traffic reports what does not heal by itself.
+
+``repair`` rewrites what differs from the recount, shard by shard in one transaction
+behind the owners' total-row locks (the lock the applier takes first), then recounts the
+totals from their rows. It is refused while a migration runs (the admin API's check):
+a migration's copies are its own to verify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from dialogs import inbox, pg
+from dialogs.shard_map import ShardMap
+from proxy.migration.shard_sql import FENCE_LOCK
+
+Pair = tuple[uuid.UUID, uuid.UUID]  # (owner, peer)
+# Owners' rows: (owner, peer) -> the row as stored, with the shard that holds it.
+Stored = dict[Pair, tuple[str, inbox.InboxRow]]
+Totals = dict[tuple[str, uuid.UUID], tuple[int, int]]  # (shard, owner) -> (unread, dialogs)
+
+
+@dataclass
+class Report:
+    dialogs: int = 0  # dialogs recounted
+    rows: int = 0  # inbox rows expected
+    missing: list[str] = field(default_factory=list)
+    different: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)  # no such dialog, or on a shard not the owner's
+    totals: list[str] = field(default_factory=list)
+    pending: int = 0  # outbox rows not applied when the comparison ran
+    repaired: int = 0
+
+    @property
+    def differences(self) -> int:
+        return len(self.missing) + len(self.different) + len(self.extra) + len(self.totals)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dialogs": self.dialogs,
+            "rows": self.rows,
+            "differences": self.differences,
+            "missing": self.missing[:20],
+            "different": self.different[:20],
+            "extra": self.extra[:20],
+            "totals": self.totals[:20],
+            "pending": self.pending,
+            "repaired": self.repaired,
+        }
+
+
+@asynccontextmanager
+async def _connections(dsns: dict[str, str], timeout: float) -> AsyncIterator[dict[str, asyncpg.Connection]]:
+    async with AsyncExitStack() as stack:
+        cons = {}
+        for shard_id, dsn in dsns.items():
+            con = await pg.connect(dsn, timeout=timeout)
+            stack.push_async_callback(con.close)
+            cons[shard_id] = con
+        yield cons
+
+
+async def verify(
+    dsns: dict[str, str], shard_map: ShardMap, repair: bool = False, settle: float = 30.0, timeout: float = 10.0
+) -> Report:
+    """Compare (and with ``repair``, fix) the inboxes of every shard of ``shard_map``."""
+    async with _connections({s: dsns[s] for s in shard_map.shard_ids}, timeout) as cons:
+        report = await _compare(cons, shard_map, settle)
+        for _ in range(3):  # differences under traffic: compare again once the outboxes drained
+            if not report.differences:
+                break
+            await asyncio.sleep(0.5)
+            report = await _compare(cons, shard_map, settle)
+        if repair and report.differences:
+            report.repaired = await _repair(cons, shard_map)
+        return report
+
+
+async def _drained(cons: dict[str, asyncpg.Connection], settle: float) -> int:
+    """Wait until every outbox is empty, or ``settle`` seconds; the rows still pending."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle
+    while True:
+        pending = sum([await con.fetchval("SELECT count(*) FROM inbox_outbox") for con in cons.values()])
+        if not pending or loop.time() >= deadline:
+            return int(pending)
+        await asyncio.sleep(0.1)
+
+
+async def _expected(cons: dict[str, asyncpg.Connection]) -> tuple[int, dict[Pair, inbox.InboxRow]]:
+    dialogs, expected = 0, {}
+    for con in cons.values():
+        for snapshot in await con.fetch(inbox.SERVED_SNAPSHOTS):
+            dialogs += 1
+            for row in inbox.project(snapshot):
+                expected[(row.owner, row.peer)] = row
+    return dialogs, expected
+
+
+async def _stored(cons: dict[str, asyncpg.Connection]) -> tuple[Stored, Totals]:
+    rows: Stored = {}
+    totals: Totals = {}
+    for shard_id, con in cons.items():
+        for record in await con.fetch(_STORED_ROWS):
+            row = inbox.InboxRow.from_record(record)
+            rows[(row.owner, row.peer)] = (shard_id, row)
+        for record in await con.fetch(_STORED_TOTALS):
+            totals[(shard_id, record["owner"])] = (record["unread"], record["dialogs"])
+    return rows, totals
+
+
+async def _compare(cons: dict[str, asyncpg.Connection], shard_map: ShardMap, settle: float) -> Report:
+    report = Report(pending=await _drained(cons, settle))
+    # Stored first, then the dialogs: a row applied in between is newer than what was read
+    # as stored, never newer than the dialog's state read after it.
+    stored, totals = await _stored(cons)
+    report.dialogs, expected = await _expected(cons)
+    report.rows = len(expected)
+    sums: Totals = {}
+    for key, want in expected.items():
+        home = shard_map.owner(want.user_key)
+        unread, dialogs = sums.get((home, want.owner), (0, 0))
+        sums[(home, want.owner)] = (unread + want.unread, dialogs + (want.unread > 0))
+        found = stored.get(key)
+        if found is None or found[0] != home:
+            report.missing.append(f"{want.owner} with {want.peer} (on {home})")
+        elif found[1] != want:
+            report.different.append(f"{want.owner} with {want.peer} on {home}: {found[1]} != {want}")
+    for key, (shard_id, row) in stored.items():
+        if key not in expected or shard_map.owner(row.user_key) != shard_id:
+            report.extra.append(f"{row.owner} with {row.peer} on {shard_id}")
+    for place in sorted(set(totals) | set(sums), key=str):
+        if totals.get(place, (0, 0)) != sums.get(place, (0, 0)):
+            report.totals.append(
+                f"{place[1]} on {place[0]}: stored {totals.get(place)}, recounted {sums.get(place, (0, 0))}"
+            )
+    return report
+
+
+async def _repair(cons: dict[str, asyncpg.Connection], shard_map: ShardMap) -> int:
+    """Make every shard's inbox the recount: per shard, in one transaction behind the owners'
+    total-row locks. Returns the rows rewritten or deleted."""
+    _, expected = await _expected(cons)
+    changed = 0
+    for shard_id, con in cons.items():
+        want = [row for row in expected.values() if shard_map.owner(row.user_key) == shard_id]
+        changed += await _repair_shard(con, want)
+    return changed
+
+
+_RECOUNT_TOTALS = """
+UPDATE inbox_totals t SET unread = 0, dialogs = 0
+WHERE (t.unread, t.dialogs) <> (0, 0)
+  AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.user_key = t.user_key AND i.owner = t.owner);
+UPDATE inbox_totals t SET unread = s.unread, dialogs = s.dialogs
+FROM (SELECT user_key, owner, sum(unread) AS unread, count(*) FILTER (WHERE unread > 0) AS dialogs
+      FROM inbox GROUP BY 1, 2) AS s
+WHERE t.user_key = s.user_key AND t.owner = s.owner AND (t.unread, t.dialogs) <> (s.unread, s.dialogs)
+"""
+
+# Rows and totals a shard holds for users it serves or gives away, not those it is being
+# given by a migration (its copies, 'incoming'): those are the migration's to verify.
+_STORED_ROWS = "SELECT * FROM inbox WHERE range_state(user_key) IS DISTINCT FROM 'incoming'"
+_STORED_TOTALS = (
+    "SELECT owner, unread, dialogs FROM inbox_totals WHERE range_state(user_key) IS DISTINCT FROM 'incoming'"
+)
+
+
+async def _repair_shard(con: asyncpg.Connection, want: Sequence[inbox.InboxRow]) -> int:
+    async with con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock_shared($1)", FENCE_LOCK)  # behind the fence, as writers
+        owners = sorted({(row.user_key, row.owner) for row in want})
+        stored_owners = await con.fetch(
+            "SELECT user_key, owner FROM inbox UNION SELECT user_key, owner FROM inbox_totals"
+        )
+        owners = sorted(set(owners) | {(r["user_key"], r["owner"]) for r in stored_owners})
+        await con.execute(
+            "INSERT INTO inbox_totals AS t (user_key, owner) SELECT * FROM unnest($1::bigint[], $2::uuid[])"
+            " ORDER BY 1, 2 ON CONFLICT (user_key, owner) DO UPDATE SET unread = t.unread",
+            [o[0] for o in owners],
+            [o[1] for o in owners],
+        )
+        stored = {
+            (r["owner"], r["peer"]): inbox.InboxRow.from_record(r) for r in await con.fetch("SELECT * FROM inbox")
+        }
+        wanted = {(row.owner, row.peer): row for row in want}
+        wrong = [key for key, row in stored.items() if wanted.get(key) != row]
+        absent = [row for key, row in wanted.items() if stored.get(key) != row]
+        if wrong:
+            await con.execute(
+                "DELETE FROM inbox i USING unnest($1::uuid[], $2::uuid[]) AS k(owner, peer)"
+                " WHERE i.owner = k.owner AND i.peer = k.peer",
+                [k[0] for k in wrong],
+                [k[1] for k in wrong],
+            )
+        if absent:
+            await con.execute(
+                "INSERT INTO inbox SELECT * FROM jsonb_populate_recordset(NULL::inbox, $1::jsonb)",
+                inbox.rows_json(absent),
+            )
+        # Every total, recounted from its rows (owners without rows: zero).
+        await con.execute(_RECOUNT_TOTALS)
+        return len(set(wrong) | {(row.owner, row.peer) for row in absent})

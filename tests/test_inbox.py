@@ -1,0 +1,129 @@
+"""The inbox: `GET /dialogs` and `GET /dialogs/unread`, kept by the outbox and its applier
+across real shards (docs/inbox.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from dialogs.keys import user_key
+from tests.support import Cluster
+
+
+def _summary(items: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    """Each conversation as (other user, last text, unread), in the inbox's order."""
+    return [(item["user_id"], item["last_message"]["text"], item["unread"]) for item in items]
+
+
+async def test_conversations_newest_first_with_unread_counts_and_a_badge(cluster: Cluster) -> None:
+    api = cluster.api
+    anna, anna_token = await api.user("Anna")
+    boris, boris_token = await api.user("Boris")
+    carol, carol_token = await api.user("Carol")
+    await api.send(anna_token, boris, "hi Boris")
+    await api.send(boris_token, anna, "hi Anna")
+    await api.send(boris_token, anna, "how are you?")
+    last = (await api.send(carol_token, anna, "it's Carol")).json
+
+    expected = [(carol, "it's Carol", 1), (boris, "how are you?", 2)]
+    items, totals = await api.settled_inbox(anna_token, lambda items, totals: _summary(items) == expected)
+    assert _summary(items) == expected
+    assert totals == {"total": 3, "dialogs": 2}
+    # The item's last message is the message as the dialog's list shows it.
+    newest = (await api.list(anna_token, carol, limit=1)).json[0]
+    assert items[0]["last_message"] == newest and newest["id"] == last["id"]
+    # Boris's own message is last in his inbox, and it is not unread for him.
+    items, totals = await api.settled_inbox(
+        boris_token, lambda items, totals: _summary(items) == [(anna, "how are you?", 1)]
+    )
+    assert _summary(items) == [(anna, "how are you?", 1)] and totals == {"total": 1, "dialogs": 1}
+    assert items[0]["last_message"]["from"] == boris and items[0]["last_message"]["to"] == anna
+
+    # Reading moves the counts; a conversation with new activity moves to the top.
+    await api.read(anna_token, boris)
+    await api.send(anna_token, boris, "fine, thanks")
+    expected = [(boris, "fine, thanks", 0), (carol, "it's Carol", 1)]
+    items, totals = await api.settled_inbox(anna_token, lambda items, totals: _summary(items) == expected)
+    assert _summary(items) == expected and totals == {"total": 1, "dialogs": 1}
+    await api.read(anna_token, carol)
+    _, totals = await api.settled_inbox(anna_token, lambda items, totals: totals["total"] == 0)
+    assert totals == {"total": 0, "dialogs": 0}
+
+
+async def test_pages_walk_every_conversation_once(cluster: Cluster) -> None:
+    api = cluster.api
+    anna, anna_token = await api.user("Anna")
+    peers = []
+    for index in range(7):
+        peer, token = await api.user(f"Peer{index}")
+        await api.send(token, anna, f"from {index}")
+        peers.append(peer)
+    newest_first = list(reversed(peers))
+    items, _ = await api.settled_inbox(anna_token, lambda items, totals: len(items) == 7)
+    assert [item["user_id"] for item in items] == newest_first
+    pages, before = [], None
+    while True:
+        reply = await api.inbox(anna_token, limit=3, before=before)
+        assert reply.status == 200, reply.body
+        if not reply.json:
+            break
+        pages.append([item["user_id"] for item in reply.json])
+        before = reply.json[-1]["last_message"]["id"]
+    assert pages == [newest_first[0:3], newest_first[3:6], newest_first[6:7]]
+
+
+async def test_an_inbox_spans_every_shard_and_lives_on_the_users_shard(cluster: Cluster) -> None:
+    """Conversations on every shard, one inbox read: the rows sit on the shard that owns the
+    user's key, whichever shards hold the dialogs."""
+    api = cluster.api
+    anna, anna_token = await api.user("Anna")
+    shard_map = await cluster.active_map()
+    peers = {}
+    for shard_id in shard_map.shard_ids:
+        for _ in range(2):
+            peer, _ = await api.peer_whose_dialog_goes_to(anna, shard_map, shard_id)
+            peers[peer] = shard_id
+    for peer in peers:
+        await api.send(anna_token, peer, f"to {peer}")
+    items, totals = await api.settled_inbox(anna_token, lambda items, totals: len(items) == len(peers))
+    assert {item["user_id"] for item in items} == set(peers) and totals == {"total": 0, "dialogs": 0}
+    home = shard_map.owner(user_key(uuid.UUID(anna)))
+    for shard_id in shard_map.shard_ids:
+        rows = await cluster.shard_fetch(shard_id, "SELECT count(*) FROM inbox WHERE owner = $1", uuid.UUID(anna))
+        assert rows[0][0] == (len(peers) if shard_id == home else 0), shard_id
+
+
+async def test_the_badge_survives_many_senders_at_once(cluster: Cluster) -> None:
+    """Concurrent sends from many dialogs to one recipient: every one counted once."""
+    api = cluster.api
+    anna, anna_token = await api.user("Anna")
+    senders = [await api.user(f"S{index}") for index in range(6)]
+
+    async def burst(token: str) -> None:
+        for index in range(5):
+            assert (await api.send(token, anna, f"m{index}")).status == 200
+
+    await asyncio.gather(*(burst(token) for _, token in senders))
+    _, totals = await api.settled_inbox(anna_token, lambda items, totals: totals["total"] == 30)
+    assert totals == {"total": 30, "dialogs": 6}
+
+
+async def test_bad_inbox_requests(cluster: Cluster) -> None:
+    api = cluster.api
+    _, token = await api.user("Anna")
+    for params, words in (
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"before": "abc"}, "before"),
+        ({"before": "-1"}, "before"),
+    ):
+        reply = await api.request("GET", "/dialogs", token=token, params=params)
+        assert reply.status == 400 and words in reply.json["message"], (params, reply.body)
+    for path in ("/dialogs", "/dialogs/unread"):
+        assert (await api.request("GET", path)).status == 401
+        assert (await api.request("GET", path, token="not-a-token")).status == 401
+    # A user with no conversation: an empty inbox and a zero badge.
+    assert (await api.inbox(token)).json == []
+    assert (await api.unread(token)).json == {"total": 0, "dialogs": 0}
