@@ -127,3 +127,58 @@ async def test_bad_inbox_requests(cluster: Cluster) -> None:
     # A user with no conversation: an empty inbox and a zero badge.
     assert (await api.inbox(token)).json == []
     assert (await api.unread(token)).json == {"total": 0, "dialogs": 0}
+
+
+async def test_verify_finds_what_a_recount_contradicts_and_repair_rewrites_it(cluster: Cluster) -> None:
+    """`POST /admin/inbox/verify` (what `dialogs inbox verify` asks): a row lost, a count
+    corrupted, a row for a dialog that does not exist and a wrong total are each found;
+    `{"repair": true}` rewrites them, after which the API shows the recount."""
+    api = cluster.api
+    anna, anna_token = await api.user("Anna")
+    boris, boris_token = await api.user("Boris")
+    carol, carol_token = await api.user("Carol")
+    await api.send(boris_token, anna, "one")
+    await api.send(boris_token, anna, "two")
+    await api.send(carol_token, anna, "three")
+    await api.send(anna_token, carol, "four")
+    right, totals = await api.settled_inbox(
+        anna_token, lambda items, totals: _summary(items) == [(carol, "four", 1), (boris, "two", 2)]
+    )
+    assert totals == {"total": 3, "dialogs": 2}
+    clean = await cluster.admin("POST", "/admin/inbox/verify", {"settle_seconds": 5})
+    assert clean.status == 200 and clean.json["differences"] == 0, clean.body
+    assert clean.json["dialogs"] == 2 and clean.json["rows"] == 4
+
+    shard_map = await cluster.active_map()
+    home = shard_map.owner(user_key(uuid.UUID(anna)))
+    carol_home = shard_map.owner(user_key(uuid.UUID(carol)))
+    a, b, c = (uuid.UUID(u) for u in (anna, boris, carol))
+    await cluster.shard_fetch(home, "UPDATE inbox SET unread = 7 WHERE owner = $1 AND peer = $2", a, b)
+    await cluster.shard_fetch(carol_home, "DELETE FROM inbox WHERE owner = $1", c)
+    await cluster.shard_fetch(
+        home,
+        "INSERT INTO inbox SELECT user_key, owner, $2, version, last_id, last_from_owner, last_text, last_at, 1"
+        " FROM inbox WHERE owner = $1 AND peer = $3",
+        a,
+        uuid.uuid4(),
+        b,
+    )
+    await cluster.shard_fetch(home, "UPDATE inbox_totals SET unread = 99 WHERE owner = $1", a)
+    found = await cluster.admin("POST", "/admin/inbox/verify", {"settle_seconds": 5})
+    assert found.status == 200, found.body
+    report = found.json
+    kinds = [len(report[kind]) for kind in ("missing", "different", "extra", "totals")]
+    assert kinds == [1, 1, 1, 1] and report["differences"] == 4 and report["repaired"] == 0, report
+    assert f"{carol} with {anna}" in report["missing"][0]
+
+    repaired = await cluster.admin("POST", "/admin/inbox/verify", {"repair": True, "settle_seconds": 5})
+    assert repaired.status == 200 and repaired.json["repaired"] == 3, repaired.body
+    again = await cluster.admin("POST", "/admin/inbox/verify", {"settle_seconds": 5})
+    assert again.json["differences"] == 0, again.body
+    assert await api.whole_inbox(anna_token) == right
+    assert (await api.unread(anna_token)).json == totals
+    assert [item["user_id"] for item in await api.whole_inbox(carol_token)] == [anna]
+
+    for body, words in (({"repair": "yes"}, "repair"), ({"settle_seconds": -1}, "settle_seconds")):
+        refused = await cluster.admin("POST", "/admin/inbox/verify", body)
+        assert refused.status == 400 and words in refused.json["message"], refused.body
