@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from dialogs import checks, errors, wire
-from dialogs.keys import INT64_MAX, dialog_key
+from dialogs.keys import INT64_MAX, dialog_key, user_key
 from proxy import validation
 
 ANNA, BORIS = uuid.UUID(int=1), uuid.UUID(int=2)
@@ -218,3 +218,31 @@ def test_a_worker_checks_a_read_mark(changes: dict[str, object], message: str) -
 def test_a_malformed_read_answer_is_not_taken_for_a_result(answer: object) -> None:
     with pytest.raises(ValueError):
         wire.ReadResult.from_json(answer)
+
+
+def test_an_inbox_query_and_unread_totals_round_trip() -> None:
+    query = wire.InboxQuery(user_key(ANNA), ANNA, 12345, 50, 7, "req 9/x")
+    assert wire.InboxQuery.from_query(dict(parse_qsl(query.to_query()))) == query
+    totals = wire.UnreadTotals(12, 3)
+    assert wire.UnreadTotals.from_json(_through_json(totals.to_json())) == totals
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"user_key": str(user_key(BORIS))}, "user_key must be the key of owner"),
+        ({"owner": "nobody"}, "owner must be a UUID"),
+        ({"limit": "0"}, "limit"),
+        ({"before": "0"}, "before"),
+    ],
+)
+def test_a_worker_checks_an_inbox_query(changes: dict[str, str], message: str) -> None:
+    raw = {**dict(parse_qsl(wire.InboxQuery(user_key(ANNA), ANNA, 10, 5, 1, "r").to_query())), **changes}
+    with pytest.raises(errors.InvalidInput, match=message):
+        wire.InboxQuery.from_query(raw)
+
+
+@pytest.mark.parametrize("answer", [None, [], {"total": 1}, {"total": "1", "dialogs": 1}])
+def test_malformed_unread_totals_are_not_taken_for_totals(answer: object) -> None:
+    with pytest.raises(ValueError):
+        wire.UnreadTotals.from_json(answer)
