@@ -12,10 +12,8 @@ tried again: a crash anywhere delays the inbox, never loses or doubles a change.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 
@@ -30,7 +28,15 @@ class _NoDatabase(Exception):
     """A shard of the map whose database this worker has not loaded from the metadata yet."""
 
 
-_BACKLOG = "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM inbox_outbox"
+# Backlog as the span of seqs left (an upper bound on the rows: read off the primary key,
+# where count(*) would scan a long outbox every second) and lag as the age of the oldest row.
+_BACKLOG = """
+SELECT coalesce(max(seq) - min(seq) + 1, 0) AS rows,
+       coalesce(extract(epoch FROM now() - (SELECT created_at FROM inbox_outbox ORDER BY seq LIMIT 1)), 0)::float8
+FROM inbox_outbox
+"""
+_RETRIED: tuple[type[BaseException], ...] = (*pg.FAILURES, _NoDatabase)
+SHARD_DOWN_PAUSE = 2.0  # seconds a user's shard that failed is not tried again
 
 
 class InboxApplier:
@@ -51,21 +57,30 @@ class InboxApplier:
         self._query_timeout = query_timeout
         self._pools: dict[str, tuple[str, asyncpg.Pool]] = {}
         self._gauges_at = 0.0
+        self._after = 0  # the outbox is read in seq order past this, then again from the start
+        self._down_until: dict[str, float] = {}  # user shards that failed, not tried until then
         self.leading = False
 
     async def run(self) -> None:
-        """Take the lock, apply while it is held; on any failure start over. Until cancelled."""
+        """Keep a connection to the shard, try for the lock every second, apply while it is
+        held; on any failure start over. Until cancelled."""
         backoff = self._poll_interval
         try:
             while True:
                 try:
-                    async with self._lease() as con:
-                        if con is None:
+                    con = await self._connect()
+                    try:
+                        while not await con.fetchval(inbox.TAKE_APPLIER_LOCK, inbox.APPLIER_LOCK_CLASS):
+                            await self._refresh_gauges(con)  # every worker shows its shard's lag
                             await asyncio.sleep(1.0)  # another worker of the shard applies
-                            continue
                         backoff = self._poll_interval
+                        self.leading = True
+                        log.info("inbox applier: this worker applies its shard's outbox")
                         await self._apply_while_leading(con)
-                except pg.FAILURES as exc:
+                    finally:
+                        self.leading = False
+                        con.terminate()  # the lock goes with the session
+                except _RETRIED as exc:
                     log.warning("inbox applier: %s; retrying", exc or type(exc).__name__)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -73,41 +88,60 @@ class InboxApplier:
             for _, pool in self._pools.values():
                 pool.terminate()
 
-    @contextlib.asynccontextmanager
-    async def _lease(self) -> AsyncIterator[asyncpg.Connection | None]:
-        con = await pg.connect(self._shard_dsn, timeout=self._query_timeout, command_timeout=self._query_timeout)
-        try:
-            if not await con.fetchval("SELECT pg_try_advisory_lock($1)", inbox.APPLIER_LOCK):
-                yield None
-                return
-            self.leading = True
-            log.info("inbox applier: this worker applies its shard's outbox")
-            yield con
-        finally:
-            self.leading = False
-            self._metrics.inbox_backlog.set(0)
-            self._metrics.inbox_lag.set(0)
-            con.terminate()  # the lock goes with the session
+    async def _connect(self) -> asyncpg.Connection:
+        """The lock's connection. The server ends it when it idles past a few query timeouts
+        (its worker frozen, or cut off), so a stuck applier's turn passes to another worker."""
+        idle_ms = int(max(10.0, 3 * self._query_timeout) * 1000)
+        return await pg.connect(
+            self._shard_dsn,
+            timeout=self._query_timeout,
+            command_timeout=self._query_timeout,
+            server_settings={"idle_session_timeout": str(idle_ms)},
+        )
 
     async def _apply_while_leading(self, con: asyncpg.Connection) -> None:
+        """Passes over the outbox: the next at once after one that applied something; after
+        an empty one, the poll interval; after one where everything had to wait (a cutover,
+        a shard unreachable), longer each time, up to a second."""
+        idle = self._poll_interval
+        applied = read = 0
         while True:
             await self._refresh_gauges(con)
-            applied, complete = await self.apply_once(con)
-            if not applied or not complete:
-                # Idle, or something must wait (a cutover, a shard unreachable): poll.
-                await asyncio.sleep(self._poll_interval)
+            batch_applied, batch_read = await self.apply_once(con)
+            applied, read = applied + batch_applied, read + batch_read
+            if self._after:
+                continue  # the pass goes on
+            if not read:
+                idle = self._poll_interval
+                await asyncio.sleep(idle)
+            elif not applied:
+                await asyncio.sleep(idle)
+                idle = min(idle * 2, 1.0)
+            else:
+                idle = self._poll_interval
+            applied = read = 0
 
-    async def apply_once(self, con: asyncpg.Connection) -> tuple[int, bool]:
-        """One batch: (outbox rows applied and deleted, whether every announced dialog was)."""
+    async def apply_once(self, con: asyncpg.Connection) -> tuple[int, int]:
+        """One batch past the cursor: (outbox rows applied and deleted, outbox rows read).
+
+        What must wait stays in the outbox, and the next batch reads past it, so one
+        unreachable shard or frozen range holds back its own users' rows only; a pass
+        that reaches the end starts over from the first row (also picking up rows whose
+        transactions committed after a later seq was read)."""
         shard_map = self._view.map
         if shard_map is None:
-            return 0, False
-        snapshots = await con.fetch(inbox.SNAPSHOTS_FROM_OUTBOX, self._batch)
+            return 0, 0
+        snapshots = await con.fetch(inbox.SNAPSHOTS_FROM_OUTBOX, self._after, self._batch)
         if not snapshots:
-            return 0, True
+            self._after = 0
+            return 0, 0
+        self._after = max(max(snapshot["seqs"]) for snapshot in snapshots)
         by_shard: dict[str, list[inbox.InboxRow]] = {}
-        rows_of: list[tuple[list[int], list[tuple[str, inbox.RowKey]]]] = []
+        rows_of: list[tuple[list[int], list[tuple[str, inbox.RowKey]]] | None] = []
         for snapshot in snapshots:
+            if not snapshot["served"]:
+                rows_of.append(None)  # moved away: the migration's cleanup hands it on
+                continue
             placed = []
             for row in inbox.project(snapshot):
                 shard_id = shard_map.owner(row.user_key)
@@ -119,17 +153,18 @@ class InboxApplier:
         statuses: dict[str, dict[inbox.RowKey, str]] = {}
         for shard_id, answer in zip(shard_ids, answers, strict=True):
             if isinstance(answer, BaseException):
-                if not isinstance(answer, (*pg.FAILURES, _NoDatabase)):
+                if not isinstance(answer, _RETRIED):
                     raise answer
                 log.warning("inbox applier: cannot apply on %s yet: %s", shard_id, answer or type(answer).__name__)
+                self._down_until[shard_id] = time.monotonic() + SHARD_DOWN_PAUSE
                 statuses[shard_id] = {}
             else:
                 statuses[shard_id] = answer
         done = [
             seq
-            for seqs, placed in rows_of
-            if all(statuses[shard_id].get(key) == "applied" for shard_id, key in placed)
-            for seq in seqs
+            for entry in rows_of
+            if entry is not None and all(statuses[shard_id].get(key) == "applied" for shard_id, key in entry[1])
+            for seq in entry[0]
         ]
         if done:
             await con.execute("DELETE FROM inbox_outbox WHERE seq = ANY($1::bigint[])", done)
@@ -138,9 +173,11 @@ class InboxApplier:
         if refused and self._view.watcher is not None:
             # A newer map routes those users elsewhere: load it before the next try.
             await self._view.watcher.refresh(timeout=self._query_timeout)
-        return len(done), len(done) == sum(len(seqs) for seqs, _ in rows_of)
+        return len(done), sum(len(snapshot["seqs"]) for snapshot in snapshots)
 
     async def _apply_on(self, shard_id: str, rows: list[inbox.InboxRow]) -> dict[inbox.RowKey, str]:
+        if self._down_until.get(shard_id, 0.0) > time.monotonic():
+            return {}  # failed a moment ago: its rows wait, the others' go on
         pool = await self._pool(shard_id)
         async with pg.pooled(pool, self._query_timeout) as con:
             return await inbox.apply(con, rows)
@@ -161,7 +198,7 @@ class InboxApplier:
         return pool
 
     async def _refresh_gauges(self, con: asyncpg.Connection) -> None:
-        """Backlog and lag of this shard's outbox, at most once a second (a count costs)."""
+        """Backlog and lag of this shard's outbox, at most once a second."""
         now = time.monotonic()
         if now - self._gauges_at < 1.0:
             return

@@ -35,6 +35,11 @@ class WorkerSettings:
     heartbeat_interval: float = s.positive_float(1.0, help="seconds between registration heartbeats")
     poll_interval: float = s.positive_float(2.0, help="seconds between metadata polls (LISTEN/NOTIFY reacts at once)")
     query_timeout: float = s.positive_float(5.0, help="seconds per shard query")
+    schema_until: int = s.count(
+        0,
+        help="benches only: stop the shard schema at this upgrade (0: the newest); below 7 the worker keeps no"
+        " inboxes (bench/inbox.py measures sends without them)",
+    )
     inbox_batch: int = s.positive_int(500, help="inbox applier: outbox rows applied together")
     inbox_poll_interval: float = s.positive_float(
         0.05, help="inbox applier: seconds between looks at an empty outbox (the inbox's delay when idle)"

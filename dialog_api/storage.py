@@ -284,7 +284,7 @@ class ShardStore:
             await con.fetchval("SELECT 1")
 
 
-async def upgrade_schema(dsn: str, patience: float = 60.0) -> list[str]:
+async def upgrade_schema(dsn: str, patience: float = 60.0, until: int | None = None) -> list[str]:
     """Bring the shard's schema up to date; the names of the files applied now.
 
     A shard server still starting (compose starts a stack's containers together, a
@@ -301,6 +301,6 @@ async def upgrade_schema(dsn: str, patience: float = 60.0) -> list[str]:
             log.warning("shard database not reachable yet, retrying: %s", exc)
             await asyncio.sleep(1.0)
     try:
-        return await schema.upgrade_shard(con)
+        return await schema.upgrade_shard(con, until)
     finally:
         await con.close()

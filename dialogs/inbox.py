@@ -21,15 +21,18 @@ import orjson
 
 from dialogs.keys import user_key
 
-# Each announced dialog of the outbox's oldest ``$1`` rows, with the outbox rows that
-# announced it and its snapshot (NULL state: the dialog is no longer on this shard).
+# Each dialog announced by the outbox's first ``$2`` rows past seq ``$1``, with those rows'
+# seqs, whether this shard still serves the dialog (a dialog that moved away has its
+# announcements handed to its new shard by the migration's cleanup: see the runner), and
+# its snapshot (NULL state: the dialog is no longer here).
 SNAPSHOTS_FROM_OUTBOX = """
 WITH batch AS MATERIALIZED (
-    SELECT seq, dialog_key, user_lo, user_hi FROM inbox_outbox ORDER BY seq LIMIT $1
+    SELECT seq, dialog_key, user_lo, user_hi FROM inbox_outbox WHERE seq > $1 ORDER BY seq LIMIT $2
 ), announced AS (
     SELECT dialog_key, user_lo, user_hi, array_agg(seq) AS seqs FROM batch GROUP BY 1, 2, 3
 )
-SELECT a.seqs, a.dialog_key, a.user_lo, a.user_hi, s.version, s.sent_lo, s.sent_hi, s.read_count_lo,
+SELECT a.seqs, a.dialog_key, a.user_lo, a.user_hi, range_state(a.dialog_key) IS NOT NULL AS served,
+       s.version, s.sent_lo, s.sent_hi, s.read_count_lo,
        s.read_count_hi, m.id AS last_id, m.from_lo AS last_from_lo, m.text AS last_text, m.created_at AS last_at
 FROM announced a
 LEFT JOIN dialog_state s USING (dialog_key, user_lo, user_hi)
@@ -57,8 +60,11 @@ APPLY = "SELECT user_key, owner, peer, status FROM apply_inbox($1::jsonb, $2)"
 
 INBOX_COLUMNS = ("user_key", "owner", "peer", "version", "last_id", "last_from_owner", "last_text", "last_at", "unread")
 
-# The applier's lease on a shard's outbox: one worker of the shard applies at a time.
-APPLIER_LOCK = 0x696E626F78  # "inbox"
+# The applier's lease on a shard's outbox, one worker of the shard at a time: the advisory
+# lock (APPLIER_LOCK_CLASS, hashtext(current_schema())), so shards placed as schemas of one
+# database (as the tests place them) each have theirs.
+APPLIER_LOCK_CLASS = 0x696E626F  # "inbo"
+TAKE_APPLIER_LOCK = "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))"
 
 
 @dataclass(frozen=True, slots=True)

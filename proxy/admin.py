@@ -354,12 +354,19 @@ async def verify_inbox(request: web.Request) -> web.Response:
         raise errors.InvalidInput("repair must be true or false")
     settle = _int(data, "settle_seconds", 30, 0, 600)
     store = _store(request)
-    if repair and await store.active_migration() is not None:
+    migrating = await store.active_migration() is not None
+    if repair and migrating:
         raise errors.Conflict("a migration is running: repair the inbox once it has finished")
+    shard_map = await store.active_map()
     async with store.connection() as con:
         dsns = await maps.shard_dsns(con)
+    unknown = [shard_id for shard_id in shard_map.shard_ids if shard_id not in dsns]
+    if unknown:
+        raise errors.ShardUnavailable(f"no database registered for {', '.join(unknown)}")
     try:
-        report = await inbox_verify.verify(dsns, await store.active_map(), repair=repair, settle=float(settle or 0))
+        report = await inbox_verify.verify(
+            dsns, shard_map, repair=repair, settle=float(settle or 0), migrating=migrating
+        )
     except pg.FAILURES as exc:
         raise errors.ShardUnavailable(f"cannot read every shard: {exc or type(exc).__name__}") from None
     return json_response(report.to_json())

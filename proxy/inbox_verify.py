@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +33,13 @@ Pair = tuple[uuid.UUID, uuid.UUID]  # (owner, peer)
 # Owners' rows: (owner, peer) -> the row as stored, with the shard that holds it.
 Stored = dict[Pair, tuple[str, inbox.InboxRow]]
 Totals = dict[tuple[str, uuid.UUID], tuple[int, int]]  # (shard, owner) -> (unread, dialogs)
+
+
+# Rows and totals of the users a shard serves; with ``unheld``, also of users whose key it
+# does not hold at all (misplaced rows). While a migration runs, its targets' copies
+# ('incoming') and what its sources keep after the flip until cleanup are the migration's.
+_SERVED = "range_state(user_key) IN ('owned', 'migrating', 'frozen', 'leaving')"
+_UNHELD = "range_state(user_key) IS NULL"
 
 
 @dataclass
@@ -69,34 +76,46 @@ async def _connections(dsns: dict[str, str], timeout: float) -> AsyncIterator[di
     async with AsyncExitStack() as stack:
         cons = {}
         for shard_id, dsn in dsns.items():
-            con = await pg.connect(dsn, timeout=timeout)
+            con = await pg.connect(dsn, timeout=timeout, command_timeout=max(timeout, 60.0))
             stack.push_async_callback(con.close)
             cons[shard_id] = con
         yield cons
 
 
 async def verify(
-    dsns: dict[str, str], shard_map: ShardMap, repair: bool = False, settle: float = 30.0, timeout: float = 10.0
+    dsns: dict[str, str],
+    shard_map: ShardMap,
+    repair: bool = False,
+    settle: float = 30.0,
+    timeout: float = 10.0,
+    migrating: bool = False,
 ) -> Report:
-    """Compare (and with ``repair``, fix) the inboxes of every shard of ``shard_map``."""
+    """Compare (and with ``repair``, fix) the inboxes of every shard of ``shard_map``.
+    ``migrating``: a migration runs (its copies and leftovers are not compared; no repair)."""
+    if repair and migrating:
+        raise ValueError("no repair while a migration runs")
     async with _connections({s: dsns[s] for s in shard_map.shard_ids}, timeout) as cons:
-        report = await _compare(cons, shard_map, settle)
+        report = await _compare(cons, shard_map, settle, migrating)
         for _ in range(3):  # differences under traffic: compare again once the outboxes drained
             if not report.differences:
                 break
             await asyncio.sleep(0.5)
-            report = await _compare(cons, shard_map, settle)
+            report = await _compare(cons, shard_map, settle, migrating)
         if repair and report.differences:
             report.repaired = await _repair(cons, shard_map)
         return report
 
 
 async def _drained(cons: dict[str, asyncpg.Connection], settle: float) -> int:
-    """Wait until every outbox is empty, or ``settle`` seconds; the rows still pending."""
+    """Wait until every outbox row there is now has been applied (under traffic, newer ones
+    keep coming: those are not waited for), or ``settle`` seconds; the rows still pending."""
+    heads = {s: await con.fetchval("SELECT coalesce(max(seq), 0) FROM inbox_outbox") for s, con in cons.items()}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settle
     while True:
-        pending = sum([await con.fetchval("SELECT count(*) FROM inbox_outbox") for con in cons.values()])
+        pending = 0
+        for shard_id, con in cons.items():
+            pending += await con.fetchval("SELECT count(*) FROM inbox_outbox WHERE seq <= $1", heads[shard_id])
         if not pending or loop.time() >= deadline:
             return int(pending)
         await asyncio.sleep(0.1)
@@ -112,23 +131,24 @@ async def _expected(cons: dict[str, asyncpg.Connection]) -> tuple[int, dict[Pair
     return dialogs, expected
 
 
-async def _stored(cons: dict[str, asyncpg.Connection]) -> tuple[Stored, Totals]:
+async def _stored(cons: dict[str, asyncpg.Connection], unheld: bool) -> tuple[Stored, Totals]:
     rows: Stored = {}
     totals: Totals = {}
+    held = f"{_SERVED} OR {_UNHELD}" if unheld else _SERVED
     for shard_id, con in cons.items():
-        for record in await con.fetch(_STORED_ROWS):
+        for record in await con.fetch(f"SELECT * FROM inbox WHERE {held}"):
             row = inbox.InboxRow.from_record(record)
             rows[(row.owner, row.peer)] = (shard_id, row)
-        for record in await con.fetch(_STORED_TOTALS):
+        for record in await con.fetch(f"SELECT owner, unread, dialogs FROM inbox_totals WHERE {held}"):
             totals[(shard_id, record["owner"])] = (record["unread"], record["dialogs"])
     return rows, totals
 
 
-async def _compare(cons: dict[str, asyncpg.Connection], shard_map: ShardMap, settle: float) -> Report:
+async def _compare(cons: dict[str, asyncpg.Connection], shard_map: ShardMap, settle: float, migrating: bool) -> Report:
     report = Report(pending=await _drained(cons, settle))
     # Stored first, then the dialogs: a row applied in between is newer than what was read
     # as stored, never newer than the dialog's state read after it.
-    stored, totals = await _stored(cons)
+    stored, totals = await _stored(cons, unheld=not migrating)
     report.dialogs, expected = await _expected(cons)
     report.rows = len(expected)
     sums: Totals = {}
@@ -153,54 +173,46 @@ async def _compare(cons: dict[str, asyncpg.Connection], shard_map: ShardMap, set
 
 
 async def _repair(cons: dict[str, asyncpg.Connection], shard_map: ShardMap) -> int:
-    """Make every shard's inbox the recount: per shard, in one transaction behind the owners'
-    total-row locks. Returns the rows rewritten or deleted."""
-    _, expected = await _expected(cons)
+    """Make every shard's inbox the recount, shard by shard. Returns the rows rewritten or
+    deleted."""
     changed = 0
     for shard_id, con in cons.items():
-        want = [row for row in expected.values() if shard_map.owner(row.user_key) == shard_id]
-        changed += await _repair_shard(con, want)
+        changed += await _repair_shard(con, shard_id, cons, shard_map)
     return changed
 
 
+# Every total recounted from its rows; a total left without rows is deleted (a migration
+# copies rows, and totals with them: an empty one would exist on one side only).
 _RECOUNT_TOTALS = """
-UPDATE inbox_totals t SET unread = 0, dialogs = 0
-WHERE (t.unread, t.dialogs) <> (0, 0)
-  AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.user_key = t.user_key AND i.owner = t.owner);
-UPDATE inbox_totals t SET unread = s.unread, dialogs = s.dialogs
-FROM (SELECT user_key, owner, sum(unread) AS unread, count(*) FILTER (WHERE unread > 0) AS dialogs
-      FROM inbox GROUP BY 1, 2) AS s
-WHERE t.user_key = s.user_key AND t.owner = s.owner AND (t.unread, t.dialogs) <> (s.unread, s.dialogs)
+DELETE FROM inbox_totals t WHERE NOT EXISTS (SELECT 1 FROM inbox i WHERE i.user_key = t.user_key AND i.owner = t.owner);
+INSERT INTO inbox_totals AS t (user_key, owner, unread, dialogs)
+SELECT user_key, owner, sum(unread), count(*) FILTER (WHERE unread > 0) FROM inbox GROUP BY 1, 2
+ON CONFLICT (user_key, owner) DO UPDATE SET unread = EXCLUDED.unread, dialogs = EXCLUDED.dialogs
+WHERE (t.unread, t.dialogs) IS DISTINCT FROM (EXCLUDED.unread, EXCLUDED.dialogs)
 """
 
-# Rows and totals a shard holds for users it serves or gives away, not those it is being
-# given by a migration (its copies, 'incoming'): those are the migration's to verify.
-_STORED_ROWS = "SELECT * FROM inbox WHERE range_state(user_key) IS DISTINCT FROM 'incoming'"
-_STORED_TOTALS = (
-    "SELECT owner, unread, dialogs FROM inbox_totals WHERE range_state(user_key) IS DISTINCT FROM 'incoming'"
-)
 
-
-async def _repair_shard(con: asyncpg.Connection, want: Sequence[inbox.InboxRow]) -> int:
+async def _repair_shard(
+    con: asyncpg.Connection, shard_id: str, cons: dict[str, asyncpg.Connection], shard_map: ShardMap
+) -> int:
+    """One shard's inbox made the recount, in one transaction that appliers wait for (the
+    lock below conflicts with their first write, the total-row lock). The recount is read
+    once the lock is held, so no applier can store a newer row meanwhile; a stored row newer
+    than the recount (an applier that went first) is kept."""
     async with con.transaction():
         await con.execute("SELECT pg_advisory_xact_lock_shared($1)", FENCE_LOCK)  # behind the fence, as writers
-        owners = sorted({(row.user_key, row.owner) for row in want})
-        stored_owners = await con.fetch(
-            "SELECT user_key, owner FROM inbox UNION SELECT user_key, owner FROM inbox_totals"
-        )
-        owners = sorted(set(owners) | {(r["user_key"], r["owner"]) for r in stored_owners})
-        await con.execute(
-            "INSERT INTO inbox_totals AS t (user_key, owner) SELECT * FROM unnest($1::bigint[], $2::uuid[])"
-            " ORDER BY 1, 2 ON CONFLICT (user_key, owner) DO UPDATE SET unread = t.unread",
-            [o[0] for o in owners],
-            [o[1] for o in owners],
-        )
+        await con.execute("LOCK TABLE inbox_totals IN SHARE ROW EXCLUSIVE MODE")
+        _, expected = await _expected(cons)
+        wanted = {key: row for key, row in expected.items() if shard_map.owner(row.user_key) == shard_id}
         stored = {
             (r["owner"], r["peer"]): inbox.InboxRow.from_record(r) for r in await con.fetch("SELECT * FROM inbox")
         }
-        wanted = {(row.owner, row.peer): row for row in want}
-        wrong = [key for key, row in stored.items() if wanted.get(key) != row]
-        absent = [row for key, row in wanted.items() if stored.get(key) != row]
+        wrong = [
+            key
+            for key, row in stored.items()
+            if key not in wanted or (row != wanted[key] and row.version <= wanted[key].version)
+        ]
+        absent = [row for key, row in wanted.items() if key not in stored or key in wrong]
         if wrong:
             await con.execute(
                 "DELETE FROM inbox i USING unnest($1::uuid[], $2::uuid[]) AS k(owner, peer)"
@@ -213,6 +225,5 @@ async def _repair_shard(con: asyncpg.Connection, want: Sequence[inbox.InboxRow])
                 "INSERT INTO inbox SELECT * FROM jsonb_populate_recordset(NULL::inbox, $1::jsonb)",
                 inbox.rows_json(absent),
             )
-        # Every total, recounted from its rows (owners without rows: zero).
         await con.execute(_RECOUNT_TOTALS)
         return len(set(wrong) | {(row.owner, row.peer) for row in absent})

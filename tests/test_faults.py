@@ -125,9 +125,8 @@ async def _applier(layout: ClusterLayout, shard_id: str) -> int:
     try:
         port = await con.fetchval(
             "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-            " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1 AND l.objid = $2",
-            inbox.APPLIER_LOCK >> 32,
-            inbox.APPLIER_LOCK & 0xFFFFFFFF,
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = $1",
+            inbox.APPLIER_LOCK_CLASS,
         )
     finally:
         await con.close()

@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from dialogs.keys import user_key
+from dialogsctl.net import free_port
 from tests.support import Cluster
 
 
@@ -182,3 +183,49 @@ async def test_verify_finds_what_a_recount_contradicts_and_repair_rewrites_it(cl
     for body, words in (({"repair": "yes"}, "repair"), ({"settle_seconds": -1}, "settle_seconds")):
         refused = await cluster.admin("POST", "/admin/inbox/verify", body)
         assert refused.status == 400 and words in refused.json["message"], refused.body
+
+
+async def _homed(api: Any, shard_map: Any, shard_id: str) -> tuple[str, str]:
+    """A new user whose inbox lives on ``shard_id``, with its token."""
+    while True:
+        user, token = await api.user("Homed")
+        if shard_map.owner(user_key(uuid.UUID(user))) == shard_id:
+            return user, token
+
+
+async def test_a_users_shard_out_of_reach_holds_back_only_its_users_inboxes(bare_cluster: Cluster) -> None:
+    """shard-2's database out of the appliers' reach (its registered address made wrong):
+    more changes for users homed there than one applier batch wait at the head of shard-1's
+    outbox, and a conversation between users homed on shard-1 still shows at once; once
+    shard-2 is back, everything arrives and the recount finds no difference."""
+    cluster = bare_cluster
+    for shard_id in ("shard-1", "shard-2"):
+        await cluster.start_worker(shard_id, DIALOGS_INBOX_BATCH="4", DIALOGS_POLL_INTERVAL="0.2")
+    await cluster.start_proxy()
+    api = cluster.api
+    shard_map = await cluster.active_map()
+    right_dsn = await cluster.fetch_meta("SELECT dsn FROM shards WHERE shard_id = 'shard-2'")
+    away = [await _homed(api, shard_map, "shard-2") for _ in range(3)]
+    here, here_token = await _homed(api, shard_map, "shard-1")
+    other, other_token = await _homed(api, shard_map, "shard-1")
+    await cluster.fetch_meta(
+        "UPDATE shards SET dsn = $1 WHERE shard_id = 'shard-2'", f"postgresql://127.0.0.1:{free_port()}/nowhere"
+    )
+    await asyncio.sleep(0.6)  # the workers' next metadata poll loads it
+    try:
+        for user, _ in away:  # 3 users x 4 sends = 12 announcements, 3 batches of 4
+            for turn in range(4):
+                assert (await api.send(here_token, user, f"to away {turn}")).status == 200
+        assert (await api.send(other_token, here, "next door")).status == 200
+        items, _ = await api.settled_inbox(here_token, lambda items, totals: any(i["user_id"] == other for i in items))
+        assert [(i["user_id"], i["unread"]) for i in items if i["user_id"] == other] == [(other, 1)]
+        for _, token in away:  # theirs wait
+            assert (await api.inbox(token)).json == []
+    finally:
+        await cluster.fetch_meta("UPDATE shards SET dsn = $1 WHERE shard_id = 'shard-2'", right_dsn)
+    for _, token in away:
+        items, totals = await api.settled_inbox(token, lambda items, totals: totals == {"total": 4, "dialogs": 1})
+        assert [(i["user_id"], i["last_message"]["text"]) for i in items] == [(here, "to away 3")]
+        assert totals == {"total": 4, "dialogs": 1}
+    report = await cluster.admin("POST", "/admin/inbox/verify", {"settle_seconds": 10})
+    assert report.json["differences"] == 0 and report.json["pending"] == 0, report.body

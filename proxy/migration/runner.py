@@ -522,24 +522,29 @@ class _Run:
 
         The log's head is taken before the whole copy: a row changed after it is logged past
         it, and one changed before is in the copy. Rows are values kept only when newer, so
-        copying one twice, or one the target already has, changes nothing.
+        copying one twice, or one the target already has, changes nothing. The log is copied
+        while rounds come back full (appliers may keep adding to it; the cutover copies the
+        rest with the sources frozen).
         """
         if self._inbox_seq is None:
             seq: dict[str, Watermark] = {}
-            for (source, target), spans in self.plan.pairs().items():
+            for source in self.plan.sources:
                 async with self._on(source) as src:
-                    seq.setdefault(source, await shard_sql.delta_head(src))
-                await self._copy_inbox(source, target, spans)
+                    seq[source] = await shard_sql.delta_head(src)
+            for (source, target), spans in self.plan.pairs().items():
+                for span in spans:
+                    await self._copy_inbox(source, target, span)
             self._inbox_seq = seq
-        while await self._copy_inbox_delta(finished_only=True):
-            pass
+        while await self._copy_inbox_delta(finished_only=True) >= DELTA_BATCH:
+            await self._check_abort()
 
-    async def _copy_inbox(self, source: str, target: str, spans: list[Span]) -> int:
-        """Every inbox row of ``spans`` from ``source`` to ``target`` (which keeps newer ones)."""
+    async def _copy_inbox(self, source: str, target: str, span: Span) -> int:
+        """Every inbox row of ``span`` from ``source`` to ``target`` (which keeps newer ones)."""
         copied, after = 0, None
         while True:
+            migration = await self._check_abort()
             async with self._on(source) as src:
-                rows = await shard_sql.inbox_batch(src, spans, after, self.migration.batch_size)
+                rows = await shard_sql.inbox_batch(src, span, after, migration.batch_size)
             if not rows:
                 return copied
             async with self._on(target) as tgt:
@@ -566,6 +571,19 @@ class _Run:
                 self._inbox_seq[source] = last
                 copied += len(rows)
         return copied
+
+    async def _hand_on_announcements(self) -> None:
+        """A source's outbox rows for dialogs that left it (its applier leaves those) go to the
+        dialogs' new shards, whose appliers project them from the state there."""
+        for source in self.plan.sources:
+            async with self._on(source) as src:
+                pending = await shard_sql.pending_announcements(src, self.plan.leaving(source))
+            for target, dialogs in self._by_target(source, pending).items():
+                async with self._on(target) as tgt:
+                    await shard_sql.announce(tgt, dialogs)
+            if pending:
+                async with self._on(source) as src:
+                    await shard_sql.forget_announcements(src, [row["seq"] for row in pending])
 
     async def _apply_copies(self, tgt: asyncpg.Connection, target: str, rows: list[inbox.InboxRow]) -> None:
         statuses = await inbox.apply(tgt, rows, copy=True)
@@ -815,15 +833,12 @@ class _Run:
         await self._flip_durable(migration)
         await asyncio.gather(self._release_sources(), self._set(Ownership.OWNED, self.plan.targets, self.plan.arriving))
         await self._copy_late_writes(migration)
-        for (source, target), spans in self.plan.pairs().items():
-            # Inbox rows a source took after the final copy (a lease that ran out, as for
-            # messages): the targets keep what is newer.
-            await self._copy_inbox(source, target, spans)
-        for target in self.plan.targets:
-            # Outbox rows a source had not applied when its dialogs left are deleted with
-            # them: the targets announce every dialog they received (snapshots are values).
-            async with self._on(target) as tgt:
-                await shard_sql.announce(tgt, self.plan.arriving(target))
+        # Inbox rows a source changed after the final copy (a lease that ran out, as for
+        # messages): the whole log again, from its start; the targets keep what is newer.
+        self._inbox_seq = {}
+        while await self._copy_inbox_delta(finished_only=False):
+            pass
+        await self._hand_on_announcements()
         version = migration.target_map.map_version
         while laggards := await members.laggards(self.meta, version, self.settings.liveness_ttl):
             log.info("waiting for %s to acknowledge map version %s", ", ".join(laggards), version)

@@ -491,16 +491,15 @@ async def message_count(con: asyncpg.Connection) -> int:
 
 
 async def inbox_batch(
-    con: asyncpg.Connection, spans: Sequence[Span], after: inbox.RowKey | None, limit: int
+    con: asyncpg.Connection, span: Span, after: inbox.RowKey | None, limit: int
 ) -> list[inbox.InboxRow]:
-    """Up to ``limit`` inbox rows of ``spans`` past ``after``, in key order."""
-    lower = "(i.user_key, i.owner, i.peer) > ($3::bigint, $4::uuid, $5::uuid)" if after is not None else "TRUE"
+    """Up to ``limit`` inbox rows of ``span`` past ``after``, in key order (the primary key's)."""
+    lower = "(user_key, owner, peer) > ($3::bigint, $4::uuid, $5::uuid)" if after is not None else "TRUE"
     rows = await con.fetch(
-        f"SELECT i.* FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
-        f" JOIN inbox i ON i.user_key BETWEEN r.lo AND r.hi WHERE {lower}"
-        f" ORDER BY i.user_key, i.owner, i.peer LIMIT ${6 if after is not None else 3}",
-        [s.lo for s in spans],
-        [s.hi for s in spans],
+        f"SELECT * FROM inbox WHERE user_key BETWEEN $1 AND $2 AND {lower}"
+        f" ORDER BY user_key, owner, peer LIMIT ${6 if after is not None else 3}",
+        span.lo,
+        span.hi,
         *(after or ()),
         limit,
     )
@@ -537,10 +536,28 @@ async def inbox_digest(con: asyncpg.Connection, spans: Sequence[Span]) -> tuple[
     return row["rows"], int(row["checksum"])
 
 
-async def announce(con: asyncpg.Connection, spans: Sequence[Span]) -> int:
-    """Put every dialog of ``spans`` in the outbox (a target, for the dialogs it received)."""
+async def pending_announcements(con: asyncpg.Connection, spans: Sequence[Span]) -> list[asyncpg.Record]:
+    """A source's outbox rows for dialogs of ``spans`` (which it no longer serves)."""
     if not spans:
-        return 0
-    return await con.fetchval(
-        "SELECT announce_dialogs($1::bigint[], $2::bigint[])", [s.lo for s in spans], [s.hi for s in spans]
+        return []
+    return await con.fetch(
+        "SELECT o.seq, o.dialog_key, o.user_lo, o.user_hi FROM inbox_outbox o"
+        " JOIN unnest($1::bigint[], $2::bigint[]) AS r(lo, hi) ON o.dialog_key BETWEEN r.lo AND r.hi",
+        [s.lo for s in spans],
+        [s.hi for s in spans],
     )
+
+
+async def announce(con: asyncpg.Connection, dialogs: Sequence[asyncpg.Record]) -> None:
+    """Put ``dialogs`` (dialog_key, user_lo, user_hi) in this shard's outbox."""
+    await con.execute(
+        "INSERT INTO inbox_outbox (dialog_key, user_lo, user_hi)"
+        " SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[]) ORDER BY 1, 2, 3",
+        [d["dialog_key"] for d in dialogs],
+        [d["user_lo"] for d in dialogs],
+        [d["user_hi"] for d in dialogs],
+    )
+
+
+async def forget_announcements(con: asyncpg.Connection, seqs: Sequence[int]) -> None:
+    await con.execute("DELETE FROM inbox_outbox WHERE seq = ANY($1::bigint[])", list(seqs))

@@ -54,24 +54,17 @@ CREATE TABLE inbox_delta (
 );
 CREATE INDEX inbox_delta_order ON inbox_delta (xid, seq);
 
--- Every dialog announced once: an existing deployment builds its inboxes from its dialogs.
-INSERT INTO inbox_outbox (dialog_key, user_lo, user_hi)
-SELECT dialog_key, user_lo, user_hi FROM dialog_state ORDER BY dialog_key, user_lo, user_hi;
-
--- Announce every dialog again behind the exclusive fence: run by schema.upgrade_shard right
--- after this upgrade commits (a send another worker made with the previous store_messages
--- while it ran was not announced), and by a migration's target for the dialogs it received.
-CREATE FUNCTION announce_dialogs(p_lo bigint[] DEFAULT NULL, p_hi bigint[] DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql VOLATILE AS $$
+-- Every dialog announced once, so an existing deployment builds its inboxes from its
+-- dialogs: run by schema.upgrade_shard right after this upgrade commits, behind the
+-- exclusive fence (a send another worker made with the previous store_messages while the
+-- upgrade ran is committed by then, and later ones announce themselves).
+CREATE FUNCTION announce_dialogs() RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     v_count bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock(7236281096744167283);
     INSERT INTO inbox_outbox (dialog_key, user_lo, user_hi)
-    SELECT s.dialog_key, s.user_lo, s.user_hi FROM dialog_state s
-    WHERE p_lo IS NULL
-       OR EXISTS (SELECT 1 FROM unnest(p_lo, p_hi) AS r(lo, hi) WHERE s.dialog_key BETWEEN r.lo AND r.hi)
-    ORDER BY 1, 2, 3;
+    SELECT dialog_key, user_lo, user_hi FROM dialog_state ORDER BY 1, 2, 3;
     GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count;
 END $$;
@@ -261,9 +254,12 @@ BEGIN
 END $$;
 
 -- The hash of an inbox row, in the digests that verify a migration's copy of the inbox.
+-- The time as microseconds since the epoch: its text form would follow each session's
+-- TimeZone and DateStyle, and two servers configured apart would never match.
 CREATE FUNCTION inbox_hash(i inbox) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
     SELECT hashtextextended(concat_ws('|', 'inbox', i.user_key, i.owner, i.peer, i.version, i.last_id,
-                                      i.last_from_owner, i.last_text, i.last_at, i.unread), 0)
+                                      i.last_from_owner, i.last_text,
+                                      (extract(epoch FROM i.last_at) * 1000000)::bigint, i.unread), 0)
 $$;
 
 -- Count and hash sum of the inbox rows in the spans, and of their totals (whose hash is
