@@ -20,7 +20,7 @@ from dialogsctl import postmaster
 from dialogsctl.embedded import LocalPostgres
 from tests.support import Cluster
 from tests.test_migration_failures import Runners, _phase, _until
-from tests.traffic import Traffic, check_every_dialog, check_placement, make_dialogs
+from tests.traffic import Traffic, check_every_dialog, check_inbox_recount, check_placement, make_dialogs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -412,7 +412,9 @@ async def test_writes_a_source_takes_after_the_flip_reach_the_new_owner(
     """The window the lease leaves open: the flip committed, but the sources were not released
     before their lease ran out (runner and metadata server stopped right after the flip). A
     write a source takes then (from a worker that has not seen the new map yet) is in its
-    delta log, and cleanup copies it to the new owner before it deletes anything."""
+    delta log, and cleanup copies it to the new owner before it deletes anything. A read
+    mark each side took meanwhile (one on the source, one on the new owner) both stand: the
+    dialog's states are merged, not ordered by version, and the inboxes follow."""
     from proxy.migration import runner as runner_module
     from proxy.migration.runner import RunnerSettings, run_active
 
@@ -426,14 +428,25 @@ async def test_writes_a_source_takes_after_the_flip_reach_the_new_owner(
     new_map = old_map.with_shard("shard-3")
     peer, key = await api.peer_whose_dialog_goes_to(anna, new_map, "shard-3")  # its dialog with Anna moves
     source = old_map.owner(key)
-    assert (await api.send(token, peer, "before")).status == 200
+    before = (await api.send(token, peer, "before")).json["id"]
     lo, hi = sorted((uuid.UUID(anna), uuid.UUID(peer)))
+    anna_is_lo = lo == uuid.UUID(anna)
     late: list[str] = []
     release = runner_module._Run._release_sources
+    writer: list[asyncio.Future[None]] = []
 
     async def too_late(self: runner_module._Run) -> None:
-        if late:
+        # The first call (right after the flip) starts the late writes and does not release;
+        # the runner's deadline on that step may cancel the wait, never the writes (shielded).
+        # The next call (cleanup) waits for them, then releases.
+        if writer:
+            await writer[0]
             return await release(self)
+        writer.append(asyncio.ensure_future(write_late()))
+        await asyncio.shield(writer[0])
+        return None
+
+    async def write_late() -> None:
         # The flip has committed; wait out the source's lease, then a stale worker writes there.
         while (await cluster.shard_fetch(source, "SELECT bool_or(lease_until > clock_timestamp()) FROM shard_ranges"))[
             0
@@ -450,7 +463,13 @@ async def test_writes_a_source_takes_after_the_flip_reach_the_new_owner(
             [None],
         )
         late.append(stored[0]["status"])
-        return None
+        # The new owner took Anna's mark (up to its newest: "before"), the source the peer's
+        # (up to its newest: the late message), each bumping the state's version.
+        for shard_id, reader_lo in (("shard-3", anna_is_lo), (source, not anna_is_lo)):
+            marked = await cluster.shard_fetch(
+                shard_id, "SELECT status FROM mark_read($1, $2, $3, $4, NULL)", key, lo, hi, reader_lo
+            )
+            late.append(marked[0]["status"])
 
     monkeypatch.setattr(runner_module._Run, "_release_sources", too_late)
     started = await cluster.admin(
@@ -459,7 +478,20 @@ async def test_writes_a_source_takes_after_the_flip_reach_the_new_owner(
     result = await run_active(cluster.metadata_dsn, RunnerSettings(cutover_deadline=LEASE, liveness_ttl=3))
     assert result is not None and result.phase == "done", result
     assert result.migration_id == started.json["migration_id"]
-    assert late == ["inserted"]  # the source took it: its lease had run out
-    texts = [m["text"] for m in await api.whole_dialog(token, peer)]
-    assert texts == ["after the flip", "before"]
+    assert late == ["inserted", "marked", "marked"]  # the source took it: its lease had run out
+    listed = await api.whole_dialog(token, peer)
+    assert [m["text"] for m in listed] == ["after the flip", "before"], listed
+    late_id, late_from_anna = listed[0]["id"], anna_is_lo  # sent as user_lo
+    state = (
+        await cluster.shard_fetch("shard-3", "SELECT read_lo, read_hi FROM dialog_state WHERE dialog_key = $1", key)
+    )[0]
+    marks = {
+        anna: state["read_lo"] if anna_is_lo else state["read_hi"],
+        peer: state["read_hi"] if anna_is_lo else state["read_lo"],
+    }
+    assert marks == {anna: int(before), peer: int(late_id)}, marks  # both stand (asking below sets no mark)
+    assert (await api.read(token, peer, before)).json == {"up_to": before, "unread": 0 if late_from_anna else 1}
+    peer_token = await api.login(peer)
+    assert (await api.read(peer_token, anna, before)).json == {"up_to": late_id, "unread": 0}
+    await check_inbox_recount(cluster)
     assert (await cluster.shard_fetch(source, "SELECT count(*) FROM messages WHERE dialog_key = $1", key))[0][0] == 0

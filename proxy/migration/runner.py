@@ -46,6 +46,12 @@ class _Interrupted(Exception):
     """The operator asked to abort: leave the phase, the loop will enter 'aborting'."""
 
 
+async def _inbox_digests(
+    con: asyncpg.Connection, spans: list[Span], keys: list[inbox.RowKey]
+) -> tuple[shard_sql.Digests, tuple[int, int]]:
+    return await shard_sql.inbox_range_digests(con, spans), await shard_sql.inbox_key_digest(con, keys)
+
+
 class _VerificationFailed(Exception):
     pass
 
@@ -130,6 +136,9 @@ class _Run:
         # How far each source's inbox log is copied; None until this run copied the moving
         # inbox rows whole (a resumed run copies them again: rows are values, see _copy_inbox).
         self._inbox_seq: dict[str, Watermark] | None = None
+        # The inbox's pre-verification before the freeze: the heads it started from, and the
+        # spans of each (source, target) that still differed (None: not done in this run).
+        self._inbox_checked: tuple[dict[str, Watermark], dict[tuple[str, str], list[Span]]] | None = None
 
     def _on(self, shard_id: str) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
         """A connection to one shard; one whose statement was cut short is closed (``pg.pooled``)."""
@@ -488,7 +497,9 @@ class _Run:
         live = {w.shard_id for w in await members.workers(self.meta) if w.age_seconds <= self.settings.liveness_ttl}
         return [t for t in self.plan.targets if t not in live]
 
-    async def _copy_delta(self, seq: dict[str, Watermark], limit: int, finished_only: bool = True) -> int:
+    async def _copy_delta(
+        self, seq: dict[str, Watermark], limit: int, finished_only: bool = True, merge: bool = False
+    ) -> int:
         """One round of delta copying from every source; advances the watermarks. Returns rows copied."""
         copied = 0
         for source in self.plan.sources:
@@ -503,7 +514,7 @@ class _Run:
             states_by_target = self._by_target(source, states)
             for target, target_rows in by_target.items():
                 async with self._on(target) as tgt:
-                    await shard_sql.insert_rows(tgt, target_rows, states_by_target.get(target, []))
+                    await shard_sql.insert_rows(tgt, target_rows, states_by_target.get(target, []), merge)
             seq[source] = shard_sql.watermark_of(rows[-1])
             copied += len(rows)
         return copied
@@ -591,23 +602,64 @@ class _Run:
         if refused:  # the target does not hold the range it is receiving: a bug, never skipped
             raise RuntimeError(f"{target} refused {len(refused)} inbox row(s) of its moving ranges, first {refused[0]}")
 
+    async def _preverify_inbox(self) -> None:
+        """Compare the moving inbox rows range by range while the appliers still write, so
+        that the cutover's pause compares few.
+
+        Every change of an inbox row in a migrating range logs its key in the source's
+        ``inbox_delta`` in the same transaction. So once a range matched on both sides with
+        everything logged up to a head copied, the rows in it not logged past that head
+        still match at the cutover: the cutover compares the rows logged past the first
+        head (and their owners' totals) and, whole, the ranges that never matched. Rounds
+        re-check only the ranges that differed (a change between the copy and the digest).
+        """
+        heads = await self._delta_heads()
+        suspects = {pair: list(spans) for pair, spans in self.plan.pairs().items()}
+        for _ in range(MAX_VERIFY_ROUNDS):
+            await self._catch_up_inbox()
+            for (source, target), spans in suspects.items():
+                if not spans:
+                    continue
+                async with self._on(source) as src, self._on(target) as tgt:
+                    theirs, ours = await asyncio.gather(
+                        shard_sql.inbox_range_digests(src, spans), shard_sql.inbox_range_digests(tgt, spans)
+                    )
+                suspects[(source, target)] = [s for s in spans if theirs.get(s.lo) != ours.get(s.lo)]
+            if not any(suspects.values()):
+                break
+        self._inbox_checked = (heads, suspects)
+
     async def _verify_inbox(self) -> None:
-        """In the cutover, sources frozen: copy the inbox log's rest, then the moving inbox
-        rows and totals must be the same on both sides (count and hash sum per pair)."""
+        """In the cutover, sources frozen: copy the inbox log's rest, then compare what the
+        pre-verification left: the rows logged since its head with their owners' totals,
+        and the ranges that still differed (every range, without one: a resumed run).
+        A difference fails the cutover as a message's does."""
         while await self._copy_inbox_delta(finished_only=False):
             pass
+        pairs = self.plan.pairs()
+        keys: dict[tuple[str, str], list[inbox.RowKey]] = {pair: [] for pair in pairs}
+        if self._inbox_checked is None:
+            ranges = pairs
+        else:
+            heads, ranges = self._inbox_checked
+            for source in self.plan.sources:
+                async with self._on(source) as src:
+                    logged = await shard_sql.inbox_delta_keys(src, heads.get(source, START))
+                for key in logged:
+                    keys[(source, self.plan.move_of(source, key[0]).target)].append(key)
 
-        async def compare(source: str, target: str, spans: list[Span]) -> None:
+        async def compare(source: str, target: str) -> None:
+            spans, rows = ranges.get((source, target), []), keys[(source, target)]
+            if not spans and not rows:
+                return
             async with self._on(source) as src, self._on(target) as tgt:
-                theirs, ours = await asyncio.gather(
-                    shard_sql.inbox_digest(src, spans), shard_sql.inbox_digest(tgt, spans)
-                )
+                theirs, ours = await asyncio.gather(_inbox_digests(src, spans, rows), _inbox_digests(tgt, spans, rows))
             if theirs != ours:
                 raise _VerificationFailed(
                     f"the inbox rows moving from {source} to {target} differ: source {theirs}, target {ours}"
                 )
 
-        await asyncio.gather(*(compare(source, target, spans) for (source, target), spans in self.plan.pairs().items()))
+        await asyncio.gather(*(compare(source, target) for source, target in pairs))
 
     # --- cutover: freeze, final delta, verify, flip; bounded by the deadline --------------
 
@@ -621,7 +673,7 @@ class _Run:
         this runner with its own. The pause recorded is the one clients saw: from before
         the freeze until the flip committed.
         """
-        await self._catch_up_inbox()  # outside the pause: the freeze leaves only the last changes
+        await self._preverify_inbox()  # outside the pause: the freeze leaves only the last changes
         lease = self.settings.cutover_deadline
         budget = CutoverBudget(lease)
         started = time.monotonic()
@@ -862,7 +914,7 @@ class _Run:
         late = 0
         # The sources were just released behind the fence: every write to the moved ranges
         # has finished, so every delta row is final (finished_only=False: see read_delta).
-        while copied := await self._copy_delta(seq, DELTA_BATCH, finished_only=False):
+        while copied := await self._copy_delta(seq, DELTA_BATCH, finished_only=False, merge=True):
             late += copied
         for source in self.plan.sources:
             async with self._on(source) as con:

@@ -346,10 +346,11 @@ async def delta_backlog(con: asyncpg.Connection, after: Watermark) -> int:
 
 
 async def insert_rows(
-    con: asyncpg.Connection, rows: Sequence[asyncpg.Record], states: Sequence[asyncpg.Record] = ()
+    con: asyncpg.Connection, rows: Sequence[asyncpg.Record], states: Sequence[asyncpg.Record] = (), merge: bool = False
 ) -> None:
     """Idempotent insert (a row the initial copy already brought is skipped), and the
-    dialogs' ``states`` (a newer version replaces an older one), in one transaction."""
+    dialogs' ``states`` (a newer version replaces an older one; with ``merge``, late writes
+    after a flip: merged with the target's, see ``merge_states``), in one transaction."""
     if not rows and not states:
         return
     columns = [[row[c] for row in rows] for c in COLUMNS]
@@ -363,7 +364,10 @@ async def insert_rows(
             """,
             *columns,
         )
-        await upsert_states(con, states)
+        if merge and states:
+            await con.execute("SELECT merge_states($1::jsonb)", _states_json(states))
+        else:
+            await upsert_states(con, states)
 
 
 async def clear_delta(con: asyncpg.Connection) -> None:
@@ -526,14 +530,34 @@ async def read_inbox_delta(
     return [inbox.InboxRow.from_record(row) for row in rows], (watermark_of(rows[-1]) if rows else None)
 
 
-async def inbox_digest(con: asyncpg.Connection, spans: Sequence[Span]) -> tuple[int, int]:
-    """Rows and hash sum of the inbox rows and totals in ``spans``."""
+async def inbox_range_digests(con: asyncpg.Connection, spans: Sequence[Span]) -> Digests:
+    """Per span (by its lo): rows and hash sum of its inbox rows and totals."""
+    if not spans:
+        return {}
+    return _digests(
+        await con.fetch(
+            "SELECT lo, rows, checksum FROM inbox_range_digests($1::bigint[], $2::bigint[])",
+            [s.lo for s in spans],
+            [s.hi for s in spans],
+        )
+    )
+
+
+async def inbox_key_digest(con: asyncpg.Connection, keys: Sequence[inbox.RowKey]) -> tuple[int, int]:
+    """Rows and hash sum of the inbox rows ``keys`` and their owners' totals."""
     row = await con.fetchrow(
-        "SELECT rows, checksum FROM inbox_digest($1::bigint[], $2::bigint[])",
-        [s.lo for s in spans],
-        [s.hi for s in spans],
+        "SELECT rows, checksum FROM inbox_key_digest($1::bigint[], $2::uuid[], $3::uuid[])",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
     )
     return row["rows"], int(row["checksum"])
+
+
+async def inbox_delta_keys(con: asyncpg.Connection, after: Watermark) -> list[inbox.RowKey]:
+    """The inbox rows logged past ``after``, finished or not."""
+    rows = await con.fetch("SELECT DISTINCT user_key, owner, peer FROM inbox_delta WHERE (xid, seq) > ($1, $2)", *after)
+    return [(row["user_key"], row["owner"], row["peer"]) for row in rows]
 
 
 async def pending_announcements(con: asyncpg.Connection, spans: Sequence[Span]) -> list[asyncpg.Record]:

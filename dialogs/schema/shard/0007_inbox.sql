@@ -262,14 +262,78 @@ CREATE FUNCTION inbox_hash(i inbox) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
                                       (extract(epoch FROM i.last_at) * 1000000)::bigint, i.unread), 0)
 $$;
 
--- Count and hash sum of the inbox rows in the spans, and of their totals (whose hash is
--- part of the sum), for the cutover's comparison of a source with its target.
-CREATE FUNCTION inbox_digest(p_lo bigint[], p_hi bigint[]) RETURNS TABLE (rows bigint, checksum numeric)
-LANGUAGE sql STABLE AS $$
-    SELECT count(*), coalesce(sum(h), 0) FROM (
-        SELECT inbox_hash(i) AS h FROM unnest(p_lo, p_hi) AS r(lo, hi) JOIN inbox i ON i.user_key BETWEEN r.lo AND r.hi
+-- The hash of a total row (owner, unread, dialogs).
+CREATE FUNCTION inbox_total_hash(t inbox_totals) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
+    SELECT hashtextextended(concat_ws('|', 'total', t.user_key, t.owner, t.unread, t.dialogs), 0)
+$$;
+
+-- Per range (by its lo): count and hash sum of the inbox rows and totals in it, for a
+-- migration's comparison of a source with its target (docs/resharding.md).
+CREATE FUNCTION inbox_range_digests(p_lo bigint[], p_hi bigint[])
+RETURNS TABLE (lo bigint, rows bigint, checksum numeric) LANGUAGE sql STABLE AS $$
+    SELECT r.lo, count(h.h), coalesce(sum(h.h), 0)
+    FROM unnest(p_lo, p_hi) AS r(lo, hi)
+    LEFT JOIN LATERAL (
+        SELECT inbox_hash(i) AS h FROM inbox i WHERE i.user_key BETWEEN r.lo AND r.hi
         UNION ALL
-        SELECT hashtextextended(concat_ws('|', 'total', t.user_key, t.owner, t.unread, t.dialogs), 0)
-        FROM unnest(p_lo, p_hi) AS r(lo, hi) JOIN inbox_totals t ON t.user_key BETWEEN r.lo AND r.hi
+        SELECT inbox_total_hash(t) FROM inbox_totals t WHERE t.user_key BETWEEN r.lo AND r.hi
+    ) AS h ON true
+    GROUP BY r.lo
+$$;
+
+-- The same for given rows (user_key, owner, peer) and their owners' totals.
+CREATE FUNCTION inbox_key_digest(p_key bigint[], p_owner uuid[], p_peer uuid[])
+RETURNS TABLE (rows bigint, checksum numeric) LANGUAGE sql STABLE AS $$
+    SELECT count(*), coalesce(sum(h), 0) FROM (
+        SELECT inbox_hash(i) AS h
+        FROM (SELECT DISTINCT * FROM unnest(p_key, p_owner, p_peer) AS k(user_key, owner, peer)) AS k
+        JOIN inbox i USING (user_key, owner, peer)
+        UNION ALL
+        SELECT inbox_total_hash(t)
+        FROM (SELECT DISTINCT * FROM unnest(p_key, p_owner) AS k(user_key, owner)) AS k
+        JOIN inbox_totals t USING (user_key, owner)
     ) AS hashes
 $$;
+
+-- Late writes (docs/resharding.md, "The lease on a cutover"): a source whose lease ran out
+-- after the flip took sends or read marks that its dialog's new shard did not see, while
+-- that shard took its own. Their states cannot be ordered by version (both went on from
+-- the one copied at the cutover): merge them on the new shard, after its copy of the late
+-- messages, in the same transaction. Marks: the greater of the two (marks only move
+-- forward); counts: recounted from the messages, now all here; version: past both. Each
+-- merged dialog is announced, so the inbox follows.
+CREATE FUNCTION merge_states(p_states jsonb) RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    -- This shard's rows first, in key order (sends and marks here wait meanwhile).
+    PERFORM 1 FROM dialog_state s
+    JOIN jsonb_populate_recordset(NULL::dialog_state, p_states) i USING (dialog_key, user_lo, user_hi)
+    ORDER BY s.dialog_key, s.user_lo, s.user_hi FOR UPDATE OF s;
+    WITH merged AS (
+        SELECT i.dialog_key, i.user_lo, i.user_hi,
+               greatest(i.version, coalesce(t.version, 0)) + 1 AS version,
+               greatest(i.read_lo, coalesce(t.read_lo, 0)) AS read_lo,
+               greatest(i.read_hi, coalesce(t.read_hi, 0)) AS read_hi
+        FROM jsonb_populate_recordset(NULL::dialog_state, p_states) i
+        LEFT JOIN dialog_state t USING (dialog_key, user_lo, user_hi)
+    ), counted AS (
+        SELECT m.*, c.*
+        FROM merged m CROSS JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE x.from_lo) AS sent_lo, count(*) FILTER (WHERE NOT x.from_lo) AS sent_hi,
+                   count(*) FILTER (WHERE NOT x.from_lo AND x.id <= m.read_lo) AS read_count_lo,
+                   count(*) FILTER (WHERE x.from_lo AND x.id <= m.read_hi) AS read_count_hi
+            FROM messages x
+            WHERE x.dialog_key = m.dialog_key AND x.user_lo = m.user_lo AND x.user_hi = m.user_hi
+        ) AS c
+    ), stored AS (
+        INSERT INTO dialog_state AS s (dialog_key, user_lo, user_hi, version, sent_lo, sent_hi, read_lo, read_hi,
+                                       read_count_lo, read_count_hi)
+        SELECT dialog_key, user_lo, user_hi, version, sent_lo, sent_hi, read_lo, read_hi, read_count_lo, read_count_hi
+        FROM counted ORDER BY 1, 2, 3
+        ON CONFLICT (dialog_key, user_lo, user_hi) DO UPDATE
+        SET version = EXCLUDED.version, sent_lo = EXCLUDED.sent_lo, sent_hi = EXCLUDED.sent_hi,
+            read_lo = EXCLUDED.read_lo, read_hi = EXCLUDED.read_hi,
+            read_count_lo = EXCLUDED.read_count_lo, read_count_hi = EXCLUDED.read_count_hi
+        RETURNING s.dialog_key, s.user_lo, s.user_hi
+    )
+    INSERT INTO inbox_outbox (dialog_key, user_lo, user_hi) SELECT * FROM stored;
+END $$;
