@@ -33,7 +33,7 @@ import asyncpg
 import jwt
 import psutil
 
-from bench import growth, load, replicas, scaling
+from bench import growth, inbox, load, replicas, scaling
 from bench.harness import JWT_SECRET, BenchCluster, Client, cutover_pause, preload, psql_copy, send_requests
 from dialogsctl.embedded import scratch_folder
 from dialogsctl.net import free_port
@@ -170,13 +170,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 proxy_url = cluster.proxy_urls[0]
                 sends = send_requests(users)
-                print("1/7 send throughput (wrk, pgbench, the naive monolith)…", flush=True)
+                print("1/8 send throughput (wrk, pgbench, the naive monolith)…", flush=True)
                 raw = await raw_inserts(cluster.dsn("shard-1"), args.concurrency, args.seconds)
                 monolith = monolith_sends(cluster.dsn("shard-1"), sends, args.concurrency, args.seconds)
                 with load.PeakRss(_service_pids(cluster)) as send_rss:
                     proxied = load.wrk(proxy_url, sends, args.concurrency, args.seconds)
 
-                print("2/7 lists (wrk through a proxy, pgbench directly)…", flush=True)
+                print("2/8 lists (wrk through a proxy, pgbench directly)…", flush=True)
                 lists = list_requests(dialogs)
                 shard_dialogs = await _count(cluster.dsn("shard-1"), "SELECT count(*) FROM bench_dialogs")
                 list_runs = {
@@ -190,10 +190,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 pauses: list[dict[str, Any]] = []
                 runner_log: list[str] = []
                 if not args.skip_resharding:
-                    print("3/7 resharding copy rate…", flush=True)
+                    print("3/8 resharding copy rate…", flush=True)
                     copy = await copy_rates(cluster, client)
 
-                    print("4/7 cutover pause under load…", flush=True)
+                    print("4/8 cutover pause under load…", flush=True)
                     # Once with headroom, once with the machine saturated (see steady_p99_ms).
                     pauses = [
                         await cutover_pause(client, users, args.pause_concurrency, "DELETE", "/admin/shards/shard-3"),
@@ -215,16 +215,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     data_growth: dict[str, Any] | None = None
     # These two start clusters of their own; a failure there must not cost the figures above.
     if not args.skip_scaling:
-        print("5/7 write scaling with CPU-capped shards…", flush=True)
+        print("5/8 write scaling with CPU-capped shards…", flush=True)
         write_scaling = await _section(scaling.scaling(args.scaling_cores, 32, args.seconds))
     if not args.skip_growth:
-        print("6/7 adding a shard as data grows…", flush=True)
+        print("6/8 adding a shard as data grows…", flush=True)
         data_growth = await _section(growth.growth((100_000, 1_000_000), args.pause_concurrency))
     replication: dict[str, Any] | None = None
     if not args.skip_replicas:
-        print("7/7 sends with a synchronous standby per shard (Patroni) vs without…", flush=True)
+        print("7/8 sends with a synchronous standby per shard (Patroni) vs without…", flush=True)
         replication = await _section(replicas.synchronous_cost(args.concurrency, args.seconds))
+    inbox_figures: dict[str, Any] | None = None
+    if not args.skip_inbox:
+        print(
+            "8/8 the inbox: sends with its upkeep, ack to inbox, pages, a user with 100,000 conversations…", flush=True
+        )
+        inbox_figures = await _section(inbox.figures(args.concurrency, args.seconds))
     return {
+        "inbox": inbox_figures,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "replication": replication,
         "send_throughput": {
@@ -306,6 +313,7 @@ def main() -> None:
     parser.add_argument("--skip-scaling", action="store_true", help="no write-scaling figures")
     parser.add_argument("--skip-growth", action="store_true", help="no growth-with-data figures")
     parser.add_argument("--skip-replicas", action="store_true", help="no synchronous-standby figure")
+    parser.add_argument("--skip-inbox", action="store_true", help="no inbox figures")
     parser.add_argument(
         "--proxy-processes",
         type=int,
@@ -425,6 +433,7 @@ def summary(results: dict[str, Any]) -> str:
         )
     elif "error" in replicated:
         rows.append(("synchronous standby", "error", replicated["error"], ""))
+    rows += inbox.summary_rows(results.get("inbox") or {})
     for name, mib in sends["peak_rss_mib"].items():
         rows.append((f"peak RSS under send load, {name}", f"{mib:.0f} MiB", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

@@ -44,6 +44,7 @@ class BenchCluster:
     on_shard_server: Callable[[str, LocalPostgres], None] | None = None
     # Standbys per shard (Patroni, synchronous); the metadata database stays one server.
     replicas: int = 0
+    worker_env: dict[str, str] = field(default_factory=dict)  # more of every worker's settings
     servers: dict[str, LocalPostgres] = field(default_factory=dict)
     groups: dict[str, patroni.Group] = field(default_factory=dict)
     etcd: patroni.Etcd | None = None
@@ -126,6 +127,7 @@ class BenchCluster:
                 "DIALOGS_SHARD_DSN": self.dsn(shard_id),
                 "DIALOGS_PORT": str(port),
                 "DIALOGS_HEARTBEAT_INTERVAL": "0.5",
+                **self.worker_env,
             },
             log_file=self.base / "logs" / f"worker-{shard_id}.log",
             health_url=f"http://127.0.0.1:{port}/health",

@@ -96,13 +96,24 @@ class InboxApplier:
             self._shard_dsn,
             timeout=self._query_timeout,
             command_timeout=self._query_timeout,
-            server_settings={"idle_session_timeout": str(idle_ms)},
+            server_settings={"idle_session_timeout": str(idle_ms), **self._bounded()},
         )
 
+    def _bounded(self) -> dict[str, str]:
+        """A statement given up on here (its timeout) ends on the server too, also while it
+        waits for a lock: it must not go on holding or queueing for an owner's total row."""
+        return {
+            "statement_timeout": str(int(self._query_timeout * 1000)),
+            "client_connection_check_interval": "250ms",
+        }
+
     async def _apply_while_leading(self, con: asyncpg.Connection) -> None:
-        """Passes over the outbox: the next at once after one that applied something; after
-        an empty one, the poll interval; after one where everything had to wait (a cutover,
-        a shard unreachable), longer each time, up to a second."""
+        """Passes over the outbox: the next at once after one that found a backlog (a full
+        batch); after a lighter one, the poll interval, so that under a steady load a batch
+        gathers a poll interval's changes (fewer, larger transactions on every shard, and a
+        dialog changed twice meanwhile is read once) instead of chasing each commit; after
+        one where everything had to wait (a cutover, a shard unreachable), longer each time,
+        up to a second."""
         idle = self._poll_interval
         applied = read = 0
         while True:
@@ -111,14 +122,13 @@ class InboxApplier:
             applied, read = applied + batch_applied, read + batch_read
             if self._after:
                 continue  # the pass goes on
-            if not read:
-                idle = self._poll_interval
-                await asyncio.sleep(idle)
-            elif not applied:
+            if read and not applied:
                 await asyncio.sleep(idle)
                 idle = min(idle * 2, 1.0)
             else:
                 idle = self._poll_interval
+                if read < self._batch:
+                    await asyncio.sleep(idle)
             applied = read = 0
 
     async def apply_once(self, con: asyncpg.Connection) -> tuple[int, int]:
@@ -192,7 +202,9 @@ class InboxApplier:
             return known[1]
         if known is not None:
             known[1].terminate()
-        pool = pg.create_pool(dsn, min_size=0, max_size=2, command_timeout=self._query_timeout)
+        pool = pg.create_pool(
+            dsn, min_size=0, max_size=2, command_timeout=self._query_timeout, server_settings=self._bounded()
+        )
         await pool
         self._pools[shard_id] = (dsn, pool)
         return pool

@@ -229,3 +229,55 @@ async def test_a_users_shard_out_of_reach_holds_back_only_its_users_inboxes(bare
         assert totals == {"total": 4, "dialogs": 1}
     report = await cluster.admin("POST", "/admin/inbox/verify", {"settle_seconds": 10})
     assert report.json["differences"] == 0 and report.json["pending"] == 0, report.body
+
+
+async def test_applying_rows_twice_late_or_out_of_order_keeps_the_newest_and_exact_totals(
+    databases: dict[str, str],
+) -> None:
+    """apply_inbox on a shard: a row is kept only if newer; the owner's total moves by the
+    changed rows' difference, so repeats, late and reordered deliveries never drift it;
+    rows for users the shard does not serve, or serves frozen, are refused."""
+    import datetime
+
+    import asyncpg
+
+    from dialogs import inbox, schema
+    from dialogs.keys import INT64_MAX, INT64_MIN
+    from dialogs.migration_plan import Span
+    from proxy.migration import shard_sql
+
+    con = await asyncpg.connect(databases["shard-1"])
+    try:
+        await schema.upgrade_shard(con)
+        await shard_sql.set_state(con, [Span(INT64_MIN, INT64_MAX)], "owned")
+        owner = uuid.uuid4()
+        key = user_key(owner)
+        at = datetime.datetime.now(datetime.UTC)
+
+        def row(peer: uuid.UUID, version: int, unread: int) -> inbox.InboxRow:
+            return inbox.InboxRow(key, owner, peer, version, version, False, f"v{version}", at, unread)
+
+        async def state() -> tuple[list[tuple[int, int]], tuple[int, int]]:
+            rows = await con.fetch("SELECT version, unread FROM inbox WHERE owner = $1 ORDER BY peer", owner)
+            total = await con.fetchrow("SELECT unread, dialogs FROM inbox_totals WHERE owner = $1", owner)
+            return [tuple(r) for r in rows], tuple(total)
+
+        a, b = sorted((uuid.uuid4(), uuid.uuid4()))
+        assert set((await inbox.apply(con, [row(a, 2, 3), row(b, 1, 1)])).values()) == {"applied"}
+        assert await state() == ([(2, 3), (1, 1)], (4, 2))
+        await inbox.apply(con, [row(a, 2, 3), row(a, 1, 9)])  # a repeat and an older one: nothing moves
+        assert await state() == ([(2, 3), (1, 1)], (4, 2))
+        await inbox.apply(con, [row(a, 4, 0), row(a, 3, 5), row(b, 2, 2)])  # the newest of a batch wins
+        assert await state() == ([(4, 0), (2, 2)], (2, 1))
+        # A frozen range and one not served here: refused, nothing changed.
+        await con.execute(
+            "SELECT set_range_states($1::bigint[], $2::bigint[], 'frozen', interval '1 minute')",
+            [INT64_MIN],
+            [INT64_MAX],
+        )
+        assert set((await inbox.apply(con, [row(a, 5, 7)])).values()) == {"frozen"}
+        await shard_sql.set_state(con, [Span(INT64_MIN, INT64_MAX)], "absent")
+        assert set((await inbox.apply(con, [row(a, 5, 7)])).values()) == {"not_served"}
+        assert await state() == ([(4, 0), (2, 2)], (2, 1))
+    finally:
+        await con.close()

@@ -221,25 +221,24 @@ BEGIN
         INSERT INTO inbox_totals AS t (user_key, owner)
         SELECT DISTINCT r.user_key, r.owner FROM unnest(v_rows) r ORDER BY 1, 2
         ON CONFLICT (user_key, owner) DO UPDATE SET unread = t.unread;
-        WITH new AS (
-            SELECT * FROM unnest(v_rows)
-        ), old AS (
-            SELECT i.user_key, i.owner, i.peer, i.unread FROM inbox i JOIN new n USING (user_key, owner, peer)
-        ), changed AS (
-            INSERT INTO inbox AS i SELECT * FROM new ORDER BY user_key, owner, peer
+        -- Each changed row's old count from the upsert itself (RETURNING old: PostgreSQL
+        -- 18): a separate read would be a second lookup per row, which the planner may make
+        -- by the (user_key, owner) prefix of the page index: a user's whole inbox per row.
+        WITH changed AS (
+            INSERT INTO inbox AS i SELECT * FROM unnest(v_rows) ORDER BY user_key, owner, peer
             ON CONFLICT (user_key, owner, peer) DO UPDATE
             SET version = EXCLUDED.version, last_id = EXCLUDED.last_id, last_from_owner = EXCLUDED.last_from_owner,
                 last_text = EXCLUDED.last_text, last_at = EXCLUDED.last_at, unread = EXCLUDED.unread
             WHERE i.version < EXCLUDED.version
-            RETURNING i.user_key, i.owner, i.peer, i.unread
+            RETURNING new.user_key, new.owner, new.peer, new.unread, coalesce(old.unread, 0) AS old_unread
         ), logged AS (
             INSERT INTO inbox_delta (user_key, owner, peer)
             SELECT c.user_key, c.owner, c.peer FROM changed c WHERE NOT p_copy AND range_state(c.user_key) = 'migrating'
         ), moved AS (
             SELECT c.user_key, c.owner,
-                   sum(c.unread - coalesce(o.unread, 0)) AS unread,
-                   sum((c.unread > 0)::int - coalesce((o.unread > 0)::int, 0)) AS dialogs
-            FROM changed c LEFT JOIN old o USING (user_key, owner, peer)
+                   sum(c.unread - c.old_unread) AS unread,
+                   sum((c.unread > 0)::int - (c.old_unread > 0)::int) AS dialogs
+            FROM changed c
             GROUP BY c.user_key, c.owner
         )
         UPDATE inbox_totals t SET unread = t.unread + m.unread, dialogs = t.dialogs + m.dialogs
