@@ -9,6 +9,7 @@ data folder is refused by an exclusive lock instead of fighting over the servers
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fcntl
 import functools
 import os
@@ -590,13 +591,12 @@ class Supervisor:
             restart()
 
     def _stop(self) -> None:
+        """Proxies and workers, then the databases, each kind all at once (every stop is
+        mostly waiting: one at a time, a replicated cluster took 15 s), then etcd, which the
+        Patroni members use until they are down."""
         self.console.print("stopping…")
-        for child in reversed(self.children):
-            child.stop()
-        for server in reversed(list(self.servers.values())):
-            server.stop()
-        for group in reversed(list(self.groups.values())):
-            group.stop()
+        _all_at_once([child.stop for child in self.children])
+        _all_at_once([server.stop for server in self.servers.values()] + [g.stop for g in self.groups.values()])
         if self.etcd is not None:
             self.etcd.stop()
         self.console.print("stopped; data kept in " + str(self.layout.data_dir))
@@ -661,3 +661,13 @@ def walkthrough(url: str) -> str:
             f"curl -s -w '\\n' {url}/dialog/$A/list -H \"Authorization: Bearer $TB\"",
         ]
     )
+
+
+def _all_at_once(stops: list[Callable[[], None]]) -> None:
+    """Run ``stops`` in threads and wait for all; the first failure is raised after."""
+    if not stops:
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(stops)) as pool:
+        futures = [pool.submit(stop) for stop in stops]
+    for future in futures:
+        future.result()
