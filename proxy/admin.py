@@ -346,7 +346,8 @@ async def throttle_migration(request: web.Request) -> web.Response:
 async def verify_inbox(request: web.Request) -> web.Response:
     """Recount every inbox from the dialogs and compare (``proxy/inbox_verify.py``); with
     ``{"repair": true}``, also rewrite what differs. A repair is refused while a migration
-    runs: its target's copies are the migration's to verify."""
+    runs: its target's copies are the migration's to verify. A comparison that a cutover
+    overlapped (the map changed meanwhile) is refused after the fact: rows moved under it."""
     _require_admin(request)
     data = await _body(request)
     repair = data.get("repair", False)
@@ -369,6 +370,9 @@ async def verify_inbox(request: web.Request) -> web.Response:
         )
     except pg.FAILURES as exc:
         raise errors.ShardUnavailable(f"cannot read every shard: {exc or type(exc).__name__}") from None
+    if (await store.active_map()).map_version != shard_map.map_version:
+        # A migration's cutover came in between: rows moved under the comparison.
+        raise errors.Conflict("the shard map changed while verifying (a migration's cutover): run it again")
     return json_response(report.to_json())
 
 

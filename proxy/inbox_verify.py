@@ -160,16 +160,31 @@ async def _compare(cons: dict[str, asyncpg.Connection], shard_map: ShardMap, set
         if found is None or found[0] != home:
             report.missing.append(f"{want.owner} with {want.peer} (on {home})")
         elif found[1] != want:
-            report.different.append(f"{want.owner} with {want.peer} on {home}: {found[1]} != {want}")
+            report.different.append(f"{want.owner} with {want.peer} on {home}: {_fields_apart(found[1], want)}")
     for key, (shard_id, row) in stored.items():
         if key not in expected or shard_map.owner(row.user_key) != shard_id:
             report.extra.append(f"{row.owner} with {row.peer} on {shard_id}")
     for place in sorted(set(totals) | set(sums), key=str):
         if totals.get(place, (0, 0)) != sums.get(place, (0, 0)):
             report.totals.append(
-                f"{place[1]} on {place[0]}: stored {totals.get(place)}, recounted {sums.get(place, (0, 0))}"
+                f"{place[1]} on {place[0]}: stored {_total(totals.get(place))}, recounted {_total(sums.get(place))}"
             )
     return report
+
+
+def _total(total: tuple[int, int] | None) -> str:
+    return "none" if total is None else f"(unread {total[0]}, dialogs {total[1]})"
+
+
+def _fields_apart(stored: inbox.InboxRow, recounted: inbox.InboxRow) -> str:
+    """Which fields of a row differ, stored against recounted (a text only as "differs":
+    the report is an operator's, not a reader of the users' messages)."""
+    apart = []
+    for name in inbox.INBOX_COLUMNS:
+        mine, theirs = getattr(stored, name), getattr(recounted, name)
+        if mine != theirs:
+            apart.append(f"{name} differs" if name == "last_text" else f"{name} {mine} (recount: {theirs})")
+    return ", ".join(apart)
 
 
 async def _repair(cons: dict[str, asyncpg.Connection], shard_map: ShardMap) -> int:

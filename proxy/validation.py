@@ -29,8 +29,13 @@ def send_text(body: Any, max_length: int) -> str:
 
 def read_up_to(body: Any) -> int | None:
     """A read mark's ``up_to`` (a message id); None: up to the newest message (no body,
-    an empty object, or null)."""
-    up_to = json_object(body).get("up_to")
+    an empty object, or null). Any other field is refused: a misspelt ``up_to`` would
+    otherwise mark the whole dialog read."""
+    data = json_object(body)
+    unknown = sorted(str(key) for key in data if key != "up_to")
+    if unknown:
+        raise errors.InvalidInput(f"unknown field(s) {', '.join(unknown)}: a read mark takes only up_to")
+    up_to = data.get("up_to")
     return None if up_to is None else checks.message_id(up_to, "up_to")
 
 

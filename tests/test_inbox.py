@@ -171,6 +171,8 @@ async def test_verify_finds_what_a_recount_contradicts_and_repair_rewrites_it(cl
     kinds = [len(report[kind]) for kind in ("missing", "different", "extra", "totals")]
     assert kinds == [1, 1, 1, 1] and report["differences"] == 4 and report["repaired"] == 0, report
     assert f"{carol} with {anna}" in report["missing"][0]
+    assert report["different"][0].endswith("unread 7 (recount: 2)"), report["different"]
+    assert report["totals"][0].endswith("stored (unread 99, dialogs 2), recounted (unread 3, dialogs 2)"), report
 
     repaired = await cluster.admin("POST", "/admin/inbox/verify", {"repair": True, "settle_seconds": 5})
     assert repaired.status == 200 and repaired.json["repaired"] == 3, repaired.body

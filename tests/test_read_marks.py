@@ -80,6 +80,7 @@ async def test_an_empty_dialog_and_bad_marks(cluster: Cluster) -> None:
         ({"up_to": int(sent)}, "up_to must be a message id"),
         ({"up_to": "99999999999999999999"}, "up_to must be a message id"),
         (["up_to"], "request body must be a JSON object"),
+        ({"upto": sent}, "unknown field(s) upto: a read mark takes only up_to"),
     ):
         reply = await api.request("POST", f"/dialog/{anna}/read", token=boris_token, body=body)
         assert reply.status == 400, (body, reply.body)
