@@ -81,25 +81,9 @@ WHERE bytes <= $6 OR n = 1
 ORDER BY id DESC
 """
 
-# The list query behind the ownership check, in one round trip: the first column says
-# whether this shard serves the range; the message columns are NULL for an empty page.
-# (range_state() inlined: as plain SQL it is planned once with the prepared statement.)
-LIST_QUERY = f"""
-WITH own AS (
-    SELECT (SELECT effective_state(r.state, r.lease_until)
-            FROM (SELECT hi, state, lease_until FROM shard_ranges WHERE lo <= $1 ORDER BY lo DESC LIMIT 1) AS r
-            WHERE r.hi >= $1) AS state,
-           {pg.PRIMARY_CHECK} AS primary_ok
-)
-SELECT own.state, own.primary_ok, page.*
-FROM own LEFT JOIN LATERAL ({_LIST}) AS page ON own.state IN ('owned', 'migrating', 'frozen') AND own.primary_ok
-"""
-
-
-# A page of an owner's inbox behind the same ownership check, by the owner's key: the
-# conversations whose last message is older than $3, newest first, at most $4 and at most
-# $5 bytes of text (always the first).
-_OWN_USER = f"""
+# Whether this shard serves the range holding key $1 (range_state() inlined: as plain SQL it
+# is planned once with the prepared statement), and whether it may serve as the primary.
+_OWN = f"""
 WITH own AS (
     SELECT (SELECT effective_state(r.state, r.lease_until)
             FROM (SELECT hi, state, lease_until FROM shard_ranges WHERE lo <= $1 ORDER BY lo DESC LIMIT 1) AS r
@@ -107,7 +91,19 @@ WITH own AS (
            {pg.PRIMARY_CHECK} AS primary_ok
 )"""
 
-INBOX_QUERY = f"""{_OWN_USER}
+# The list query behind the ownership check, in one round trip: the first column says
+# whether this shard serves the range; the message columns are NULL for an empty page.
+LIST_QUERY = f"""
+{_OWN}
+SELECT own.state, own.primary_ok, page.*
+FROM own LEFT JOIN LATERAL ({_LIST}) AS page ON own.state IN ('owned', 'migrating', 'frozen') AND own.primary_ok
+"""
+
+
+# A page of an owner's inbox behind the same check, by the owner's key: the conversations
+# whose last message is older than $3, newest first, at most $4 and at most $5 bytes of
+# text (always the first).
+INBOX_QUERY = f"""{_OWN}
 SELECT own.state, own.primary_ok, page.*
 FROM own LEFT JOIN LATERAL (
     SELECT peer, last_id, last_from_owner, last_text, last_at, unread
@@ -125,7 +121,7 @@ FROM own LEFT JOIN LATERAL (
 ) AS page ON own.state IN ('owned', 'migrating', 'frozen') AND own.primary_ok
 """
 
-UNREAD_QUERY = f"""{_OWN_USER}
+UNREAD_QUERY = f"""{_OWN}
 SELECT own.state, own.primary_ok, t.unread, t.dialogs
 FROM own LEFT JOIN inbox_totals t
     ON t.user_key = $1 AND t.owner = $2 AND own.state IN ('owned', 'migrating', 'frozen') AND own.primary_ok
@@ -213,35 +209,31 @@ class ShardStore:
     async def list_messages(
         self, dialog_key: int, user_a: uuid.UUID, user_b: uuid.UUID, before: int, limit: int
     ) -> list[asyncpg.Record]:
-        async with translated(), self._connection() as con:
-            started = time.perf_counter()
-            rows = await con.fetch(
-                LIST_QUERY, dialog_key, *ordered(user_a, user_b), before, limit, wire.MAX_PAGE_TEXT_BYTES
-            )
-            self._observe("list", time.perf_counter() - started)
-            if not rows[0]["primary_ok"]:
-                # A demoted or stale primary of a replicated shard (pg.PRIMARY_CHECK): this
-                # connection is dropped, and the next one goes to the group's primary.
-                raise errors.ShardUnavailable("the shard's primary is changing; retry shortly")
-        if rows[0]["state"] not in wire.READABLE:
-            raise errors.RangeNotServed()
+        rows = await self._served_read(
+            "list", LIST_QUERY, dialog_key, *ordered(user_a, user_b), before, limit, wire.MAX_PAGE_TEXT_BYTES
+        )
         return [row for row in rows if row["id"] is not None]
 
     async def inbox_page(self, query: wire.InboxQuery) -> list[asyncpg.Record]:
         """One page of a user's inbox, from the shard that owns the user's key."""
-        rows = await self._owner_read("inbox", INBOX_QUERY, query, query.before, query.limit, wire.MAX_PAGE_TEXT_BYTES)
+        rows = await self._served_read(
+            "inbox", INBOX_QUERY, query.user_key, query.owner, query.before, query.limit, wire.MAX_PAGE_TEXT_BYTES
+        )
         return [row for row in rows if row["last_id"] is not None]
 
     async def unread_totals(self, query: wire.InboxQuery) -> wire.UnreadTotals:
-        row = (await self._owner_read("unread", UNREAD_QUERY, query))[0]
+        row = (await self._served_read("unread", UNREAD_QUERY, query.user_key, query.owner))[0]
         return wire.UnreadTotals(row["unread"] or 0, row["dialogs"] or 0)
 
-    async def _owner_read(self, name: str, sql: str, query: wire.InboxQuery, *args: object) -> list[asyncpg.Record]:
+    async def _served_read(self, name: str, sql: str, *args: object) -> list[asyncpg.Record]:
+        """A read behind the ownership check (``_OWN``): its rows, or the refusal."""
         async with translated(), self._connection() as con:
             started = time.perf_counter()
-            rows = await con.fetch(sql, query.user_key, query.owner, *args)
+            rows = await con.fetch(sql, *args)
             self._observe(name, time.perf_counter() - started)
             if not rows[0]["primary_ok"]:
+                # A demoted or stale primary of a replicated shard (pg.PRIMARY_CHECK): this
+                # connection is dropped, and the next one goes to the group's primary.
                 raise errors.ShardUnavailable("the shard's primary is changing; retry shortly")
         if rows[0]["state"] not in wire.READABLE:
             raise errors.RangeNotServed()
