@@ -2,12 +2,14 @@
 
 1. Sends with inbox upkeep against the same cluster without it: a cluster whose workers
    stop the shard schema before the inbox (``DIALOGS_SCHEMA_UNTIL=6``: no outbox, no
-   applier), started and loaded the same way; two rounds, alternating, under wrk.
-2. While the upkeep run's wrk load runs: how long after a send's acknowledgement the
-   recipient's inbox shows it (a probe sends to a recipient of its own every 50 ms and
+   applier), started the same way and running beside it; after a first load of each that
+   is not counted, wrk loads one, then the other, in four rounds (ABBA order).
+2. Under the same wrk load, with the inbox, in a run of its own (its polls are load the
+   ratio's runs must not carry on one side only): how long after a send's acknowledgement
+   the recipient's inbox shows it (a probe sends to a recipient of its own every 50 ms and
    polls its first inbox page every 2 ms; the badge is read once it shows).
 3. The first inbox page and the badge at 1 connection against a dialog's list, with 2 and
-   4 shards (the inbox is one shard's read, so the figure should not move).
+   4 shards (the inbox is one shard's read, so the figure should not move); in turns.
 4. A user with 100,000 conversations (made through store_messages on the shards and
    projected by the appliers) against a user with 10: first page and badge.
 
@@ -28,6 +30,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import jwt
+import psutil
 
 from bench import load
 from bench.harness import JWT_SECRET, BenchCluster, Client, quantile, send_requests
@@ -61,19 +64,20 @@ def _stop(cluster: BenchCluster) -> None:
 
 
 async def _drained(cluster: BenchCluster, shard_ids: list[str], timeout: float = 600.0) -> float:
-    """Seconds until every shard's outbox is empty."""
+    """Seconds until every shard's outbox is empty (looked at every 50 ms)."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        pending = 0
-        for shard_id in shard_ids:
-            con = await asyncpg.connect(cluster.dsn(shard_id))
-            try:
+    cons = [await asyncpg.connect(cluster.dsn(shard_id)) for shard_id in shard_ids]
+    try:
+        while time.monotonic() - started < timeout:
+            pending = 0
+            for con in cons:
                 pending += await con.fetchval("SELECT count(*) FROM inbox_outbox")
-            finally:
-                await con.close()
-        if not pending:
-            return time.monotonic() - started
-        await asyncio.sleep(0.5)
+            if not pending:
+                return time.monotonic() - started
+            await asyncio.sleep(0.05)
+    finally:
+        for con in cons:
+            await con.close()
     raise RuntimeError(f"the outboxes did not drain in {timeout:.0f} s")
 
 
@@ -106,55 +110,115 @@ async def _probe(client: Client, stop: asyncio.Event) -> list[float]:
     return waits
 
 
-async def _sends(inbox: bool, connections: int, seconds: float) -> tuple[load.Load, list[float]]:
-    cluster = await _start(2, None if inbox else {"DIALOGS_SCHEMA_UNTIL": "6"})
+async def _loaded(cluster: BenchCluster, session: aiohttp.ClientSession) -> tuple[Client, list[dict[str, object]]]:
+    """A client of ``cluster`` and the sends of the upkeep's load: 64 users, random pairs."""
+    client = Client(session, cluster.proxy_urls)
+    users = [await client.user(f"u{i}") for i in range(64)]
+    return client, send_requests(users)
+
+
+def _cpu_seconds(cluster: BenchCluster) -> float:
+    """CPU seconds the cluster's processes have used: proxies, workers and PostgreSQL
+    servers with their live backends, and (through each process's reaped children's times)
+    the processes they started that have exited since (autovacuum workers, closed backends)."""
+    roots = [c.process.pid for c in [*cluster.proxies, *cluster.workers.values()] if c.process is not None]
+    roots += [server.process.pid for server in cluster.servers.values() if server.process is not None]
+    total = 0.0
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for process in tree:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+async def upkeep(connections: int, seconds: float, rounds: int = 4) -> dict[str, Any]:
+    """Sends on a cluster with the inbox against one without, both running at once and
+    loaded in turns (without, with; then with, without; ...): this machine's speed drifts
+    by tens of percent within a minute, and turns this short give both sides the same
+    drift. Then the ack-to-inbox probe beside the same load on the inbox's cluster (its
+    polls are load of their own: not in the ratio's runs)."""
+    clusters = {
+        "without": await _start(2, {"DIALOGS_SCHEMA_UNTIL": "6"}),
+        "with": await _start(2),
+    }
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            client = Client(session, cluster.proxy_urls)
-            users = [await client.user(f"u{i}") for i in range(64)]
+            loads = {name: await _loaded(cluster, session) for name, cluster in clusters.items()}
+            # A first load of each, not counted: the inbox's cluster makes its rows and
+            # totals (one per conversation and user of the load) and analyzes its new tables
+            # in its first seconds; the rounds then measure both in their steady state.
+            for name, cluster in clusters.items():
+                await asyncio.to_thread(load.wrk, cluster.proxy_urls[0], loads[name][1], connections, seconds / 2)
+            await _drained(clusters["with"], ["shard-1", "shard-2"])
+            runs: dict[str, list[load.Load]] = {"with": [], "without": []}
+            behind: list[float] = []  # after each run with the inbox: seconds until its outboxes were empty
+            # Each cluster's CPU over all the rounds, its idle time in the other's turns
+            # included: whatever work the inbox defers (autovacuum, checkpoints) is counted.
+            cpu_before = {name: _cpu_seconds(cluster) for name, cluster in clusters.items()}
+            for round_ in range(rounds):
+                for name in ("without", "with") if round_ % 2 == 0 else ("with", "without"):
+                    url = clusters[name].proxy_urls[0]
+                    runs[name].append(await asyncio.to_thread(load.wrk, url, loads[name][1], connections, seconds))
+                    if name == "with":
+                        # Drained before the other side's turn: no upkeep spills into its run.
+                        behind.append(await _drained(clusters[name], ["shard-1", "shard-2"]))
+            cpu = {name: _cpu_seconds(cluster) - cpu_before[name] for name, cluster in clusters.items()}
+            client, sends = loads["with"]
             stop = asyncio.Event()
-            probing = asyncio.ensure_future(_probe(client, stop)) if inbox else None
+            probing = asyncio.ensure_future(_probe(client, stop))
             try:
-                sends = await asyncio.to_thread(
-                    load.wrk, cluster.proxy_urls[0], send_requests(users), connections, seconds
-                )
+                probed = await asyncio.to_thread(load.wrk, clusters["with"].proxy_urls[0], sends, connections, seconds)
             finally:
                 stop.set()
-            waits = await probing if probing is not None else []
-        return sends, waits
+            waits = await probing
     finally:
-        _stop(cluster)
-
-
-async def upkeep(connections: int, seconds: float, rounds: int = 2) -> dict[str, Any]:
-    runs: dict[str, list[load.Load]] = {"with": [], "without": []}
-    waits: list[float] = []
-    for _ in range(rounds):
-        without, _ = await _sends(False, connections, seconds)
-        with_inbox, probed = await _sends(True, connections, seconds)
-        runs["without"].append(without)
-        runs["with"].append(with_inbox)
-        waits += probed
-    mean = {k: sum(r.per_second for r in v) / len(v) for k, v in runs.items()}
+        for cluster in clusters.values():
+            _stop(cluster)
+    total = {k: sum(r.per_second for r in v) for k, v in runs.items()}
     return {
         "connections": connections,
         "with_inbox": [r.to_json() for r in runs["with"]],
         "without_inbox": [r.to_json() for r in runs["without"]],
-        "ratio": round(mean["with"] / mean["without"], 3),
+        "ratio": round(total["with"] / total["without"], 3),
         "target": ">= 0.8x",
+        "outbox_drained_after_seconds": [round(b, 2) for b in behind],
+        # Service CPU (not wrk's) per send over all the rounds, each cluster's own.
+        "cpu_us_per_send": {
+            name: round(cpu[name] / sum(r.requests for r in runs[name]) * 1e6) for name in ("with", "without")
+        },
         "ack_to_inbox": {
             "probes": len(waits),
             "p50_ms": round(quantile(waits, 0.5) * 1000, 1),
             "p99_ms": round(quantile(waits, 0.99) * 1000, 1),
             "max_ms": round(max(waits) * 1000, 1) if waits else None,
-            "under": f"{connections} wrk senders",
+            "under": f"{connections} wrk senders ({probed.per_second:,.0f} sends/s)",
         },
     }
 
 
+def _mean(loads: list[load.Load]) -> load.Load:
+    """Runs of one kind as one: mean rate and quantiles, summed requests and failures."""
+    return load.Load(
+        sum(r.per_second for r in loads) / len(loads),
+        sum(r.p50_ms for r in loads) / len(loads),
+        sum(r.p99_ms for r in loads) / len(loads),
+        sum(r.requests for r in loads),
+        sum(r.failed for r in loads),
+    )
+
+
 async def pages(shards: int, seconds: float, users: int = 100, conversations: int = 10) -> dict[str, Any]:
     """Inbox first page and badge vs a dialog's list, 1 connection; each user has
-    ``conversations`` conversations of 3 messages."""
+    ``conversations`` conversations of 3 messages. Each kind is loaded three times for
+    ``seconds``/2, in turns; its figure is the mean of its runs."""
     cluster = await _start(shards)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
@@ -183,14 +247,19 @@ async def pages(shards: int, seconds: float, users: int = 100, conversations: in
         inbox = [_get("/dialogs?limit=100", token) for _, token in people]
         badge = [_get("/dialogs/unread", token) for _, token in people]
         lists = [_get(f"/dialog/{people[b][0]}/list?limit=100", people[a][1]) for a, b in sorted(pairs)]
-        runs = {
-            "list": await asyncio.to_thread(load.wrk, url, lists, 1, seconds, 1),
-            "inbox": await asyncio.to_thread(load.wrk, url, inbox, 1, seconds, 1),
-            "unread": await asyncio.to_thread(load.wrk, url, badge, 1, seconds, 1),
-        }
+        # Three rounds, the order turned each round, so the machine's drift meets each alike.
+        requests = {"list": lists, "inbox": inbox, "unread": badge}
+        rounds: dict[str, list[load.Load]] = {name: [] for name in requests}
+        order = list(requests)
+        for _ in range(3):
+            for name in order:
+                rounds[name].append(await asyncio.to_thread(load.wrk, url, requests[name], 1, seconds / 2, 1))
+            order = order[1:] + order[:1]
+        runs = {name: _mean(loads) for name, loads in rounds.items()}
         return {
             "shards": shards,
             **{name: run.to_json() for name, run in runs.items()},
+            "rounds": {name: [run.to_json() for run in loads] for name, loads in rounds.items()},
             "inbox_added_p50_ms": round(runs["inbox"].p50_ms - runs["list"].p50_ms, 3),
             "unread_added_p50_ms": round(runs["unread"].p50_ms - runs["list"].p50_ms, 3),
         }
@@ -234,16 +303,23 @@ async def hot_user(seconds: float, conversations: int = 100_000) -> dict[str, An
         projected = await _drained(cluster, ["shard-1", "shard-2"])
         url = cluster.proxy_urls[0]
 
-        async def one_connection(path: str, user: uuid.UUID) -> load.Load:
-            return await asyncio.to_thread(load.wrk, url, [_get(path, _token(user))], 1, seconds, 1)
-
-        runs = {
-            "small_first_page": await one_connection("/dialogs?limit=100", small),
-            "hot_first_page": await one_connection("/dialogs?limit=100", hot),
-            "hot_first_10": await one_connection("/dialogs?limit=10", hot),
-            "small_unread": await one_connection("/dialogs/unread", small),
-            "hot_unread": await one_connection("/dialogs/unread", hot),
+        requests = {
+            "small_first_page": ("/dialogs?limit=100", small),
+            "hot_first_page": ("/dialogs?limit=100", hot),
+            "hot_first_10": ("/dialogs?limit=10", hot),
+            "small_unread": ("/dialogs/unread", small),
+            "hot_unread": ("/dialogs/unread", hot),
         }
+        rounds: dict[str, list[load.Load]] = {name: [] for name in requests}
+        order = list(requests)
+        for _ in range(3):  # in turns, as the pages above
+            for name in order:
+                path, user = requests[name]
+                rounds[name].append(
+                    await asyncio.to_thread(load.wrk, url, [_get(path, _token(user))], 1, seconds / 2, 1)
+                )
+            order = order[1:] + order[:1]
+        runs = {name: _mean(loads) for name, loads in rounds.items()}
         return {
             "conversations": conversations,
             "stored_seconds": round(stored, 1),

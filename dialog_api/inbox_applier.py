@@ -108,27 +108,27 @@ class InboxApplier:
         }
 
     async def _apply_while_leading(self, con: asyncpg.Connection) -> None:
-        """Passes over the outbox: the next at once after one that found a backlog (a full
-        batch); after a lighter one, the poll interval, so that under a steady load a batch
-        gathers a poll interval's changes (fewer, larger transactions on every shard, and a
-        dialog changed twice meanwhile is read once) instead of chasing each commit; after
-        one where everything had to wait (a cutover, a shard unreachable), longer each time,
-        up to a second."""
+        """Passes over the outbox. A pass reads batches past the cursor while they come full
+        (a backlog) and ends at the first lighter one; the next pass starts from the first
+        row after the poll interval, so that under a steady load a batch gathers a poll
+        interval's changes (fewer, larger transactions on every shard, and a dialog changed
+        twice meanwhile is read once) instead of chasing each commit. After a pass where
+        everything had to wait (a cutover, a shard unreachable), longer each time, up to a
+        second."""
         idle = self._poll_interval
         applied = read = 0
         while True:
             await self._refresh_gauges(con)
             batch_applied, batch_read = await self.apply_once(con)
             applied, read = applied + batch_applied, read + batch_read
-            if self._after:
-                continue  # the pass goes on
+            if batch_read >= self._batch:
+                continue  # a backlog: the pass goes on past this batch
+            self._after = 0  # the pass reached the end of the outbox
             if read and not applied:
-                await asyncio.sleep(idle)
                 idle = min(idle * 2, 1.0)
             else:
                 idle = self._poll_interval
-                if read < self._batch:
-                    await asyncio.sleep(idle)
+            await asyncio.sleep(idle)
             applied = read = 0
 
     async def apply_once(self, con: asyncpg.Connection) -> tuple[int, int]:

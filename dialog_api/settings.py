@@ -42,7 +42,9 @@ class WorkerSettings:
     )
     inbox_batch: int = s.positive_int(500, help="inbox applier: outbox rows applied together")
     inbox_poll_interval: float = s.positive_float(
-        0.05, help="inbox applier: seconds between looks at an empty outbox (the inbox's delay when idle)"
+        0.1,
+        help="inbox applier: seconds between its passes over the outbox (a pass goes on while batches come full): "
+        "about the inbox's delay",
     )
 
     @property

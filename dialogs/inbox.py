@@ -5,7 +5,7 @@ inboxes, and the SQL that reads snapshots and applies inbox rows.
 A snapshot is read on the dialog's shard in one statement (its state and its newest
 message: one snapshot of both), and projects to one inbox row per user: the other user,
 the last message, the user's unread count, and the state's version. Rows are values, kept
-only when newer (``apply_inbox`` in shard schema 0007), so applying one twice, late, or
+only when newer (``apply_inbox``, shard schema 0007 and 0008), so applying one twice, late, or
 from two places is harmless.
 """
 

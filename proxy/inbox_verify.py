@@ -9,8 +9,8 @@ first (up to ``settle`` seconds), and a difference counts only if it is still th
 the outboxes drained again: a verify under traffic reports what does not heal by itself.
 
 ``repair`` rewrites what differs from the recount, shard by shard in one transaction
-behind the owners' total-row locks (the lock the applier takes first), then recounts the
-totals from their rows. It is refused while a migration runs (the admin API's check):
+that holds the appliers off (a lock on the inbox's tables), then recounts the totals from
+their rows. It is refused while a migration runs (the admin API's check):
 a migration's copies are its own to verify.
 """
 
@@ -211,12 +211,12 @@ async def _repair_shard(
     con: asyncpg.Connection, shard_id: str, cons: dict[str, asyncpg.Connection], shard_map: ShardMap
 ) -> int:
     """One shard's inbox made the recount, in one transaction that appliers wait for (the
-    lock below conflicts with their first write, the total-row lock). The recount is read
+    lock below conflicts with any write of the inbox's rows or totals). The recount is read
     once the lock is held, so no applier can store a newer row meanwhile; a stored row newer
     than the recount (an applier that went first) is kept."""
     async with con.transaction():
         await con.execute("SELECT pg_advisory_xact_lock_shared($1)", FENCE_LOCK)  # behind the fence, as writers
-        await con.execute("LOCK TABLE inbox_totals IN SHARE ROW EXCLUSIVE MODE")
+        await con.execute("LOCK TABLE inbox, inbox_totals IN SHARE ROW EXCLUSIVE MODE")
         _, expected = await _expected(cons)
         wanted = {key: row for key, row in expected.items() if shard_map.owner(row.user_key) == shard_id}
         stored = {

@@ -283,3 +283,112 @@ async def test_applying_rows_twice_late_or_out_of_order_keeps_the_newest_and_exa
         assert await state() == ([(4, 0), (2, 2)], (2, 1))
     finally:
         await con.close()
+
+
+async def test_appliers_racing_on_one_owners_rows_keep_the_totals_exact(databases: dict[str, str]) -> None:
+    """Two connections apply rows of the same owners at once (two shards' appliers, or a
+    migration's copy beside an applier), also the same rows with versions crossing: every
+    total stays the sum of its owner's rows, and each row the newest version delivered."""
+    import datetime
+    import random
+
+    import asyncpg
+
+    from dialogs import inbox, schema
+    from dialogs.keys import INT64_MAX, INT64_MIN
+    from dialogs.migration_plan import Span
+    from proxy.migration import shard_sql
+
+    setup = await asyncpg.connect(databases["shard-1"])
+    try:
+        await schema.upgrade_shard(setup)
+        await shard_sql.set_state(setup, [Span(INT64_MIN, INT64_MAX)], "owned")
+    finally:
+        await setup.close()
+    owners = [uuid.uuid4() for _ in range(3)]
+    peers = [uuid.uuid4() for _ in range(6)]
+    at = datetime.datetime.now(datetime.UTC)
+    newest: dict[tuple[uuid.UUID, uuid.UUID], tuple[int, int]] = {}
+
+    def row(owner: uuid.UUID, peer: uuid.UUID, version: int, unread: int) -> inbox.InboxRow:
+        best = newest.get((owner, peer))
+        if best is None or best[0] < version:
+            newest[owner, peer] = (version, unread)
+        return inbox.InboxRow(user_key(owner), owner, peer, version, version, False, "t", at, unread)
+
+    async def applier(seed: int) -> None:
+        rng = random.Random(seed)
+        con = await asyncpg.connect(databases["shard-1"])
+        try:
+            for version in range(1, 60):
+                batch = [
+                    row(owner, peer, version * 2 + seed, rng.choice((0, 0, 1, 4)))
+                    for owner in owners
+                    for peer in rng.sample(peers, 3)
+                ]
+                assert set((await inbox.apply(con, batch)).values()) == {"applied"}
+        finally:
+            await con.close()
+
+    await asyncio.gather(applier(0), applier(1))
+    con = await asyncpg.connect(databases["shard-1"])
+    try:
+        for owner in owners:
+            stored = {r["peer"]: (r["version"], r["unread"]) for r in await con.fetch(
+                "SELECT peer, version, unread FROM inbox WHERE owner = $1", owner)}  # fmt: skip
+            assert stored == {peer: kept for (o, peer), kept in newest.items() if o == owner}
+            total = await con.fetchrow("SELECT unread, dialogs FROM inbox_totals WHERE owner = $1", owner)
+            unread = [u for _, u in stored.values()]
+            assert tuple(total) == (sum(unread), sum(1 for u in unread if u > 0))
+    finally:
+        await con.close()
+
+
+async def test_an_apply_that_waits_for_a_rows_lock_adds_from_the_row_it_waited_for(databases: dict[str, str]) -> None:
+    """One apply holds an owner's row (its transaction open); another, with a newer version
+    of that row and a row of its own, waits for it, then counts from the committed row: the
+    total is the sum of the rows. A change that moves no count leaves the total as it is, and
+    an owner whose first rows have nothing unread still gets its (0, 0) total row (the
+    digests that verify a migration compare total rows)."""
+    import datetime
+
+    import asyncpg
+
+    from dialogs import inbox, schema
+    from dialogs.keys import INT64_MAX, INT64_MIN
+    from dialogs.migration_plan import Span
+    from proxy.migration import shard_sql
+
+    first = await asyncpg.connect(databases["shard-1"])
+    second = await asyncpg.connect(databases["shard-1"])
+    try:
+        await schema.upgrade_shard(first)
+        await shard_sql.set_state(first, [Span(INT64_MIN, INT64_MAX)], "owned")
+        owner, quiet = uuid.uuid4(), uuid.uuid4()
+        a, b = uuid.uuid4(), uuid.uuid4()
+        at = datetime.datetime.now(datetime.UTC)
+
+        def row(who: uuid.UUID, peer: uuid.UUID, version: int, unread: int) -> inbox.InboxRow:
+            return inbox.InboxRow(user_key(who), who, peer, version, version, False, "t", at, unread)
+
+        async def total(who: uuid.UUID) -> tuple[int, int] | None:
+            found = await first.fetchrow("SELECT unread, dialogs FROM inbox_totals WHERE owner = $1", who)
+            return None if found is None else (found["unread"], found["dialogs"])
+
+        await inbox.apply(first, [row(owner, a, 1, 2)])
+        holding = first.transaction()
+        await holding.start()
+        await inbox.apply(first, [row(owner, a, 2, 5)])  # row (owner, a) locked until commit
+        waiting = asyncio.ensure_future(inbox.apply(second, [row(owner, a, 3, 1), row(owner, b, 1, 4)]))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # it waits for the row's lock
+        await holding.commit()
+        assert set((await waiting).values()) == {"applied"}
+        assert await total(owner) == (1 + 4, 2)
+        await inbox.apply(first, [row(owner, b, 2, 4)])  # a new last message, the same count
+        assert await total(owner) == (5, 2)
+        await inbox.apply(first, [row(quiet, a, 1, 0)])
+        assert await total(quiet) == (0, 0)
+    finally:
+        await first.close()
+        await second.close()
