@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
@@ -11,7 +12,7 @@ from asyncpg import Record
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
-from dialog_api.storage import NewMessage, Stored
+from dialog_api.storage import NewMessage, ShardStore, Stored
 from dialogs import errors, wire
 from dialogs.http import bearer_token, json_response, read_json, rename_request, request_id_of
 
@@ -86,14 +87,52 @@ async def list_messages(request: web.Request) -> web.Response:
     _require_proxy(request)
     query = wire.ListQuery.from_query(request.query)
     await request.app[MAP_VIEW].check_route(query.dialog_key, query.routed_version)
-    rows = await request.app[STORE].list_messages(
-        query.dialog_key, query.viewer, query.other, query.before, query.limit
-    )
+    page = await _page(request.app[STORE], query)
     return web.Response(
-        body=orjson.dumps([_message(row) for row in rows]),
-        content_type="application/json",
-        headers={wire.PAGE_COUNT_HEADER: str(len(rows))},
+        body=page.body, content_type="application/json", headers={wire.PAGE_COUNT_HEADER: str(page.count)}
     )
+
+
+async def list_pages(request: web.Request) -> web.Response:
+    """Many list queries in one request, each checked and answered on its own
+    (``dialogs/wire.py``): the proxies' batched channel for lists, as insert_batch is for sends."""
+    _require_proxy(request)
+    raw_items = await read_json(request, orjson.loads)
+    if not isinstance(raw_items, list) or not raw_items:
+        raise errors.InvalidInput("body must be a non-empty JSON array")
+    view, store = request.app[MAP_VIEW], request.app[STORE]
+    answers: list[wire.Page | dict[str, object]] = [{}] * len(raw_items)
+    request_ids = [_item_request_id(request, raw) for raw in raw_items]
+    parsed: list[tuple[int, wire.ListQuery]] = []
+    for index, raw in enumerate(raw_items):
+        try:
+            parsed.append((index, wire.ListQuery.from_json(raw)))
+        except errors.DialogsError as exc:
+            answers[index] = wire.error_json(exc, request_ids[index])
+    if parsed:  # one map for the batch, as for sends: at most one reload
+        await view.catch_up(max(query.routed_version for _, query in parsed))
+    accepted: list[tuple[int, wire.ListQuery]] = []
+    for index, query in parsed:
+        try:
+            view.check_loaded_route(query.dialog_key, query.routed_version)
+            accepted.append((index, query))
+        except errors.DialogsError as exc:
+            answers[index] = wire.error_json(exc, request_ids[index])
+    # Each on a connection of the pool, all at once; a failure is that query's answer.
+    pages = await asyncio.gather(*(_page(store, query) for _, query in accepted), return_exceptions=True)
+    for (index, _), page in zip(accepted, pages, strict=True):
+        if isinstance(page, errors.DialogsError):
+            answers[index] = wire.error_json(page, request_ids[index])
+        elif isinstance(page, BaseException):
+            raise page
+        else:
+            answers[index] = page
+    return web.Response(body=wire.encode_pages(answers), content_type="application/octet-stream")
+
+
+async def _page(store: ShardStore, query: wire.ListQuery) -> wire.Page:
+    rows = await store.list_messages(query.dialog_key, query.viewer, query.other, query.before, query.limit)
+    return wire.Page(orjson.dumps([_message(row) for row in rows]), len(rows))
 
 
 def _message(row: Record) -> dict[str, object]:
@@ -182,6 +221,7 @@ async def metrics(request: web.Request) -> web.Response:
 def setup_routes(app: web.Application) -> None:
     app.router.add_post(wire.INTERNAL_BATCH_PATH, insert_batch)
     app.router.add_get(wire.INTERNAL_MESSAGES_PATH, list_messages)
+    app.router.add_post(wire.INTERNAL_PAGES_PATH, list_pages)
     app.router.add_post(wire.INTERNAL_READ_PATH, mark_read)
     app.router.add_get(wire.INTERNAL_INBOX_PATH, inbox_page)
     app.router.add_get(wire.INTERNAL_UNREAD_PATH, unread_totals)

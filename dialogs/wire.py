@@ -9,6 +9,8 @@ id as fields of its own, never as headers (a batch carries many):
     GET  INTERNAL_MESSAGES_PATH?<ListQuery>                   ->  200: a Page (the public
                                       messages' JSON array, its length in PAGE_COUNT_HEADER);
                                       otherwise an error
+    POST INTERNAL_PAGES_PATH          a JSON array of ListQuery  ->  the pages, framed
+                                      (``encode_pages``): one answer per query, in order
     POST INTERNAL_READ_PATH           a ReadMark  ->  200: a ReadResult (the mark now stored
                                       and the reader's unread count); otherwise an error
     GET  INTERNAL_INBOX_PATH?<InboxQuery>  ->  200: a Page (the public inbox items' JSON
@@ -57,6 +59,7 @@ PAGE_COUNT_HEADER = "X-Page-Messages"
 WIRE_VERSION = 2
 INTERNAL_MESSAGES_PATH = f"/internal/v{WIRE_VERSION}/messages"  # GET: one page of a dialog
 INTERNAL_BATCH_PATH = f"/internal/v{WIRE_VERSION}/messages/batch"  # POST: many sends
+INTERNAL_PAGES_PATH = f"/internal/v{WIRE_VERSION}/messages/pages"  # POST: many pages of dialogs
 INTERNAL_READ_PATH = f"/internal/v{WIRE_VERSION}/dialogs/read"  # POST: a read mark
 INTERNAL_INBOX_PATH = f"/internal/v{WIRE_VERSION}/inbox"  # GET: one page of a user's inbox
 INTERNAL_UNREAD_PATH = f"/internal/v{WIRE_VERSION}/inbox/unread"  # GET: a user's unread totals
@@ -320,6 +323,36 @@ class ListQuery:
             f"&limit={self.limit}&map_version={self.routed_version}&request_id={quote(self.request_id, safe='')}"
         )
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dialog_key": self.dialog_key,
+            "viewer": str(self.viewer),
+            "other": str(self.other),
+            "before": self.before,
+            "limit": self.limit,
+            "map_version": self.routed_version,
+            "request_id": self.request_id,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ListQuery:
+        """One query of a batch, checked as ``from_query`` checks one."""
+        data = _object(raw)
+        viewer = checks.user_id(data.get("viewer"), "viewer")
+        other = checks.user_id(data.get("other"), "other")
+        key = checks.json_int64(data.get("dialog_key"), "dialog_key")
+        if key != dialog_key(viewer, other):
+            raise errors.InvalidInput("dialog_key must be the dialog key of viewer and other")
+        return cls(
+            dialog_key=key,
+            viewer=viewer,
+            other=other,
+            before=checks.bounded_int(checks.json_int64(data.get("before"), "before"), "before", 1, INT64_MAX),
+            limit=checks.bounded_int(checks.json_int64(data.get("limit"), "limit"), "limit", 1, MAX_LIST_LIMIT),
+            map_version=checks.json_int64(data.get("map_version"), "map_version"),
+            request_id=clean_request_id(data.get("request_id")),
+        )
+
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> ListQuery:
         viewer = checks.user_id(query.get("viewer"), "viewer")
@@ -500,6 +533,51 @@ class Page:
         if count_header is None or not count_header.isdigit():
             raise ValueError(f"a page needs its {PAGE_COUNT_HEADER} header")
         return cls(body, int(count_header))
+
+
+def encode_pages(answers: list[Page | dict[str, Any]]) -> bytes:
+    """The answer to a batch of list queries: one line of JSON, an array with one item per
+    query (``{"status": 200, "count": n, "length": bytes}`` for a page, an ``error_json`` for
+    an error), then the pages' bodies one after another. The pages travel as the worker
+    encoded them: the proxy slices them out and passes them on without decoding them."""
+    heads: list[dict[str, Any]] = []
+    bodies: list[bytes] = []
+    for answer in answers:
+        if isinstance(answer, Page):
+            heads.append({"status": 200, "count": answer.count, "length": len(answer.body)})
+            bodies.append(answer.body)
+        else:
+            heads.append(answer)
+    return b"".join((orjson.dumps(heads), b"\n", *bodies))
+
+
+def decode_pages(body: bytes, count: int) -> list[Page | errors.DialogsError]:
+    """``encode_pages`` read back: ``count`` answers. Raises ValueError on anything else (a
+    broken answer: the caller treats the batch as broken)."""
+    head, newline, rest = body.partition(b"\n")
+    if not newline:
+        raise ValueError("a batch of pages starts with a line of JSON")
+    heads = orjson.loads(head)
+    if not isinstance(heads, list) or len(heads) != count:
+        raise ValueError("a batch of pages answers each query once")
+    answers: list[Page | errors.DialogsError] = []
+    offset = 0
+    for item in heads:
+        if not isinstance(item, dict) or not isinstance(item.get("status"), int):
+            raise ValueError("each answer of a batch of pages needs its status")
+        if item["status"] != 200:
+            answers.append(error_from_json(item["status"], item))
+            continue
+        length, pages = item.get("length"), item.get("count")
+        if not isinstance(length, int) or not isinstance(pages, int) or length < 0 or pages < 0:
+            raise ValueError("a page's answer needs its count and length")
+        if offset + length > len(rest):
+            raise ValueError("a batch of pages ended early")
+        answers.append(Page(rest[offset : offset + length], pages))
+        offset += length
+    if offset != len(rest):
+        raise ValueError("a batch of pages has bytes past its last page")
+    return answers
 
 
 def error_json(exc: errors.DialogsError, request_id: str) -> dict[str, Any]:

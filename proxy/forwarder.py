@@ -19,8 +19,8 @@ from yarl import URL
 
 from dialogs import errors, wire
 from dialogs.watch import MetadataWatcher
-from proxy import retry_policy
-from proxy.batcher import NOT_CONNECTED, SendBatcher, worker_timeout
+from proxy import batcher, retry_policy
+from proxy.batcher import NOT_CONNECTED, Batcher, worker_timeout
 from proxy.metrics import ProxyMetrics
 from proxy.retry_policy import (
     Answered,
@@ -74,21 +74,17 @@ class Forwarder:
         self._failover_wait = failover_wait
         self._max_buffered = max_buffered
         self._buffered = 0
-        self.batcher = SendBatcher(
-            session,
-            {"Authorization": self._authorization},
-            timeout,
-            batch_max,
-            batches_in_flight,
-            metrics.observe_send_batch,
-        )
+        # Sends and list queries travel to workers in batches (``proxy/batcher.py``).
+        self.batcher = Batcher(session, {"Authorization": self._authorization}, timeout, batch_max, batches_in_flight)
+        self._sends = batcher.sends(metrics.observe_send_batch)
+        self._lists = batcher.lists(metrics.observe_list_batch)
 
     async def send(self, item: wire.SendItem) -> wire.SendResult:
         """Store one message on the shard that owns its dialog; any worker error is raised
         as the project's own. Sends travel to workers in batches (``proxy/batcher.py``)."""
 
         async def attempt(url: str, map_version: int) -> Attempt:
-            return await self.batcher.send(url, replace(item, map_version=map_version))
+            return await self.batcher.submit(self._sends, url, replace(item, map_version=map_version))
 
         reply = await self._route(item.dialog_key, "send", attempt, repeatable=item.idempotency_key is not None)
         if not isinstance(reply, wire.SendResult):
@@ -96,12 +92,10 @@ class Forwarder:
         return reply
 
     async def list(self, query: wire.ListQuery) -> wire.Page:
-        """One page of a dialog from the shard that owns it."""
-        headers = {"Authorization": self._authorization}
+        """One page of a dialog from the shard that owns it (in a batch, as sends travel)."""
 
         async def attempt(url: str, map_version: int) -> Attempt:
-            routed = replace(query, map_version=map_version).to_query()
-            return await self._exchange("GET", url + wire.INTERNAL_MESSAGES_PATH + "?" + routed, headers, _page)
+            return await self.batcher.submit(self._lists, url, replace(query, map_version=map_version))
 
         reply = await self._route(query.dialog_key, "list", attempt, repeatable=True)
         if not isinstance(reply, wire.Page):

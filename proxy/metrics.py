@@ -56,6 +56,18 @@ class ProxyMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.list_batch_size = Histogram(
+            "dialogs_proxy_list_batch_size",
+            "List queries carried by one proxy-to-worker batch request",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.list_batch_seconds = Histogram(
+            "dialogs_proxy_list_batch_seconds",
+            "Duration of one proxy-to-worker batch request of list queries",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.forward_seconds = Histogram(
             "dialogs_proxy_forward_seconds",
             "Latency of proxy-to-worker calls by shard",
@@ -134,6 +146,10 @@ class ProxyMetrics:
     def observe_send_batch(self, size: int, seconds: float) -> None:
         self.send_batch_size.observe(size)
         self.send_batch_seconds.observe(seconds)
+
+    def observe_list_batch(self, size: int, seconds: float) -> None:
+        self.list_batch_size.observe(size)
+        self.list_batch_seconds.observe(seconds)
 
     def observe_phase(self, phase: str) -> None:
         for name in Phase:

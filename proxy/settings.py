@@ -67,8 +67,10 @@ class ProxySettings:
         30.0, help="seconds a client has to read a large response (over 64 KiB) before its connection is closed"
     )
     forward_timeout: float = s.positive_float(5.0, help="seconds for one proxy→worker call")
-    send_batch_max: int = s.positive_int(256, help="sends one proxy→worker batch may carry")
-    send_batches_in_flight: int = s.positive_int(1, help="batches of sends in flight to one worker at once")
+    send_batch_max: int = s.positive_int(256, help="sends (or lists) one proxy→worker batch may carry")
+    send_batches_in_flight: int = s.positive_int(
+        1, help="batches of sends (and of lists) in flight to one worker at once"
+    )
     worker_ttl: float = _worker_ttl()
     poll_interval: float = s.positive_float(2.0, help="seconds between metadata polls (LISTEN/NOTIFY reacts at once)")
     # A cutover gives up after 5 s and returns the range to its old owner, so 6 s covers it.

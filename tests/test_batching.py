@@ -1,4 +1,4 @@
-"""Sends travel from proxy to worker in batches: fewer hops, the same answers per send."""
+"""Sends and lists travel from proxy to worker in batches: fewer hops, the same answers per request."""
 
 from __future__ import annotations
 
@@ -46,6 +46,32 @@ async def test_concurrent_sends_share_batches_and_each_gets_its_own_answer(clust
         assert texts == sorted([f"m{j}" for j in range(40) if j % 4 == i] + (["original"] if i == 0 else []))
 
 
+async def test_concurrent_lists_share_batches_and_each_gets_its_own_page(cluster: Cluster) -> None:
+    """Forty lists at once to one shard: fewer batches than lists, and each list its own
+    dialog's page, with its own limit and cursor; a list of an unknown user in the same
+    burst is that list's 404 alone."""
+    api = cluster.api
+    hub, token = await api.user("Hub")
+    peers = await _peers_on_one_shard(cluster, hub, 4)
+    for i, peer in enumerate(peers):
+        for j in range(3):
+            assert (await api.send(token, peer, f"p{i}m{j}")).status == 200
+    batches_before = metric(cluster.proxies[0], "dialogs_proxy_list_batch_size_count")
+    replies = await asyncio.gather(
+        *(api.list(token, peers[i % 4], limit=1 + i % 3) for i in range(40)),
+        api.list(token, str(uuid.uuid4())),
+    )
+    for i, reply in enumerate(replies[:40]):
+        assert reply.status == 200
+        assert [m["text"] for m in reply.json] == [f"p{i % 4}m{j}" for j in (2, 1, 0)][: 1 + i % 3]
+    assert replies[40].status == 404
+    batches = metric(cluster.proxies[0], "dialogs_proxy_list_batch_size_count") - batches_before
+    assert 1 <= batches < 41, batches
+    newest = (await api.list(token, peers[0], limit=1)).json[0]
+    older = await api.list(token, peers[0], before=newest["id"])
+    assert [m["text"] for m in older.json] == ["p0m1", "p0m0"]
+
+
 async def test_a_lone_send_is_not_held_back(cluster: Cluster) -> None:
     """No timer: an idle proxy posts a single message as a batch of one within the event loop
     turns that follow the send (a flush timer, however short, would need its delay to pass)."""
@@ -60,13 +86,13 @@ async def test_a_lone_send_is_not_held_back(cluster: Cluster) -> None:
     posted: list[int] = []
     original = batcher._post
 
-    async def observed(target, items):  # type: ignore[no-untyped-def]
+    async def observed(channel, target, items):  # type: ignore[no-untyped-def]
         posted.append(len(items))
-        return await original(target, items)
+        return await original(channel, target, items)
 
     batcher._post = observed  # type: ignore[method-assign]
     item = wire.SendItem(key, uuid.UUID(anna), uuid.UUID(boris), "alone", None, topology.map_version, "lone")
-    sending = asyncio.ensure_future(batcher.send(url, item))
+    sending = asyncio.ensure_future(batcher.submit(proxy[FORWARDER]._sends, url, item))
     for _ in range(5):  # zero-delay yields: no timer can be due in between unless the loop stalls
         if posted:
             break
@@ -90,6 +116,6 @@ async def test_a_send_right_after_a_batch_finished_is_not_stranded(cluster: Clus
     item = wire.SendItem(key, uuid.UUID(anna), uuid.UUID(boris), "", None, topology.map_version, "direct")
     for i in range(5):
         async with asyncio.timeout(5):  # awaited directly: no extra task between two sends
-            outcome = await proxy[FORWARDER].batcher.send(url, replace(item, text=f"m{i}"))
+            outcome = await proxy[FORWARDER].batcher.submit(proxy[FORWARDER]._sends, url, replace(item, text=f"m{i}"))
         assert isinstance(outcome, Answered), outcome
     assert len((await cluster.api.list(token, boris)).json) == 5

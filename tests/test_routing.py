@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 
 from dialogs import errors, wire
@@ -181,6 +182,38 @@ async def test_a_list_on_the_wire_names_its_size_and_its_request(cluster: Cluste
     unauthorized = replace(query, request_id="r-no-secret").to_query()
     async with cluster.session.get(url + wire.INTERNAL_MESSAGES_PATH + "?" + unauthorized) as r:
         assert (r.status, (await r.json())["request_id"]) == (401, "r-no-secret")
+
+
+async def test_a_batch_of_lists_answers_each_query_on_its_own(cluster: Cluster) -> None:
+    """The batched channel for lists: each query its own page or its own error (a stale map,
+    a query that is not one), under its own request id; no secret, no pages."""
+    anna, token = await cluster.api.user("Anna")
+    boris = await cluster.api.register("Boris")
+    await cluster.api.send(token, boris, "one")
+    await cluster.api.send(token, boris, "two")
+    shard_map = cluster.proxies[0].app[TOPOLOGY].map
+    assert shard_map is not None
+    key = dialog_key(uuid.UUID(anna), uuid.UUID(boris))
+    url = _worker_url(cluster, shard_map.owner(key)) + wire.INTERNAL_PAGES_PATH
+    query = wire.ListQuery(key, uuid.UUID(boris), uuid.UUID(anna), 2**63 - 1, 10, shard_map.map_version, "r-page")
+    items = [
+        query.to_json(),
+        replace(query, map_version=0, request_id="r-stale").to_json(),
+        {**query.to_json(), "limit": 0, "request_id": "r-limit"},
+        replace(query, limit=1, request_id="r-one").to_json(),
+    ]
+    async with cluster.session.post(url, json=items, headers=_AS_PROXY) as r:
+        assert r.status == 200
+        page, stale, limit, one = wire.decode_pages(await r.read(), 4)
+    assert isinstance(page, wire.Page) and page.count == 2
+    assert [m["text"] for m in orjson.loads(page.body)] == ["two", "one"]
+    assert isinstance(stale, errors.StaleMap) and stale.to_json("x")["code"] == 40902
+    assert isinstance(limit, errors.InvalidInput) and "limit" in limit.message
+    assert isinstance(one, wire.Page) and [m["text"] for m in orjson.loads(one.body)] == ["two"]
+    async with cluster.session.post(url, json=items) as r:
+        assert r.status == 401, await r.text()
+    async with cluster.session.post(url, json=[], headers=_AS_PROXY) as r:
+        assert r.status == 400 and "non-empty JSON array" in (await r.json())["message"]
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-secret", f"Basic {INTERNAL_SECRET}"])

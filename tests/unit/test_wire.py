@@ -97,6 +97,39 @@ def test_a_list_query_round_trips() -> None:
     assert wire.ListQuery.from_query(dict(parse_qsl(query.to_query()))) == query
 
 
+def test_a_list_query_round_trips_in_a_batch_with_the_same_bounds() -> None:
+    query = wire.ListQuery(KEY, BORIS, ANNA, before=12345, limit=wire.MAX_LIST_LIMIT, map_version=3, request_id="r")
+    assert wire.ListQuery.from_json(_through_json(query.to_json())) == query
+    raw = query.to_json()
+    bad = [("limit", 0), ("limit", wire.MAX_LIST_LIMIT + 1), ("before", 0), ("limit", "5"), ("before", None)]
+    for name, value in bad:
+        with pytest.raises(errors.InvalidInput, match=f"{name} must be an integer from"):
+            wire.ListQuery.from_json({**raw, name: value})
+    with pytest.raises(errors.InvalidInput, match="dialog key of viewer and other"):
+        wire.ListQuery.from_json({**raw, "other": str(uuid.UUID(int=3))})
+    with pytest.raises(errors.InvalidInput, match="JSON object"):
+        wire.ListQuery.from_json([raw])
+
+
+def test_a_batch_of_pages_carries_each_page_untouched_and_each_error_whole() -> None:
+    pages = [wire.Page(b'[{"id":"2","text":"\\n"}]', 1), wire.Page(b"[]", 0), wire.Page(b'[{"id":"1"}]', 1)]
+    error = errors.StaleMap(9)
+    body = wire.encode_pages([pages[0], wire.error_json(error, "r1"), pages[1], pages[2]])
+    first, refused, *rest = wire.decode_pages(body, 4)
+    assert [first, *rest] == pages
+    assert isinstance(refused, errors.StaleMap) and refused.to_json("r1") == error.to_json("r1")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"[]", b'[{"status":200,"count":1,"length":5}]\n[]', b'[{"status":200,"count":0,"length":2}]\n[]]',
+     b'[{"count":0,"length":2}]\n[]', b'[{"status":200,"count":0}]\n[]', b'{"status":200}\n', b"not json\n"],
+)  # fmt: skip
+def test_a_malformed_batch_of_pages_is_broken_not_misread(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        wire.decode_pages(body, 1)
+
+
 def test_a_list_query_has_the_public_bounds() -> None:
     query = dict(parse_qsl(wire.ListQuery(KEY, ANNA, BORIS, INT64_MAX, 1, 3, "r").to_query()))
     for name, value in [("limit", "0"), ("limit", str(wire.MAX_LIST_LIMIT + 1)), ("before", "0")]:
