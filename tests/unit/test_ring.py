@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 import uuid
 
+import orjson
 import pytest
 
 from dialogs.keys import INT64_MAX, INT64_MIN, dialog_key
 from dialogs.ring import Ring, token
+from dialogs.shard_map import ShardMap
 
 THREE = {"shard-1": 1, "shard-2": 1, "shard-3": 1}
 
@@ -100,3 +102,20 @@ def test_ring_needs_shards_with_positive_weights() -> None:
         Ring({})
     with pytest.raises(ValueError):
         Ring({"shard-1": 0})
+
+
+def test_a_64_shard_map_stays_balanced_and_its_65th_shard_takes_only_its_share() -> None:
+    """The capacity model's deployment (docs/capacity.md): a synthetic map of 64 equal
+    shards. No shard owns more than 1.10x the mean share of the key space; a 65th shard
+    takes about 1/65 of the keys, every moved key goes to it, and the map a process loads
+    (its JSON) stays a few kilobytes."""
+    weights = {f"shard-{i}": 1 for i in range(1, 65)}
+    ring = Ring(weights)
+    shares = ring.shares()
+    assert max(shares.values()) * 64 <= 1.10
+    grown = Ring({**weights, "shard-65": 1})
+    assert grown.shares()["shard-65"] == pytest.approx(1 / 65, rel=0.10)
+    keys = _keys(20000)
+    moved = [k for k in keys if ring.lookup(k) != grown.lookup(k)]
+    assert moved and all(grown.lookup(k) == "shard-65" for k in moved)
+    assert len(orjson.dumps(ShardMap(1, weights).to_json())) < 4096
