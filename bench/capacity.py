@@ -8,7 +8,8 @@ the map weighs (its JSON in the metadata database's ``shard_maps.shards`` and on
 wire). Then what the ring implies for the shards: the busiest shard's share of the key
 space against the mean, the ranges a shard owns (rows of each shard's ``shard_ranges``,
 looked up by every fenced write), and adding one more shard: the share of keys it takes
-and the ranges that move.
+and the ranges that move. Last, how long a process's event loop stalls while a new map's
+ring is built: on its first lookup, or in a thread as ``maps.newer_map`` does it.
 
 No servers: these are the per-process costs the capacity model multiplies out.
 """
@@ -16,6 +17,7 @@ No servers: these are the per-process costs the capacity model multiplies out.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import time
@@ -75,8 +77,47 @@ def ring_at(count: int, lookups: int = 200_000) -> dict[str, Any]:
     }
 
 
+async def _longest_stall(build_in_thread: bool, weights: dict[str, int]) -> float:
+    """The longest gap of a 1 ms ticker on the event loop while a new map's ring is built:
+    on its first lookup in the loop, or in a thread as ``maps.newer_map`` builds it."""
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0.05)
+    shard_map = ShardMap(1, weights)
+    if build_in_thread:
+        await asyncio.to_thread(lambda: shard_map.ring)
+    else:
+        shard_map.owner(0)
+    await asyncio.sleep(0.05)
+    stop.set()
+    await ticker
+    return max(gaps)
+
+
+async def stalls(count: int) -> dict[str, Any]:
+    weights = _weights(count)
+    return {
+        "shards": count,
+        "first_lookup_in_the_loop_ms": round(await _longest_stall(False, weights) * 1000, 1),
+        "built_in_a_thread_ms": round(await _longest_stall(True, weights) * 1000, 1),
+    }
+
+
 def figures(sizes: tuple[int, ...] = (2, 64, 256)) -> dict[str, Any]:
-    return {"ring": [ring_at(count) for count in sizes]}
+    return {
+        "ring": [ring_at(count) for count in sizes],
+        "event_loop_stall_while_a_new_map_builds": [asyncio.run(stalls(count)) for count in sizes],
+    }
 
 
 def main() -> None:

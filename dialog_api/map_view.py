@@ -25,10 +25,10 @@ class MapView:
         self.dsns: dict[str, str] = {}  # every registered shard's database (the inbox applier's)
 
     async def load(self, con: asyncpg.Connection) -> None:
-        fresh = await maps.active_map(con)
+        fresh = await maps.newer_map(con, self.map)
         self.dsns = await maps.shard_dsns(con)
         if fresh is not None and (self.map is None or fresh.map_version > self.map.map_version):
-            self.map = fresh
+            self.map = fresh  # (checked again: another load may have swapped a newer one in meanwhile)
 
     @property
     def map_version(self) -> int:

@@ -60,7 +60,7 @@ class Topology:
     async def load(self, con: asyncpg.Connection) -> None:
         """Read the active map and the workers (the watcher calls this on every change)."""
         began = time.monotonic()
-        fresh = await maps.active_map(con)
+        fresh = await maps.newer_map(con, self.map)
         if fresh is not None and (self.map is None or fresh.map_version > self.map.map_version):
             self.map = fresh
             changed, self._changed = self._changed, asyncio.Event()

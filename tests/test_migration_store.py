@@ -105,3 +105,18 @@ async def test_the_flip_keeps_the_final_watermarks(meta: tuple[asyncpg.Connectio
     await _flip(con, migration)
     after = await migrations.get(con, migration.migration_id)
     assert after is not None and after.phase == "cleanup" and after.delta_watermark == {"shard-1": (7, 9)}
+
+
+async def test_a_newer_map_arrives_with_its_ring_built(meta: tuple[asyncpg.Connection, asyncpg.Connection]) -> None:
+    """What proxies and workers swap in (maps.newer_map): only a version newer than theirs,
+    and with its ring already built, so no request pays for building it (docs/capacity.md)."""
+    con, _ = meta
+    current = await maps.active_map(con)
+    assert current is not None
+    assert await maps.newer_map(con, current) is None
+    await maps.activate(con, current.with_weight("shard-1", 2), "test")
+    fresh = await maps.newer_map(con, current)
+    assert fresh is not None and fresh.map_version == current.map_version + 1
+    assert "ring" in vars(fresh)  # built: cached_property keeps it in the instance's __dict__
+    assert fresh.owner(0) in fresh.weights
+    assert await maps.newer_map(con, fresh) is None
