@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import orjson
 from aiohttp import web
@@ -36,41 +39,59 @@ def _result(stored: Stored) -> wire.SendResult:
 
 async def insert_batch(request: web.Request) -> web.Response:
     """Many sends in one request, each checked and answered on its own (``dialogs/wire.py``)."""
+    batch = await _routed_batch(request, wire.SendItem.from_json)
+    committer = request.app[GROUP_COMMIT]
+    # Queued together, before any commit starts: one group commit takes them all.
+    futures = committer.submit_many([_new_message(item) for _, item in batch.accepted])
+    for (index, _), future in zip(batch.accepted, futures, strict=True):
+        try:
+            batch.answers[index] = _result(await future).to_json()
+        except errors.DialogsError as exc:
+            batch.answers[index] = wire.error_json(exc, batch.request_ids[index])
+    if log.isEnabledFor(logging.DEBUG):  # each send keeps the client's request id in the worker's log
+        for request_id, answer in zip(batch.request_ids, batch.answers, strict=True):
+            status = answer["status"] if isinstance(answer, dict) else None
+            log.debug("send in batch %s", status, extra={"request_id": request_id, "status": status})
+    return json_response(batch.answers)
+
+
+Routed = TypeVar("Routed", wire.SendItem, wire.ListQuery)
+
+
+@dataclass
+class _Batch(Generic[Routed]):
+    """A batch's items: those accepted, by their index, and an answer slot per item (already
+    filled with the error of an item that was malformed or routed by a stale map)."""
+
+    request_ids: list[str]
+    answers: list[Any]
+    accepted: list[tuple[int, Routed]]
+
+
+async def _routed_batch(request: web.Request, parse: Callable[[Any], Routed]) -> _Batch[Routed]:
+    """A proxy's batch (a non-empty JSON array), each item parsed and its route checked on
+    its own. A proxy routes a batch by one map: at most one reload, however many items name it."""
     _require_proxy(request)
     raw_items = await read_json(request, orjson.loads)
     if not isinstance(raw_items, list) or not raw_items:
         raise errors.InvalidInput("body must be a non-empty JSON array")
-    view, committer = request.app[MAP_VIEW], request.app[GROUP_COMMIT]
-    answers: list[dict[str, object] | None] = [None] * len(raw_items)
-    request_ids = [_item_request_id(request, raw) for raw in raw_items]
-    parsed: list[tuple[int, wire.SendItem]] = []
+    view = request.app[MAP_VIEW]
+    batch: _Batch[Routed] = _Batch([_item_request_id(request, raw) for raw in raw_items], [None] * len(raw_items), [])
+    parsed: list[tuple[int, Routed]] = []
     for index, raw in enumerate(raw_items):
         try:
-            parsed.append((index, wire.SendItem.from_json(raw)))
+            parsed.append((index, parse(raw)))
         except errors.DialogsError as exc:
-            answers[index] = wire.error_json(exc, request_ids[index])
-    # A proxy routes a batch by one map: at most one reload, however many items name it.
+            batch.answers[index] = wire.error_json(exc, batch.request_ids[index])
     if parsed:
         await view.catch_up(max(item.routed_version for _, item in parsed))
-    accepted: list[tuple[int, NewMessage]] = []
     for index, item in parsed:
         try:
             view.check_loaded_route(item.dialog_key, item.routed_version)
-            accepted.append((index, _new_message(item)))
+            batch.accepted.append((index, item))
         except errors.DialogsError as exc:
-            answers[index] = wire.error_json(exc, request_ids[index])
-    # Queued together, before any commit starts: one group commit takes them all.
-    futures = committer.submit_many([message for _, message in accepted])
-    for (index, _), future in zip(accepted, futures, strict=True):
-        try:
-            answers[index] = _result(await future).to_json()
-        except errors.DialogsError as exc:
-            answers[index] = wire.error_json(exc, request_ids[index])
-    if log.isEnabledFor(logging.DEBUG):  # each send keeps the client's request id in the worker's log
-        for request_id, answer in zip(request_ids, answers, strict=True):
-            status = answer["status"] if answer else None
-            log.debug("send in batch %s", status, extra={"request_id": request_id, "status": status})
-    return json_response(answers)
+            batch.answers[index] = wire.error_json(exc, batch.request_ids[index])
+    return batch
 
 
 def _item_request_id(request: web.Request, raw: object) -> str:
@@ -96,38 +117,18 @@ async def list_messages(request: web.Request) -> web.Response:
 async def list_pages(request: web.Request) -> web.Response:
     """Many list queries in one request, each checked and answered on its own
     (``dialogs/wire.py``): the proxies' batched channel for lists, as insert_batch is for sends."""
-    _require_proxy(request)
-    raw_items = await read_json(request, orjson.loads)
-    if not isinstance(raw_items, list) or not raw_items:
-        raise errors.InvalidInput("body must be a non-empty JSON array")
-    view, store = request.app[MAP_VIEW], request.app[STORE]
-    answers: list[wire.Page | dict[str, object]] = [{}] * len(raw_items)
-    request_ids = [_item_request_id(request, raw) for raw in raw_items]
-    parsed: list[tuple[int, wire.ListQuery]] = []
-    for index, raw in enumerate(raw_items):
-        try:
-            parsed.append((index, wire.ListQuery.from_json(raw)))
-        except errors.DialogsError as exc:
-            answers[index] = wire.error_json(exc, request_ids[index])
-    if parsed:  # one map for the batch, as for sends: at most one reload
-        await view.catch_up(max(query.routed_version for _, query in parsed))
-    accepted: list[tuple[int, wire.ListQuery]] = []
-    for index, query in parsed:
-        try:
-            view.check_loaded_route(query.dialog_key, query.routed_version)
-            accepted.append((index, query))
-        except errors.DialogsError as exc:
-            answers[index] = wire.error_json(exc, request_ids[index])
+    batch = await _routed_batch(request, wire.ListQuery.from_json)
+    store = request.app[STORE]
     # Each on a connection of the pool, all at once; a failure is that query's answer.
-    pages = await asyncio.gather(*(_page(store, query) for _, query in accepted), return_exceptions=True)
-    for (index, _), page in zip(accepted, pages, strict=True):
+    pages = await asyncio.gather(*(_page(store, query) for _, query in batch.accepted), return_exceptions=True)
+    for (index, _), page in zip(batch.accepted, pages, strict=True):
         if isinstance(page, errors.DialogsError):
-            answers[index] = wire.error_json(page, request_ids[index])
+            batch.answers[index] = wire.error_json(page, batch.request_ids[index])
         elif isinstance(page, BaseException):
             raise page
         else:
-            answers[index] = page
-    return web.Response(body=wire.encode_pages(answers), content_type="application/octet-stream")
+            batch.answers[index] = page
+    return web.Response(body=wire.encode_pages(batch.answers), content_type="application/octet-stream")
 
 
 async def _page(store: ShardStore, query: wire.ListQuery) -> wire.Page:

@@ -39,7 +39,7 @@ import contextlib
 import datetime
 import enum
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -336,38 +336,30 @@ class ListQuery:
 
     @classmethod
     def from_json(cls, raw: Any) -> ListQuery:
-        """One query of a batch, checked as ``from_query`` checks one."""
-        data = _object(raw)
-        viewer = checks.user_id(data.get("viewer"), "viewer")
-        other = checks.user_id(data.get("other"), "other")
-        key = checks.json_int64(data.get("dialog_key"), "dialog_key")
-        if key != dialog_key(viewer, other):
-            raise errors.InvalidInput("dialog_key must be the dialog key of viewer and other")
-        return cls(
-            dialog_key=key,
-            viewer=viewer,
-            other=other,
-            before=checks.bounded_int(checks.json_int64(data.get("before"), "before"), "before", 1, INT64_MAX),
-            limit=checks.bounded_int(checks.json_int64(data.get("limit"), "limit"), "limit", 1, MAX_LIST_LIMIT),
-            map_version=checks.json_int64(data.get("map_version"), "map_version"),
-            request_id=clean_request_id(data.get("request_id")),
-        )
+        """One query of a batch, checked as ``from_query`` checks one (numbers JSON-typed)."""
+        return cls._checked(_object(raw), checks.json_int64)
 
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> ListQuery:
-        viewer = checks.user_id(query.get("viewer"), "viewer")
-        other = checks.user_id(query.get("other"), "other")
-        key = checks.int64(query.get("dialog_key"), "dialog_key")
+        return cls._checked(query, checks.int64)
+
+    @classmethod
+    def _checked(cls, data: Mapping[str, Any], integer: Callable[[Any, str], int]) -> ListQuery:
+        viewer = checks.user_id(data.get("viewer"), "viewer")
+        other = checks.user_id(data.get("other"), "other")
+        key = integer(data.get("dialog_key"), "dialog_key")
         if key != dialog_key(viewer, other):
             raise errors.InvalidInput("dialog_key must be the dialog key of viewer and other")
         return cls(
             dialog_key=key,
             viewer=viewer,
             other=other,
-            before=checks.bounded_int(query.get("before", str(INT64_MAX)), "before", 1, INT64_MAX),
-            limit=checks.bounded_int(query.get("limit", str(DEFAULT_LIST_LIMIT)), "limit", 1, MAX_LIST_LIMIT),
-            map_version=checks.int64(query.get("map_version"), "map_version"),
-            request_id=clean_request_id(query.get("request_id")),
+            before=checks.bounded_int(integer(data.get("before", INT64_MAX), "before"), "before", 1, INT64_MAX),
+            limit=checks.bounded_int(
+                integer(data.get("limit", DEFAULT_LIST_LIMIT), "limit"), "limit", 1, MAX_LIST_LIMIT
+            ),
+            map_version=integer(data.get("map_version"), "map_version"),
+            request_id=clean_request_id(data.get("request_id")),
         )
 
 

@@ -142,7 +142,7 @@ class Batcher:
                 raise
             channel.observe(len(batch), loop.time() - started)
             for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():  # a client that went away; its send is stored all the same
+                if not future.done():  # a client that went away; its request was carried out all the same
                     future.set_result(outcome)
 
     async def _post(self, channel: Channel[Item], url: URL, items: list[Item]) -> list[Attempt]:

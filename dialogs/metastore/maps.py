@@ -35,8 +35,8 @@ async def newer_map(con: asyncpg.Connection, current: ShardMap | None) -> ShardM
     """The active map if it is newer than ``current`` (None otherwise), its ring built.
 
     A ring is built on its first lookup; a process that swapped a new map in unbuilt
-    would build it in its event loop on the next request: 150 ms of nothing else at 64
-    shards, 750 ms at 256 (docs/capacity.md). Built here, in a thread, before the caller
+    would build it in its event loop on the next request: 140 ms of nothing else at 64
+    shards, 660 ms at 256 (docs/capacity.md). Built here, in a thread, before the caller
     swaps it in, requests go on meanwhile with the map they have."""
     fresh = await active_map(con)
     if fresh is None or (current is not None and fresh.map_version <= current.map_version):
