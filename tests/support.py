@@ -191,7 +191,9 @@ class Api:
         self, token: str, expected: Callable[[list[dict[str, Any]], dict[str, int]], bool], timeout: float = 10.0
     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """The whole inbox and the totals once ``expected(items, totals)`` holds (the inbox
-        follows the dialogs asynchronously); the last seen when it never does."""
+        follows the dialogs asynchronously); the last seen when it never does. The items are
+        read before the totals, so an apply can land between the two reads: ``expected``
+        must check every half the caller goes on to assert."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             items = await self.whole_inbox(token)
