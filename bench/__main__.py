@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
@@ -30,11 +29,19 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import jwt
 import psutil
 
 from bench import growth, inbox, load, replicas, scaling
-from bench.harness import JWT_SECRET, BenchCluster, Client, cutover_pause, preload, psql_copy, send_requests
+from bench.harness import (
+    JWT_SECRET,
+    BenchCluster,
+    Client,
+    cutover_pause,
+    list_requests,
+    preload,
+    psql_copy,
+    send_requests,
+)
 from dialogsctl.embedded import scratch_folder
 from dialogsctl.net import free_port
 from dialogsctl.supervisor import proxy_processes
@@ -77,19 +84,6 @@ async def _sql(dsn: str, sql: str) -> None:
         await con.execute(sql)
     finally:
         await con.close()
-
-
-def list_requests(dialogs: list[tuple[int, Any, Any]], count: int = 2000) -> list[dict[str, object]]:
-    """Lists of random preloaded dialogs, by either participant (tokens minted with the bench's key)."""
-    rng = random.Random(8)
-    requests = []
-    for _, lo, hi in rng.sample(dialogs, min(count, len(dialogs))):
-        viewer, other = (lo, hi) if rng.random() < 0.5 else (hi, lo)
-        token = jwt.encode({"sub": str(viewer), "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256")
-        requests.append(
-            {"method": "GET", "path": f"/dialog/{other}/list", "headers": {"Authorization": f"Bearer {token}"}}
-        )
-    return requests
 
 
 def monolith_sends(dsn: str, requests: list[dict[str, object]], connections: int, seconds: float) -> load.Load:

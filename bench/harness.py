@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import json
 import random
+import resource
 import subprocess
 import time
 import uuid
@@ -16,6 +17,8 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import jwt
+import psutil
 
 from dialogs.keys import dialog_key
 from dialogs.metastore import maps
@@ -163,6 +166,69 @@ class BenchCluster:
             child.wait_healthy()
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds the processes of ``pids`` have used, with their live descendants and (through
+    each process's reaped children's times) those that have exited since (PostgreSQL's
+    autovacuum workers and closed backends, a proxy's processes)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for process in tree:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def _reaped_children_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuSplit:
+    """Where the machine's CPU goes while the block runs: proxies, workers, PostgreSQL
+    servers (with their Patroni agents when replicated), and the load generator (wrk or
+    pgbench: the children this process waited for meanwhile, so the block must start and
+    reap it). ``per_request_us(n)`` divides by the requests served; ``busy_cores`` says how
+    much of the machine the run used."""
+
+    def __init__(self, cluster: BenchCluster) -> None:
+        self._groups = {
+            "proxies": [c.process.pid for c in cluster.proxies if c.process is not None],
+            "workers": [c.process.pid for c in cluster.workers.values() if c.process is not None],
+            "postgres": [s.process.pid for s in cluster.servers.values() if s.process is not None]
+            + [m.process.pid for g in cluster.groups.values() for m in g.members if m.process is not None],
+        }
+        self.seconds: dict[str, float] = {}
+        self.wall = 0.0
+
+    def __enter__(self) -> CpuSplit:
+        self._before = {name: cpu_seconds(pids) for name, pids in self._groups.items()}
+        self._load_before = _reaped_children_seconds()
+        self._started = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.monotonic() - self._started
+        self.seconds = {name: cpu_seconds(pids) - self._before[name] for name, pids in self._groups.items()}
+        self.seconds["load generator"] = _reaped_children_seconds() - self._load_before
+
+    def per_request_us(self, requests: int) -> dict[str, float]:
+        return {name: round(seconds / max(requests, 1) * 1e6, 1) for name, seconds in self.seconds.items()}
+
+    def to_json(self, requests: int) -> dict[str, Any]:
+        return {
+            "cpu_us_per_request": self.per_request_us(requests),
+            "busy_cores": round(sum(self.seconds.values()) / self.wall, 2) if self.wall else 0.0,
+        }
+
+
 class Client:
     """The public and admin API over keep-alive HTTP, spread over the proxies."""
 
@@ -224,6 +290,19 @@ def send_requests(users: list[tuple[str, str]], count: int = 2000) -> list[dict[
                 "body": SEND_BODY,
                 "headers": {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
             }
+        )
+    return requests
+
+
+def list_requests(dialogs: list[tuple[int, Any, Any]], count: int = 2000) -> list[dict[str, object]]:
+    """Lists of random preloaded dialogs, by either participant (tokens minted with the bench's key)."""
+    rng = random.Random(8)
+    requests = []
+    for _, lo, hi in rng.sample(dialogs, min(count, len(dialogs))):
+        viewer, other = (lo, hi) if rng.random() < 0.5 else (hi, lo)
+        token = jwt.encode({"sub": str(viewer), "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256")
+        requests.append(
+            {"method": "GET", "path": f"/dialog/{other}/list", "headers": {"Authorization": f"Bearer {token}"}}
         )
     return requests
 

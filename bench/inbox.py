@@ -30,10 +30,9 @@ from typing import Any
 import aiohttp
 import asyncpg
 import jwt
-import psutil
 
 from bench import load
-from bench.harness import JWT_SECRET, BenchCluster, Client, quantile, send_requests
+from bench.harness import JWT_SECRET, BenchCluster, Client, cpu_seconds, quantile, send_requests
 from dialogs.keys import dialog_key
 from dialogs.metastore import maps
 from dialogsctl.embedded import scratch_folder
@@ -118,25 +117,10 @@ async def _loaded(cluster: BenchCluster, session: aiohttp.ClientSession) -> tupl
 
 
 def _cpu_seconds(cluster: BenchCluster) -> float:
-    """CPU seconds the cluster's processes have used: proxies, workers and PostgreSQL
-    servers with their live backends, and (through each process's reaped children's times)
-    the processes they started that have exited since (autovacuum workers, closed backends)."""
-    roots = [c.process.pid for c in [*cluster.proxies, *cluster.workers.values()] if c.process is not None]
-    roots += [server.process.pid for server in cluster.servers.values() if server.process is not None]
-    total = 0.0
-    for pid in roots:
-        try:
-            root = psutil.Process(pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for process in tree:
-            try:
-                times = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system + times.children_user + times.children_system
-    return total
+    """CPU seconds the cluster's proxies, workers and PostgreSQL servers have used."""
+    services = [c.process.pid for c in [*cluster.proxies, *cluster.workers.values()] if c.process is not None]
+    servers = [s.process.pid for s in cluster.servers.values() if s.process is not None]
+    return cpu_seconds(services + servers)
 
 
 async def upkeep(connections: int, seconds: float, rounds: int = 4) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""`python -m bench.profile`: py-spy profiles of a proxy and a worker under wrk send load.
+"""`python -m bench.profile`: py-spy profiles of a proxy and a worker under wrk load.
 
-Starts the bench cluster, sends for ``--seconds`` with wrk at 32 connections, records
-both processes with py-spy (installed with `pip install py-spy`), and prints the
-functions that hold the most samples (own time and total time) for each.
+Starts the bench cluster, loads it for ``--seconds`` with wrk at ``--connections``
+(``--load sends``, or ``--load lists`` of preloaded dialogs), records the proxy and
+shard-1's worker with py-spy (installed with `pip install py-spy`), and prints the CPU
+split among proxy, workers, PostgreSQL and wrk per request, then the functions that hold
+the most samples (own time and total time) in each process.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import aiohttp
 
 from bench import load
-from bench.harness import BenchCluster, Client, send_requests
+from bench.harness import BenchCluster, Client, CpuSplit, list_requests, preload, send_requests
 from dialogsctl.embedded import scratch_folder
 
 
@@ -46,9 +48,12 @@ async def run(args: argparse.Namespace) -> None:
     cluster = BenchCluster(tmp)
     try:
         await cluster.start(proxies=1)
-        async with aiohttp.ClientSession() as session:
-            client = Client(session, cluster.proxy_urls)
-            users = [await client.user(f"u{i}") for i in range(64)]
+        if args.load == "lists":
+            requests = list_requests(await preload(cluster, args.rows))
+        else:
+            async with aiohttp.ClientSession() as session:
+                client = Client(session, cluster.proxy_urls)
+                requests = send_requests([await client.user(f"u{i}") for i in range(64)])
         targets = {"proxy": cluster.proxies[0], "worker": cluster.workers["shard-1"]}
         outputs = {name: tmp / f"{name}.txt" for name in targets}
         spies = [
@@ -75,13 +80,16 @@ async def run(args: argparse.Namespace) -> None:
         ]
         result: list[load.Load] = []
         thread = threading.Thread(
-            target=lambda: result.append(load.wrk(cluster.proxy_urls[0], send_requests(users), 32, args.seconds + 1))
+            target=lambda: result.append(load.wrk(cluster.proxy_urls[0], requests, args.connections, args.seconds + 1))
         )
-        thread.start()
-        for spy in spies:
-            spy.wait()
-        thread.join()
-        print(f"sends: {result[0].per_second:.0f}/s, p50 {result[0].p50_ms:.1f} ms")
+        with CpuSplit(cluster) as split:
+            thread.start()
+            for spy in spies:
+                spy.wait()
+            thread.join()
+        run = result[0]
+        print(f"{args.load}: {run.per_second:.0f}/s, p50 {run.p50_ms:.2f} ms at {args.connections} connections")
+        print(f"CPU per request (µs, py-spy's own share included): {split.to_json(run.requests)}")
         for name, path in outputs.items():
             print(f"\n{name}:")
             print("\n".join(_top(path, args.top)))
@@ -92,6 +100,9 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", choices=("sends", "lists"), default="sends")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=100_000, help="messages preloaded per shard (--load lists)")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--top", type=int, default=12)
     asyncio.run(run(parser.parse_args()))

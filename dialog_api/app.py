@@ -37,6 +37,13 @@ async def _reset_if_needed(con: asyncpg.Connection) -> None:
         await con.reset()
 
 
+# Every statement the worker prepares looks rows up by key, where a generic plan is the plan;
+# PostgreSQL would otherwise plan some afresh on every run (a batch of lists takes its
+# queries as arrays, whose custom plans it never finds dearer than a generic one):
+# measured 0.6 ms of planning per batch against 0.15 ms of execution.
+_PLANS = {"plan_cache_mode": "force_generic_plan"}
+
+
 async def _shard_pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     applied = await upgrade_schema(settings.shard_dsn, until=settings.schema_until or None)
@@ -48,6 +55,8 @@ async def _shard_pool(app: web.Application) -> AsyncIterator[None]:
         min_size=settings.pool_min,
         max_size=settings.pool_max,
         command_timeout=settings.query_timeout,
+        # Named in pg_stat_activity, for an operator (and a test) to tell them apart.
+        server_settings={**_PLANS, "application_name": f"dialogs worker {settings.shard_id}"},
     ) as pool:
         app[STORE] = ShardStore(pool, app[METRICS].observe_query, acquire_timeout=settings.query_timeout)
         app[METRICS].watch(

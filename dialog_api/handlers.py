@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 from collections.abc import Callable
@@ -11,11 +10,10 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 from aiohttp import web
-from asyncpg import Record
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
-from dialog_api.storage import NewMessage, ShardStore, Stored
+from dialog_api.storage import NewMessage, Stored
 from dialogs import errors, wire
 from dialogs.http import bearer_token, json_response, read_json, rename_request, request_id_of
 
@@ -108,7 +106,9 @@ async def list_messages(request: web.Request) -> web.Response:
     _require_proxy(request)
     query = wire.ListQuery.from_query(request.query)
     await request.app[MAP_VIEW].check_route(query.dialog_key, query.routed_version)
-    page = await _page(request.app[STORE], query)
+    (page,) = await request.app[STORE].list_pages([query])
+    if isinstance(page, errors.DialogsError):
+        raise page
     return web.Response(
         body=page.body, content_type="application/json", headers={wire.PAGE_COUNT_HEADER: str(page.count)}
     )
@@ -116,29 +116,18 @@ async def list_messages(request: web.Request) -> web.Response:
 
 async def list_pages(request: web.Request) -> web.Response:
     """Many list queries in one request, each checked and answered on its own
-    (``dialogs/wire.py``): the proxies' batched channel for lists, as insert_batch is for sends."""
+    (``dialogs/wire.py``): the proxies' batched channel for lists, as insert_batch is for
+    sends. One statement reads every accepted query's page; a range this shard does not
+    serve is that query's error."""
     batch = await _routed_batch(request, wire.ListQuery.from_json)
-    store = request.app[STORE]
-    # Each on a connection of the pool, all at once; a failure is that query's answer.
-    pages = await asyncio.gather(*(_page(store, query) for _, query in batch.accepted), return_exceptions=True)
-    for (index, _), page in zip(batch.accepted, pages, strict=True):
-        if isinstance(page, errors.DialogsError):
-            batch.answers[index] = wire.error_json(page, batch.request_ids[index])
-        elif isinstance(page, BaseException):
-            raise page
-        else:
-            batch.answers[index] = page
+    if batch.accepted:
+        pages = await request.app[STORE].list_pages([query for _, query in batch.accepted])
+        for (index, _), page in zip(batch.accepted, pages, strict=True):
+            if isinstance(page, errors.DialogsError):
+                batch.answers[index] = wire.error_json(page, batch.request_ids[index])
+            else:
+                batch.answers[index] = page
     return web.Response(body=wire.encode_pages(batch.answers), content_type="application/octet-stream")
-
-
-async def _page(store: ShardStore, query: wire.ListQuery) -> wire.Page:
-    rows = await store.list_messages(query.dialog_key, query.viewer, query.other, query.before, query.limit)
-    return wire.Page(orjson.dumps([_message(row) for row in rows]), len(rows))
-
-
-def _message(row: Record) -> dict[str, object]:
-    sender, recipient = (row["user_lo"], row["user_hi"]) if row["from_lo"] else (row["user_hi"], row["user_lo"])
-    return wire.message_json(row["id"], sender, recipient, row["text"], row["created_at"])
 
 
 async def inbox_page(request: web.Request) -> web.Response:

@@ -64,23 +64,6 @@ JOIN unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::boolean[], $5::text[])
   USING (dialog_key, user_lo, user_hi, from_lo, idempotency_key)
 """
 
-# The page holds at most $6 bytes of text, and always its first message: octet_length
-# reads a stored text's size without detoasting it.
-_LIST = """
-SELECT id, user_lo, user_hi, from_lo, text, created_at
-FROM (
-    SELECT id, user_lo, user_hi, from_lo, text, created_at,
-           sum(octet_length(text)) OVER newest_first AS bytes, row_number() OVER newest_first AS n
-    FROM messages
-    WHERE dialog_key = $1 AND user_lo = $2 AND user_hi = $3 AND id < $4
-    WINDOW newest_first AS (ORDER BY id DESC ROWS UNBOUNDED PRECEDING)
-    ORDER BY id DESC
-    LIMIT $5
-) AS candidates
-WHERE bytes <= $6 OR n = 1
-ORDER BY id DESC
-"""
-
 # Whether this shard serves the range holding key $1 (range_state() inlined: as plain SQL it
 # is planned once with the prepared statement), and whether it may serve as the primary.
 _OWN = f"""
@@ -91,12 +74,58 @@ WITH own AS (
            {pg.PRIMARY_CHECK} AS primary_ok
 )"""
 
-# The list query behind the ownership check, in one round trip: the first column says
-# whether this shard serves the range; the message columns are NULL for an empty page.
-LIST_QUERY = f"""
-{_OWN}
-SELECT own.state, own.primary_ok, page.*
-FROM own LEFT JOIN LATERAL ({_LIST}) AS page ON own.state IN ('owned', 'migrating', 'frozen') AND own.primary_ok
+# A message exactly as the public API shows it (dialogs/wire.py message_json, as orjson
+# writes it): ids as strings, the sender and the recipient, the text escaped by
+# PostgreSQL's JSON rules, created_at as Python's isoformat() writes a UTC time (no
+# fraction when it is a whole second).
+_MESSAGE_JSON = """
+'{"id":"' || m.id || '","from":"' || CASE WHEN m.from_lo THEN m.user_lo ELSE m.user_hi END
+|| '","to":"' || CASE WHEN m.from_lo THEN m.user_hi ELSE m.user_lo END
+|| '","text":' || to_json(m.text)::text
+|| ',"created_at":"' || to_char(m.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+|| CASE WHEN date_trunc('second', m.created_at) = m.created_at THEN ''
+        ELSE to_char(m.created_at AT TIME ZONE 'UTC', '.US') END
+|| '+00:00"}'
+"""
+
+# Many dialogs' pages in one statement (a proxy's batch of lists, or one list): per query
+# ($1 keys, $2/$3 the pair, $4 before, $5 limits, in order), whether this shard serves its
+# range, and its page as the public JSON array, built here so that the worker passes it
+# on without decoding a row. A page holds at most $6 bytes of text, and always its first
+# message: octet_length reads a stored text's size without detoasting it. Whether the
+# server may serve as the primary is asked once (pg.PRIMARY_CHECK).
+LIST_PAGES_QUERY = f"""
+WITH q AS MATERIALIZED (
+    SELECT q.*,
+           (SELECT effective_state(r.state, r.lease_until)
+            FROM (SELECT hi, state, lease_until FROM shard_ranges
+                  WHERE lo <= q.dialog_key ORDER BY lo DESC LIMIT 1) AS r
+            WHERE r.hi >= q.dialog_key) AS state
+    FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[], $5::integer[])
+        WITH ORDINALITY AS q(dialog_key, user_lo, user_hi, before, lim, i)
+), server AS (
+    SELECT {pg.PRIMARY_CHECK} AS primary_ok
+)
+SELECT q.i, q.state, server.primary_ok, page.body, page.n
+FROM q CROSS JOIN server
+LEFT JOIN LATERAL (
+    SELECT convert_to('[' || coalesce(string_agg({_MESSAGE_JSON}, ',' ORDER BY m.id DESC), '') || ']', 'UTF8') AS body,
+           count(*) AS n
+    FROM (
+        SELECT id, user_lo, user_hi, from_lo, text, created_at
+        FROM (
+            SELECT id, user_lo, user_hi, from_lo, text, created_at,
+                   sum(octet_length(text)) OVER newest_first AS bytes, row_number() OVER newest_first AS n
+            FROM messages
+            WHERE dialog_key = q.dialog_key AND user_lo = q.user_lo AND user_hi = q.user_hi AND id < q.before
+            WINDOW newest_first AS (ORDER BY id DESC ROWS UNBOUNDED PRECEDING)
+            ORDER BY id DESC
+            LIMIT q.lim
+        ) AS candidates
+        WHERE bytes <= $6 OR n = 1
+    ) AS m
+) AS page ON q.state IN ('owned', 'migrating', 'frozen') AND server.primary_ok
+ORDER BY q.i
 """
 
 
@@ -206,13 +235,24 @@ class ShardStore:
             else:
                 results[index] = Stored(row["id"], row["created_at"], duplicate=True)
 
-    async def list_messages(
-        self, dialog_key: int, user_a: uuid.UUID, user_b: uuid.UUID, before: int, limit: int
-    ) -> list[asyncpg.Record]:
-        rows = await self._served_read(
-            "list", LIST_QUERY, dialog_key, *ordered(user_a, user_b), before, limit, wire.MAX_PAGE_TEXT_BYTES
+    async def list_pages(self, queries: Sequence[wire.ListQuery]) -> list[wire.Page | errors.DialogsError]:
+        """Each query's page (or RangeNotServed), all in one statement. A server that may not
+        serve as the primary refuses them all (ShardUnavailable)."""
+        keys, lows, highs, befores, limits = [], [], [], [], []
+        for query in queries:
+            low, high = ordered(query.viewer, query.other)
+            keys.append(query.dialog_key)
+            lows.append(low)
+            highs.append(high)
+            befores.append(query.before)
+            limits.append(query.limit)
+        rows = await self._fetch_served(
+            "list", LIST_PAGES_QUERY, keys, lows, highs, befores, limits, wire.MAX_PAGE_TEXT_BYTES
         )
-        return [row for row in rows if row["id"] is not None]
+        return [
+            wire.Page(row["body"], row["n"]) if row["state"] in wire.READABLE else errors.RangeNotServed()
+            for row in rows
+        ]
 
     async def inbox_page(self, query: wire.InboxQuery) -> list[asyncpg.Record]:
         """One page of a user's inbox, from the shard that owns the user's key."""
@@ -227,16 +267,22 @@ class ShardStore:
 
     async def _served_read(self, name: str, sql: str, *args: object) -> list[asyncpg.Record]:
         """A read behind the ownership check (``_OWN``): its rows, or the refusal."""
+        rows = await self._fetch_served(name, sql, *args)
+        if rows[0]["state"] not in wire.READABLE:
+            raise errors.RangeNotServed()
+        return rows
+
+    async def _fetch_served(self, name: str, sql: str, *args: object) -> list[asyncpg.Record]:
+        """The rows of a read that also asks whether this server may serve as the primary
+        (a ``primary_ok`` column); ShardUnavailable when it may not."""
         async with translated(), self._connection() as con:
             started = time.perf_counter()
             rows = await con.fetch(sql, *args)
             self._observe(name, time.perf_counter() - started)
-            if not rows[0]["primary_ok"]:
+            if rows and not rows[0]["primary_ok"]:
                 # A demoted or stale primary of a replicated shard (pg.PRIMARY_CHECK): this
                 # connection is dropped, and the next one goes to the group's primary.
                 raise errors.ShardUnavailable("the shard's primary is changing; retry shortly")
-        if rows[0]["state"] not in wire.READABLE:
-            raise errors.RangeNotServed()
         return rows
 
     async def mark_read(

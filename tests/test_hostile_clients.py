@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @contextlib.asynccontextmanager
-async def _every_slot_taken(dsn: str) -> AsyncIterator[int]:
+async def _every_slot_taken(dsn: str) -> AsyncIterator[list[asyncpg.Connection]]:
     """Hold connections to the server of ``dsn`` until it refuses more ("too many clients",
     SQLSTATE 53300); let them all go after the block."""
     held: list[asyncpg.Connection] = []
@@ -37,7 +37,7 @@ async def _every_slot_taken(dsn: str) -> AsyncIterator[int]:
             except asyncpg.TooManyConnectionsError:
                 break
             assert len(held) < 2000, "the server took 2,000 connections and no sign of a limit"
-        yield len(held)
+        yield held
     finally:
         await asyncio.gather(*(con.close() for con in held))
 
@@ -81,9 +81,18 @@ async def test_a_shard_server_out_of_connections_is_503(bare_cluster: Cluster) -
     peers = [await api.register(f"Peer{i}") for i in range(40)]
     on_shard_1 = [peer for peer in peers if await cluster.shard_of(anna, peer) == "shard-1"]
     assert len(on_shard_1) >= 5
-    async with _every_slot_taken(cluster.shard_dsns["shard-1"]):
-        replies = await asyncio.gather(*(api.list(token, peer) for peer in on_shard_1 for _ in range(4)))
-        _no_500s(replies, "lists")
+    dsn = cluster.shard_dsns["shard-1"]
+    async with _every_slot_taken(dsn) as held:
+        # A batch of lists is one statement on one connection, which the worker's pool
+        # already holds: end those, so that the worker needs a new one and finds no slot.
+        ended = await held[0].fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'dialogs worker shard-1'"
+        )
+        assert ended >= 1
+        async with _every_slot_taken(dsn):  # and the slots they freed
+            replies = await asyncio.gather(*(api.list(token, peer) for peer in on_shard_1 for _ in range(4)))
+            _no_500s(replies, "lists")
     assert (await api.list(token, on_shard_1[0])).status == 200
 
 

@@ -225,6 +225,7 @@ async def test_a_users_shard_out_of_reach_holds_back_only_its_users_inboxes(bare
             assert (await api.inbox(token)).json == []
     finally:
         await cluster.fetch_meta("UPDATE shards SET dsn = $1 WHERE shard_id = 'shard-2'", right_dsn)
+
     def arrived(items: list[dict[str, Any]], totals: dict[str, int]) -> bool:
         # Both halves: the items are read before the totals, so an apply landing between
         # the two reads shows in the totals only.

@@ -108,3 +108,77 @@ async def test_user_profile_and_search(cluster: Cluster) -> None:
     assert [u["first_name"] for u in literal.json] == ["An%"]
     missing = await api.request("GET", "/user/search", params={"first_name": "An"}, validate=False)
     assert missing.status == 400 and "last_name is required" in missing.json["message"]
+
+
+async def test_pages_built_by_postgresql_are_the_messages_as_python_writes_them(databases: dict[str, str]) -> None:
+    """The worker passes a list's page on as the shard rendered it (LIST_PAGES_QUERY): byte
+    for byte what orjson writes for wire.message_json, for texts that need escaping and for
+    times with and without a fraction of a second; a batch's queries keep their order,
+    limits and cursors, and a range the shard does not serve is that query's error only."""
+    import datetime
+    import uuid
+
+    import asyncpg
+    import orjson
+
+    from dialog_api.storage import ShardStore, ordered
+    from dialogs import errors, schema, wire
+    from dialogs.keys import INT64_MAX, INT64_MIN, dialog_key
+    from dialogs.migration_plan import Span
+    from proxy.migration import shard_sql
+
+    texts = [
+        'quote " backslash \\ slash / tab \t newline \n return \r',
+        "controls \x01\x08\x0c\x1f\x7f and é ü 中文 😀 \u2028\u2029",
+        "</script><b>&amp;</b>",
+        "x" * 5000,
+    ]
+    stamps = [
+        datetime.datetime(2026, 12, 3, 19, 21, 26, tzinfo=datetime.UTC),  # a whole second: no fraction
+        datetime.datetime(2026, 12, 3, 19, 21, 26, 120000, tzinfo=datetime.UTC),
+        datetime.datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=datetime.UTC),
+        datetime.datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=datetime.UTC),
+    ]
+    anna, boris, carol = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    con = await asyncpg.connect(databases["shard-1"])
+    pool = await asyncpg.create_pool(databases["shard-1"], min_size=1, max_size=2)
+    try:
+        await schema.upgrade_shard(con)
+        await shard_sql.set_state(con, [Span(INT64_MIN, INT64_MAX)], "owned")
+        rows, expected = [], []
+        for index, (text, stamp) in enumerate(zip(texts, stamps, strict=True)):
+            sender, recipient = (anna, boris) if index % 2 else (boris, anna)
+            low, high = ordered(anna, boris)
+            rows.append((dialog_key(anna, boris), low, high, 100 + index, sender == low, text, stamp, None))
+            expected.append(wire.message_json(100 + index, sender, recipient, text, stamp))
+        await con.copy_records_to_table(
+            "messages",
+            records=rows,
+            columns=["dialog_key", "user_lo", "user_hi", "id", "from_lo", "text", "created_at", "idempotency_key"],
+        )
+        store = ShardStore(pool)
+
+        def query(viewer: uuid.UUID, other: uuid.UUID, before: int = INT64_MAX, limit: int = 100) -> wire.ListQuery:
+            return wire.ListQuery(dialog_key(viewer, other), viewer, other, before, limit, 1, "")
+
+        newest_first = expected[::-1]
+        pages = await store.list_pages(
+            [query(anna, boris), query(boris, anna, before=102, limit=1), query(anna, carol), query(boris, anna)]
+        )
+        assert pages == [
+            wire.Page(orjson.dumps(newest_first), 4),
+            wire.Page(orjson.dumps([expected[1]]), 1),
+            wire.Page(b"[]", 0),
+            wire.Page(orjson.dumps(newest_first), 4),
+        ]
+        # A range this shard does not serve (a gap around Anna and Carol's dialog): that
+        # query's error, the others' pages.
+        carol_key = dialog_key(anna, carol)
+        assert carol_key != dialog_key(anna, boris)
+        await shard_sql.set_state(con, [Span(INT64_MIN, carol_key - 1), Span(carol_key + 1, INT64_MAX)], "owned")
+        pages = await store.list_pages([query(anna, carol), query(anna, boris, limit=2)])
+        assert isinstance(pages[0], errors.RangeNotServed)
+        assert pages[1] == wire.Page(orjson.dumps(newest_first[:2]), 2)
+    finally:
+        await pool.close()
+        await con.close()
