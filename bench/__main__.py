@@ -57,7 +57,9 @@ SELECT :k, least(a, b), greatest(a, b), :k, true, 'hello, this is a message', no
 FROM (SELECT gen_random_uuid() AS a, gen_random_uuid() AS b) AS pair;
 """
 
-# The worker's list query (dialog_api/storage.py) for a random preloaded dialog of the shard.
+# A dialog's newest page, read straight off the primary key, for a random preloaded dialog of
+# the shard: the query at the heart of the worker's list statement (dialog_api/storage.py),
+# without its ownership check, byte bound or JSON rendering.
 LIST_DIRECT = """
 \\set i random(1, :dialogs)
 SELECT m.id, m.user_lo, m.user_hi, m.from_lo, m.text, m.created_at

@@ -129,6 +129,11 @@ ORDER BY q.i
 """
 
 
+# Queries one list statement takes: a proxy's batch may hold 256, each page up to 1 MiB of
+# text, and one statement is one backend's work under one query timeout.
+LIST_STATEMENT_QUERIES = 32
+
+
 # A page of an owner's inbox behind the same check, by the owner's key: the conversations
 # whose last message is older than $3, newest first, at most $4 and at most $5 bytes of
 # text (always the first).
@@ -236,8 +241,20 @@ class ShardStore:
                 results[index] = Stored(row["id"], row["created_at"], duplicate=True)
 
     async def list_pages(self, queries: Sequence[wire.ListQuery]) -> list[wire.Page | errors.DialogsError]:
-        """Each query's page (or RangeNotServed), all in one statement. A server that may not
-        serve as the primary refuses them all (ShardUnavailable)."""
+        """Each query's page (or RangeNotServed), at most LIST_STATEMENT_QUERIES to a
+        statement, the statements at once. A server that may not serve as the primary
+        refuses them all (ShardUnavailable)."""
+        if len(queries) <= LIST_STATEMENT_QUERIES:
+            return await self._list_statement(queries)
+        parts = await asyncio.gather(
+            *(
+                self._list_statement(queries[start : start + LIST_STATEMENT_QUERIES])
+                for start in range(0, len(queries), LIST_STATEMENT_QUERIES)
+            )
+        )
+        return [page for part in parts for page in part]
+
+    async def _list_statement(self, queries: Sequence[wire.ListQuery]) -> list[wire.Page | errors.DialogsError]:
         keys, lows, highs, befores, limits = [], [], [], [], []
         for query in queries:
             low, high = ordered(query.viewer, query.other)

@@ -509,8 +509,8 @@ class ReadResult:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page as the worker encoded it (the public JSON array, passed through as bytes) and
-    how many messages it holds."""
+    """A page as the shard rendered it (the public JSON array, passed through as bytes by
+    the worker and the proxy) and how many messages it holds."""
 
     body: bytes
     count: int

@@ -86,7 +86,8 @@ async def test_a_shard_server_out_of_connections_is_503(bare_cluster: Cluster) -
         # A batch of lists is one statement on one connection, which the worker's pool
         # already holds: end those, so that the worker needs a new one and finds no slot.
         ended = await held[0].fetchval(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            # (waiting up to 5 s for each to be gone, so that its slot is free for the next block)
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
             " WHERE application_name = 'dialogs worker shard-1'"
         )
         assert ended >= 1

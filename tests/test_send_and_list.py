@@ -121,7 +121,8 @@ async def test_pages_built_by_postgresql_are_the_messages_as_python_writes_them(
     import asyncpg
     import orjson
 
-    from dialog_api.storage import ShardStore, ordered
+    from dialog_api.app import _PLANS
+    from dialog_api.storage import LIST_STATEMENT_QUERIES, ShardStore, ordered
     from dialogs import errors, schema, wire
     from dialogs.keys import INT64_MAX, INT64_MIN, dialog_key
     from dialogs.migration_plan import Span
@@ -141,7 +142,9 @@ async def test_pages_built_by_postgresql_are_the_messages_as_python_writes_them(
     ]
     anna, boris, carol = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     con = await asyncpg.connect(databases["shard-1"])
-    pool = await asyncpg.create_pool(databases["shard-1"], min_size=1, max_size=2)
+    # As the worker's pool plans (generic plans), in a session whose time zone is not UTC.
+    settings = {**_PLANS, "TimeZone": "Asia/Kolkata"}
+    pool = await asyncpg.create_pool(databases["shard-1"], min_size=1, max_size=2, server_settings=settings)
     try:
         await schema.upgrade_shard(con)
         await shard_sql.set_state(con, [Span(INT64_MIN, INT64_MAX)], "owned")
@@ -171,6 +174,11 @@ async def test_pages_built_by_postgresql_are_the_messages_as_python_writes_them(
             wire.Page(b"[]", 0),
             wire.Page(orjson.dumps(newest_first), 4),
         ]
+        # A batch larger than one statement takes (LIST_STATEMENT_QUERIES): cut into several,
+        # each page still in its query's place.
+        limits = [1 + index % 4 for index in range(2 * LIST_STATEMENT_QUERIES + 5)]
+        pages = await store.list_pages([query(anna, boris, limit=limit) for limit in limits])
+        assert pages == [wire.Page(orjson.dumps(newest_first[:limit]), limit) for limit in limits]
         # A range this shard does not serve (a gap around Anna and Carol's dialog): that
         # query's error, the others' pages.
         carol_key = dialog_key(anna, carol)
