@@ -84,3 +84,55 @@ async def test_list_query_is_served_by_the_primary_key(cluster: Cluster) -> None
             assert "unnest($1)" in plan, plan  # planned for any batch, not for this one's values
     finally:
         await con.close()
+
+
+async def test_a_copy_step_reads_its_range_off_the_index_on_a_large_table(databases: dict[str, str]) -> None:
+    """A migration's copy step (shard_sql.copy_query: ranges given as arrays, a cursor
+    window) reads its range off the primary key in the runner's sessions
+    (runner.SHARD_SESSION), where the planner left to itself scans the whole table: found
+    adding a shard over 10,000,000 messages per shard, every 5,000-row step read them all."""
+    import asyncpg
+
+    from dialogs import schema
+    from dialogs.keys import INT64_MAX, INT64_MIN
+    from dialogs.migration_plan import Span
+    from proxy.migration import shard_sql
+    from proxy.migration.runner import SHARD_SESSION
+
+    setup = await asyncpg.connect(databases["shard-1"])
+    try:
+        await schema.upgrade_shard(setup)
+        # 200,000 messages in 2,000 dialogs spread over the key space.
+        await setup.execute(
+            "INSERT INTO messages (dialog_key, user_lo, user_hi, id, from_lo, text, created_at)"
+            " SELECT (d * 4611686018427387)::bigint - 4611686018427387000, u, u, g, true, repeat('x', 80), now()"
+            " FROM generate_series(1, 2000) AS d, LATERAL (SELECT gen_random_uuid() AS u OFFSET 0) AS pair,"
+            " generate_series(1, 100) AS g"
+        )
+        await setup.execute("ANALYZE messages")
+        span = Span(-(2**62), -(2**62) + 2**56)  # about 4 dialogs' worth of the key space
+        first = await setup.fetchrow(
+            "SELECT dialog_key, user_lo, user_hi, id FROM messages WHERE dialog_key BETWEEN $1 AND $2"
+            " ORDER BY dialog_key, user_lo, user_hi, id LIMIT 1",
+            span.lo,
+            span.hi,
+        )
+        assert first is not None
+        after = (first[0], first[1], first[2], first[3])
+        steps = {
+            "a step of one range": shard_sql.copy_query([span], after, None),
+            "small ranges together": shard_sql.copy_query(
+                [span, Span(2**60, 2**60 + 2**55), Span(INT64_MAX - 5, INT64_MAX)]
+            ),
+            "the first range": shard_sql.copy_query([Span(INT64_MIN, INT64_MIN + 2**56)]),
+        }
+    finally:
+        await setup.close()
+    # A planner that finds random reads dear, as it did for 10,000,000 rows, here on 200,000.
+    con = await asyncpg.connect(databases["shard-1"], server_settings={**SHARD_SESSION, "random_page_cost": "40"})
+    try:
+        for name, (query, args) in steps.items():
+            plan = "\n".join(row[0] for row in await con.fetch("EXPLAIN " + query, *args))
+            assert "messages_pkey" in plan and "Seq Scan on messages" not in plan, f"{name}:\n{plan}"
+    finally:
+        await con.close()

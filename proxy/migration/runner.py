@@ -35,6 +35,18 @@ from proxy.migration.verification import (
 
 log = logging.getLogger(__name__)
 
+# Settings of the runner's sessions on the shards (with its lock_timeout).
+# - client_connection_check_interval: a statement whose connection this runner closed (a
+#   deadline) notices while it waits, and gives up its place in the fence's queue instead
+#   of freezing ranges later.
+# - enable_seqscan off: every statement of a migration reads ranges of keys that lead an
+#   index, but the planner cannot see how narrow a range given as an array element is
+#   (``unnest(lo[], hi[]) JOIN … BETWEEN r.lo AND r.hi``), and on a large table it chose a
+#   parallel scan of the whole table for each copy step: adding a shard over 10,000,000
+#   messages per shard read all of them for every 5,000 rows copied (bench/growth.py).
+#   PostgreSQL still scans a table that has no usable index; it only prefers one that has.
+SHARD_SESSION = {"client_connection_check_interval": "250ms", "enable_seqscan": "off"}
+
 CUTOVER_BACKLOG = 200  # catch up until at most this many delta rows remain, then cut over
 MAX_STALLED_ROUNDS = 20  # ...or until the backlog has stopped shrinking for this many rounds
 MAX_CUTOVER_ATTEMPTS = 5
@@ -180,12 +192,9 @@ class _Run:
                     min_size=0,
                     max_size=4,
                     timeout=self.settings.cutover_deadline,
-                    # client_connection_check_interval: a statement whose connection this
-                    # runner closed (a deadline) notices while it waits, and gives up its
-                    # place in the fence's queue instead of freezing ranges later.
                     server_settings={
                         "lock_timeout": f"{int(self.settings.cutover_deadline * 1000)}ms",
-                        "client_connection_check_interval": "250ms",
+                        **SHARD_SESSION,
                     },
                 )
             return await self._phases()

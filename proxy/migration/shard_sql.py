@@ -183,6 +183,23 @@ async def delete_after(con: asyncpg.Connection, span: Span, cursor: Cursor) -> i
     return int(status.split()[-1])
 
 
+def copy_query(spans: Sequence[Span], after: Cursor = None, until: Cursor = None) -> tuple[str, list[object]]:
+    """The SELECT a copy step streams out of the source, and its arguments."""
+    if (after is not None or until is not None) and len(spans) != 1:
+        raise ValueError("a cursor window needs exactly one span")
+    lower, window = _after(after, 3)
+    upper = "TRUE"
+    if until is not None:
+        index = 3 + len(window)
+        upper = f"{_KEY} <= (${index}::bigint, ${index + 1}::uuid, ${index + 2}::uuid, ${index + 3}::bigint)"
+        window += list(until)
+    query = (
+        f"SELECT {_M_COLUMNS} FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
+        f" JOIN messages m ON m.dialog_key BETWEEN r.lo AND r.hi WHERE {lower} AND {upper}"
+    )
+    return query, [[s.lo for s in spans], [s.hi for s in spans], *window]
+
+
 async def copy_rows(
     source: asyncpg.Connection,
     target: asyncpg.Connection,
@@ -196,25 +213,12 @@ async def copy_rows(
     decoding here, so the rate is close to PostgreSQL's own COPY; the target side is one
     transaction, so a failed read never commits half a batch. Returns rows copied.
     """
-    if (after is not None or until is not None) and len(spans) != 1:
-        raise ValueError("a cursor window needs exactly one span")
-    lower, args = _after(after, 3)
-    upper = "TRUE"
-    if until is not None:
-        index = 3 + len(args)
-        upper = f"{_KEY} <= (${index}::bigint, ${index + 1}::uuid, ${index + 2}::uuid, ${index + 3}::bigint)"
-        args += list(until)
-    query = (
-        f"SELECT {_M_COLUMNS} FROM unnest($1::bigint[], $2::bigint[]) AS r(lo, hi)"
-        f" JOIN messages m ON m.dialog_key BETWEEN r.lo AND r.hi WHERE {lower} AND {upper}"
-    )
+    query, args = copy_query(spans, after, until)
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
 
     async def produce() -> None:
         try:
-            await source.copy_from_query(
-                query, [s.lo for s in spans], [s.hi for s in spans], *args, output=queue.put, format="binary"
-            )
+            await source.copy_from_query(query, *args, output=queue.put, format="binary")
         finally:
             await queue.put(None)
 
