@@ -4,10 +4,17 @@ Each size gets a fresh cluster of two shards, preloaded with COPY, then ``shard-
 added while senders write. The copy phase should take about linearly longer with the
 rows it moves; the cutover pause (the write pause clients see) should not grow, since a
 cutover moves only what was written since the catch-up began.
+
+`python -m bench.growth --sizes 100000,20000000` runs the section alone, here with 10,000,000
+stored messages on each of the two shards (rows past 2,000,000 per shard are generated
+by the shards themselves, ``harness.preload``).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import shutil
 from typing import Any
 
@@ -61,3 +68,16 @@ async def growth(sizes: tuple[int, ...], senders: int) -> dict[str, Any]:
         "pause_p99_ratio": round(large["pause_p99_ms"] / small["pause_p99_ms"], 2),
         "target": "copy time about proportional to rows; the cutover pause does not grow",
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated stored messages (both shards)")
+    parser.add_argument("--senders", type=int, default=8, help="senders writing during the migration")
+    args = parser.parse_args()
+    sizes = tuple(int(size) for size in args.sizes.split(","))
+    print(json.dumps(asyncio.run(growth(sizes, args.senders)), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -118,10 +118,13 @@ class BenchCluster:
             await asyncio.to_thread(child.wait_healthy)
             self.proxies.append(child)
 
-    def start_worker(self, shard_id: str) -> None:
+    def start_worker(self, shard_id: str, name: str | None = None) -> None:
+        """A worker of ``shard_id``, known in ``workers`` by ``name`` (the shard's id by default:
+        its first worker)."""
+        name = name or shard_id
         port = free_port()
         child = Child(
-            name=f"worker-{shard_id}",
+            name=f"worker-{name}",
             command="dialog_api",
             env={
                 "DIALOGS_METADATA_DSN": self.dsn("meta"),
@@ -132,11 +135,11 @@ class BenchCluster:
                 "DIALOGS_HEARTBEAT_INTERVAL": "0.5",
                 **self.worker_env,
             },
-            log_file=self.base / "logs" / f"worker-{shard_id}.log",
+            log_file=self.base / "logs" / f"worker-{name}.log",
             health_url=f"http://127.0.0.1:{port}/health",
         )
         child.start()
-        self.workers[shard_id] = child
+        self.workers[name] = child
 
     def cutover_log(self) -> list[str]:
         """The runner's own account of each cutover (freeze, verify, hand-over times)."""
@@ -307,6 +310,12 @@ def list_requests(dialogs: list[tuple[int, Any, Any]], count: int = 2000) -> lis
     return requests
 
 
+# Above this many rows per shard, preload has each shard generate its rows (INSERT …
+# SELECT over generate_series) instead of building them here: 10,000,000 tuples in Python
+# take minutes and gigabytes.
+GENERATED_PRELOAD_ROWS = 2_000_000
+
+
 async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 20000) -> list[tuple[int, Any, Any]]:
     """Synthetic messages written straight into the shards, each on the shard the active ring names.
 
@@ -325,8 +334,9 @@ async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 200
     for _ in range(dialogs):
         a, b = sorted((uuid.UUID(int=rng.getrandbits(128)), uuid.UUID(int=rng.getrandbits(128))))
         pairs.append((dialog_key(a, b), a, b))
+    generated = rows_per_shard > GENERATED_PRELOAD_ROWS
     created = datetime.datetime.now(datetime.UTC)
-    for index in range(rows_per_shard * 2):
+    for index in range(0 if generated else rows_per_shard * 2):
         key, a, b = pairs[index % dialogs]
         shard = shard_map.owner(key)
         if len(by_shard[shard]) >= rows_per_shard:
@@ -335,12 +345,6 @@ async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 200
     for shard_id, rows in by_shard.items():
         con = await asyncpg.connect(cluster.dsn(shard_id))
         try:
-            await con.copy_records_to_table(
-                "messages",
-                records=rows,
-                columns=["dialog_key", "user_lo", "user_hi", "id", "from_lo", "text", "created_at", "idempotency_key"],
-            )
-            await con.execute("ANALYZE messages")
             owned = [(key, a, b) for key, a, b in pairs if shard_map.owner(key) == shard_id]
             await con.execute(
                 "DROP TABLE IF EXISTS bench_dialogs;"
@@ -349,6 +353,20 @@ async def preload(cluster: BenchCluster, rows_per_shard: int, dialogs: int = 200
             await con.copy_records_to_table(
                 "bench_dialogs", records=[(i + 1, *dialog) for i, dialog in enumerate(owned)]
             )
+            if generated:
+                # rows_per_shard spread evenly over the shard's dialogs, ids 1… in each.
+                await con.execute(
+                    "INSERT INTO messages (dialog_key, user_lo, user_hi, id, from_lo, text, created_at)"
+                    " SELECT d.dialog_key, d.lo, d.hi, g, g % 2 = 0, repeat('x', 80), now()"
+                    " FROM bench_dialogs d, generate_series(1, ($1::bigint + $2::bigint - d.i) / $2::bigint) AS g",
+                    rows_per_shard,
+                    len(owned),
+                    timeout=3600,
+                )
+            else:
+                columns = ["dialog_key", "user_lo", "user_hi", "id", "from_lo", "text", "created_at", "idempotency_key"]
+                await con.copy_records_to_table("messages", records=rows, columns=columns)
+            await con.execute("ANALYZE messages")
         finally:
             await con.close()
     return pairs

@@ -200,9 +200,10 @@ def _mean(loads: list[load.Load]) -> load.Load:
 
 
 async def pages(shards: int, seconds: float, users: int = 100, conversations: int = 10) -> dict[str, Any]:
-    """Inbox first page and badge vs a dialog's list, 1 connection; each user has
-    ``conversations`` conversations of 3 messages. Each kind is loaded three times for
-    ``seconds``/2, in turns; its figure is the mean of its runs."""
+    """Inbox first page and badge vs a dialog's list, at 1 connection (latency) and at 32
+    (throughput); each user has ``conversations`` conversations of 3 messages. Each kind
+    is loaded three times for ``seconds``/2 at each concurrency, in turns; its figure is
+    the mean of its runs."""
     cluster = await _start(shards)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
@@ -233,19 +234,33 @@ async def pages(shards: int, seconds: float, users: int = 100, conversations: in
         lists = [_get(f"/dialog/{people[b][0]}/list?limit=100", people[a][1]) for a, b in sorted(pairs)]
         # Three rounds, the order turned each round, so the machine's drift meets each alike.
         requests = {"list": lists, "inbox": inbox, "unread": badge}
-        rounds: dict[str, list[load.Load]] = {name: [] for name in requests}
-        order = list(requests)
-        for _ in range(3):
-            for name in order:
-                rounds[name].append(await asyncio.to_thread(load.wrk, url, requests[name], 1, seconds / 2, 1))
-            order = order[1:] + order[:1]
-        runs = {name: _mean(loads) for name, loads in rounds.items()}
+        busy = 32
+        runs_at: dict[int, dict[str, load.Load]] = {}
+        rounds_at: dict[int, dict[str, list[load.Load]]] = {}
+        for connections in (1, busy):
+            rounds: dict[str, list[load.Load]] = {name: [] for name in requests}
+            order = list(requests)
+            for _ in range(3):
+                for name in order:
+                    threads = min(2, connections)
+                    run = await asyncio.to_thread(load.wrk, url, requests[name], connections, seconds / 2, threads)
+                    rounds[name].append(run)
+                order = order[1:] + order[:1]
+            rounds_at[connections] = rounds
+            runs_at[connections] = {name: _mean(loads) for name, loads in rounds.items()}
+        runs, loaded = runs_at[1], runs_at[busy]
         return {
             "shards": shards,
             **{name: run.to_json() for name, run in runs.items()},
-            "rounds": {name: [run.to_json() for run in loads] for name, loads in rounds.items()},
+            "rounds": {name: [run.to_json() for run in loads] for name, loads in rounds_at[1].items()},
             "inbox_added_p50_ms": round(runs["inbox"].p50_ms - runs["list"].p50_ms, 3),
             "unread_added_p50_ms": round(runs["unread"].p50_ms - runs["list"].p50_ms, 3),
+            f"at_{busy}": {
+                **{name: run.to_json() for name, run in loaded.items()},
+                "rounds": {name: [run.to_json() for run in loads] for name, loads in rounds_at[busy].items()},
+                "inbox_throughput_ratio": round(loaded["inbox"].per_second / loaded["list"].per_second, 3),
+                "unread_throughput_ratio": round(loaded["unread"].per_second / loaded["list"].per_second, 3),
+            },
         }
     finally:
         _stop(cluster)
@@ -358,6 +373,24 @@ def summary_rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "<= +0.5 ms, flat",
             )
         )
+        loaded = run.get("at_32")
+        if loaded:
+            rows.append(
+                (
+                    f"inbox pages/s vs lists/s, 32 connections, {run['shards']} shards",
+                    f"{loaded['inbox']['per_second']:,.0f} / {loaded['list']['per_second']:,.0f}",
+                    f"{loaded['inbox_throughput_ratio']:.2f}x",
+                    "(reported)",
+                )
+            )
+            rows.append(
+                (
+                    f"badges/s vs lists/s, 32 connections, {run['shards']} shards",
+                    f"{loaded['unread']['per_second']:,.0f} / {loaded['list']['per_second']:,.0f}",
+                    f"{loaded['unread_throughput_ratio']:.2f}x",
+                    "(reported)",
+                )
+            )
     rows.append(
         (
             f"first 10 conversations p50, a user with {hot['conversations']:,} vs one with 10",

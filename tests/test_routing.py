@@ -287,3 +287,36 @@ async def test_shard_map_writes_are_compare_and_swap(bare_cluster: Cluster) -> N
     finally:
         await con_a.close()
         await con_b.close()
+
+
+async def test_every_process_follows_a_64_shard_map_and_back(cluster: Cluster) -> None:
+    """The capacity model's map (docs/capacity.md): a synthetic version of 64 shards (the two
+    real ones keep their share of the ring) becomes active, and every worker and proxy
+    routes by it within seconds (``bench.capacity --follow`` times it); the real map comes
+    back as the next version, every process follows again, and dialogs go on as before."""
+    api = cluster.api
+    anna, token = await api.user("Anna")
+    boris = await api.register("Boris")
+    assert (await api.send(token, boris, "before")).status == 200
+    real = await cluster.active_map()
+    synthetic = real.next({**{f"shard-{number}": 1 for number in range(1, 65)}, **real.weights})
+    back = synthetic.next(real.weights)
+    con = await asyncpg.connect(cluster.metadata_dsn)
+    try:
+        urls = [row["url"] for row in await con.fetch("SELECT url FROM workers UNION ALL SELECT url FROM proxies")]
+        assert len(urls) == len(cluster.workers) + len(cluster.proxies)
+        for version in (synthetic, back):
+            await maps.activate(con, version, "test: a 64-shard map")
+            async with asyncio.timeout(20):
+                while True:
+                    seen = []
+                    for url in urls:
+                        async with cluster.session.get(url + "/health") as reply:
+                            seen.append((await reply.json())["map_version"])
+                    if seen == [version.map_version] * len(urls):
+                        break
+                    await asyncio.sleep(0.02)
+    finally:
+        await con.close()
+    assert (await api.send(token, boris, "after")).status == 200
+    assert [m["text"] for m in (await api.list(token, boris)).json] == ["after", "before"]
