@@ -291,7 +291,7 @@ async def test_shard_map_writes_are_compare_and_swap(bare_cluster: Cluster) -> N
 
 async def test_every_process_follows_a_64_shard_map_and_back(cluster: Cluster) -> None:
     """The capacity model's map (docs/capacity.md): a synthetic version of 64 shards (the two
-    real ones keep their share of the ring) becomes active, and every worker and proxy
+    real ones keep their points on the ring, 2/64 of it) becomes active, and every worker and proxy
     routes by it within seconds (``bench.capacity --follow`` times it); the real map comes
     back as the next version, every process follows again, and dialogs go on as before."""
     api = cluster.api

@@ -110,7 +110,7 @@ async def test_a_copy_step_reads_its_range_off_the_index_on_a_large_table(databa
             " generate_series(1, 100) AS g"
         )
         await setup.execute("ANALYZE messages")
-        span = Span(-(2**62), -(2**62) + 2**56)  # about 4 dialogs' worth of the key space
+        span = Span(-(2**62), -(2**62) + 2**56)  # about 16 dialogs' worth of the key space
         first = await setup.fetchrow(
             "SELECT dialog_key, user_lo, user_hi, id FROM messages WHERE dialog_key BETWEEN $1 AND $2"
             " ORDER BY dialog_key, user_lo, user_hi, id LIMIT 1",

@@ -47,6 +47,15 @@ log = logging.getLogger(__name__)
 #   PostgreSQL still scans a table that has no usable index; it only prefers one that has.
 SHARD_SESSION = {"client_connection_check_interval": "250ms", "enable_seqscan": "off"}
 
+
+async def _upgrade(con: asyncpg.Connection) -> None:
+    """``schema.upgrade_shard`` with the planner free to scan: an upgrade's backfills read
+    whole tables (SHARD_SESSION keeps it on the indexes otherwise)."""
+    await con.execute("SET enable_seqscan = on")
+    await schema.upgrade_shard(con)
+    await con.execute("SET enable_seqscan = off")
+
+
 CUTOVER_BACKLOG = 200  # catch up until at most this many delta rows remain, then cut over
 MAX_STALLED_ROUNDS = 20  # ...or until the backlog has stopped shrinking for this many rounds
 MAX_CUTOVER_ATTEMPTS = 5
@@ -253,7 +262,7 @@ class _Run:
             return
         for shard_id in self.plan.targets:
             async with self._on(shard_id) as con:
-                await schema.upgrade_shard(con)
+                await _upgrade(con)
         await self._set(Ownership.INCOMING, self.plan.targets, self.plan.arriving)
         self._targets_incoming = True
         estimates: dict[int, int] = {}
@@ -978,7 +987,7 @@ class _Run:
             if problem is not None:
                 log.error("migration %s: not touching %s: %s", self.migration.migration_id, target, problem)
                 return
-            await schema.upgrade_shard(con)  # an abort may come before prepare reached it
+            await _upgrade(con)  # an abort may come before prepare reached it
             await shard_sql.set_state(con, self.plan.arriving(target), ABSENT)
             await shard_sql.delete_spans(con, self.plan.arriving(target))
 
