@@ -48,6 +48,20 @@ def _worker_url(cluster: Cluster, shard_id: str) -> str:
     return "http://127.0.0.1:" + name.split("@")[1]
 
 
+async def _two_message_dialog(cluster: Cluster) -> tuple[str, wire.ListQuery]:
+    """Anna wrote Boris "one", then "two": the worker that holds the dialog, and Boris's
+    list of it as a proxy routes it (request id "r-page")."""
+    anna, token = await cluster.api.user("Anna")
+    boris = await cluster.api.register("Boris")
+    await cluster.api.send(token, boris, "one")
+    await cluster.api.send(token, boris, "two")
+    shard_map = cluster.proxies[0].app[TOPOLOGY].map
+    assert shard_map is not None
+    key = dialog_key(uuid.UUID(anna), uuid.UUID(boris))
+    query = wire.ListQuery(key, uuid.UUID(boris), uuid.UUID(anna), 2**63 - 1, 10, shard_map.map_version, "r-page")
+    return _worker_url(cluster, shard_map.owner(key)), query
+
+
 def _owned_by(shard_map: ShardMap, shard_id: str) -> tuple[str, str, int]:
     while True:
         a, b = uuid.uuid4(), uuid.uuid4()
@@ -161,15 +175,7 @@ async def test_a_worker_refuses_what_the_public_api_refuses(cluster: Cluster) ->
 
 async def test_a_list_on_the_wire_names_its_size_and_its_request(cluster: Cluster) -> None:
     """A page says how many messages it holds; a refused list answers with the client's request id."""
-    anna, token = await cluster.api.user("Anna")
-    boris = await cluster.api.register("Boris")
-    await cluster.api.send(token, boris, "one")
-    await cluster.api.send(token, boris, "two")
-    shard_map = cluster.proxies[0].app[TOPOLOGY].map
-    assert shard_map is not None
-    key = dialog_key(uuid.UUID(anna), uuid.UUID(boris))
-    url = _worker_url(cluster, shard_map.owner(key))
-    query = wire.ListQuery(key, uuid.UUID(boris), uuid.UUID(anna), 2**63 - 1, 10, shard_map.map_version, "r-page")
+    url, query = await _two_message_dialog(cluster)
     async with cluster.session.get(url + wire.INTERNAL_MESSAGES_PATH + "?" + query.to_query(), headers=_AS_PROXY) as r:
         assert r.status == 200 and r.headers[wire.PAGE_COUNT_HEADER] == "2"
         assert [m["text"] for m in await r.json()] == ["two", "one"]
@@ -187,15 +193,8 @@ async def test_a_list_on_the_wire_names_its_size_and_its_request(cluster: Cluste
 async def test_a_batch_of_lists_answers_each_query_on_its_own(cluster: Cluster) -> None:
     """The batched channel for lists: each query its own page or its own error (a stale map,
     a query that is not one), under its own request id; no secret, no pages."""
-    anna, token = await cluster.api.user("Anna")
-    boris = await cluster.api.register("Boris")
-    await cluster.api.send(token, boris, "one")
-    await cluster.api.send(token, boris, "two")
-    shard_map = cluster.proxies[0].app[TOPOLOGY].map
-    assert shard_map is not None
-    key = dialog_key(uuid.UUID(anna), uuid.UUID(boris))
-    url = _worker_url(cluster, shard_map.owner(key)) + wire.INTERNAL_PAGES_PATH
-    query = wire.ListQuery(key, uuid.UUID(boris), uuid.UUID(anna), 2**63 - 1, 10, shard_map.map_version, "r-page")
+    url, query = await _two_message_dialog(cluster)
+    url += wire.INTERNAL_PAGES_PATH
     items = [
         query.to_json(),
         replace(query, map_version=0, request_id="r-stale").to_json(),
