@@ -59,6 +59,12 @@ def _data_dir_option() -> Callable[[FC], FC]:
 @click.group()
 def main() -> None:
     """Dialogs: sharded private messages with online resharding."""
+    from dialogsctl.net import PORT_RANGE_VARIABLE, port_range
+
+    try:  # every command that starts a server takes its ports from this range
+        port_range(os.environ.get(PORT_RANGE_VARIABLE))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command()
@@ -88,13 +94,8 @@ def main() -> None:
 def up(data_dir: Path, port: int, shards: int, replicas: int | None, with_prometheus: bool) -> None:
     """Run the local cluster in the foreground: metadata + shards on embedded PostgreSQL, workers, proxy."""
     from dialogsctl.cluster import ClusterLayout
-    from dialogsctl.net import PORT_RANGE_VARIABLE, port_range
     from dialogsctl.supervisor import AlreadyRunning, Supervisor, acquire_lock
 
-    try:
-        port_range(os.environ.get(PORT_RANGE_VARIABLE))
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
     console = Console(soft_wrap=True)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -70,10 +70,13 @@ def system_user() -> pwd.struct_passwd:
     try:
         user = ensure_user_exists(SYSTEM_USER)
     except subprocess.CalledProcessError:
-        try:
-            user = pwd.getpwnam(SYSTEM_USER)
-        except KeyError:
-            raise PostgresError(f"could not create the system user {SYSTEM_USER!r} that the servers run as") from None
+        user = None
+        for _ in range(50):  # the winner may still hold the password files' lock a moment
+            try:
+                user = pwd.getpwnam(SYSTEM_USER)
+                break
+            except KeyError:
+                time.sleep(0.1)
     if user is None:
         raise PostgresError(f"could not create the system user {SYSTEM_USER!r} that the servers run as")
     return user

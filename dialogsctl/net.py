@@ -36,12 +36,12 @@ def port_range(value: str | None) -> tuple[int, int] | None:
         bounds = int(low), int(high)
     except ValueError:
         bounds = (0, 0)
-    if not sep or not 1024 <= bounds[0] < bounds[1] <= 65535:
-        raise ValueError(f"{PORT_RANGE_VARIABLE} must be LOW-HIGH with 1024 <= LOW < HIGH <= 65535, not {value!r}")
+    if not sep or not 1024 <= bounds[0] <= bounds[1] <= 65535:
+        raise ValueError(f"{PORT_RANGE_VARIABLE} must be LOW-HIGH with 1024 <= LOW <= HIGH <= 65535, not {value!r}")
     return bounds
 
 
-def _spans(chosen: tuple[int, int] | None) -> list[tuple[int, int]]:
+def port_spans(chosen: tuple[int, int] | None) -> list[tuple[int, int]]:
     """Where to look: below and above the ephemeral range, within ``chosen`` if given (all of
     ``chosen`` when it lies inside the ephemeral range: the operator's choice stands)."""
     low, high = ephemeral_range()
@@ -50,7 +50,7 @@ def _spans(chosen: tuple[int, int] | None) -> list[tuple[int, int]]:
     spans = [
         (max(start, chosen[0]), min(end, chosen[1]))
         for start, end in ((1024, low - 1), (high + 1, 65535))
-        if max(start, chosen[0]) < min(end, chosen[1])
+        if max(start, chosen[0]) <= min(end, chosen[1])
     ]
     return spans or [chosen]
 
@@ -65,7 +65,7 @@ def free_port() -> int:
     (or above) that range is never handed out so.
     """
     chosen = port_range(os.environ.get(PORT_RANGE_VARIABLE))
-    spans = _spans(chosen)
+    spans = port_spans(chosen)
     for _ in range(200):
         start, end = random.choice(spans) if spans else (_LOWEST, 65535)
         port = random.randint(start, end)

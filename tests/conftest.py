@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import tempfile
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 import asyncpg
@@ -26,24 +30,50 @@ SERVER_NAMES = ("meta", "shard-1", "shard-2", "shard-3")
 SUITE_PORTS_LOW = 10_000
 
 
+_claimed_slice: list[IO[str]] = []  # held open (and locked) for the process's life
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """`make test` runs the suite in two processes (pytest-xdist, a test file each at a time).
 
-    Each process, and every process its tests start, chooses ports from a range of its own
+    Each process, and every process its tests start, chooses ports from a slice of its own
     (``DIALOGS_PORT_RANGE``): the other never picks a port one has checked but not yet
-    bound. Before any starts, the controlling process makes the servers' user (as root on
-    a fresh machine), which they would otherwise race to create.
+    bound. A process claims the first slice no live process of this run holds (a lock on a
+    file per slice), so one that replaces a crashed process takes the slice it left. Before any
+    starts, the controlling process makes the servers' user (as root on a fresh machine),
+    which they would otherwise race to create.
     """
     worker = getattr(config, "workerinput", None)
     if worker is None:
         if os.geteuid() == 0 and getattr(config.option, "numprocesses", None):
             system_user()
         return
-    index, count = int(str(worker["workerid"]).removeprefix("gw")), int(worker["workercount"])
+    count = int(worker["workercount"])
     size = (ephemeral_range()[0] - SUITE_PORTS_LOW) // count
-    if size >= 1000:
+    if size < 1000:
+        warnings.warn(
+            f"no room for {count} port ranges below the ephemeral range: test processes share one", stacklevel=2
+        )
+        return
+    for index in range(count):
+        path = Path(tempfile.gettempdir()) / f"dialogs-tests-{worker['testrunuid']}-ports-{index}.lock"
+        lock = open(path, "a")  # noqa: SIM115 - held until pytest_unconfigure
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        _claimed_slice.append(lock)
         low = SUITE_PORTS_LOW + index * size
         os.environ[PORT_RANGE_VARIABLE] = f"{low}-{low + size - 1}"
+        return
+    warnings.warn(f"every one of the {count} port ranges is held by another test process: sharing one", stacklevel=2)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for lock in _claimed_slice:
+        Path(lock.name).unlink(missing_ok=True)
+        lock.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,12 +37,32 @@ def services_held(policy: Path = POLICY_RC_D) -> Iterator[None]:
         policy.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def machine_lock(name: str) -> Iterator[None]:
+    """Held by one process of the machine at a time (the suite runs in several)."""
+    path = Path(tempfile.gettempdir()) / f"dialogs-tests-{name}.lock"
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def ensure(package: str, *binaries: str) -> None:
-    """Install ``package`` with apt-get unless ``binaries`` are on PATH; skip the test if we cannot."""
+    """Install ``package`` with apt-get unless ``binaries`` are on PATH; skip the test if we cannot.
+
+    One install at a time: apt holds a lock of its own, and the policy file is one file."""
     if all(shutil.which(binary) for binary in binaries):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip(f"{package} is not installed (apt-get install {package})")
+    with machine_lock("apt"):
+        if not all(shutil.which(binary) for binary in binaries):  # another test process may have meanwhile
+            _install(package)
+
+
+def _install(package: str) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=300)
     with services_held():

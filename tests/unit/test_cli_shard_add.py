@@ -32,3 +32,10 @@ def test_up_refuses_a_malformed_port_range_before_anything_starts(tmp_path: Path
     assert result.exit_code == 2, result.output
     assert "DIALOGS_PORT_RANGE must be LOW-HIGH" in result.output
     assert not data_dir.exists()  # no cluster.json, no server folder
+
+
+def test_shard_add_refuses_a_malformed_port_range_too(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["shard", "add", "--data-dir", str(tmp_path)], env={"DIALOGS_PORT_RANGE": "x-y"})
+    assert result.exit_code == 2, result.output
+    assert "DIALOGS_PORT_RANGE must be LOW-HIGH" in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -7,10 +7,11 @@ import socket
 
 import pytest
 
-from dialogsctl.net import PORT_RANGE_VARIABLE, ephemeral_range, free_port
+from dialogsctl.net import PORT_RANGE_VARIABLE, ephemeral_range, free_port, port_spans
 
 
-def test_a_free_port_is_outside_the_ephemeral_range_and_never_repeated() -> None:
+def test_a_free_port_is_outside_the_ephemeral_range_and_never_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PORT_RANGE_VARIABLE, raising=False)  # `make test` sets one per test process
     low, high = ephemeral_range()
     ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)
@@ -32,6 +33,22 @@ def test_a_port_range_inside_the_ephemeral_range_is_the_operators_choice(monkeyp
     middle = (low + high) // 2
     monkeypatch.setenv(PORT_RANGE_VARIABLE, f"{middle}-{middle + 100}")
     assert middle <= free_port() <= middle + 100
+
+
+def test_a_port_range_is_clipped_to_either_side_of_the_ephemeral_range() -> None:
+    low, high = ephemeral_range()
+    assert port_spans((low - 1, high + 1)) == [(low - 1, low - 1), (high + 1, high + 1)]  # one port each side
+    assert port_spans((low - 100, low + 100)) == [(low - 100, low - 1)]
+    assert port_spans((low + 1, low + 100)) == [(low + 1, low + 100)]  # wholly inside: as the operator chose
+
+
+def test_a_port_range_with_nothing_free_is_an_error_not_a_port_outside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        monkeypatch.setenv(PORT_RANGE_VARIABLE, f"{port}-{port}")
+        with pytest.raises(OSError, match="no free port found"):
+            free_port()
 
 
 @pytest.mark.parametrize("value", ["10000", "20000-10000", "80-9000", "10000-70000", "a-b", "10000-"])

