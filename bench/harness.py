@@ -48,6 +48,7 @@ class BenchCluster:
     # Standbys per shard (Patroni, synchronous); the metadata database stays one server.
     replicas: int = 0
     worker_env: dict[str, str] = field(default_factory=dict)  # more of every worker's settings
+    proxy_env: dict[str, str] = field(default_factory=dict)  # more of every proxy's settings
     servers: dict[str, LocalPostgres] = field(default_factory=dict)
     groups: dict[str, patroni.Group] = field(default_factory=dict)
     etcd: patroni.Etcd | None = None
@@ -110,6 +111,7 @@ class BenchCluster:
                     "DIALOGS_PASSWORD_MEMORY_KIB": "1024",
                     "DIALOGS_HEARTBEAT_INTERVAL": "0.5",
                     "DIALOGS_PROCESSES": str(processes if index == 0 else 1),
+                    **self.proxy_env,
                 },
                 log_file=self.base / "logs" / f"proxy-{index}.log",
                 health_url=f"http://127.0.0.1:{port}/health",
