@@ -56,15 +56,25 @@ def _data_dir_option() -> Callable[[FC], FC]:
     )
 
 
+class ConfigurationError(click.ClickException):
+    """A bad environment: one line, exit status 2 (as the services' settings errors)."""
+
+    exit_code = 2
+
+
+def _check_port_range() -> None:
+    """Before a command that starts servers chooses their ports (dialogsctl/net.py)."""
+    from dialogsctl.net import PORT_RANGE_VARIABLE, port_range
+
+    try:
+        port_range(os.environ.get(PORT_RANGE_VARIABLE))
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
 @click.group()
 def main() -> None:
     """Dialogs: sharded private messages with online resharding."""
-    from dialogsctl.net import PORT_RANGE_VARIABLE, port_range
-
-    try:  # every command that starts a server takes its ports from this range
-        port_range(os.environ.get(PORT_RANGE_VARIABLE))
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
 
 
 @main.command()
@@ -96,6 +106,7 @@ def up(data_dir: Path, port: int, shards: int, replicas: int | None, with_promet
     from dialogsctl.cluster import ClusterLayout
     from dialogsctl.supervisor import AlreadyRunning, Supervisor, acquire_lock
 
+    _check_port_range()
     console = Console(soft_wrap=True)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -475,6 +486,8 @@ def shard_add(
             members = parse_urls(patroni_urls, "--patroni")
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
+    if local:
+        _check_port_range()
     client = _client(data_dir, url, token)
     known: set[int] = set()
     created = None
