@@ -114,16 +114,27 @@ class InboxApplier:
         interval's changes (fewer, larger transactions on every shard, and a dialog changed
         twice meanwhile is read once) instead of chasing each commit. After a pass where
         everything had to wait (a cutover, a shard unreachable), longer each time, up to a
-        second."""
+        second.
+
+        While rows wait for a user shard that is down, they would be read again by every
+        pass, and there are more of them the longer it is down: the passes between two full
+        ones (at most SHARD_DOWN_PAUSE apart, when the shard is tried again) start past the
+        last row read instead. A row that committed late under a lower seq is then picked
+        up by the next full pass."""
         idle = self._poll_interval
         applied = read = 0
+        waited = False  # rows waited for a shard that is down, since the last full pass began
+        full_pass_due = 0.0
         while True:
             await self._refresh_gauges(con)
-            batch_applied, batch_read = await self.apply_once(con)
-            applied, read = applied + batch_applied, read + batch_read
+            batch_applied, batch_read, batch_waited = await self.apply_once(con)
+            applied, read, waited = applied + batch_applied, read + batch_read, waited or batch_waited
             if batch_read >= self._batch:
                 continue  # a backlog: the pass goes on past this batch
-            self._after = 0  # the pass reached the end of the outbox
+            # The pass reached the end of the outbox.
+            now = time.monotonic()
+            if not (waited and now < full_pass_due):
+                self._after, full_pass_due, waited = 0, now + SHARD_DOWN_PAUSE, False
             if read and not applied:
                 idle = min(idle * 2, 1.0)
             else:
@@ -131,8 +142,9 @@ class InboxApplier:
             await asyncio.sleep(idle)
             applied = read = 0
 
-    async def apply_once(self, con: asyncpg.Connection) -> tuple[int, int]:
-        """One batch past the cursor: (outbox rows applied and deleted, outbox rows read).
+    async def apply_once(self, con: asyncpg.Connection) -> tuple[int, int, bool]:
+        """One batch past the cursor: (outbox rows applied and deleted, outbox rows read,
+        whether some waited for a user shard that is down).
 
         What must wait stays in the outbox, and the next batch reads past it, so one
         unreachable shard or frozen range holds back its own users' rows only; a pass
@@ -140,11 +152,12 @@ class InboxApplier:
         transactions committed after a later seq was read)."""
         shard_map = self._view.map
         if shard_map is None:
-            return 0, 0
+            return 0, 0, False
         snapshots = await con.fetch(inbox.SNAPSHOTS_FROM_OUTBOX, self._after, self._batch)
         if not snapshots:
-            self._after = 0
-            return 0, 0
+            return 0, 0, False
+        read = sum(len(snapshot["seqs"]) for snapshot in snapshots)
+        self._metrics.inbox_read.inc(read)
         self._after = max(max(snapshot["seqs"]) for snapshot in snapshots)
         by_shard: dict[str, list[inbox.InboxRow]] = {}
         rows_of: list[tuple[list[int], list[tuple[str, inbox.RowKey]]] | None] = []
@@ -159,6 +172,8 @@ class InboxApplier:
                 placed.append((shard_id, (row.user_key, row.owner, row.peer)))
             rows_of.append((snapshot["seqs"], placed))
         shard_ids = sorted(by_shard)
+        now = time.monotonic()
+        waited = any(self._down_until.get(shard_id, 0.0) > now for shard_id in shard_ids)
         answers = await asyncio.gather(*(self._apply_on(s, by_shard[s]) for s in shard_ids), return_exceptions=True)
         statuses: dict[str, dict[inbox.RowKey, str]] = {}
         for shard_id, answer in zip(shard_ids, answers, strict=True):
@@ -168,6 +183,7 @@ class InboxApplier:
                 log.warning("inbox applier: cannot apply on %s yet: %s", shard_id, answer or type(answer).__name__)
                 self._down_until[shard_id] = time.monotonic() + SHARD_DOWN_PAUSE
                 statuses[shard_id] = {}
+                waited = True
             else:
                 statuses[shard_id] = answer
         done = [
@@ -183,7 +199,7 @@ class InboxApplier:
         if refused and self._view.watcher is not None:
             # A newer map routes those users elsewhere: load it before the next try.
             await self._view.watcher.refresh(timeout=self._query_timeout)
-        return len(done), sum(len(snapshot["seqs"]) for snapshot in snapshots)
+        return len(done), read, waited
 
     async def _apply_on(self, shard_id: str, rows: list[inbox.InboxRow]) -> dict[inbox.RowKey, str]:
         if self._down_until.get(shard_id, 0.0) > time.monotonic():

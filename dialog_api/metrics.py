@@ -66,6 +66,11 @@ class WorkerMetrics:
             "Outbox rows whose dialog snapshot this worker applied to its users' inboxes",
             registry=self.registry,
         )
+        self.inbox_read = Counter(
+            "dialogs_worker_inbox_read",
+            "Outbox rows this worker's applier read (a row that had to wait is counted each time it is read again)",
+            registry=self.registry,
+        )
         self.info = Gauge(
             "dialogs_worker_info",
             "Constant 1, labelled with the shard this worker serves",

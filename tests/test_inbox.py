@@ -9,7 +9,7 @@ from typing import Any
 
 from dialogs.keys import user_key
 from dialogsctl.net import free_port
-from tests.support import Cluster
+from tests.support import Cluster, metric
 
 
 def _summary(items: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
@@ -201,8 +201,10 @@ async def test_a_users_shard_out_of_reach_holds_back_only_its_users_inboxes(bare
     outbox, and a conversation between users homed on shard-1 still shows at once; once
     shard-2 is back, everything arrives and the recount finds no difference."""
     cluster = bare_cluster
-    for shard_id in ("shard-1", "shard-2"):
+    workers = [
         await cluster.start_worker(shard_id, DIALOGS_INBOX_BATCH="4", DIALOGS_POLL_INTERVAL="0.2")
+        for shard_id in ("shard-1", "shard-2")
+    ]
     await cluster.start_proxy()
     api = cluster.api
     shard_map = await cluster.active_map()
@@ -223,6 +225,24 @@ async def test_a_users_shard_out_of_reach_holds_back_only_its_users_inboxes(bare
         assert [(i["user_id"], i["unread"]) for i in items if i["user_id"] == other] == [(other, 1)]
         for _, token in away:  # theirs wait
             assert (await api.inbox(token)).json == []
+
+        # Meanwhile the appliers go on applying other changes (every poll interval, 0.2 s
+        # here), but read the 12 waiting rows again only in a full pass, at most one per
+        # SHARD_DOWN_PAUSE (2 s) while shard-2 is down: not in every pass.
+        def waiting_rows_read() -> float:
+            return sum(
+                metric(worker, "dialogs_worker_inbox_read_total") - metric(worker, "dialogs_worker_inbox_applied_total")
+                for worker in workers
+            )
+
+        before, loop = waiting_rows_read(), asyncio.get_running_loop()
+        sent, until = 0, loop.time() + 3.0
+        while loop.time() < until:
+            assert (await api.send(here_token, other, f"meanwhile {sent}")).status == 200
+            sent += 1
+            await asyncio.sleep(0.05)
+        read_again = waiting_rows_read() - before
+        assert read_again <= 4 * 12, (read_again, sent)  # every pass would read them 15 times in 3 s
     finally:
         await cluster.fetch_meta("UPDATE shards SET dsn = $1 WHERE shard_id = 'shard-2'", right_dsn)
 
