@@ -116,35 +116,46 @@ class InboxApplier:
         everything had to wait (a cutover, a shard unreachable), longer each time, up to a
         second.
 
-        While rows wait for a user shard that is down, they would be read again by every
-        pass, and there are more of them the longer it is down: the passes between two full
-        ones (at most SHARD_DOWN_PAUSE apart, when the shard is tried again) start past the
-        last row read instead. A row that committed late under a lower seq is then picked
-        up by the next full pass."""
+        While rows wait for a user shard that is down, a pass that began at the first row
+        would read them all again, more of them the longer it is down. So meanwhile a pass
+        begins where the pass before the last one ended (reading again only rows that came
+        since, among them any that committed late under a lower seq), and a full pass comes
+        once the shard is to be tried again (its pause over), and no sooner after the last
+        full pass than that one took."""
         idle = self._poll_interval
         applied = read = 0
-        waited = False  # rows waited for a shard that is down, since the last full pass began
+        full, began = True, time.monotonic()  # whether this pass began at the first row, and when
+        waiting_on: set[str] = set()  # shards that are down which rows waited for, since the last full pass
         full_pass_due = 0.0
+        previous_end = 0  # where the pass before this one ended
         while True:
             await self._refresh_gauges(con)
-            batch_applied, batch_read, batch_waited = await self.apply_once(con)
-            applied, read, waited = applied + batch_applied, read + batch_read, waited or batch_waited
+            batch_applied, batch_read, batch_waiting = await self.apply_once(con)
+            applied, read = applied + batch_applied, read + batch_read
+            waiting_on |= batch_waiting
             if batch_read >= self._batch:
                 continue  # a backlog: the pass goes on past this batch
             # The pass reached the end of the outbox.
             now = time.monotonic()
-            if not (waited and now < full_pass_due):
-                self._after, full_pass_due, waited = 0, now + SHARD_DOWN_PAUSE, False
+            if full:
+                full_pass_due = now + (now - began)
+            end = max(self._after, previous_end)
+            retried_at = min((self._down_until.get(shard_id, 0.0) for shard_id in waiting_on), default=0.0)
+            if waiting_on and (now < full_pass_due or now < retried_at):
+                self._after, previous_end, full = previous_end, end, False
+            else:
+                self._after, previous_end, full, waiting_on = 0, end, True, set()
             if read and not applied:
                 idle = min(idle * 2, 1.0)
             else:
                 idle = self._poll_interval
             await asyncio.sleep(idle)
             applied = read = 0
+            began = time.monotonic()
 
-    async def apply_once(self, con: asyncpg.Connection) -> tuple[int, int, bool]:
+    async def apply_once(self, con: asyncpg.Connection) -> tuple[int, int, set[str]]:
         """One batch past the cursor: (outbox rows applied and deleted, outbox rows read,
-        whether some waited for a user shard that is down).
+        the user shards, down, that some of them waited for).
 
         What must wait stays in the outbox, and the next batch reads past it, so one
         unreachable shard or frozen range holds back its own users' rows only; a pass
@@ -152,10 +163,10 @@ class InboxApplier:
         transactions committed after a later seq was read)."""
         shard_map = self._view.map
         if shard_map is None:
-            return 0, 0, False
+            return 0, 0, set()
         snapshots = await con.fetch(inbox.SNAPSHOTS_FROM_OUTBOX, self._after, self._batch)
         if not snapshots:
-            return 0, 0, False
+            return 0, 0, set()
         read = sum(len(snapshot["seqs"]) for snapshot in snapshots)
         self._metrics.inbox_read.inc(read)
         self._after = max(max(snapshot["seqs"]) for snapshot in snapshots)
@@ -172,18 +183,19 @@ class InboxApplier:
                 placed.append((shard_id, (row.user_key, row.owner, row.peer)))
             rows_of.append((snapshot["seqs"], placed))
         shard_ids = sorted(by_shard)
-        now = time.monotonic()
-        waited = any(self._down_until.get(shard_id, 0.0) > now for shard_id in shard_ids)
         answers = await asyncio.gather(*(self._apply_on(s, by_shard[s]) for s in shard_ids), return_exceptions=True)
         statuses: dict[str, dict[inbox.RowKey, str]] = {}
+        waiting_on: set[str] = set()
         for shard_id, answer in zip(shard_ids, answers, strict=True):
             if isinstance(answer, BaseException):
                 if not isinstance(answer, _RETRIED):
                     raise answer
                 log.warning("inbox applier: cannot apply on %s yet: %s", shard_id, answer or type(answer).__name__)
                 self._down_until[shard_id] = time.monotonic() + SHARD_DOWN_PAUSE
+                answer = None
+            if answer is None:  # down: failed now, or a moment ago
+                waiting_on.add(shard_id)
                 statuses[shard_id] = {}
-                waited = True
             else:
                 statuses[shard_id] = answer
         done = [
@@ -199,11 +211,12 @@ class InboxApplier:
         if refused and self._view.watcher is not None:
             # A newer map routes those users elsewhere: load it before the next try.
             await self._view.watcher.refresh(timeout=self._query_timeout)
-        return len(done), read, waited
+        return len(done), read, waiting_on
 
-    async def _apply_on(self, shard_id: str, rows: list[inbox.InboxRow]) -> dict[inbox.RowKey, str]:
+    async def _apply_on(self, shard_id: str, rows: list[inbox.InboxRow]) -> dict[inbox.RowKey, str] | None:
+        """Each row's status, or None for a shard that failed a moment ago (not tried yet)."""
         if self._down_until.get(shard_id, 0.0) > time.monotonic():
-            return {}  # failed a moment ago: its rows wait, the others' go on
+            return None  # its rows wait, the others' go on
         pool = await self._pool(shard_id)
         async with pg.pooled(pool, self._query_timeout) as con:
             return await inbox.apply(con, rows)

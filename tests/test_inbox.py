@@ -226,23 +226,30 @@ async def test_a_users_shard_out_of_reach_holds_back_only_its_users_inboxes(bare
         for _, token in away:  # theirs wait
             assert (await api.inbox(token)).json == []
 
-        # Meanwhile the appliers go on applying other changes (every poll interval, 0.2 s
-        # here), but read the 12 waiting rows again only in a full pass, at most one per
-        # SHARD_DOWN_PAUSE (2 s) while shard-2 is down: not in every pass.
-        def waiting_rows_read() -> float:
-            return sum(
-                metric(worker, "dialogs_worker_inbox_read_total") - metric(worker, "dialogs_worker_inbox_applied_total")
-                for worker in workers
+        # Meanwhile the appliers go on applying other changes, a pass every 0.1 s
+        # (DIALOGS_INBOX_POLL_INTERVAL), but read the 12 waiting rows again only in a full
+        # pass, once shard-2 is to be tried again (a 2 s pause after each failure): not in
+        # every pass, which would read them about 30 times in 3 s.
+        def read_and_applied() -> tuple[float, float]:
+            return (
+                sum(metric(worker, "dialogs_worker_inbox_read_total") for worker in workers),
+                sum(metric(worker, "dialogs_worker_inbox_applied_total") for worker in workers),
             )
 
-        before, loop = waiting_rows_read(), asyncio.get_running_loop()
+        (read_before, applied_before), loop = read_and_applied(), asyncio.get_running_loop()
         sent, until = 0, loop.time() + 3.0
         while loop.time() < until:
             assert (await api.send(here_token, other, f"meanwhile {sent}")).status == 200
             sent += 1
             await asyncio.sleep(0.05)
-        read_again = waiting_rows_read() - before
-        assert read_again <= 4 * 12, (read_again, sent)  # every pass would read them 15 times in 3 s
+        items, _ = await api.settled_inbox(
+            other_token, lambda items, totals: [i["last_message"]["text"] for i in items] == [f"meanwhile {sent - 1}"]
+        )
+        assert [i["last_message"]["text"] for i in items] == [f"meanwhile {sent - 1}"]
+        read_after, applied_after = read_and_applied()
+        read, applied = read_after - read_before, applied_after - applied_before
+        assert applied >= sent, (applied, sent)  # an outbox row per send, each applied
+        assert read - applied <= 4 * 12, (read, applied, sent)
     finally:
         await cluster.fetch_meta("UPDATE shards SET dsn = $1 WHERE shard_id = 'shard-2'", right_dsn)
 
