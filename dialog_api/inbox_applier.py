@@ -118,21 +118,25 @@ class InboxApplier:
 
         While rows wait for a user shard that is down, a pass that began at the first row
         would read them all again, more of them the longer it is down. So meanwhile a pass
-        begins where the pass before the last one ended (reading again only rows that came
-        since, among them any that committed late under a lower seq), and a full pass comes
-        once the shard is to be tried again (its pause over), and no sooner after the last
-        full pass than that one took."""
+        begins where the pass before the last one ended: it reads the rows that came since,
+        and the last pass's once more (a row that committed late under a lower seq than
+        that is read by the next full pass). A full pass comes once the first pause of a
+        waiting shard since the last full pass is over (the shard tried again), and no
+        sooner after the last full pass than that one took."""
         idle = self._poll_interval
         applied = read = 0
         full, began = True, time.monotonic()  # whether this pass began at the first row, and when
-        waiting_on: set[str] = set()  # shards that are down which rows waited for, since the last full pass
+        # Shards, down, that rows waited for since the last full pass, and when their first
+        # pause since then ends (a shard failing again meanwhile does not put it off).
+        waiting_on: dict[str, float] = {}
         full_pass_due = 0.0
         previous_end = 0  # where the pass before this one ended
         while True:
             await self._refresh_gauges(con)
             batch_applied, batch_read, batch_waiting = await self.apply_once(con)
             applied, read = applied + batch_applied, read + batch_read
-            waiting_on |= batch_waiting
+            for shard_id in batch_waiting:
+                waiting_on.setdefault(shard_id, self._down_until.get(shard_id, 0.0))
             if batch_read >= self._batch:
                 continue  # a backlog: the pass goes on past this batch
             # The pass reached the end of the outbox.
@@ -140,11 +144,10 @@ class InboxApplier:
             if full:
                 full_pass_due = now + (now - began)
             end = max(self._after, previous_end)
-            retried_at = min((self._down_until.get(shard_id, 0.0) for shard_id in waiting_on), default=0.0)
-            if waiting_on and (now < full_pass_due or now < retried_at):
+            if waiting_on and (now < full_pass_due or now < min(waiting_on.values())):
                 self._after, previous_end, full = previous_end, end, False
             else:
-                self._after, previous_end, full, waiting_on = 0, end, True, set()
+                self._after, previous_end, full, waiting_on = 0, end, True, {}
             if read and not applied:
                 idle = min(idle * 2, 1.0)
             else:
@@ -158,9 +161,8 @@ class InboxApplier:
         the user shards, down, that some of them waited for).
 
         What must wait stays in the outbox, and the next batch reads past it, so one
-        unreachable shard or frozen range holds back its own users' rows only; a pass
-        that reaches the end starts over from the first row (also picking up rows whose
-        transactions committed after a later seq was read)."""
+        unreachable shard or frozen range holds back its own users' rows only; where the
+        next pass begins is ``_apply_while_leading``'s to say."""
         shard_map = self._view.map
         if shard_map is None:
             return 0, 0, set()
