@@ -125,6 +125,7 @@ class InboxApplier:
         sooner after the last full pass than that one took."""
         idle = self._poll_interval
         applied = read = 0
+        self._after = 0  # a new turn (this worker's first, or after losing the lock) begins with a full pass
         full, began = True, time.monotonic()  # whether this pass began at the first row, and when
         # Shards, down, that rows waited for since the last full pass, and when their first
         # pause since then ends (a shard failing again meanwhile does not put it off).
