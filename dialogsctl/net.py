@@ -31,14 +31,10 @@ def port_range(value: str | None) -> tuple[int, int] | None:
     """``DIALOGS_PORT_RANGE``'s "LOW-HIGH" as numbers (None when unset), or ValueError."""
     if not value:
         return None
-    low, sep, high = value.partition("-")
-    try:
-        bounds = int(low), int(high)
-    except ValueError:
-        bounds = (0, 0)
-    if not sep or not 1024 <= bounds[0] <= bounds[1] <= 65535:
-        raise ValueError(f"{PORT_RANGE_VARIABLE} must be LOW-HIGH with 1024 <= LOW <= HIGH <= 65535, not {value!r}")
-    return bounds
+    low, _, high = value.partition("-")
+    if low.isdigit() and high.isdigit() and 1024 <= int(low) <= int(high) <= 65535:
+        return int(low), int(high)
+    raise ValueError(f"{PORT_RANGE_VARIABLE} must be LOW-HIGH with 1024 <= LOW <= HIGH <= 65535, not {value!r}")
 
 
 def port_spans(chosen: tuple[int, int] | None) -> list[tuple[int, int]]:

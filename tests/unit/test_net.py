@@ -51,7 +51,9 @@ def test_a_port_range_with_nothing_free_is_an_error_not_a_port_outside_it(monkey
             free_port()
 
 
-@pytest.mark.parametrize("value", ["10000", "20000-10000", "80-9000", "10000-70000", "a-b", "10000-"])
+@pytest.mark.parametrize(
+    "value", ["10000", "20000-10000", "80-9000", "10000-70000", "a-b", "10000-", "10_000-20000", " 10000-20000"]
+)
 def test_a_malformed_port_range_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv(PORT_RANGE_VARIABLE, value)
     with pytest.raises(ValueError, match=PORT_RANGE_VARIABLE):
