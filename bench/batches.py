@@ -27,7 +27,9 @@ import time
 from typing import Any
 
 import aiohttp
+import uvloop
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import load
 from bench.harness import BenchCluster, Client, CpuSplit, list_requests, preload, send_requests
@@ -42,14 +44,14 @@ async def _histogram(session: aiohttp.ClientSession, url: str, name: str) -> tup
     """(sum, count) of a proxy histogram, over all its label values."""
     async with session.get(url + "/metrics") as response:
         text = await response.text()
-    total = count = 0.0
-    for line in text.splitlines():
-        metric, _, value = line.rpartition(" ")
-        if metric.startswith(name + "_sum"):
-            total += float(value)
-        elif metric.startswith(name + "_count"):
-            count += float(value)
-    return total, count
+    totals = {"_sum": 0.0, "_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            for sample in family.samples:
+                suffix = sample.name.removeprefix(name)
+                if suffix in totals:
+                    totals[suffix] += sample.value
+    return totals["_sum"], totals["_count"]
 
 
 async def one_run(kind: str, in_flight: int, connections: int, seconds: float) -> dict[str, Any]:
@@ -117,8 +119,6 @@ async def batches(kind: str, rounds: int, connections: int, seconds: float) -> d
 
 
 def _hop_server(port: int) -> None:
-    import uvloop
-
     uvloop.install()
 
     async def post(request: web.Request) -> web.Response:
@@ -193,8 +193,6 @@ def hop(exchanges: int = 20_000) -> dict[str, Any]:
         deadline = time.monotonic() + 10
         while True:
             try:
-                import uvloop
-
                 return uvloop.run(_hop_client(url, exchanges))
             except aiohttp.ClientConnectionError:
                 if time.monotonic() > deadline:
