@@ -9,6 +9,9 @@ each load runs under 32 wrk connections with 1 and with 2 batches in flight, in 
 fresh clusters, and the two points (CPU per request, mean batch size from the proxy's own
 histogram) give both terms for each kind of process.
 
+``--channels`` instead compares batches sent as POSTs with batches on channels (the
+default, ``DIALOGS_WORKER_CHANNELS``), in turns, lists also at one connection.
+
 ``--hop`` also measures the bare exchange the batch rides on, with no Dialogs code: CPU of
 an aiohttp client POST to an aiohttp server on loopback, per exchange, against one message
 each way on a WebSocket the two keep open.
@@ -54,10 +57,14 @@ async def _histogram(session: aiohttp.ClientSession, url: str, name: str) -> tup
     return totals["_sum"], totals["_count"]
 
 
-async def one_run(kind: str, in_flight: int, connections: int, seconds: float) -> dict[str, Any]:
-    """A fresh cluster (2 shards, one proxy process), warmed, then measured under wrk."""
+async def one_run(
+    kind: str, in_flight: int, connections: int, seconds: float, channels: bool = True, one_connection: bool = False
+) -> dict[str, Any]:
+    """A fresh cluster (2 shards, one proxy process), warmed, then measured under wrk
+    (``one_connection``: then also at one connection, for the latency)."""
     tmp = scratch_folder("dialogs-batches-")
-    cluster = BenchCluster(tmp, proxy_env={"DIALOGS_SEND_BATCHES_IN_FLIGHT": str(in_flight)})
+    env = {"DIALOGS_SEND_BATCHES_IN_FLIGHT": str(in_flight), "DIALOGS_WORKER_CHANNELS": str(channels).lower()}
+    cluster = BenchCluster(tmp, proxy_env=env)
     try:
         await cluster.start(proxies=1)
         url = cluster.proxy_urls[0]
@@ -72,13 +79,16 @@ async def one_run(kind: str, in_flight: int, connections: int, seconds: float) -
             with CpuSplit(cluster) as split:
                 run = load.wrk(url, requests, connections, seconds)
             after = await _histogram(session, url, BATCH_METRIC[kind])
+            alone = load.wrk(url, requests, 1, seconds) if one_connection else None
         batches = after[1] - before[1]
         return {
             "in_flight": in_flight,
+            "channels": channels,
             "per_second": round(run.per_second),
             "failed": run.failed,
             "mean_batch": round((after[0] - before[0]) / batches, 2) if batches else None,
             **split.to_json(run.requests),
+            **({"one_connection": alone.to_json()} if alone is not None else {}),
         }
     finally:
         cluster.stop()
@@ -113,6 +123,32 @@ async def batches(kind: str, rounds: int, connections: int, seconds: float) -> d
             runs.append(await one_run(kind, in_flight, connections, seconds))
             print(json.dumps({kind: runs[-1]}), flush=True)
     return {"connections": connections, "runs": runs, "model": model(runs)}
+
+
+async def channels(kind: str, rounds: int, connections: int, seconds: float) -> dict[str, Any]:
+    """Batches as POSTs against batches on channels (``DIALOGS_WORKER_CHANNELS``), one in
+    flight, fresh clusters in turns; lists also at one connection."""
+    runs = []
+    for _ in range(rounds):
+        for on in (False, True):
+            runs.append(await one_run(kind, 1, connections, seconds, channels=on, one_connection=kind == "lists"))
+            print(json.dumps({kind: runs[-1]}), flush=True)
+    summary: dict[str, Any] = {}
+    for on, name in ((False, "posts"), (True, "channels")):
+        mine = [run for run in runs if run["channels"] is on]
+        summary[name] = {
+            "per_second": statistics.median(run["per_second"] for run in mine),
+            "cpu_us_per_request": {
+                kind: round(statistics.median(run["cpu_us_per_request"][kind] for run in mine), 1) for kind in KINDS
+            },
+            **(
+                {"one_connection_p50_ms": statistics.median(run["one_connection"]["p50_ms"] for run in mine)}
+                if kind == "lists"
+                else {}
+            ),
+        }
+    summary["throughput_ratio"] = round(summary["channels"]["per_second"] / summary["posts"]["per_second"], 3)
+    return {"connections": connections, "runs": runs, "summary": summary}
 
 
 # The bare hop: no Dialogs code on either side.
@@ -210,12 +246,16 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--hop", action="store_true", help="also measure the bare HTTP and WebSocket exchange")
+    parser.add_argument(
+        "--channels", action="store_true", help="compare batches as POSTs and on channels instead of the model"
+    )
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()
     kinds = ("lists", "sends") if args.load == "both" else (args.load,)
     results: dict[str, Any] = {}
     for kind in kinds:
-        results[kind] = asyncio.run(batches(kind, args.rounds, args.connections, args.seconds))
+        measure = channels if args.channels else batches
+        results[kind] = asyncio.run(measure(kind, args.rounds, args.connections, args.seconds))
     if args.hop:
         results["hop"] = hop()
     text = json.dumps(results, indent=2)

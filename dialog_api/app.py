@@ -11,7 +11,8 @@ import asyncpg
 from aiohttp import web
 
 from dialog_api import handlers
-from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
+from dialog_api.appkeys import CHANNELS, GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
+from dialog_api.channels import Channels
 from dialog_api.group_commit import GroupCommit
 from dialog_api.inbox_applier import InboxApplier
 from dialog_api.map_view import MapView
@@ -27,6 +28,7 @@ from dialogs.watch import MetadataWatcher
 log = logging.getLogger(__name__)
 
 INBOX_SCHEMA = 7  # the shard schema upgrade that brings the inbox (0007_inbox.sql)
+MAX_BATCH_BYTES = 64 * 1024**2  # a proxy's batch (a POST's body, a channel's message)
 
 
 async def _reset_if_needed(con: asyncpg.Connection) -> None:
@@ -132,12 +134,16 @@ async def _inbox_applier(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _close_channels(app: web.Application) -> None:
+    await app[CHANNELS].close_all()
+
+
 def create_app(settings: WorkerSettings) -> web.Application:
     metrics = WorkerMetrics(settings.shard_id)
-    app = web.Application(
-        middlewares=[make_middleware(metrics.http)], client_max_size=64 * 1024**2
-    )  # batches of sends from proxies
+    app = web.Application(middlewares=[make_middleware(metrics.http)], client_max_size=MAX_BATCH_BYTES)
     app[SETTINGS] = settings
+    app[CHANNELS] = Channels(settings.idle_timeout, MAX_BATCH_BYTES, metrics)
+    app.on_shutdown.append(_close_channels)
     app[METRICS] = metrics
     app[MAP_VIEW] = MapView(settings.shard_id)
     # Order matters: teardown runs in reverse, so registration goes first and the pool last.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from dialog_api.channels import Channels
 from dialog_api.group_commit import GroupCommit
 from dialog_api.map_view import MapView
 from dialog_api.metrics import WorkerMetrics
@@ -15,3 +16,4 @@ METRICS = web.AppKey("metrics", WorkerMetrics)
 STORE = web.AppKey("store", ShardStore)
 MAP_VIEW = web.AppKey("map_view", MapView)
 GROUP_COMMIT = web.AppKey("group_commit", GroupCommit)
+CHANNELS = web.AppKey("channels", Channels)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -12,10 +12,11 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dialog_api.appkeys import GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
+from dialog_api.appkeys import CHANNELS, GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
+from dialog_api.channels import BatchAnswer
 from dialog_api.storage import NewMessage, Stored
 from dialogs import errors, wire
-from dialogs.http import bearer_token, json_response, read_json, rename_request, request_id_of
+from dialogs.http import bearer_token, json_response, read_body, read_json, rename_request, request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,17 @@ def _result(stored: Stored) -> wire.SendResult:
 
 
 async def insert_batch(request: web.Request) -> web.Response:
-    """Many sends in one request, each checked and answered on its own (``dialogs/wire.py``)."""
-    batch = await _routed_batch(request, wire.SendItem.from_json)
-    committer = request.app[GROUP_COMMIT]
+    """Many sends in one request (a POST; a channel carries the same body, ``channels.py``)."""
+    _require_proxy(request)
+    body = await read_body(request)
+    answers = await store_sends(request.app, body, request_id_of(request))
+    return web.Response(body=answers, content_type="application/json")
+
+
+async def store_sends(app: web.Application, body: bytes, batch_request_id: str) -> bytes:
+    """A batch of sends, each checked and answered on its own (``dialogs/wire.py``)."""
+    batch = await _routed_batch(app, body, batch_request_id, wire.SendItem.from_json)
+    committer = app[GROUP_COMMIT]
     # Queued together, before any commit starts: one group commit takes them all.
     futures = committer.submit_many([_new_message(item) for _, item in batch.accepted])
     for (index, _), future in zip(batch.accepted, futures, strict=True):
@@ -50,7 +59,7 @@ async def insert_batch(request: web.Request) -> web.Response:
         for request_id, answer in zip(batch.request_ids, batch.answers, strict=True):
             status = answer["status"] if isinstance(answer, dict) else None
             log.debug("send in batch %s", status, extra={"request_id": request_id, "status": status})
-    return json_response(batch.answers)
+    return orjson.dumps(batch.answers)
 
 
 Routed = TypeVar("Routed", wire.SendItem, wire.ListQuery)
@@ -66,15 +75,23 @@ class _Batch(Generic[Routed]):
     accepted: list[tuple[int, Routed]]
 
 
-async def _routed_batch(request: web.Request, parse: Callable[[Any], Routed]) -> _Batch[Routed]:
+async def _routed_batch(
+    app: web.Application, body: bytes, batch_request_id: str, parse: Callable[[Any], Routed]
+) -> _Batch[Routed]:
     """A proxy's batch (a non-empty JSON array), each item parsed and its route checked on
     its own. A proxy routes a batch by one map: at most one reload, however many items name it."""
-    _require_proxy(request)
-    raw_items = await read_json(request, orjson.loads)
+    if not body:
+        raise errors.InvalidInput("request body must be JSON")
+    try:
+        raw_items = orjson.loads(body)
+    except ValueError:
+        raise errors.InvalidInput("request body is not valid JSON") from None
     if not isinstance(raw_items, list) or not raw_items:
         raise errors.InvalidInput("body must be a non-empty JSON array")
-    view = request.app[MAP_VIEW]
-    batch: _Batch[Routed] = _Batch([_item_request_id(request, raw) for raw in raw_items], [None] * len(raw_items), [])
+    view = app[MAP_VIEW]
+    batch: _Batch[Routed] = _Batch(
+        [_item_request_id(raw, batch_request_id) for raw in raw_items], [None] * len(raw_items), []
+    )
     parsed: list[tuple[int, Routed]] = []
     for index, raw in enumerate(raw_items):
         try:
@@ -92,11 +109,11 @@ async def _routed_batch(request: web.Request, parse: Callable[[Any], Routed]) ->
     return batch
 
 
-def _item_request_id(request: web.Request, raw: object) -> str:
+def _item_request_id(raw: object, batch_request_id: str) -> str:
     """An item's request id by the wire's rule, also for an item too malformed to parse;
     the batch's own if it has none."""
     own = wire.clean_request_id(raw.get("request_id")) if isinstance(raw, dict) else ""
-    return own or request_id_of(request)
+    return own or batch_request_id
 
 
 async def list_messages(request: web.Request) -> web.Response:
@@ -115,19 +132,37 @@ async def list_messages(request: web.Request) -> web.Response:
 
 
 async def list_pages(request: web.Request) -> web.Response:
-    """Many list queries in one request, each checked and answered on its own
-    (``dialogs/wire.py``): the proxies' batched channel for lists, as insert_batch is for
-    sends. One statement reads every accepted query's page; a range this shard does not
-    serve is that query's error."""
-    batch = await _routed_batch(request, wire.ListQuery.from_json)
+    """Many list queries in one request (a POST; a channel carries the same body)."""
+    _require_proxy(request)
+    body = await read_body(request)
+    return web.Response(
+        body=await read_pages(request.app, body, request_id_of(request)), content_type="application/octet-stream"
+    )
+
+
+async def read_pages(app: web.Application, body: bytes, batch_request_id: str) -> bytes:
+    """A batch of list queries, each checked and answered on its own (``dialogs/wire.py``):
+    as ``store_sends`` is for sends. One statement reads every accepted query's page; a
+    range this shard does not serve is that query's error."""
+    batch = await _routed_batch(app, body, batch_request_id, wire.ListQuery.from_json)
     if batch.accepted:
-        pages = await request.app[STORE].list_pages([query for _, query in batch.accepted])
+        pages = await app[STORE].list_pages([query for _, query in batch.accepted])
         for (index, _), page in zip(batch.accepted, pages, strict=True):
             if isinstance(page, errors.DialogsError):
                 batch.answers[index] = wire.error_json(page, batch.request_ids[index])
             else:
                 batch.answers[index] = page
-    return web.Response(body=wire.encode_pages(batch.answers), content_type="application/octet-stream")
+    return wire.encode_pages(batch.answers)
+
+
+def _channel(answer: BatchAnswer, route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A batch path's GET: the proxy's persistent channel for that path (``channels.py``)."""
+
+    async def open_channel(request: web.Request) -> web.StreamResponse:
+        _require_proxy(request)  # before the upgrade: a wrong secret is a plain 401
+        return await request.app[CHANNELS].serve(request, answer, route)
+
+    return open_channel
 
 
 async def inbox_page(request: web.Request) -> web.Response:
@@ -210,8 +245,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_post(wire.INTERNAL_BATCH_PATH, insert_batch)
+    app.router.add_get(wire.INTERNAL_BATCH_PATH, _channel(store_sends, wire.INTERNAL_BATCH_PATH))
     app.router.add_get(wire.INTERNAL_MESSAGES_PATH, list_messages)
     app.router.add_post(wire.INTERNAL_PAGES_PATH, list_pages)
+    app.router.add_get(wire.INTERNAL_PAGES_PATH, _channel(read_pages, wire.INTERNAL_PAGES_PATH))
     app.router.add_post(wire.INTERNAL_READ_PATH, mark_read)
     app.router.add_get(wire.INTERNAL_INBOX_PATH, inbox_page)
     app.router.add_get(wire.INTERNAL_UNREAD_PATH, unread_totals)

@@ -71,6 +71,14 @@ class WorkerMetrics:
             "Outbox rows this worker's applier read (a row that had to wait is counted each time it is read again)",
             registry=self.registry,
         )
+        self.channels_open = Gauge(
+            "dialogs_worker_channels_open", "Proxies' batch channels open to this worker", registry=self.registry
+        )
+        self.channels_opened = Counter(
+            "dialogs_worker_channels_opened",
+            "Proxies' batch channels this worker accepted (a steady climb: channels closing and reopening)",
+            registry=self.registry,
+        )
         self.info = Gauge(
             "dialogs_worker_info",
             "Constant 1, labelled with the shard this worker serves",

@@ -27,7 +27,9 @@ class WorkerSettings:
     log_level: str = s.log_level()
     # Longer than proxies keep idle connections to workers (30 s): a proxy never reuses a
     # connection the worker is closing (a send on it would be a 503).
-    idle_timeout: float = s.positive_float(75.0, help="seconds an idle connection stays open; keep it above 30")
+    idle_timeout: float = s.positive_float(
+        75.0, help="seconds an idle connection (or a proxy's batch channel) stays open; keep it above 30"
+    )
     pool_min: int = s.positive_int(2, help="shard connections kept open")
     pool_max: int = s.positive_int(16, help="shard connections at most")
     batch_max: int = s.positive_int(256, help="group commit: sends one transaction may carry")

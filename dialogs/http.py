@@ -166,9 +166,11 @@ def make_middleware(
             response = error_response(errors.DialogsError(), request_id)
         finally:
             logs.REQUEST_ID.reset(token)
-        response.headers[REQUEST_ID_HEADER] = request_id
         route = _route_name(request)
         elapsed = time.perf_counter() - started
+        if response.prepared:  # a WebSocket, over: its messages were counted as they came
+            return response
+        response.headers[REQUEST_ID_HEADER] = request_id
         method = request.method if request.method in _METHODS else "OTHER"  # label values stay bounded
         metrics.observe(route, method, response.status, elapsed)
         if log.isEnabledFor(logging.DEBUG) or response.status >= 500:
@@ -192,6 +194,18 @@ def make_middleware(
 _REQUIRED = object()  # read_json: a body is required
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The request body. Oversized bodies raise BodyTooLarge; a body that takes longer than
+    BODY_READ_TIMEOUT to arrive raises RequestTimeout."""
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.BodyTooLarge() from None
+    except TimeoutError:
+        raise errors.RequestTimeout() from None
+
+
 async def read_json(request: web.Request, loads: Callable[[bytes], Any] = json.loads, *, empty: Any = _REQUIRED) -> Any:
     """The request body as JSON, or InvalidInput. Oversized bodies raise BodyTooLarge; a
     body that takes longer than BODY_READ_TIMEOUT to arrive raises RequestTimeout.
@@ -200,13 +214,7 @@ async def read_json(request: web.Request, loads: Callable[[bytes], Any] = json.l
     describe (a lone surrogate is read, then refused as "not valid Unicode" by the checks);
     the worker reads the proxies' batches, which orjson wrote, with ``orjson.loads``.
     ``empty``: what an empty body stands for, where the route takes none (else a 400)."""
-    try:
-        async with asyncio.timeout(BODY_READ_TIMEOUT):
-            raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise errors.BodyTooLarge() from None
-    except TimeoutError:
-        raise errors.RequestTimeout() from None
+    raw = await read_body(request)
     if not raw:
         if empty is not _REQUIRED:
             return empty

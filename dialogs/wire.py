@@ -22,6 +22,14 @@ id as fields of its own, never as headers (a batch carries many):
     POST INTERNAL_RESUME_PATH         a WriteResume ->  200: {"paused": bool} (another
                                       holder's pause may stand)
 
+Channels. A proxy may instead open a WebSocket on either batch path (a GET with the same
+Authorization; a wrong secret is refused before the upgrade) and keep it: each binary
+message it sends is one batch, the body it would POST, and each binary message the worker
+sends back answers the batch before it (``channel_reply``: the status and a newline, then
+the POST's answer for a 200, the error JSON otherwise). One batch at a time per channel. A
+worker closes a channel with GOING_AWAY (1001) only when it has answered every batch the
+channel carried; a batch that met that close was not carried out (``dialog_api/channels.py``).
+
 An error is the public error JSON (``errors.DialogsError.to_json``) with its ``retry_after``
 when it has one (in the body of a batch item, in the Retry-After header of a response).
 Both sides check with the rules of ``dialogs/checks.py`` (the public API's rules), so a
@@ -570,6 +578,19 @@ def decode_pages(body: bytes, count: int) -> list[Page | errors.DialogsError]:
     if offset != len(rest):
         raise ValueError("a batch of pages has bytes past its last page")
     return answers
+
+
+def channel_reply(status: int, body: bytes) -> bytes:
+    """A worker's answer to one batch on a channel: its status line, then its body."""
+    return b"%d\n%b" % (status, body)
+
+
+def channel_answer(message: bytes) -> tuple[int, bytes]:
+    """``channel_reply`` read back. Raises ValueError on anything else (a broken answer)."""
+    head, newline, body = message.partition(b"\n")
+    if not newline or not head.isdigit() or len(head) != 3:
+        raise ValueError("a channel's answer starts with its status line")
+    return int(head), body
 
 
 def error_json(exc: errors.DialogsError, request_id: str) -> dict[str, Any]:

@@ -115,6 +115,7 @@ async def _forwarder(app: web.Application) -> AsyncIterator[None]:
             settings.internal_secret,
             settings.send_batch_max,
             settings.send_batches_in_flight,
+            settings.worker_channels,
         )
         yield
         await app[FORWARDER].batcher.close()

@@ -14,6 +14,15 @@ its page, or its own error (a stale map, a moving range, a reused key), decided 
 of its requests (another worker may take them); one that broke on the way is Broken for
 each (sends may have been stored: the clients retry with their Idempotency-Keys; lists
 are repeated).
+
+A batch travels on a channel (``dialogs/wire.py``, "Channels"): a WebSocket to the worker's
+batch path that stays open, one batch at a time, as many per queue as batches in flight.
+It saves the HTTP exchange's framing on both sides, the largest cost of a batch after the
+SQL (docs/capacity.md). A batch that meets the worker's GOING_AWAY close was not carried
+out: it goes again on a new channel, once, and a channel that cannot be opened at all is
+NotConnected, as a POST that never connected. A worker that answers the upgrade with an
+HTTP error (a release without channels, a wrong secret, shutting down) gets the batch as a
+POST instead, and POSTs for a while (``POST_ONLY_SECONDS``).
 """
 
 from __future__ import annotations
@@ -71,10 +80,68 @@ def lists(observe: Callable[[int, float], None] = lambda size, seconds: None) ->
     return Channel(wire.INTERNAL_PAGES_PATH, _items_json, _page_answers, observe)
 
 
+class _Link:
+    """One open channel: a WebSocket carrying one batch at a time, with a reader of its own
+    so that a close while idle is seen (and answered) at once."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._answer: asyncio.Future[aiohttp.WSMessage] | None = None
+        self._reader = asyncio.ensure_future(self._read())
+
+    @property
+    def open(self) -> bool:
+        return not self._reader.done()
+
+    async def exchange(self, body: bytes, timeout: float) -> aiohttp.WSMessage:
+        """Send one batch and wait for the message that answers it (a close, if the
+        channel closed first). Raises ConnectionError when the batch could not be written
+        (nothing sent) and TimeoutError after ``timeout`` seconds."""
+        answer = self._answer = asyncio.get_running_loop().create_future()
+        try:
+            if not self.open:
+                raise ConnectionResetError("the channel is closed")
+            await self.ws.send_bytes(body)
+            async with asyncio.timeout(timeout):
+                return await answer
+        finally:
+            self._answer = None
+
+    async def _read(self) -> None:
+        message = _CLOSED
+        try:
+            while True:
+                message = await self.ws.receive()
+                answer = self._answer
+                if answer is None or answer.done() or message.type is not aiohttp.WSMsgType.BINARY:
+                    break  # a close, a broken connection, or a message nobody asked for
+                answer.set_result(message)
+        finally:
+            if self._answer is not None and not self._answer.done():
+                self._answer.set_result(message)
+        await self.ws.close()  # a no-op once closed (autoclose answered a close already)
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self.ws.close()
+
+
+_CLOSED = aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, None)
+# A channel's close waits this long for the worker's close in return.
+_CHANNEL_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
+
+# A worker that answered a channel's upgrade with an HTTP error gets POSTs for this long
+# before a channel is tried again (it may have been upgraded, or have finished starting).
+POST_ONLY_SECONDS = 30.0
+
+
 @dataclass
 class _Queue:
     items: list[tuple[Any, asyncio.Future[Attempt]]] = field(default_factory=list)
     flushers: set[asyncio.Task[None]] = field(default_factory=set)
+    idle: list[_Link] = field(default_factory=list)  # open channels no batch is on
+    post_until: float = 0.0  # loop time until which batches go as POSTs
 
 
 # How long a connection to a worker may take to be made. A worker whose host is gone (a
@@ -98,12 +165,24 @@ class Batcher:
         timeout: float,
         batch_max: int,
         in_flight: int = 1,
+        channels: bool = True,
     ) -> None:
         self._session = session
+        self._channel_headers = dict(headers)
         self._headers = {**headers, "Content-Type": "application/json"}
         self._timeout = worker_timeout(timeout)
+        self._seconds = timeout
         self._batch_max = batch_max
         self._in_flight = in_flight
+        self._channels = channels
+        # Channels share the session's connections; their handshake is bounded like a
+        # POST's connect, and nothing bounds the life of the channel after it.
+        self._channel_session = aiohttp.ClientSession(
+            connector=session.connector,
+            connector_owner=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
+        )
+        self._closing: set[asyncio.Future[None]] = set()
         self._queues: dict[tuple[str, str], _Queue] = {}
 
     async def submit(self, channel: Channel[Item], worker_url: str, item: Item) -> Attempt:
@@ -123,6 +202,13 @@ class Batcher:
         for flusher in flushers:
             flusher.cancel()
         await asyncio.gather(*flushers, return_exceptions=True)
+        links = [link.close() for queue in self._queues.values() for link in queue.idle]
+        await asyncio.gather(*links, *self._closing, return_exceptions=True)
+        await self._channel_session.close()
+
+    @property
+    def open_channels(self) -> int:
+        return sum(len(queue.idle) for queue in self._queues.values())
 
     async def _flush(self, channel: Channel[Item], worker_url: str, queue: _Queue) -> None:
         url = URL(worker_url + channel.path, encoded=True)
@@ -134,7 +220,7 @@ class Batcher:
                 continue
             started = loop.time()
             try:
-                outcomes = await self._post(channel, url, [item for item, _ in batch])
+                outcomes = await self._deliver(channel, url, queue, [item for item, _ in batch])
             except BaseException:
                 for _, future in batch:
                     if not future.done():
@@ -144,6 +230,82 @@ class Batcher:
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():  # a client that went away; its request was carried out all the same
                     future.set_result(outcome)
+
+    async def _deliver(self, channel: Channel[Item], url: URL, queue: _Queue, items: list[Item]) -> list[Attempt]:
+        """One batch to the worker, on a channel or as a POST; an outcome per item."""
+        if self._channels and asyncio.get_running_loop().time() >= queue.post_until:
+            return await self._on_channel(channel, url, queue, items)
+        return await self._post(channel, url, items)
+
+    async def _on_channel(self, channel: Channel[Item], url: URL, queue: _Queue, items: list[Item]) -> list[Attempt]:
+        """One batch on a channel of ``queue``: an idle one, else a new one."""
+        body = channel.encode(items)
+        while True:
+            reused = bool(queue.idle)
+            if reused:
+                link = queue.idle.pop()
+                if not link.open:
+                    continue  # closed while idle (its reader saw the close): dropped
+            else:
+                opened = await self._open(url)
+                if opened is None:
+                    queue.post_until = asyncio.get_running_loop().time() + POST_ONLY_SECONDS
+                    return await self._post(channel, url, items)
+                if isinstance(opened, NotConnected):
+                    return [opened] * len(items)
+                link = opened
+            try:
+                message = await link.exchange(body, self._seconds)
+            except ConnectionError:  # the batch was not written: nothing was sent
+                if reused:
+                    continue
+                return [NotConnected()] * len(items)
+            except TimeoutError:
+                self._close_later(link)  # a late answer must not be read as the next batch's
+                return [Broken()] * len(items)
+            if message.type is aiohttp.WSMsgType.BINARY:
+                queue.idle.append(link)
+                return self._answers(channel, message.data, len(items))
+            if message.type is aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.GOING_AWAY:
+                # The worker closed the channel before reading this batch (``dialogs/wire.py``).
+                if reused:
+                    continue  # closed as idle: it may still be up, so a new channel
+                return [NotConnected()] * len(items)
+            return [Broken()] * len(items)  # closed otherwise, or broken, after it was sent
+
+    async def _open(self, url: URL) -> _Link | NotConnected | None:
+        """A new channel to ``url``; NotConnected if none could be made (no batch was sent
+        on it), None if the worker answered the upgrade with an HTTP error."""
+        try:
+            async with asyncio.timeout(self._seconds):
+                ws = await self._channel_session.ws_connect(
+                    url,
+                    headers=self._channel_headers,
+                    autoclose=True,
+                    autoping=True,
+                    max_msg_size=0,  # a worker's answer is trusted, as a POST's body is
+                    timeout=_CHANNEL_TIMEOUT,
+                )
+        except aiohttp.WSServerHandshakeError:
+            return None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return NotConnected()
+        return _Link(ws)
+
+    def _close_later(self, link: _Link) -> None:
+        closing = asyncio.ensure_future(link.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    def _answers(self, channel: Channel[Item], message: bytes, count: int) -> list[Attempt]:
+        try:
+            status, body = wire.channel_answer(message)
+            if status != 200:
+                # The whole batch was refused (one the worker could not read): nothing done.
+                return [ErrorAnswer(wire.error_from_json(status, orjson.loads(body)))] * count
+            return channel.decode(body, count)
+        except ValueError:
+            return [Broken()] * count  # a worker broke it: maybe stored
 
     async def _post(self, channel: Channel[Item], url: URL, items: list[Item]) -> list[Attempt]:
         try:

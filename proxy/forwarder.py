@@ -63,6 +63,7 @@ class Forwarder:
         internal_secret: str,
         batch_max: int,
         batches_in_flight: int = 1,
+        channels: bool = True,
     ) -> None:
         self._session = session
         self._authorization = f"Bearer {internal_secret}"
@@ -75,7 +76,9 @@ class Forwarder:
         self._max_buffered = max_buffered
         self._buffered = 0
         # Sends and list queries travel to workers in batches (``proxy/batcher.py``).
-        self.batcher = Batcher(session, {"Authorization": self._authorization}, timeout, batch_max, batches_in_flight)
+        self.batcher = Batcher(
+            session, {"Authorization": self._authorization}, timeout, batch_max, batches_in_flight, channels
+        )
         self._sends = batcher.sends(metrics.observe_send_batch)
         self._lists = batcher.lists(metrics.observe_list_batch)
 

@@ -71,6 +71,10 @@ class ProxySettings:
     send_batches_in_flight: int = s.positive_int(
         1, help="batches of sends (and of lists) in flight to one worker at once"
     )
+    worker_channels: bool = s.flag(
+        True,
+        help="carry batches to workers on persistent channels (WebSockets); off: one POST per batch",
+    )
     worker_ttl: float = _worker_ttl()
     poll_interval: float = s.positive_float(2.0, help="seconds between metadata polls (LISTEN/NOTIFY reacts at once)")
     # A cutover gives up after 5 s and returns the range to its old owner, so 6 s covers it.

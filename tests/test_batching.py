@@ -73,7 +73,7 @@ async def test_concurrent_lists_share_batches_and_each_gets_its_own_page(cluster
 
 
 async def test_a_lone_send_is_not_held_back(cluster: Cluster) -> None:
-    """No timer: an idle proxy posts a single message as a batch of one within the event loop
+    """No timer: an idle proxy sends a single message as a batch of one within the event loop
     turns that follow the send (a flush timer, however short, would need its delay to pass)."""
     anna, token = await cluster.api.user("Anna")
     boris = await cluster.api.register("Boris")
@@ -84,13 +84,13 @@ async def test_a_lone_send_is_not_held_back(cluster: Cluster) -> None:
     assert topology.map is not None
     url = topology.candidates(topology.map.owner(key))[0]
     posted: list[int] = []
-    original = batcher._post
+    original = batcher._deliver
 
-    async def observed(channel, target, items):  # type: ignore[no-untyped-def]
+    async def observed(channel, target, queue, items):  # type: ignore[no-untyped-def]
         posted.append(len(items))
-        return await original(channel, target, items)
+        return await original(channel, target, queue, items)
 
-    batcher._post = observed  # type: ignore[method-assign]
+    batcher._deliver = observed  # type: ignore[method-assign]
     item = wire.SendItem(key, uuid.UUID(anna), uuid.UUID(boris), "alone", None, topology.map_version, "lone")
     sending = asyncio.ensure_future(batcher.submit(proxy[FORWARDER]._sends, url, item))
     for _ in range(5):  # zero-delay yields: no timer can be due in between unless the loop stalls
