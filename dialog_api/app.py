@@ -135,7 +135,7 @@ async def _inbox_applier(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_channels(app: web.Application) -> None:
-    await app[CHANNELS].close_all()
+    app[CHANNELS].close_all()
 
 
 def create_app(settings: WorkerSettings) -> web.Application:

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -41,7 +42,9 @@ BatchAnswer = Callable[[web.Application, bytes, str], Awaitable[bytes]]
 @dataclass(eq=False)
 class _Open:
     ws: web.WebSocketResponse
-    busy: bool = False  # carrying out a batch: it is answered before the channel closes
+    task: asyncio.Task[Any]  # the one serving it
+    busy: bool = False  # a batch taken and not yet answered: the channel does not close as 1001
+    stopping: bool = False  # the shutdown cancelled its wait for the next batch
 
 
 class Channels:
@@ -62,7 +65,9 @@ class Channels:
             timeout=CLOSE_TIMEOUT, compress=False, max_msg_size=self._max_batch_bytes, autoping=True
         )
         await ws.prepare(request)
-        channel = _Open(ws)
+        task = asyncio.current_task()
+        assert task is not None
+        channel = _Open(ws, task)
         self._open.add(channel)
         self._metrics.channels_opened.inc()
         request_id = request_id_of(request)
@@ -72,6 +77,11 @@ class Channels:
                     message = await ws.receive(timeout=self._idle_timeout)
                 except TimeoutError:
                     break  # idle: closed below as GOING_AWAY, nothing taken
+                except asyncio.CancelledError:
+                    if not channel.stopping:
+                        raise
+                    task.uncancel()  # ``close_all``'s own: closed below as GOING_AWAY
+                    break
                 if self._shutdown.is_set():
                     break  # read after the worker began closing: dropped unread (see above)
                 if message.type is not WSMsgType.BINARY:
@@ -79,18 +89,19 @@ class Channels:
                         await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"batches are binary messages")
                     break  # the proxy closed it (or the connection broke)
                 channel.busy = True
-                try:
-                    reply = await self._carry_out(request.app, answer, message.data, request_id, route)
-                finally:
-                    channel.busy = False
+                reply = await self._carry_out(request.app, answer, message.data, request_id, route)
                 try:
                     await ws.send_bytes(reply)
                 except ConnectionError:
                     break  # the proxy went away: it takes the batch as broken (maybe done)
+                channel.busy = False
         finally:
             self._open.discard(channel)
             if not ws.closed:
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"worker closing the channel")
+                # GOING_AWAY promises every batch taken was answered (the proxy may send
+                # the next one again); one cut short (cancelled) is an internal error.
+                code = WSCloseCode.INTERNAL_ERROR if channel.busy else WSCloseCode.GOING_AWAY
+                await ws.close(code=code, message=b"worker closing the channel")
         return ws
 
     async def _carry_out(
@@ -108,12 +119,13 @@ class Channels:
         self._metrics.http.observe(route, "WS", status, time.perf_counter() - started)
         return wire.channel_reply(status, reply)
 
-    async def close_all(self) -> None:
-        """On shutdown: no channel takes another batch; idle ones close now, busy ones once
-        their batch is answered (the server's shutdown waits for those)."""
+    def close_all(self) -> None:
+        """On shutdown: no channel takes another batch. An idle one stops waiting for its
+        next batch and closes at once, a busy one right after its answer, each from its
+        own task, which reads until the proxy's close in return (dropping unread any batch
+        that crossed it); the server's shutdown waits for them."""
         self._shutdown.set()
-        idle = [channel.ws for channel in self._open if not channel.busy and not channel.ws.closed]
-        await asyncio.gather(
-            *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"worker shutting down") for ws in idle),
-            return_exceptions=True,
-        )
+        for channel in self._open:
+            if not channel.busy and not channel.stopping:
+                channel.stopping = True
+                channel.task.cancel()

@@ -19,10 +19,10 @@ A batch travels on a channel (``dialogs/wire.py``, "Channels"): a WebSocket to t
 batch path that stays open, one batch at a time, as many per queue as batches in flight.
 It saves the HTTP exchange's framing on both sides, the largest cost of a batch after the
 SQL (docs/capacity.md). A batch that meets the worker's GOING_AWAY close was not carried
-out: it goes again on a new channel, once, and a channel that cannot be opened at all is
-NotConnected, as a POST that never connected. A worker that answers the upgrade with an
-HTTP error (a release without channels, a wrong secret, shutting down) gets the batch as a
-POST instead, and POSTs for a while (``POST_ONLY_SECONDS``).
+out: it goes again on a new channel (``retry_policy.after_channel_end`` decides), and a
+channel that cannot be opened at all is NotConnected, as a POST that never connected. A
+worker that answers the upgrade with an HTTP error (a release without channels, a wrong
+secret) gets the batch as a POST instead, and POSTs for a while (``POST_ONLY_SECONDS``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import orjson
 from yarl import URL
 
 from dialogs import errors, wire
+from proxy import retry_policy
 from proxy.retry_policy import Answered, Attempt, Broken, ErrorAnswer, NotConnected
 
 Item = TypeVar("Item")
@@ -86,6 +87,7 @@ class _Link:
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
+        self.idle_since = 0.0  # loop time it last went back to its queue's idle links
         self._answer: asyncio.Future[aiohttp.WSMessage] | None = None
         self._reader = asyncio.ensure_future(self._read())
 
@@ -93,22 +95,21 @@ class _Link:
     def open(self) -> bool:
         return not self._reader.done()
 
-    async def exchange(self, body: bytes, timeout: float) -> aiohttp.WSMessage:
+    async def exchange(self, body: bytes, deadline: float) -> aiohttp.WSMessage:
         """Send one batch and wait for the message that answers it (a close, if the
         channel closed first). Raises ConnectionError when the batch could not be written
-        (nothing sent) and TimeoutError after ``timeout`` seconds."""
+        (nothing sent) and TimeoutError at loop time ``deadline``, writing or waiting."""
         answer = self._answer = asyncio.get_running_loop().create_future()
         try:
             if not self.open:
                 raise ConnectionResetError("the channel is closed")
-            await self.ws.send_bytes(body)
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
+                await self.ws.send_bytes(body)
                 return await answer
         finally:
             self._answer = None
 
     async def _read(self) -> None:
-        message = _CLOSED
         try:
             while True:
                 message = await self.ws.receive()
@@ -116,6 +117,9 @@ class _Link:
                 if answer is None or answer.done() or message.type is not aiohttp.WSMsgType.BINARY:
                     break  # a close, a broken connection, or a message nobody asked for
                 answer.set_result(message)
+        except BaseException:
+            message = _CLOSED  # never an earlier batch's answer
+            raise
         finally:
             if self._answer is not None and not self._answer.done():
                 self._answer.set_result(message)
@@ -130,6 +134,11 @@ class _Link:
 _CLOSED = aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, None)
 # A channel's close waits this long for the worker's close in return.
 _CHANNEL_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
+
+# An idle channel older than this is closed rather than used: shorter than the workers'
+# idle timeout (75 s by default), as the POSTs' keep-alive is, so a channel is rarely
+# used as its worker closes it, and one to a host that vanished is not kept for good.
+LINK_IDLE_SECONDS = 30.0
 
 # A worker that answered a channel's upgrade with an HTTP error gets POSTs for this long
 # before a channel is tried again (it may have been upgraded, or have finished starting).
@@ -208,7 +217,8 @@ class Batcher:
 
     @property
     def open_channels(self) -> int:
-        return sum(len(queue.idle) for queue in self._queues.values())
+        """Channels open and idle (the ones carrying a batch are not counted)."""
+        return sum(link.open for queue in self._queues.values() for link in queue.idle)
 
     async def _flush(self, channel: Channel[Item], worker_url: str, queue: _Queue) -> None:
         url = URL(worker_url + channel.path, encoded=True)
@@ -238,46 +248,61 @@ class Batcher:
         return await self._post(channel, url, items)
 
     async def _on_channel(self, channel: Channel[Item], url: URL, queue: _Queue, items: list[Item]) -> list[Attempt]:
-        """One batch on a channel of ``queue``: an idle one, else a new one."""
+        """One batch on a channel of ``queue`` (an idle one, else a new one), within one
+        call's timeout in all."""
         body = channel.encode(items)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._seconds
         while True:
-            reused = bool(queue.idle)
-            if reused:
-                link = queue.idle.pop()
-                if not link.open:
-                    continue  # closed while idle (its reader saw the close): dropped
-            else:
-                opened = await self._open(url)
+            link = self._idle_link(queue, loop.time())
+            reused = link is not None
+            if link is None:
+                opened = await self._open(url, deadline)
                 if opened is None:
-                    queue.post_until = asyncio.get_running_loop().time() + POST_ONLY_SECONDS
+                    queue.post_until = loop.time() + POST_ONLY_SECONDS
                     return await self._post(channel, url, items)
                 if isinstance(opened, NotConnected):
                     return [opened] * len(items)
                 link = opened
+            written = False
             try:
-                message = await link.exchange(body, self._seconds)
+                message = await link.exchange(body, deadline)
+                written = True
             except ConnectionError:  # the batch was not written: nothing was sent
-                if reused:
-                    continue
-                return [NotConnected()] * len(items)
+                message = _CLOSED
             except TimeoutError:
                 self._close_later(link)  # a late answer must not be read as the next batch's
                 return [Broken()] * len(items)
+            except BaseException:
+                self._close_later(link)  # cancelled (the proxy closing): the link goes with it
+                raise
             if message.type is aiohttp.WSMsgType.BINARY:
+                link.idle_since = loop.time()
                 queue.idle.append(link)
                 return self._answers(channel, message.data, len(items))
-            if message.type is aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.GOING_AWAY:
-                # The worker closed the channel before reading this batch (``dialogs/wire.py``).
-                if reused:
-                    continue  # closed as idle: it may still be up, so a new channel
-                return [NotConnected()] * len(items)
-            return [Broken()] * len(items)  # closed otherwise, or broken, after it was sent
+            going_away = message.type is aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.GOING_AWAY
+            step = retry_policy.after_channel_end(going_away, written, reused)
+            self._close_later(link)
+            if isinstance(step, retry_policy.Resend):
+                continue
+            return [step] * len(items)
 
-    async def _open(self, url: URL) -> _Link | NotConnected | None:
-        """A new channel to ``url``; NotConnected if none could be made (no batch was sent
-        on it), None if the worker answered the upgrade with an HTTP error."""
+    def _idle_link(self, queue: _Queue, now: float) -> _Link | None:
+        """An idle channel of ``queue`` fit to carry a batch; those closed meanwhile, or idle
+        too long, are dropped."""
+        while queue.idle:
+            link = queue.idle.pop()
+            if link.open and now - link.idle_since < LINK_IDLE_SECONDS:
+                return link
+            self._close_later(link)
+        return None
+
+    async def _open(self, url: URL, deadline: float) -> _Link | NotConnected | None:
+        """A new channel to ``url``; NotConnected if none could be made by loop time
+        ``deadline`` (no batch was sent on it), None if the worker answered the upgrade with
+        an HTTP error."""
         try:
-            async with asyncio.timeout(self._seconds):
+            async with asyncio.timeout_at(deadline):
                 ws = await self._channel_session.ws_connect(
                     url,
                     headers=self._channel_headers,

@@ -98,6 +98,29 @@ class Fail:
 
 Step = Deliver | NextWorker | Refused | Fail
 
+
+@dataclass(frozen=True, slots=True)
+class Resend:
+    """Send the batch again, on a new channel: nothing of it was carried out."""
+
+
+def after_channel_end(going_away: bool, written: bool, reused: bool) -> Resend | NotConnected | Broken:
+    """A batch whose channel (``proxy/batcher.py``) ended before its answer came.
+
+    ``written``: the batch was written whole (else the write failed: nothing was sent);
+    ``going_away``: the worker closed the channel with GOING_AWAY, which it does only with
+    every batch it read answered, dropping the rest unread (``dialog_api/channels.py``);
+    ``reused``: the channel had carried batches before (else it was opened for this one).
+    A batch not carried out goes again on a new channel if its channel was an idle one (a
+    worker closing channels that idle, which may well take a new one), and is a
+    connection never made if its channel was new (the worker is going away: the next
+    worker). Any other end of a batch that was sent may have carried it out.
+    """
+    if written and not going_away:
+        return Broken()
+    return Resend() if reused else NotConnected()
+
+
 _REFUSALS = (errors.StaleMap, errors.RangeMoving, errors.RangeNotServed)
 
 

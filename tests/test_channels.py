@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -23,7 +23,7 @@ from proxy.appkeys import FORWARDER, TOPOLOGY
 from proxy.batcher import POST_ONLY_SECONDS, _Link
 from proxy.migration.shard_sql import FENCE_LOCK
 from proxy.retry_policy import Answered, ErrorAnswer
-from tests.support import Cluster, metric
+from tests.support import Cluster, metric, worker_url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,9 +47,9 @@ async def _commits_blocked(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await con.close()
 
 
-async def _until(condition: object, timeout: float = 10.0) -> None:
+async def _until(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
-    while not await condition():  # type: ignore[operator]
+    while not await condition():
         assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
         await asyncio.sleep(0.02)
 
@@ -175,8 +175,8 @@ async def test_a_worker_shutting_down_answers_the_batch_on_its_channel(bare_clus
 
 
 async def test_an_idle_channel_closes_when_its_worker_stops(bare_cluster: Cluster) -> None:
-    """A worker's shutdown closes its idle channels at once (the proxy answers the close), and
-    the proxy's next batch goes to the shard's other worker without an error."""
+    """A worker's shutdown closes its idle channels, and the proxy's next batches go to the
+    shard's other worker without an error."""
     cluster = bare_cluster
     first = await cluster.start_worker("shard-1")
     await cluster.start_worker("shard-1")
@@ -188,10 +188,7 @@ async def test_an_idle_channel_closes_when_its_worker_stops(bare_cluster: Cluste
         assert (await cluster.api.send(token, peer, f"before {i}")).status == 200
     assert metric(first, "dialogs_worker_channels_open") >= 1
     name = next(name for name, runner in cluster.workers.items() if runner is first)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     await cluster.workers.pop(name).cleanup()
-    assert loop.time() - started < 2.0, "the worker waited on its idle channels"
     for i in range(6):
         reply = await cluster.api.send(token, peer, f"after {i}")
         assert reply.status == 200, reply.body
@@ -214,8 +211,14 @@ async def test_a_refused_upgrade_sends_the_batch_as_a_post(cluster: Cluster) -> 
     assert topology.map is not None
     url = topology.candidates(topology.map.owner(key))[0]
     item = wire.SendItem(key, uuid.UUID(anna), uuid.UUID(boris), "refused", None, topology.map_version, "refused")
+    worker = next(runner for runner in cluster.workers.values() if worker_url(runner) == url)
+    posts = metric(worker, "dialogs_worker_requests_total", route=wire.INTERNAL_BATCH_PATH, method="POST", status="401")
     outcome = await batcher.submit(forwarder._sends, url, item)
     assert isinstance(outcome, ErrorAnswer), outcome
+    assert (
+        metric(worker, "dialogs_worker_requests_total", route=wire.INTERNAL_BATCH_PATH, method="POST", status="401")
+        == posts + 1
+    )
     assert isinstance(outcome.error, errors.Unauthorized) and outcome.error.message == "wrong internal secret"
     queue = batcher._queues[(url, wire.INTERNAL_BATCH_PATH)]
     assert queue.post_until > asyncio.get_running_loop().time() + POST_ONLY_SECONDS / 2
@@ -241,3 +244,28 @@ async def test_without_channels_batches_are_posts(bare_cluster: Cluster) -> None
         for path in (wire.INTERNAL_BATCH_PATH, wire.INTERNAL_PAGES_PATH)
     )
     assert 2 <= posts <= 20
+
+
+async def test_an_answer_that_comes_too_late_is_nobody_elses(bare_cluster: Cluster) -> None:
+    """A batch whose answer does not come within the forward timeout is a 503 (it may be
+    stored: unkeyed, it is not sent again), and its channel is closed: the late answer is
+    never read as the next batch's. The next send gets its own id."""
+    cluster = bare_cluster
+    for shard_id in cluster.shard_dsns:
+        await cluster.start_worker(shard_id)
+    await cluster.start_proxy(DIALOGS_FORWARD_TIMEOUT="1")
+    anna, token = await cluster.api.user("Anna")
+    peer, _ = await cluster.api.peer_whose_dialog_goes_to(anna, await cluster.active_map(), "shard-1")
+    assert (await cluster.api.send(token, peer, "opens the channel")).status == 200
+    async with _commits_blocked(cluster.dsn("shard-1")):
+        late = await cluster.api.send(token, peer, "answered too late")
+        assert late.status == 503, late.body
+    await _until(lambda: _stored_once(cluster, "answered too late"))
+    after = await cluster.api.send(token, peer, "after the late one")
+    assert after.status == 200, after.body
+    newest = (await cluster.api.list(token, peer, limit=1)).json[0]
+    assert (newest["text"], newest["id"]) == ("after the late one", after.json["id"])
+
+
+async def _stored_once(cluster: Cluster, text: str) -> bool:
+    return await _stored(cluster, text) == 1

@@ -138,3 +138,25 @@ def test_a_worker_refusing_the_proxys_request_is_a_bug_not_the_clients_400() -> 
     # A user that does not exist is the client's answer, as before.
     missing = errors.UserNotFound()
     assert after_attempt(ErrorAnswer(missing), repeatable=False, workers_left=2) == Fail(missing, "404")
+
+
+@pytest.mark.parametrize(
+    ("going_away", "written", "reused", "step"),
+    [
+        # The worker closed the channel with every batch it read answered: not carried out.
+        (True, True, True, retry_policy.Resend()),  # an idle channel it closed: a new one
+        (True, True, False, NotConnected()),  # a new channel closed at once: the worker is going
+        # The write failed: nothing was sent.
+        (False, False, True, retry_policy.Resend()),
+        (False, False, False, NotConnected()),
+        # Any other end after the batch was written: it may have been carried out.
+        (False, True, True, Broken()),
+        (False, True, False, Broken()),
+    ],
+)
+def test_a_batch_goes_again_only_when_its_channel_ended_without_it(
+    going_away: bool, written: bool, reused: bool, step: object
+) -> None:
+    assert retry_policy.after_channel_end(going_away, written, reused) == step
+    if isinstance(step, Broken):  # and an unkeyed send that may be stored is not sent twice
+        assert isinstance(after_attempt(step, repeatable=False, workers_left=1), Fail)

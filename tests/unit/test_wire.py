@@ -279,3 +279,15 @@ def test_a_worker_checks_an_inbox_query(changes: dict[str, str], message: str) -
 def test_malformed_unread_totals_are_not_taken_for_totals(answer: object) -> None:
     with pytest.raises(ValueError):
         wire.UnreadTotals.from_json(answer)
+
+
+def test_a_channel_answer_round_trips_with_its_status() -> None:
+    for status, body in ((200, b'[{"status": 200}]'), (503, b'{"code": 503}'), (200, b"")):
+        assert wire.channel_answer(wire.channel_reply(status, body)) == (status, body)
+    assert wire.channel_answer(b"200\n1\n2") == (200, b"1\n2")  # the body may hold newlines
+
+
+@pytest.mark.parametrize("message", [b"", b"[]", b"200", b"20\n[]", b"2000\n[]", b"ok!\n[]", b"-20\n[]"])
+def test_a_malformed_channel_answer_is_broken_not_misread(message: bytes) -> None:
+    with pytest.raises(ValueError):
+        wire.channel_answer(message)
