@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dialog_api.appkeys import CHANNELS, GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
 from dialog_api.channels import BatchAnswer
-from dialog_api.storage import NewMessage, Stored
+from dialog_api.storage import NewMessage, ShardStore, Stored
 from dialogs import errors, wire
 from dialogs.http import bearer_token, json_response, read_body, read_json, rename_request, request_id_of
 
@@ -36,14 +37,6 @@ def _result(stored: Stored) -> wire.SendResult:
     return wire.SendResult(stored.id, stored.created_at.isoformat(), stored.duplicate)
 
 
-async def insert_batch(request: web.Request) -> web.Response:
-    """Many sends in one request (a POST; a channel carries the same body, ``channels.py``)."""
-    _require_proxy(request)
-    body = await read_body(request)
-    answers = await store_sends(request.app, body, request_id_of(request))
-    return web.Response(body=answers, content_type="application/json")
-
-
 async def store_sends(app: web.Application, body: bytes, batch_request_id: str) -> bytes:
     """A batch of sends, each checked and answered on its own (``dialogs/wire.py``)."""
     batch = await _routed_batch(app, body, batch_request_id, wire.SendItem.from_json)
@@ -62,7 +55,8 @@ async def store_sends(app: web.Application, body: bytes, batch_request_id: str) 
     return orjson.dumps(batch.answers)
 
 
-Routed = TypeVar("Routed", wire.SendItem, wire.ListQuery)
+Routed = TypeVar("Routed", wire.SendItem, wire.ListQuery, wire.InboxQuery)
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -102,7 +96,7 @@ async def _routed_batch(
         await view.catch_up(max(item.routed_version for _, item in parsed))
     for index, item in parsed:
         try:
-            view.check_loaded_route(item.dialog_key, item.routed_version)
+            view.check_loaded_route(item.route_key, item.routed_version)
             batch.accepted.append((index, item))
         except errors.DialogsError as exc:
             batch.answers[index] = wire.error_json(exc, batch.request_ids[index])
@@ -131,15 +125,6 @@ async def list_messages(request: web.Request) -> web.Response:
     )
 
 
-async def list_pages(request: web.Request) -> web.Response:
-    """Many list queries in one request (a POST; a channel carries the same body)."""
-    _require_proxy(request)
-    body = await read_body(request)
-    return web.Response(
-        body=await read_pages(request.app, body, request_id_of(request)), content_type="application/octet-stream"
-    )
-
-
 async def read_pages(app: web.Application, body: bytes, batch_request_id: str) -> bytes:
     """A batch of list queries, each checked and answered on its own (``dialogs/wire.py``):
     as ``store_sends`` is for sends. One statement reads every accepted query's page; a
@@ -155,6 +140,49 @@ async def read_pages(app: web.Application, body: bytes, batch_request_id: str) -
     return wire.encode_pages(batch.answers)
 
 
+async def read_inbox_pages(app: web.Application, body: bytes, batch_request_id: str) -> bytes:
+    """A batch of inbox pages, each checked and answered on its own, framed as lists' are."""
+    batch = await _routed_batch(app, body, batch_request_id, wire.InboxQuery.from_json)
+    store = app[STORE]
+    await _answer_each(batch, lambda query: _inbox_page(store, query), lambda page: page)
+    return wire.encode_pages(batch.answers)
+
+
+async def read_unread_totals(app: web.Application, body: bytes, batch_request_id: str) -> bytes:
+    """A batch of users' unread totals, each checked and answered on its own."""
+    batch = await _routed_batch(app, body, batch_request_id, wire.InboxQuery.from_json)
+    await _answer_each(batch, app[STORE].unread_totals, wire.unread_answer_json)
+    return orjson.dumps(batch.answers)
+
+
+async def _answer_each(
+    batch: _Batch[wire.InboxQuery],
+    read: Callable[[wire.InboxQuery], Awaitable[Result]],
+    answer: Callable[[Result], Any],
+) -> None:
+    """Each accepted query read at once (on as many pooled connections) and answered, or
+    its error; an error that is not the project's (a bug) fails the batch."""
+    results = await asyncio.gather(*(read(query) for _, query in batch.accepted), return_exceptions=True)
+    for (index, _), result in zip(batch.accepted, results, strict=True):
+        if isinstance(result, errors.DialogsError):
+            batch.answers[index] = wire.error_json(result, batch.request_ids[index])
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            batch.answers[index] = answer(result)
+
+
+def _batch_post(answer: BatchAnswer, content_type: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A batch path's POST: one batch in one request (a channel carries the same body)."""
+
+    async def post_batch(request: web.Request) -> web.StreamResponse:
+        _require_proxy(request)
+        body = await read_body(request)
+        return web.Response(body=await answer(request.app, body, request_id_of(request)), content_type=content_type)
+
+    return post_batch
+
+
 def _channel(answer: BatchAnswer, route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """A batch path's GET: the proxy's persistent channel for that path (``channels.py``)."""
 
@@ -167,7 +195,14 @@ def _channel(answer: BatchAnswer, route: str) -> Callable[[web.Request], Awaitab
 
 async def inbox_page(request: web.Request) -> web.Response:
     query = await _inbox_query(request)
-    rows = await request.app[STORE].inbox_page(query)
+    page = await _inbox_page(request.app[STORE], query)
+    return web.Response(
+        body=page.body, content_type="application/json", headers={wire.PAGE_COUNT_HEADER: str(page.count)}
+    )
+
+
+async def _inbox_page(store: ShardStore, query: wire.InboxQuery) -> wire.Page:
+    rows = await store.inbox_page(query)
     items = [
         wire.inbox_item_json(
             row["peer"],
@@ -180,9 +215,7 @@ async def inbox_page(request: web.Request) -> web.Response:
         )
         for row in rows
     ]
-    return web.Response(
-        body=orjson.dumps(items), content_type="application/json", headers={wire.PAGE_COUNT_HEADER: str(len(rows))}
-    )
+    return wire.Page(orjson.dumps(items), len(rows))
 
 
 async def unread_totals(request: web.Request) -> web.Response:
@@ -243,12 +276,20 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+# Each batch path: what answers its batches, and the content type of a POST's answer.
+BATCHES: tuple[tuple[str, BatchAnswer, str], ...] = (
+    (wire.INTERNAL_BATCH_PATH, store_sends, "application/json"),
+    (wire.INTERNAL_PAGES_PATH, read_pages, "application/octet-stream"),
+    (wire.INTERNAL_INBOX_PAGES_PATH, read_inbox_pages, "application/octet-stream"),
+    (wire.INTERNAL_UNREAD_BATCH_PATH, read_unread_totals, "application/json"),
+)
+
+
 def setup_routes(app: web.Application) -> None:
-    app.router.add_post(wire.INTERNAL_BATCH_PATH, insert_batch)
-    app.router.add_get(wire.INTERNAL_BATCH_PATH, _channel(store_sends, wire.INTERNAL_BATCH_PATH))
+    for path, answer, content_type in BATCHES:
+        app.router.add_post(path, _batch_post(answer, content_type))
+        app.router.add_get(path, _channel(answer, path))
     app.router.add_get(wire.INTERNAL_MESSAGES_PATH, list_messages)
-    app.router.add_post(wire.INTERNAL_PAGES_PATH, list_pages)
-    app.router.add_get(wire.INTERNAL_PAGES_PATH, _channel(read_pages, wire.INTERNAL_PAGES_PATH))
     app.router.add_post(wire.INTERNAL_READ_PATH, mark_read)
     app.router.add_get(wire.INTERNAL_INBOX_PATH, inbox_page)
     app.router.add_get(wire.INTERNAL_UNREAD_PATH, unread_totals)

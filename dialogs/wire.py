@@ -16,19 +16,25 @@ id as fields of its own, never as headers (a batch carries many):
     GET  INTERNAL_INBOX_PATH?<InboxQuery>  ->  200: a Page (the public inbox items' JSON
                                       array, its length in PAGE_COUNT_HEADER); otherwise an error
     GET  INTERNAL_UNREAD_PATH?<InboxQuery> ->  200: the public {"total", "dialogs"}
+    POST INTERNAL_INBOX_PAGES_PATH    a JSON array of InboxQuery  ->  the pages, framed as
+                                      lists' are (``encode_pages``), one per query, in order
+    POST INTERNAL_UNREAD_BATCH_PATH   a JSON array of InboxQuery  ->  a JSON array, in the
+                                      same order, of {"status": 200, "total", "dialogs"} or
+                                      an error
     POST INTERNAL_PAUSE_PATH          a WritePause  ->  200: {"drained": bool}: true once no
                                       commit is in flight, false if one still was after the
                                       worker's query timeout (a switchover's write pause)
     POST INTERNAL_RESUME_PATH         a WriteResume ->  200: {"paused": bool} (another
                                       holder's pause may stand)
 
-Channels. A proxy may instead open a WebSocket on either batch path (a GET with the same
-Authorization; a wrong secret is refused before the upgrade) and keep it: each binary
-message it sends is one batch, the body it would POST, and each binary message the worker
-sends back answers the batch before it (``channel_reply``: the status and a newline, then
-the POST's answer for a 200, the error JSON otherwise). One batch at a time per channel. A
-worker closes a channel with GOING_AWAY (1001) only when it has answered every batch the
-channel carried; a batch that met that close was not carried out (``dialog_api/channels.py``).
+Channels. A proxy may instead open a WebSocket on any of the four batch paths (a GET
+with the same Authorization; a wrong secret is refused before the upgrade) and keep it:
+each binary message it sends is one batch, the body it would POST, and each binary
+message the worker sends back answers the batch before it (``channel_reply``: the status
+and a newline, then the POST's answer for a 200, the error JSON otherwise). One batch at
+a time per channel. A worker closes a channel with GOING_AWAY (1001) only when it has
+answered every batch the channel carried; a batch that met that close was not carried
+out (``dialog_api/channels.py``).
 
 An error is the public error JSON (``errors.DialogsError.to_json``) with its ``retry_after``
 when it has one (in the body of a batch item, in the Retry-After header of a response).
@@ -71,6 +77,8 @@ INTERNAL_PAGES_PATH = f"/internal/v{WIRE_VERSION}/messages/pages"  # POST: many 
 INTERNAL_READ_PATH = f"/internal/v{WIRE_VERSION}/dialogs/read"  # POST: a read mark
 INTERNAL_INBOX_PATH = f"/internal/v{WIRE_VERSION}/inbox"  # GET: one page of a user's inbox
 INTERNAL_UNREAD_PATH = f"/internal/v{WIRE_VERSION}/inbox/unread"  # GET: a user's unread totals
+INTERNAL_INBOX_PAGES_PATH = f"/internal/v{WIRE_VERSION}/inbox/pages"  # POST: many inbox pages
+INTERNAL_UNREAD_BATCH_PATH = f"/internal/v{WIRE_VERSION}/inbox/unread/batch"  # POST: many users' totals
 INTERNAL_PAUSE_PATH = f"/internal/v{WIRE_VERSION}/writes/pause"  # POST: hold commits (switchover)
 INTERNAL_RESUME_PATH = f"/internal/v{WIRE_VERSION}/writes/resume"  # POST: commit again
 # The longest write pause a worker takes in one request (counted from its drain, or from
@@ -241,6 +249,10 @@ class SendItem:
             raise ValueError("a send item is encoded only once routed (with its map version)")
         return self.map_version
 
+    @property
+    def route_key(self) -> int:
+        return self.dialog_key
+
     def to_json(self) -> dict[str, Any]:
         return {
             "dialog_key": self.dialog_key,
@@ -324,6 +336,10 @@ class ListQuery:
             raise ValueError("a list query is encoded only once routed (with its map version)")
         return self.map_version
 
+    @property
+    def route_key(self) -> int:
+        return self.dialog_key
+
     def to_query(self) -> str:
         # By hand: urlencode() costs several times more, and only the request id needs quoting.
         return (
@@ -396,19 +412,44 @@ class InboxQuery:
             f"&map_version={self.routed_version}&request_id={quote(self.request_id, safe='')}"
         )
 
+    @property
+    def route_key(self) -> int:
+        return self.user_key
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "user_key": self.user_key,
+            "owner": str(self.owner),
+            "before": self.before,
+            "limit": self.limit,
+            "map_version": self.routed_version,
+            "request_id": self.request_id,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> InboxQuery:
+        """One query of a batch, checked as ``from_query`` checks one (numbers JSON-typed)."""
+        return cls._checked(_object(raw), checks.json_int64)
+
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> InboxQuery:
-        owner = checks.user_id(query.get("owner"), "owner")
-        key = checks.int64(query.get("user_key"), "user_key")
+        return cls._checked(query, checks.int64)
+
+    @classmethod
+    def _checked(cls, data: Mapping[str, Any], integer: Callable[[Any, str], int]) -> InboxQuery:
+        owner = checks.user_id(data.get("owner"), "owner")
+        key = integer(data.get("user_key"), "user_key")
         if key != user_key(owner):
             raise errors.InvalidInput("user_key must be the key of owner")
         return cls(
             user_key=key,
             owner=owner,
-            before=checks.bounded_int(query.get("before", str(INT64_MAX)), "before", 1, INT64_MAX),
-            limit=checks.bounded_int(query.get("limit", str(DEFAULT_LIST_LIMIT)), "limit", 1, MAX_LIST_LIMIT),
-            map_version=checks.int64(query.get("map_version"), "map_version"),
-            request_id=clean_request_id(query.get("request_id")),
+            before=checks.bounded_int(integer(data.get("before", INT64_MAX), "before"), "before", 1, INT64_MAX),
+            limit=checks.bounded_int(
+                integer(data.get("limit", DEFAULT_LIST_LIMIT), "limit"), "limit", 1, MAX_LIST_LIMIT
+            ),
+            map_version=integer(data.get("map_version"), "map_version"),
+            request_id=clean_request_id(data.get("request_id")),
         )
 
 
@@ -446,6 +487,26 @@ class UnreadTotals:
         if not isinstance(raw, dict) or not all(isinstance(raw.get(k), int) for k in ("total", "dialogs")):
             raise ValueError("unread totals need total and dialogs")
         return cls(raw["total"], raw["dialogs"])
+
+
+def unread_answer_json(answer: UnreadTotals | dict[str, Any]) -> dict[str, Any]:
+    """One item of a batch of unread totals' answer: the totals with their status, or an
+    ``error_json``."""
+    return {"status": 200, **answer.to_json()} if isinstance(answer, UnreadTotals) else answer
+
+
+def decode_unread(body: bytes, count: int) -> list[UnreadTotals | errors.DialogsError]:
+    """A batch of unread totals' answer read back: ``count`` answers. Raises ValueError on
+    anything else (the caller treats the batch as broken)."""
+    answers = orjson.loads(body)
+    if not isinstance(answers, list) or len(answers) != count:
+        raise ValueError("a batch of unread totals answers each query once")
+    decoded: list[UnreadTotals | errors.DialogsError] = []
+    for item in answers:
+        if not isinstance(item, dict) or not isinstance(item.get("status"), int):
+            raise ValueError("each answer of a batch of unread totals needs its status")
+        decoded.append(UnreadTotals.from_json(item) if item["status"] == 200 else error_from_json(item["status"], item))
+    return decoded
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,7 +69,11 @@ def _page_answers(body: bytes, count: int) -> list[Attempt]:
     return [_attempt(answer) for answer in wire.decode_pages(body, count)]
 
 
-def _attempt(answer: wire.SendResult | wire.Page | errors.DialogsError) -> Attempt:
+def _unread_answers(body: bytes, count: int) -> list[Attempt]:
+    return [_attempt(answer) for answer in wire.decode_unread(body, count)]
+
+
+def _attempt(answer: wire.SendResult | wire.Page | wire.UnreadTotals | errors.DialogsError) -> Attempt:
     return ErrorAnswer(answer) if isinstance(answer, errors.DialogsError) else Answered(answer)
 
 
@@ -79,6 +83,14 @@ def sends(observe: Callable[[int, float], None] = lambda size, seconds: None) ->
 
 def lists(observe: Callable[[int, float], None] = lambda size, seconds: None) -> Channel[wire.ListQuery]:
     return Channel(wire.INTERNAL_PAGES_PATH, _items_json, _page_answers, observe)
+
+
+def inbox_pages() -> Channel[wire.InboxQuery]:
+    return Channel(wire.INTERNAL_INBOX_PAGES_PATH, _items_json, _page_answers)
+
+
+def unread_totals() -> Channel[wire.InboxQuery]:
+    return Channel(wire.INTERNAL_UNREAD_BATCH_PATH, _items_json, _unread_answers)
 
 
 class _Link:

@@ -41,14 +41,6 @@ log = logging.getLogger(__name__)
 Attempter = Callable[[str, int], Awaitable[Attempt]]  # (worker URL, map version) -> outcome
 
 
-def _page(body: bytes, headers: Mapping[str, str]) -> wire.Page:
-    return wire.Page.from_response(body, headers.get(wire.PAGE_COUNT_HEADER))
-
-
-def _unread(body: bytes, headers: Mapping[str, str]) -> wire.UnreadTotals:
-    return wire.UnreadTotals.from_json(orjson.loads(body))
-
-
 class Forwarder:
     def __init__(
         self,
@@ -81,6 +73,8 @@ class Forwarder:
         )
         self._sends = batcher.sends(metrics.observe_send_batch)
         self._lists = batcher.lists(metrics.observe_list_batch)
+        self._inbox_pages = batcher.inbox_pages()
+        self._unread_totals = batcher.unread_totals()
 
     async def send(self, item: wire.SendItem) -> wire.SendResult:
         """Store one message on the shard that owns its dialog; any worker error is raised
@@ -106,31 +100,24 @@ class Forwarder:
         return reply
 
     async def inbox(self, query: wire.InboxQuery) -> wire.Page:
-        """One page of a user's inbox from the shard that owns the user's key."""
-        reply = await self._inbox_request(query, wire.INTERNAL_INBOX_PATH, "inbox", _page)
+        """One page of a user's inbox from the shard that owns the user's key (in a batch)."""
+        reply = await self._inbox_request(query, self._inbox_pages, "inbox")
         if not isinstance(reply, wire.Page):
             raise errors.DialogsError(f"a worker answered an inbox page with {reply!r}")
         return reply
 
     async def unread(self, query: wire.InboxQuery) -> wire.UnreadTotals:
-        """A user's unread totals from the shard that owns the user's key."""
-        reply = await self._inbox_request(query, wire.INTERNAL_UNREAD_PATH, "unread", _unread)
+        """A user's unread totals from the shard that owns the user's key (in a batch)."""
+        reply = await self._inbox_request(query, self._unread_totals, "unread")
         if not isinstance(reply, wire.UnreadTotals):
             raise errors.DialogsError(f"a worker answered unread totals with {reply!r}")
         return reply
 
     async def _inbox_request(
-        self,
-        query: wire.InboxQuery,
-        path: str,
-        operation: str,
-        parse: Callable[[bytes, Mapping[str, str]], retry_policy.Reply],
+        self, query: wire.InboxQuery, channel: batcher.Channel[wire.InboxQuery], operation: str
     ) -> retry_policy.Reply:
-        headers = {"Authorization": self._authorization}
-
         async def attempt(url: str, map_version: int) -> Attempt:
-            routed = replace(query, map_version=map_version).to_query()
-            return await self._exchange("GET", url + path + "?" + routed, headers, parse)
+            return await self.batcher.submit(channel, url, replace(query, map_version=map_version))
 
         return await self._route(query.user_key, operation, attempt, repeatable=True)
 

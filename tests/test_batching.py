@@ -72,6 +72,37 @@ async def test_concurrent_lists_share_batches_and_each_gets_its_own_page(cluster
     assert [m["text"] for m in older.json] == ["p0m1", "p0m0"]
 
 
+async def test_concurrent_inbox_pages_and_badges_share_batches_and_each_gets_its_own(cluster: Cluster) -> None:
+    """Ten users' inboxes and badges read at once: fewer batches than reads on the inbox
+    paths, and each user's own page and totals (user i has i + 1 unread from one sender)."""
+    api = cluster.api
+    sender, sender_token = await api.user("Sender")
+    readers = [await api.user(f"Reader{i}") for i in range(10)]
+    for i, (reader, _) in enumerate(readers):
+        for j in range(i + 1):
+            assert (await api.send(sender_token, reader, f"r{i}m{j}")).status == 200
+    for i, (_, token) in enumerate(readers):
+        await api.settled_inbox(token, lambda items, totals, i=i: totals == {"total": i + 1, "dialogs": 1})
+
+    def batches() -> float:
+        return sum(
+            metric(worker, "dialogs_worker_requests_total", route=path, method="WS", status="200")
+            for worker in cluster.workers.values()
+            for path in (wire.INTERNAL_INBOX_PAGES_PATH, wire.INTERNAL_UNREAD_BATCH_PATH)
+        )
+
+    before = batches()
+    pages = await asyncio.gather(*(api.inbox(token) for _, token in readers))
+    badges = await asyncio.gather(*(api.unread(token) for _, token in readers))
+    for i, (page, badge) in enumerate(zip(pages, badges, strict=True)):
+        assert page.status == 200 and badge.status == 200
+        ((conversation,),) = [page.json]
+        assert conversation["user_id"] == sender and conversation["unread"] == i + 1
+        assert conversation["last_message"]["text"] == f"r{i}m{i}"
+        assert badge.json == {"total": i + 1, "dialogs": 1}
+    assert 2 <= batches() - before < 20
+
+
 async def test_a_lone_send_is_not_held_back(cluster: Cluster) -> None:
     """No timer: an idle proxy sends a single message as a batch of one within the event loop
     turns that follow the send (a flush timer, however short, would need its delay to pass)."""

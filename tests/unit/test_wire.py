@@ -291,3 +291,32 @@ def test_a_channel_answer_round_trips_with_its_status() -> None:
 def test_a_malformed_channel_answer_is_broken_not_misread(message: bytes) -> None:
     with pytest.raises(ValueError):
         wire.channel_answer(message)
+
+
+def test_an_inbox_query_round_trips_in_a_batch_with_the_same_bounds() -> None:
+    query = wire.InboxQuery(user_key(ANNA), ANNA, 12345, wire.MAX_LIST_LIMIT, 7, "req 9/x")
+    assert wire.InboxQuery.from_json(_through_json(query.to_json())) == query
+    raw = query.to_json()
+    for name, value in [("limit", 0), ("limit", wire.MAX_LIST_LIMIT + 1), ("before", 0), ("limit", "5")]:
+        with pytest.raises(errors.InvalidInput, match=f"{name} must be an integer from"):
+            wire.InboxQuery.from_json({**raw, name: value})
+    with pytest.raises(errors.InvalidInput, match="user_key must be the key of owner"):
+        wire.InboxQuery.from_json({**raw, "user_key": user_key(BORIS)})
+    with pytest.raises(errors.InvalidInput, match="JSON object"):
+        wire.InboxQuery.from_json([raw])
+
+
+def test_a_batch_of_unread_totals_carries_each_answer_or_its_error() -> None:
+    error = errors.RangeNotServed()
+    answers = [wire.unread_answer_json(wire.UnreadTotals(3, 1)), wire.error_json(error, "r2")]
+    first, refused = wire.decode_unread(orjson.dumps(answers), 2)
+    assert first == wire.UnreadTotals(3, 1)
+    assert isinstance(refused, errors.RangeNotServed) and refused.to_json("r2") == error.to_json("r2")
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"{}", b"[]", b'[{"total": 1, "dialogs": 1}]', b'[{"status": 200, "total": 1}]', b"[1]"]
+)
+def test_a_malformed_batch_of_unread_totals_is_broken_not_misread(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        wire.decode_unread(body, 1)
