@@ -71,6 +71,7 @@ class Channels:
         self._open.add(channel)
         self._metrics.channels_opened.inc()
         request_id = request_id_of(request)
+        refused = False
         try:
             while not self._shutdown.is_set():
                 try:
@@ -86,7 +87,7 @@ class Channels:
                     break  # read after the worker began closing: dropped unread (see above)
                 if message.type is not WSMsgType.BINARY:
                     if message.type is WSMsgType.TEXT:
-                        await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"batches are binary messages")
+                        refused = True  # not this wire: closed below, nothing taken
                     break  # the proxy closed it (or the connection broke)
                 channel.busy = True
                 reply = await self._carry_out(request.app, answer, message.data, request_id, route)
@@ -96,12 +97,16 @@ class Channels:
                     break  # the proxy went away: it takes the batch as broken (maybe done)
                 channel.busy = False
         finally:
-            self._open.discard(channel)
+            self._open.discard(channel)  # first: a shutdown from here on does not cancel the close
             if not ws.closed:
                 # GOING_AWAY promises every batch taken was answered (the proxy may send
                 # the next one again); one cut short (cancelled) is an internal error.
-                code = WSCloseCode.INTERNAL_ERROR if channel.busy else WSCloseCode.GOING_AWAY
-                await ws.close(code=code, message=b"worker closing the channel")
+                if channel.busy:
+                    await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"a batch was cut short")
+                elif refused:
+                    await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"batches are binary messages")
+                else:
+                    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"worker closing the channel")
         return ws
 
     async def _carry_out(

@@ -276,6 +276,11 @@ class Batcher:
                 if isinstance(opened, NotConnected):
                     return [opened] * len(items)
                 link = opened
+            if loop.time() >= deadline:
+                # Nothing sent yet, and no time left to send it: as a connection never made
+                # (written now, it would be carried out and reported Broken).
+                self._close_later(link)
+                return [NotConnected()] * len(items)
             written = False
             try:
                 message = await link.exchange(body, deadline)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 
+from dialog_api.channels import CLOSE_TIMEOUT
 from dialogs import errors, wire
 from dialogs.keys import dialog_key
 from proxy.appkeys import FORWARDER, TOPOLOGY
@@ -175,8 +176,9 @@ async def test_a_worker_shutting_down_answers_the_batch_on_its_channel(bare_clus
 
 
 async def test_an_idle_channel_closes_when_its_worker_stops(bare_cluster: Cluster) -> None:
-    """A worker's shutdown closes its idle channels, and the proxy's next batches go to the
-    shard's other worker without an error."""
+    """A worker's shutdown closes its idle channels without waiting on them (the proxy answers
+    each close at once), and the proxy's next batches go to the shard's other worker
+    without an error."""
     cluster = bare_cluster
     first = await cluster.start_worker("shard-1")
     await cluster.start_worker("shard-1")
@@ -188,7 +190,11 @@ async def test_an_idle_channel_closes_when_its_worker_stops(bare_cluster: Cluste
         assert (await cluster.api.send(token, peer, f"before {i}")).status == 200
     assert metric(first, "dialogs_worker_channels_open") >= 1
     name = next(name for name, runner in cluster.workers.items() if runner is first)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     await cluster.workers.pop(name).cleanup()
+    # A close the proxy did not answer would hold the worker's shutdown for CLOSE_TIMEOUT.
+    assert loop.time() - started < CLOSE_TIMEOUT, "the worker's shutdown waited on its idle channels"
     for i in range(6):
         reply = await cluster.api.send(token, peer, f"after {i}")
         assert reply.status == 200, reply.body
@@ -265,6 +271,7 @@ async def test_an_answer_that_comes_too_late_is_nobody_elses(bare_cluster: Clust
     assert after.status == 200, after.body
     newest = (await cluster.api.list(token, peer, limit=1)).json[0]
     assert (newest["text"], newest["id"]) == ("after the late one", after.json["id"])
+    assert [await _stored(cluster, text) for text in ("answered too late", "after the late one")] == [1, 1]
 
 
 async def _stored_once(cluster: Cluster, text: str) -> bool:
