@@ -229,7 +229,8 @@ class Forwarder:
                 reason = "broken" if isinstance(outcome, Broken) else "unavailable"
                 self._metrics.forward_errors.labels(shard_id, reason).inc()
             if isinstance(step, Fail):
-                self._metrics.forward_errors.labels(shard_id, step.reason).inc()
+                if step.error.status >= 500:  # a 4xx is the worker's answer to the client's mistake
+                    self._metrics.forward_errors.labels(shard_id, step.reason).inc()
                 if step.reason == "wire":
                     log.error("%s to %s: %s", operation, url, step.error.message)
                 raise step.error

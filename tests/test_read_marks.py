@@ -11,7 +11,7 @@ from dialogs import schema
 from dialogs.keys import INT64_MAX, INT64_MIN, dialog_key
 from dialogs.migration_plan import Span
 from proxy.migration import shard_sql
-from tests.support import Cluster
+from tests.support import Cluster, metric
 
 
 async def test_unread_counts_follow_sends_both_ways_and_read_marks(cluster: Cluster) -> None:
@@ -92,6 +92,10 @@ async def test_an_empty_dialog_and_bad_marks(cluster: Cluster) -> None:
     assert (await api.request("POST", f"/dialog/{anna}/read", body={})).status == 401
     # None of it moved Boris's mark: Anna's message is still unread.
     assert (await api.read(boris_token, anna, sent)).json == {"up_to": sent, "unread": 0}
+    # The worker's 404s were answers to the client's mistakes, not failures of the hop.
+    proxy = cluster.proxies[0]
+    shards = [*cluster.shard_dsns]
+    assert [metric(proxy, "dialogs_proxy_forward_errors_total", shard_id=s, reason="404") for s in shards] == [0, 0]
 
 
 async def test_unread_counts_hold_under_concurrent_sends_and_marks(cluster: Cluster) -> None:
