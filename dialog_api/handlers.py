@@ -155,21 +155,34 @@ async def read_unread_totals(app: web.Application, body: bytes, batch_request_id
     return orjson.dumps(batch.answers)
 
 
+# A batch's inbox reads run this many at once, each on a pooled connection: well below the
+# pool (DIALOGS_POOL_MAX, 16 by default), which sends and lists share.
+READS_AT_ONCE = 8
+
+
 async def _answer_each(
     batch: _Batch[wire.InboxQuery],
     read: Callable[[wire.InboxQuery], Awaitable[Result]],
     answer: Callable[[Result], Any],
 ) -> None:
-    """Each accepted query read at once (on as many pooled connections) and answered, or
-    its error; an error that is not the project's (a bug) fails the batch."""
-    results = await asyncio.gather(*(read(query) for _, query in batch.accepted), return_exceptions=True)
-    for (index, _), result in zip(batch.accepted, results, strict=True):
-        if isinstance(result, errors.DialogsError):
-            batch.answers[index] = wire.error_json(result, batch.request_ids[index])
-        elif isinstance(result, BaseException):
-            raise result
-        else:
-            batch.answers[index] = answer(result)
+    """Each accepted query read (``READS_AT_ONCE`` at a time) and answered on its own, or
+    its error; an error that is not the project's (a bug) is that query's 500, logged under
+    its request id, as the GET of one query would be."""
+    accepted = batch.accepted
+    for start in range(0, len(accepted), READS_AT_ONCE):
+        chunk = accepted[start : start + READS_AT_ONCE]
+        results = await asyncio.gather(*(read(query) for _, query in chunk), return_exceptions=True)
+        for (index, _), result in zip(chunk, results, strict=True):
+            request_id = batch.request_ids[index]
+            if isinstance(result, errors.DialogsError):
+                batch.answers[index] = wire.error_json(result, request_id)
+            elif isinstance(result, Exception):
+                log.error("unhandled error", exc_info=result, extra={"request_id": request_id})
+                batch.answers[index] = wire.error_json(errors.DialogsError(), request_id)
+            elif isinstance(result, BaseException):
+                raise result  # cancelled: the batch goes with it
+            else:
+                batch.answers[index] = answer(result)
 
 
 def _batch_post(answer: BatchAnswer, content_type: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

@@ -38,6 +38,11 @@ from proxy.topology import Topology
 
 log = logging.getLogger(__name__)
 
+# What a worker answers to the client's own mistake (a message not in the dialog, a reused
+# Idempotency-Key): the client's answer, not a failure of the hop. Any other error (a 401
+# for a wrong secret, a 413 for a batch too large) is counted as a forward error.
+CLIENT_MISTAKES = frozenset({404, 422})
+
 Attempter = Callable[[str, int], Awaitable[Attempt]]  # (worker URL, map version) -> outcome
 
 
@@ -229,7 +234,7 @@ class Forwarder:
                 reason = "broken" if isinstance(outcome, Broken) else "unavailable"
                 self._metrics.forward_errors.labels(shard_id, reason).inc()
             if isinstance(step, Fail):
-                if step.error.status >= 500:  # a 4xx is the worker's answer to the client's mistake
+                if step.error.status not in CLIENT_MISTAKES:
                     self._metrics.forward_errors.labels(shard_id, step.reason).inc()
                 if step.reason == "wire":
                     log.error("%s to %s: %s", operation, url, step.error.message)

@@ -77,7 +77,7 @@ class ProxyMetrics:
         )
         self.forward_errors = Counter(
             "dialogs_proxy_forward_errors",
-            "Failed proxy-to-worker calls by shard and reason (a client error the worker answered is not one)",
+            "Failed proxy-to-worker calls by shard and reason (a 404 or 422 the worker answered is not one)",
             ["shard_id", "reason"],
             registry=self.registry,
         )
