@@ -4,10 +4,11 @@ every response against the service's OpenAPI document."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from dialogsctl.net import free_port
 from proxy.app import create_app as create_proxy
 from proxy.appkeys import METRICS as PROXY_METRICS
 from proxy.bootstrap import bootstrap
+from proxy.migration.shard_sql import FENCE_LOCK
 from proxy.openapi import document
 from proxy.settings import ProxySettings
 
@@ -264,6 +266,26 @@ async def active_map(metadata_dsn: str) -> ShardMap:
     return shard_map
 
 
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds, polling every 20 ms; fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def commits_blocked(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """Every commit on the shard waits inside its transaction: the fence lock held
+    exclusively by the connection yielded (released when it closes)."""
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.execute("SELECT pg_advisory_lock($1)", FENCE_LOCK)
+        yield con
+    finally:
+        await con.close()
+
+
 async def raw_http(base_url: str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
     """Send bytes no HTTP client library would (e.g. a header that is not UTF-8); the
     status and body of the answer. ``head`` is the request line and headers, without the
@@ -414,6 +436,14 @@ class Cluster:
             return await con.fetchval(sql, *args)
         finally:
             await con.close()
+
+    async def stored(self, text: str) -> int:
+        """Messages with ``text`` on all the shards."""
+        total = 0
+        for shard_id in self.shard_dsns:
+            rows = await self.shard_fetch(shard_id, "SELECT count(*) AS n FROM messages WHERE text = $1", text)
+            total += rows[0]["n"]
+        return total
 
     async def shard_fetch(self, shard_id: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         con = await pg.connect(self.dsn(shard_id))

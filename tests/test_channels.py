@@ -10,11 +10,8 @@ never see it. A worker that refuses the upgrade gets the batch as a POST.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 
-import asyncpg
 import pytest
 
 from dialog_api.channels import CLOSE_TIMEOUT
@@ -22,37 +19,10 @@ from dialogs import errors, wire
 from dialogs.keys import dialog_key
 from proxy.appkeys import FORWARDER, TOPOLOGY
 from proxy.batcher import POST_ONLY_SECONDS, _Link
-from proxy.migration.shard_sql import FENCE_LOCK
 from proxy.retry_policy import Answered, ErrorAnswer
-from tests.support import Cluster, metric, worker_url
+from tests.support import Cluster, commits_blocked, metric, until, worker_url
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _stored(cluster: Cluster, text: str) -> int:
-    total = 0
-    for shard_id in cluster.shard_dsns:
-        rows = await cluster.shard_fetch(shard_id, "SELECT count(*) AS n FROM messages WHERE text = $1", text)
-        total += rows[0]["n"]
-    return total
-
-
-@contextlib.asynccontextmanager
-async def _commits_blocked(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """Every commit on the shard waits inside its transaction: the fence lock held exclusively."""
-    con = await asyncpg.connect(dsn)
-    try:
-        await con.execute("SELECT pg_advisory_lock($1)", FENCE_LOCK)
-        yield con
-    finally:
-        await con.close()
-
-
-async def _until(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
 
 
 async def test_one_channel_carries_many_batches(cluster: Cluster) -> None:
@@ -145,7 +115,7 @@ async def test_a_batch_that_meets_an_idle_close_goes_again_on_a_new_channel(bare
     outcome = await batcher.submit(forwarder._sends, url, item("after the close"))
     assert isinstance(outcome, Answered), outcome
     assert written.is_set()
-    assert await _stored(cluster, "after the close") == 1
+    assert await cluster.stored("after the close") == 1
 
 
 async def test_a_worker_shutting_down_answers_the_batch_on_its_channel(bare_cluster: Cluster) -> None:
@@ -158,13 +128,13 @@ async def test_a_worker_shutting_down_answers_the_batch_on_its_channel(bare_clus
     anna, token = await cluster.api.user("Anna")
     peer, _ = await cluster.api.peer_whose_dialog_goes_to(anna, await cluster.active_map(), "shard-1")
     assert (await cluster.api.send(token, peer, "opens the channel")).status == 200
-    async with _commits_blocked(cluster.dsn("shard-1")) as blocker:
+    async with commits_blocked(cluster.dsn("shard-1")) as blocker:
         sending = asyncio.ensure_future(cluster.api.send(token, peer, "in flight at shutdown"))
 
         async def waiting() -> bool:
             return bool(await blocker.fetchval("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted)"))
 
-        await _until(waiting)
+        await until(waiting)
         name = next(name for name, runner in cluster.workers.items() if runner is shard_1)
         stopping = asyncio.ensure_future(cluster.workers.pop(name).cleanup())
         await asyncio.sleep(0.5)  # the shutdown has begun; the channel's batch still waits
@@ -172,7 +142,7 @@ async def test_a_worker_shutting_down_answers_the_batch_on_its_channel(bare_clus
     reply = await asyncio.wait_for(sending, 10)
     assert reply.status == 200, reply.body
     await asyncio.wait_for(stopping, 15)
-    assert await _stored(cluster, "in flight at shutdown") == 1
+    assert await cluster.stored("in flight at shutdown") == 1
 
 
 async def test_an_idle_channel_closes_when_its_worker_stops(bare_cluster: Cluster) -> None:
@@ -228,7 +198,7 @@ async def test_a_refused_upgrade_sends_the_batch_as_a_post(cluster: Cluster) -> 
     assert isinstance(outcome.error, errors.Unauthorized) and outcome.error.message == "wrong internal secret"
     queue = batcher._queues[(url, wire.INTERNAL_BATCH_PATH)]
     assert queue.post_until > asyncio.get_running_loop().time() + POST_ONLY_SECONDS / 2
-    assert await _stored(cluster, "refused") == 0
+    assert await cluster.stored("refused") == 0
 
 
 async def test_without_channels_batches_are_posts(bare_cluster: Cluster) -> None:
@@ -263,16 +233,16 @@ async def test_an_answer_that_comes_too_late_is_nobody_elses(bare_cluster: Clust
     anna, token = await cluster.api.user("Anna")
     peer, _ = await cluster.api.peer_whose_dialog_goes_to(anna, await cluster.active_map(), "shard-1")
     assert (await cluster.api.send(token, peer, "opens the channel")).status == 200
-    async with _commits_blocked(cluster.dsn("shard-1")):
+    async with commits_blocked(cluster.dsn("shard-1")):
         late = await cluster.api.send(token, peer, "answered too late")
         assert late.status == 503, late.body
-    await _until(lambda: _stored_once(cluster, "answered too late"))
+    await until(lambda: _stored_once(cluster, "answered too late"))
     after = await cluster.api.send(token, peer, "after the late one")
     assert after.status == 200, after.body
     newest = (await cluster.api.list(token, peer, limit=1)).json[0]
     assert (newest["text"], newest["id"]) == ("after the late one", after.json["id"])
-    assert [await _stored(cluster, text) for text in ("answered too late", "after the late one")] == [1, 1]
+    assert [await cluster.stored(text) for text in ("answered too late", "after the late one")] == [1, 1]
 
 
 async def _stored_once(cluster: Cluster, text: str) -> bool:
-    return await _stored(cluster, text) == 1
+    return await cluster.stored(text) == 1

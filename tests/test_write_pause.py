@@ -11,8 +11,6 @@ A switchover that Patroni refuses leaves no worker paused.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -24,9 +22,8 @@ from dialog_api.appkeys import GROUP_COMMIT
 from dialogs import errors, wire
 from dialogsctl.net import free_port
 from proxy import switchover as switchover_module
-from proxy.migration.shard_sql import FENCE_LOCK
 from proxy.switchover import PAUSE_LEASE_SECONDS, Paused, switchover, writes_paused
-from tests.support import INTERNAL_SECRET, Cluster, metric, start_site, worker_url
+from tests.support import INTERNAL_SECRET, Cluster, commits_blocked, metric, start_site, until, worker_url
 
 HEADERS = {"Authorization": f"Bearer {INTERNAL_SECRET}"}
 
@@ -34,13 +31,6 @@ HEADERS = {"Authorization": f"Bearer {INTERNAL_SECRET}"}
 async def _post(session: aiohttp.ClientSession, url: str, body: object) -> tuple[int, Any]:
     async with session.post(url, json=body, headers=HEADERS) as response:
         return response.status, await response.json()
-
-
-async def _until(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
 
 
 async def _waiting_for_the_fence(dsn: str) -> bool:
@@ -57,26 +47,7 @@ async def _paused(worker: web.AppRunner) -> bool:
     return metric(worker, "dialogs_worker_writes_paused") == 1
 
 
-@contextlib.asynccontextmanager
-async def _writes_blocked(dsn: str) -> AsyncIterator[None]:
-    """Every commit on the shard waits inside its transaction: the fence lock held exclusively."""
-    con = await asyncpg.connect(dsn)
-    try:
-        await con.execute("SELECT pg_advisory_lock($1)", FENCE_LOCK)
-        yield
-    finally:
-        await con.close()
-
-
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _stored(cluster: Cluster, text: str) -> int:
-    total = 0
-    for shard_id in cluster.shard_dsns:
-        rows = await cluster.shard_fetch(shard_id, "SELECT count(*) AS n FROM messages WHERE text = $1", text)
-        total += rows[0]["n"]
-    return total
 
 
 async def test_sends_wait_out_a_write_pause_and_are_stored_once(bare_cluster: Cluster) -> None:
@@ -99,12 +70,12 @@ async def test_sends_wait_out_a_write_pause_and_are_stored_once(bare_cluster: Cl
         assert other.status == 200, other.body  # another shard's sends do not wait
         await asyncio.sleep(PAUSE_LEASE_SECONDS + 1)  # longer than one lease: the pause is renewed
         assert not any(task.done() for task in held), "a send went through a paused shard"
-        assert [await _stored(cluster, f"held {i}") for i in range(3)] == [0, 0, 0]
+        assert [await cluster.stored(f"held {i}") for i in range(3)] == [0, 0, 0]
     replies = await asyncio.wait_for(asyncio.gather(*held), 10)
     assert [reply.status for reply in replies] == [200, 200, 200], [reply.body for reply in replies]
     assert metric(shard_1, "dialogs_worker_writes_paused") == 0
     for i in range(3):
-        assert await _stored(cluster, f"held {i}") == 1
+        assert await cluster.stored(f"held {i}") == 1
     listed = await cluster.api.whole_dialog(anna_token, paused_peer)
     assert sorted(m["text"] for m in listed) == ["held 0", "held 1", "held 2"]  # sent at once: any order
 
@@ -128,7 +99,7 @@ async def test_a_pause_nobody_ends_runs_out_by_itself(bare_cluster: Cluster) -> 
     await asyncio.sleep(paused_at + 5.2 - asyncio.get_running_loop().time())
     accepted = await cluster.api.send(anna_token, peer, "after the lease")
     assert accepted.status == 200, accepted.body
-    assert await _stored(cluster, "during the pause") == 0 and await _stored(cluster, "after the lease") == 1
+    assert await cluster.stored("during the pause") == 0 and await cluster.stored("after the lease") == 1
 
 
 @pytest.mark.parametrize(
@@ -186,11 +157,11 @@ async def test_a_pause_waits_for_the_commit_in_flight(bare_cluster: Cluster) -> 
     anna, anna_token = await cluster.api.user("Anna")
     peer, _ = await cluster.api.peer_whose_dialog_goes_to(anna, await cluster.active_map(), "shard-1")
     pause_url = worker_url(shard_1) + wire.INTERNAL_PAUSE_PATH
-    async with _writes_blocked(cluster.dsn("shard-1")):
+    async with commits_blocked(cluster.dsn("shard-1")):
         in_flight = asyncio.ensure_future(cluster.api.send(anna_token, peer, "in flight"))
-        await _until(lambda: _waiting_for_the_fence(cluster.dsn("shard-1")))  # the commit waits in its transaction
+        await until(lambda: _waiting_for_the_fence(cluster.dsn("shard-1")))  # the commit waits in its transaction
         pausing = asyncio.ensure_future(_post(cluster.session, pause_url, {"holder": "a", "seconds": 5}))
-        await _until(lambda: _paused(shard_1))
+        await until(lambda: _paused(shard_1))
         await asyncio.sleep(0.3)
         assert not pausing.done() and not in_flight.done()
         # The drain bound, asked of the group commit itself: the commit is still running.
@@ -198,7 +169,7 @@ async def test_a_pause_waits_for_the_commit_in_flight(bare_cluster: Cluster) -> 
         assert metric(shard_1, "dialogs_worker_writes_paused") == 1
     assert await asyncio.wait_for(pausing, 5) == (200, {"drained": True})
     assert (await asyncio.wait_for(in_flight, 5)).status == 200
-    assert await _stored(cluster, "in flight") == 1
+    assert await cluster.stored("in flight") == 1
 
 
 async def test_one_switchover_does_not_end_another_ones_pause(bare_cluster: Cluster) -> None:
