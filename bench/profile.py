@@ -91,6 +91,9 @@ async def run(args: argparse.Namespace) -> None:
         print(f"{args.load}: {run.per_second:.0f}/s, p50 {run.p50_ms:.2f} ms at {args.connections} connections")
         print(f"CPU per request (µs, py-spy's own share included): {split.to_json(run.requests)}")
         for name, path in outputs.items():
+            if args.save is not None:
+                args.save.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, args.save / path.name)
             print(f"\n{name}:")
             print("\n".join(_top(path, args.top)))
     finally:
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000, help="messages preloaded per shard (--load lists)")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--save", type=Path, help="a folder to keep the raw py-spy profiles in (proxy.txt, worker.txt)")
     asyncio.run(run(parser.parse_args()))
 
 
