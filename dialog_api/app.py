@@ -11,7 +11,7 @@ import asyncpg
 from aiohttp import web
 
 from dialog_api import handlers
-from dialog_api.appkeys import CHANNELS, GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
+from dialog_api.appkeys import CHANNELS, GROUP_COMMIT, INBOX_READS, MAP_VIEW, METRICS, SETTINGS, STORE
 from dialog_api.channels import Channels
 from dialog_api.group_commit import GroupCommit
 from dialog_api.inbox_applier import InboxApplier
@@ -138,11 +138,19 @@ async def _close_channels(app: web.Application) -> None:
     app[CHANNELS].close_all()
 
 
+def inbox_reads_at_once(pool_max: int) -> int:
+    """Inbox reads of batches (pages, unread totals) that may hold a pooled connection at
+    once in a worker, whatever the number of batches and proxies: half the pool, so that
+    sends and lists (which share it) always find connections."""
+    return max(1, pool_max // 2)
+
+
 def create_app(settings: WorkerSettings) -> web.Application:
     metrics = WorkerMetrics(settings.shard_id)
     app = web.Application(middlewares=[make_middleware(metrics.http)], client_max_size=MAX_BATCH_BYTES)
     app[SETTINGS] = settings
     app[CHANNELS] = Channels(settings.idle_timeout, MAX_BATCH_BYTES, metrics)
+    app[INBOX_READS] = asyncio.Semaphore(inbox_reads_at_once(settings.pool_max))
     app.on_shutdown.append(_close_channels)
     app[METRICS] = metrics
     app[MAP_VIEW] = MapView(settings.shard_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from dialog_api.channels import Channels
@@ -17,3 +19,5 @@ STORE = web.AppKey("store", ShardStore)
 MAP_VIEW = web.AppKey("map_view", MapView)
 GROUP_COMMIT = web.AppKey("group_commit", GroupCommit)
 CHANNELS = web.AppKey("channels", Channels)
+# Inbox reads of batches running at once, across all of the worker's batches (handlers.py).
+INBOX_READS = web.AppKey("inbox_reads", asyncio.Semaphore)

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dialog_api.appkeys import CHANNELS, GROUP_COMMIT, MAP_VIEW, METRICS, SETTINGS, STORE
+from dialog_api.appkeys import CHANNELS, GROUP_COMMIT, INBOX_READS, MAP_VIEW, METRICS, SETTINGS, STORE
 from dialog_api.channels import BatchAnswer
 from dialog_api.storage import NewMessage, ShardStore, Stored
 from dialogs import errors, wire
@@ -144,45 +144,48 @@ async def read_inbox_pages(app: web.Application, body: bytes, batch_request_id: 
     """A batch of inbox pages, each checked and answered on its own, framed as lists' are."""
     batch = await _routed_batch(app, body, batch_request_id, wire.InboxQuery.from_json)
     store = app[STORE]
-    await _answer_each(batch, lambda query: _inbox_page(store, query), lambda page: page)
+    await _answer_each(app, batch, lambda query: _inbox_page(store, query), lambda page: page)
     return wire.encode_pages(batch.answers)
 
 
 async def read_unread_totals(app: web.Application, body: bytes, batch_request_id: str) -> bytes:
     """A batch of users' unread totals, each checked and answered on its own."""
     batch = await _routed_batch(app, body, batch_request_id, wire.InboxQuery.from_json)
-    await _answer_each(batch, app[STORE].unread_totals, wire.unread_answer_json)
+    await _answer_each(app, batch, app[STORE].unread_totals, wire.unread_answer_json)
     return orjson.dumps(batch.answers)
 
 
-# A batch's inbox reads run this many at once, each on a pooled connection: well below the
-# pool (DIALOGS_POOL_MAX, 16 by default), which sends and lists share.
-READS_AT_ONCE = 8
-
-
 async def _answer_each(
+    app: web.Application,
     batch: _Batch[wire.InboxQuery],
     read: Callable[[wire.InboxQuery], Awaitable[Result]],
     answer: Callable[[Result], Any],
 ) -> None:
-    """Each accepted query read (``READS_AT_ONCE`` at a time) and answered on its own, or
-    its error; an error that is not the project's (a bug) is that query's 500, logged under
-    its request id, as the GET of one query would be."""
-    accepted = batch.accepted
-    for start in range(0, len(accepted), READS_AT_ONCE):
-        chunk = accepted[start : start + READS_AT_ONCE]
-        results = await asyncio.gather(*(read(query) for _, query in chunk), return_exceptions=True)
-        for (index, _), result in zip(chunk, results, strict=True):
-            request_id = batch.request_ids[index]
-            if isinstance(result, errors.DialogsError):
-                batch.answers[index] = wire.error_json(result, request_id)
-            elif isinstance(result, Exception):
-                log.error("unhandled error", exc_info=result, extra={"request_id": request_id})
-                batch.answers[index] = wire.error_json(errors.DialogsError(), request_id)
-            elif isinstance(result, BaseException):
-                raise result  # cancelled: the batch goes with it
-            else:
-                batch.answers[index] = answer(result)
+    """Each accepted query read and answered on its own, or its error, all at once but at
+    most ``INBOX_READS`` reads of the whole worker on the pool at a time (app.py). An error
+    that is not the project's (a bug) is that query's 500, logged under its request id; the
+    other queries of the batch are answered all the same."""
+    reads = app[INBOX_READS]
+
+    async def one(index: int, query: wire.InboxQuery) -> None:
+        request_id = batch.request_ids[index]
+        try:
+            async with reads:
+                result = await read(query)
+            batch.answers[index] = answer(result)
+        except errors.DialogsError as exc:
+            batch.answers[index] = wire.error_json(exc, request_id)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the batch is cancelled: it goes with its queries
+            log.error("a read was cancelled from within", exc_info=True, extra={"request_id": request_id})
+            batch.answers[index] = wire.error_json(errors.DialogsError(), request_id)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request_id})
+            batch.answers[index] = wire.error_json(errors.DialogsError(), request_id)
+
+    await asyncio.gather(*(one(index, query) for index, query in batch.accepted))
 
 
 def _batch_post(answer: BatchAnswer, content_type: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

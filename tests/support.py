@@ -438,7 +438,7 @@ class Cluster:
             await con.close()
 
     async def stored(self, text: str) -> int:
-        """Messages with ``text`` on all the shards."""
+        """Messages with ``text`` on the shards of the first map (``shard_dsns``; not the spares)."""
         total = 0
         for shard_id in self.shard_dsns:
             rows = await self.shard_fetch(shard_id, "SELECT count(*) AS n FROM messages WHERE text = $1", text)

@@ -6,11 +6,14 @@ import asyncio
 import uuid
 
 import asyncpg
+import pytest
 
-from dialogs import schema
+from dialogs import errors, schema
 from dialogs.keys import INT64_MAX, INT64_MIN, dialog_key
 from dialogs.migration_plan import Span
+from proxy.appkeys import FORWARDER, TOPOLOGY
 from proxy.migration import shard_sql
+from proxy.retry_policy import Attempt, ErrorAnswer
 from tests.support import Cluster, metric
 
 
@@ -164,3 +167,32 @@ async def test_upgrading_a_shard_fills_each_dialogs_state_from_its_messages(data
         assert [tuple(row) for row in announced] == [(key, a, b)]
     finally:
         await con.close()
+
+
+async def test_a_worker_refusing_the_hop_counts_as_a_forward_error_and_a_clients_mistake_does_not(
+    cluster: Cluster,
+) -> None:
+    """What the per-shard error panel counts (``dialogs_proxy_forward_errors_total``): a
+    worker's 401 or 413 (a wrong secret, a batch too large: the hop is broken) is counted
+    under its status; its 404 or 422 (the client's own mistake) is only the client's answer."""
+    forwarder = cluster.proxies[0].app[FORWARDER]
+    topology = cluster.proxies[0].app[TOPOLOGY]
+    assert topology.map is not None
+    proxy = cluster.proxies[0]
+    shard_id = topology.map.owner(1)  # any key: the shard that owns it is tried
+    cases = [
+        (errors.Unauthorized("wrong internal secret"), 1),
+        (errors.BodyTooLarge(), 1),
+        (errors.MessageNotFound("no such message"), 0),
+        (errors.IdempotencyKeyReused(), 0),
+    ]
+    for error, counted in cases:
+
+        async def attempt(url: str, map_version: int, error: errors.DialogsError = error) -> Attempt:
+            return ErrorAnswer(error)
+
+        before = metric(proxy, "dialogs_proxy_forward_errors_total", shard_id=shard_id, reason=str(error.status))
+        with pytest.raises(type(error)):
+            await forwarder._route(1, "read", attempt, True)
+        after = metric(proxy, "dialogs_proxy_forward_errors_total", shard_id=shard_id, reason=str(error.status))
+        assert after - before == counted, (error, after - before)
